@@ -1,0 +1,161 @@
+"""The one internal document format, shared by training, evaluation, serving and feedback.
+
+A document is `{"id", "text", "topics": [...], "entities": [{"start", "end", "type"}]}` with
+`end` exclusive Python `str` indices. `topics` or `entities` may be absent (None): the document
+is then labelled for the other task only, and training masks the missing task's loss.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+class DataError(ValueError):
+    """A document or a file of documents that cannot be used; the message says where and why."""
+
+
+@dataclass(frozen=True, order=True)
+class Span:
+    start: int
+    end: int
+    type: str
+
+    def to_dict(self) -> dict:
+        return {"start": self.start, "end": self.end, "type": self.type}
+
+
+@dataclass
+class Document:
+    id: str
+    text: str
+    topics: list[str] | None = None
+    entities: list[Span] | None = None
+    group: str | None = None
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def to_dict(self) -> dict:
+        out: dict = {"id": self.id, "text": self.text}
+        if self.topics is not None:
+            out["topics"] = list(self.topics)
+        if self.entities is not None:
+            out["entities"] = [span.to_dict() for span in self.entities]
+        if self.group is not None:
+            out["group"] = self.group
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict, where: str = "document") -> "Document":
+        """Build a document from its JSON form, raising DataError that names the bad field."""
+        if not isinstance(obj, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+        text = obj.get("text")
+        if not isinstance(text, str):
+            raise DataError(f"{where}: field 'text' must be a string")
+        doc_id = obj.get("id")
+        if doc_id is None:
+            raise DataError(f"{where}: field 'id' is missing")
+        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
+            raise DataError(f"{where}: field 'id' must be a string or an integer")
+        topics = obj.get("topics")
+        if topics is not None and (
+            not isinstance(topics, list) or not all(isinstance(t, str) for t in topics)
+        ):
+            raise DataError(f"{where}: field 'topics' must be a list of strings")
+        entities = obj.get("entities")
+        spans = None
+        if entities is not None:
+            if not isinstance(entities, list):
+                raise DataError(f"{where}: field 'entities' must be a list")
+            spans = []
+            for k, ent in enumerate(entities):
+                if (
+                    not isinstance(ent, dict)
+                    or not isinstance(ent.get("start"), int)
+                    or not isinstance(ent.get("end"), int)
+                    or not isinstance(ent.get("type"), str)
+                ):
+                    raise DataError(
+                        f"{where}: entities[{k}] must be {{'start': int, 'end': int, 'type': str}}"
+                    )
+                spans.append(Span(ent["start"], ent["end"], ent["type"]))
+        group = obj.get("group")
+        return cls(
+            id=str(doc_id),
+            text=text,
+            topics=list(topics) if topics is not None else None,
+            entities=spans,
+            group=str(group) if group is not None else None,
+        )
+
+
+def validate(
+    doc: Document,
+    *,
+    topic_labels: Iterable[str] | None = None,
+    entity_types: Iterable[str] | None = None,
+    mentions: dict[Span, str] | None = None,
+    where: str | None = None,
+) -> Document:
+    """Check a document's labels and return it, or raise DataError saying what is wrong.
+
+    `topic_labels` / `entity_types`, when given, are the allowed label sets. `mentions` maps
+    spans to the surface text the source claimed for them, so a span whose offsets do not pick
+    out that text is caught.
+    """
+    where = where or f"document {doc.id!r}"
+    if doc.topics is not None:
+        if len(set(doc.topics)) != len(doc.topics):
+            raise DataError(f"{where}: duplicate topic in {doc.topics}")
+        if topic_labels is not None:
+            unknown = sorted(set(doc.topics) - set(topic_labels))
+            if unknown:
+                raise DataError(f"{where}: unknown topic {unknown[0]!r} (known: {sorted(topic_labels)})")
+    if doc.entities is not None:
+        allowed = set(entity_types) if entity_types is not None else None
+        previous: Span | None = None
+        for span in sorted(doc.entities):
+            if not 0 <= span.start < span.end <= len(doc.text):
+                raise DataError(
+                    f"{where}: span [{span.start}, {span.end}) of type {span.type!r} is outside the "
+                    f"text of length {len(doc.text)} or empty"
+                )
+            if allowed is not None and span.type not in allowed:
+                raise DataError(f"{where}: unknown entity type {span.type!r} (known: {sorted(allowed)})")
+            if mentions and span in mentions and doc.text[span.start : span.end] != mentions[span]:
+                raise DataError(
+                    f"{where}: span [{span.start}, {span.end}) covers "
+                    f"{doc.text[span.start:span.end]!r} but the source says {mentions[span]!r}"
+                )
+            if previous is not None and span.start < previous.end:
+                raise DataError(
+                    f"{where}: spans [{previous.start}, {previous.end}) {previous.type!r} and "
+                    f"[{span.start}, {span.end}) {span.type!r} overlap"
+                )
+            previous = span
+    return doc
+
+
+def read_jsonl(path: str | Path) -> Iterator[Document]:
+    """Documents of a JSONL file in the internal format; DataError names the line of a bad one."""
+    with open(path, encoding="utf-8") as handle:
+        for number, line in enumerate(handle, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}:{number}"
+            try:
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+            yield validate(Document.from_dict(obj, where), where=where)
+
+
+def write_jsonl(documents: Iterable[Document], path: str | Path) -> int:
+    count = 0
+    with open(path, "w", encoding="utf-8") as handle:
+        for doc in documents:
+            handle.write(json.dumps(doc.to_dict(), ensure_ascii=False) + "\n")
+            count += 1
+    return count

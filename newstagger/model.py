@@ -1,0 +1,230 @@
+"""The joint tagger: one BERT encoder, a multi-label topic head and a BIO token head.
+
+One forward pass serves both tasks. A model folder is self-describing: the Hugging Face
+`save_pretrained` layout (config.json, model.safetensors, tokenizer files) plus `newstagger.json`
+(label schema, per-topic thresholds, window settings, version, lineage), `metrics.json` and a
+model card (README.md). `load_model_folder` needs nothing else.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
+
+from .schema import LabelSchema
+
+META_FILE = "newstagger.json"
+METRICS_FILE = "metrics.json"
+CARD_FILE = "README.md"
+
+
+class NewsTaggerModel(BertPreTrainedModel):
+    """BERT encoder + topic head over the masked mean of the tokens + per-token BIO head.
+
+    Mean pooling rather than the pooler: the shipped base has no pooler weights, and a mean
+    over a window is a steadier summary than one position when long stories are windowed.
+    """
+
+    def __init__(self, config):
+        super().__init__(config)
+        schema = LabelSchema.from_dict(config.newstagger_schema)
+        self.bert = BertModel(config, add_pooling_layer=False)
+        dropout = config.classifier_dropout if config.classifier_dropout is not None else config.hidden_dropout_prob
+        self.dropout = nn.Dropout(dropout)
+        self.topic_head = nn.Linear(config.hidden_size, len(schema.topics))
+        self.entity_head = nn.Linear(config.hidden_size, len(schema.tags))
+        self.post_init()
+
+    @property
+    def schema(self) -> LabelSchema:
+        return LabelSchema.from_dict(self.config.newstagger_schema)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        """(topic_logits [B, topics], tag_logits [B, L, tags])."""
+        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        hidden = self.dropout(hidden)
+        mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
+        pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
+        return self.topic_head(pooled), self.entity_head(hidden)
+
+    def grow_labels(self, schema: LabelSchema) -> None:
+        """Extend the heads to a schema that appends new labels, keeping the trained rows.
+
+        New rows start from the usual initialisation; existing topics and tags keep their ids
+        because `LabelSchema.merged_with` only appends.
+        """
+        old = self.schema
+        if schema.topics[: len(old.topics)] != old.topics or schema.entity_types[: len(old.entity_types)] != old.entity_types:
+            raise ValueError("the new schema must keep the existing labels, in order, and append new ones")
+        self.topic_head = _grown(self.topic_head, len(schema.topics), self.config.initializer_range)
+        self.entity_head = _grown(self.entity_head, len(schema.tags), self.config.initializer_range)
+        self.config.newstagger_schema = schema.to_dict()
+        self.config.id2label = dict(enumerate(schema.tags))
+        self.config.label2id = {tag: i for i, tag in enumerate(schema.tags)}
+
+
+def _grown(head: nn.Linear, size: int, std: float) -> nn.Linear:
+    grown = nn.Linear(head.in_features, size).to(head.weight.device, head.weight.dtype)
+    with torch.no_grad():
+        grown.weight.normal_(0.0, std)
+        grown.bias.zero_()
+        grown.weight[: head.out_features] = head.weight
+        grown.bias[: head.out_features] = head.bias
+    return grown
+
+
+@dataclass
+class ModelMeta:
+    """What a model folder says about itself, beyond the weights (newstagger.json)."""
+
+    schema: LabelSchema
+    thresholds: dict[str, float] = field(default_factory=dict)
+    max_length: int = 256
+    stride: int = 64
+    name: str = "newstagger"
+    version: str = "0.0.0"
+    base_model: str = ""
+    parent_version: str | None = None
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    training: dict = field(default_factory=dict)
+
+    def threshold(self, topic: str) -> float:
+        return self.thresholds.get(topic, 0.5)
+
+    def to_dict(self) -> dict:
+        out = asdict(self)
+        out["schema"] = self.schema.to_dict()
+        return out
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> "ModelMeta":
+        obj = dict(obj)
+        obj["schema"] = LabelSchema.from_dict(obj["schema"])
+        return cls(**obj)
+
+
+def new_model(base: str, schema: LabelSchema, **config_overrides) -> NewsTaggerModel:
+    """A tagger on a pretrained BERT (hub name or local folder); the heads start untrained."""
+    config = AutoConfig.from_pretrained(base, **config_overrides)
+    _attach_schema(config, schema)
+    return NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32)
+
+
+def model_from_config(config, schema: LabelSchema) -> NewsTaggerModel:
+    """A randomly initialised tagger from a BertConfig (tests and tiny experiments)."""
+    _attach_schema(config, schema)
+    return NewsTaggerModel(config)
+
+
+def _attach_schema(config, schema: LabelSchema) -> None:
+    config.newstagger_schema = schema.to_dict()
+    config.id2label = dict(enumerate(schema.tags))
+    config.label2id = {tag: i for i, tag in enumerate(schema.tags)}
+    config.architectures = [NewsTaggerModel.__name__]
+
+
+def save_model_folder(
+    folder: str | Path,
+    model: NewsTaggerModel,
+    tokenizer,
+    meta: ModelMeta,
+    metrics: dict | None = None,
+    weights_dtype: torch.dtype = torch.float16,
+) -> Path:
+    """Write a complete, self-describing model folder.
+
+    Weights are stored in fp16 by default, which halves the folder (the shipped model must stay
+    small) and changes predictions far less than the bf16 or int8 fast paths do; they are loaded
+    back as fp32.
+    """
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    state = {k: v.detach().to(weights_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
+    model.save_pretrained(folder, state_dict=state)
+    tokenizer.save_pretrained(folder)
+    (folder / META_FILE).write_text(json.dumps(meta.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    metrics = metrics or {}
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (folder / CARD_FILE).write_text(render_model_card(meta, metrics), encoding="utf-8")
+    return folder
+
+
+def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"):
+    """(model in eval mode, tokenizer, meta, metrics) from a folder written by save_model_folder."""
+    folder = Path(folder)
+    if not (folder / META_FILE).is_file():
+        raise FileNotFoundError(f"{folder} is not a newstagger model folder (no {META_FILE})")
+    meta = ModelMeta.from_dict(json.loads((folder / META_FILE).read_text(encoding="utf-8")))
+    model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device).eval()
+    tokenizer = AutoTokenizer.from_pretrained(folder)
+    metrics_path = folder / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    return model, tokenizer, meta, metrics
+
+
+def render_model_card(meta: ModelMeta, metrics: dict) -> str:
+    schema = meta.schema
+    lines = [
+        f"# {meta.name} {meta.version}",
+        "",
+        "Joint tagger for Chinese local-news stories: multi-label topics and named-entity spans from",
+        "one fine-tuned BERT encoder (newstagger). Load it with `newstagger tag --model <this folder>`",
+        "or `newstagger.Tagger.load(<this folder>)`.",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{meta.base_model}` |",
+        f"| created | {meta.created} |",
+        f"| parent version | {meta.parent_version or '-'} |",
+        f"| window | {meta.max_length} positions, {meta.stride} tokens overlap |",
+        f"| entity types | {', '.join(schema.entity_types) or '-'} |",
+        f"| coarse view | {', '.join(f'{k}->{v}' for k, v in schema.coarse.items()) or '-'} |",
+        "",
+        "## Topics and thresholds",
+        "",
+        "| topic | threshold |",
+        "|---|---|",
+        *[f"| {t} | {meta.threshold(t):.3f} |" for t in schema.topics],
+    ]
+    if metrics:
+        lines += ["", "## Metrics", "", "Measured on the validation split named in `training` below.", ""]
+        lines += _metrics_tables(metrics)
+    if meta.training:
+        lines += ["", "## Training", "", "```json", json.dumps(meta.training, ensure_ascii=False, indent=2), "```"]
+    lines += [
+        "",
+        "## Limits",
+        "",
+        "- Trained on news sentences (entities) and government-report paragraphs (topics); other",
+        "  registers (social media, classical Chinese) are out of its domain.",
+        "- Entity offsets are Python `str` indices, end exclusive; text longer than the window is",
+        "  windowed and merged, so length is not limited.",
+        "",
+    ]
+    return "\n".join(lines)
+
+
+def _metrics_tables(metrics: dict) -> list[str]:
+    lines: list[str] = []
+    for task in ("entities", "topics"):
+        result = metrics.get(task)
+        if not result:
+            continue
+        lines += [f"### {task}", "", "| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+        for label, row in result.get("per_label", {}).items():
+            lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+        for average in ("micro", "macro"):
+            if average in result:
+                row = result[average]
+                lines.append(f"| **{average}** | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | |")
+        lines.append("")
+    for key, value in metrics.items():
+        if key not in ("entities", "topics"):
+            lines.append(f"- {key}: `{json.dumps(value, ensure_ascii=False)}`")
+    return lines

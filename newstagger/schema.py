@@ -1,0 +1,79 @@
+"""Label schema: which topics and entity types a model knows, and how its BIO tags are laid out.
+
+The label sets come from the training data, never from code; CLUENER's ten types and the coarse
+PER/LOC/ORG view of them are only defaults for data that does not say otherwise.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+from .documents import Document
+
+CLUENER_TYPES = (
+    "address", "book", "company", "game", "government",
+    "movie", "name", "organization", "position", "scene",
+)
+# How the fine types roll up into the coarse view editors and MSRA-style data use.
+DEFAULT_COARSE = {
+    "name": "PER",
+    "address": "LOC",
+    "scene": "LOC",
+    "organization": "ORG",
+    "government": "ORG",
+    "company": "ORG",
+    "PER": "PER",
+    "LOC": "LOC",
+    "ORG": "ORG",
+}
+
+
+@dataclass
+class LabelSchema:
+    topics: list[str] = field(default_factory=list)
+    entity_types: list[str] = field(default_factory=list)
+    coarse: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tags(self) -> list[str]:
+        """BIO tags: "O" first, then B-/I- per type, so tag ids follow from the type order."""
+        tags = ["O"]
+        for entity_type in self.entity_types:
+            tags += [f"B-{entity_type}", f"I-{entity_type}"]
+        return tags
+
+    def begin_tag(self, entity_type: str) -> int:
+        return 1 + 2 * self.entity_types.index(entity_type)
+
+    @classmethod
+    def from_documents(cls, documents: Iterable[Document]) -> "LabelSchema":
+        topics: set[str] = set()
+        types: set[str] = set()
+        for doc in documents:
+            topics.update(doc.topics or ())
+            types.update(span.type for span in doc.entities or ())
+        return cls(
+            topics=sorted(topics),
+            entity_types=sorted(types),
+            coarse={t: DEFAULT_COARSE[t] for t in sorted(types) if t in DEFAULT_COARSE},
+        )
+
+    def merged_with(self, other: "LabelSchema") -> "LabelSchema":
+        """This schema with the other's new labels appended, so existing label ids stay put."""
+        return LabelSchema(
+            topics=self.topics + [t for t in other.topics if t not in self.topics],
+            entity_types=self.entity_types + [t for t in other.entity_types if t not in self.entity_types],
+            coarse={**other.coarse, **self.coarse},
+        )
+
+    def to_dict(self) -> dict:
+        return {"topics": self.topics, "entity_types": self.entity_types, "coarse": self.coarse}
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> "LabelSchema":
+        return cls(
+            topics=list(obj.get("topics", [])),
+            entity_types=list(obj.get("entity_types", [])),
+            coarse=dict(obj.get("coarse", {})),
+        )

@@ -1,0 +1,119 @@
+"""Long text in, encoder-sized windows out, and every token traceable to exact string offsets.
+
+Texts are tokenized once, whole, by the fast tokenizer (its `offset_mapping` gives Python `str`
+indices into the text as sent, whatever the normalizer did to full-width characters, accents or
+emoji). The token sequence is then cut into overlapping windows. Each token is *owned* by exactly
+one window, the one in which it sits furthest from an edge, so per-token scores can be stitched
+back into one sequence per document with no duplicates and the best context for every token.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class Window:
+    doc: int  # index of the document in the batch
+    start: int  # first content token of the window (document token index)
+    end: int  # one past the last content token
+    own_start: int  # tokens [own_start, own_end) of the document take their scores from here
+    own_end: int
+
+    @property
+    def length(self) -> int:
+        """Encoder positions used, [CLS] and [SEP] included."""
+        return self.end - self.start + 2
+
+
+@dataclass
+class EncodedText:
+    ids: list[int]
+    offsets: np.ndarray  # [n_tokens, 2] start/end character offsets, end exclusive
+
+
+def encode_texts(tokenizer, texts: list[str]) -> list[EncodedText]:
+    """Tokenize whole texts in one batched call, without special tokens or truncation."""
+    if not texts:
+        return []
+    batch = tokenizer(
+        texts,
+        add_special_tokens=False,
+        return_offsets_mapping=True,
+        return_attention_mask=False,
+        return_token_type_ids=False,
+        truncation=False,
+        verbose=False,
+    )
+    return [
+        EncodedText(ids=ids, offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
+        for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"])
+    ]
+
+
+def plan_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> list[Window]:
+    """Windows of at most `max_length` positions overlapping by `stride` tokens.
+
+    The last window is aligned to the end of the text rather than left short, so no window
+    holds only a few tokens of context. A text with no tokens still gets one (empty) window,
+    so its topics are scored like any other text's.
+    """
+    span = max_length - 2
+    if span <= stride:
+        raise ValueError(f"max_length {max_length} leaves no room beyond the stride {stride}")
+    if n_tokens <= span:
+        return [Window(doc, 0, n_tokens, 0, n_tokens)]
+    step = span - stride
+    starts = list(range(0, n_tokens - span, step)) + [n_tokens - span]
+    windows = []
+    for k, start in enumerate(starts):
+        end = start + span
+        own_start = 0 if k == 0 else (start + starts[k - 1] + span) // 2
+        own_end = n_tokens if k == len(starts) - 1 else (starts[k + 1] + end) // 2
+        windows.append(Window(doc, start, end, own_start, own_end))
+    return windows
+
+
+def token_budget_batches(
+    windows: list[Window], max_tokens: int, max_windows: int = 256
+) -> list[list[int]]:
+    """Group window indices into batches of similar length whose padded size fits the budget.
+
+    Sorting by length keeps padding (which costs more than its share on CPU) to a minimum.
+    """
+    order = sorted(range(len(windows)), key=lambda i: windows[i].length)
+    batches: list[list[int]] = []
+    current: list[int] = []
+    for i in order:
+        longest = windows[i].length  # sorted ascending: the newest window is the longest
+        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_windows):
+            batches.append(current)
+            current = []
+        current.append(i)
+    if current:
+        batches.append(current)
+    return batches
+
+
+def pad_batch(
+    encoded: list[EncodedText],
+    windows: list[Window],
+    cls_id: int,
+    sep_id: int,
+    pad_id: int,
+    pad_to_multiple_of: int = 8,
+) -> tuple[np.ndarray, np.ndarray]:
+    """input_ids and attention_mask ([B, L], int64) for a batch of windows."""
+    length = max(w.length for w in windows)
+    length = -(-length // pad_to_multiple_of) * pad_to_multiple_of
+    input_ids = np.full((len(windows), length), pad_id, dtype=np.int64)
+    attention_mask = np.zeros((len(windows), length), dtype=np.int64)
+    for row, window in enumerate(windows):
+        ids = encoded[window.doc].ids[window.start : window.end]
+        input_ids[row, 0] = cls_id
+        input_ids[row, 1 : 1 + len(ids)] = ids
+        input_ids[row, 1 + len(ids)] = sep_id
+        attention_mask[row, : window.length] = 1
+    return input_ids, attention_mask
