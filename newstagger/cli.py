@@ -1,0 +1,66 @@
+"""`newstagger` entry point: one command, a subcommand per job.
+
+Each subcommand lives in its own module, which exposes `register(subparsers)`; the module adds
+its parser and sets `handler` to a function taking the parsed arguments and returning an exit
+code. Bad input raises UsageError or DataError and ends as exit code 2 with a one-line reason.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import logging
+import sys
+
+from .documents import DataError
+
+COMMAND_MODULES = (
+    "newstagger.tag_command",
+    "training.train",
+    "training.evaluate",
+)
+
+
+class UsageError(Exception):
+    """The user asked for something that cannot be done as asked (exit code 2)."""
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="newstagger",
+        description="Topics and named entities for Chinese local-news stories.",
+    )
+    parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
+    subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name in COMMAND_MODULES:
+        importlib.import_module(name).register(subparsers)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+    )
+    _quiet_library_chatter()
+    try:
+        return args.handler(args)
+    except (UsageError, DataError, FileNotFoundError) as err:
+        print(f"newstagger {args.command}: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+def _quiet_library_chatter() -> None:
+    """transformers draws a progress bar for every weight load; ours are the ones that matter."""
+    from transformers.utils import logging as hf_logging
+
+    hf_logging.disable_progress_bar()
+    hf_logging.set_verbosity_error()
+
+
+if __name__ == "__main__":
+    sys.exit(main())

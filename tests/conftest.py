@@ -1,0 +1,55 @@
+"""Shared fixtures: a tiny tagger built in-test, so the suite needs neither a hub nor ../shared."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from transformers import BertConfig, BertTokenizer
+
+from newstagger.model import ModelMeta, model_from_config, save_model_folder
+from newstagger.schema import CLUENER_TYPES, DEFAULT_COARSE, LabelSchema
+
+REPO = Path(__file__).resolve().parents[1]
+SHARED = REPO.parent / "shared"
+SAMPLE = REPO / "data" / "sample" / "news.jsonl"
+TOPICS = ["city_management", "ecology", "economy", "livelihood"]
+
+needs_shared = pytest.mark.skipif(not SHARED.is_dir(), reason="../shared (training data and base model) is not on this machine")
+
+
+def tiny_vocab() -> dict[str, int]:
+    """Specials, ASCII, common punctuation and every CJK unified ideograph: covers test texts."""
+    tokens = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    tokens += list("0123456789abcdefghijklmnopqrstuvwxyz")
+    tokens += list("，。！？、：；“”‘’（）《》【】—…·%-.,!?:;()")
+    tokens += [chr(c) for c in range(0x4E00, 0x9FA6)]
+    return {token: i for i, token in enumerate(dict.fromkeys(tokens))}
+
+
+def tiny_tokenizer() -> BertTokenizer:
+    return BertTokenizer(vocab=tiny_vocab())
+
+
+def tiny_config(vocab_size: int) -> BertConfig:
+    return BertConfig(vocab_size=vocab_size, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      intermediate_size=64, max_position_embeddings=128)
+
+
+def tiny_schema() -> LabelSchema:
+    return LabelSchema(topics=list(TOPICS), entity_types=list(CLUENER_TYPES),
+                       coarse={t: DEFAULT_COARSE[t] for t in CLUENER_TYPES if t in DEFAULT_COARSE})
+
+
+def build_tiny_model_folder(folder: Path, *, max_length: int = 32, stride: int = 8, version: str = "0.0.1") -> Path:
+    """A randomly initialised tagger saved as a complete model folder (windows of 32 force long-text paths)."""
+    tokenizer = tiny_tokenizer()
+    model = model_from_config(tiny_config(len(tokenizer)), tiny_schema())
+    meta = ModelMeta(schema=tiny_schema(), max_length=max_length, stride=stride, name="tiny", version=version,
+                     base_model="tiny-in-test")
+    return save_model_folder(folder, model, tokenizer, meta, metrics={})
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-model"))
