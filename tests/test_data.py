@@ -1,0 +1,264 @@
+import json
+import logging
+import time
+from pathlib import Path
+
+import pytest
+
+from newstagger.documents import DataError, Document, Span
+from newstagger.schema import CLUENER_TYPES
+from training.data import (
+    FORMATS,
+    corpus_stats,
+    from_hf_dataset,
+    guess_format,
+    parse_data_spec,
+    read_documents,
+    split_validation,
+    to_hf_dataset,
+)
+
+FIXTURES = Path(__file__).parent / "fixtures"
+REPO = Path(__file__).resolve().parents[1]
+SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
+needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is not on this machine")
+TOPICS = ("economy", "ecology", "city_management", "livelihood")
+
+
+def mentions(doc: Document) -> list[tuple[str, str]]:
+    return [(doc.text[span.start : span.end], span.type) for span in doc.entities]
+
+
+def write(tmp_path: Path, name: str, content: str) -> Path:
+    path = tmp_path / name
+    path.write_text(content, encoding="utf-8")
+    return path
+
+
+def test_cluener_ends_become_exclusive_and_duplicates_collapse():
+    docs = read_documents(FIXTURES / "cluener.json", "cluener")
+    assert [doc.id for doc in docs] == ["cluener-1", "cluener-2", "cluener-3"]
+    assert all(doc.topics is None for doc in docs)
+    assert mentions(docs[0]) == [("杭州市西湖区政府", "government"), ("张明", "name"), ("区长助理", "position")]
+    # The source lists [0, 5] twice; one span per stretch of text survives.
+    assert mentions(docs[1]) == [("《江南渔事》", "book"), ("《江南渔事》", "book")]
+    assert docs[2].entities == []
+
+
+def test_bio_columns():
+    docs = read_documents(FIXTURES / "msra.bio", "columns")
+    assert [(doc.id, doc.text) for doc in docs] == [("msra-1", "王芳到南京"), ("msra-7", "新华社报道")]
+    assert mentions(docs[0]) == [("王芳", "PER"), ("南京", "LOC")]
+    assert mentions(docs[1]) == [("新华社", "ORG")]
+    assert docs[0].topics is None
+
+
+def test_bmes_columns_with_space_separator():
+    docs = read_documents(FIXTURES / "resume.bmes", "columns")
+    assert mentions(docs[0]) == [("李", "NAME"), ("华为公司", "ORG"), ("工程师", "TITLE")]
+    assert docs[1].text == "本科" and docs[1].entities == []
+
+
+def test_label_studio_uses_latest_live_annotation(caplog):
+    with caplog.at_level(logging.WARNING):
+        docs = read_documents(FIXTURES / "labelstudio.json", "labelstudio")
+    assert "skipped 1 of 4 tasks" in caplog.text  # task 103 was never annotated
+    first, market, park = docs
+    assert (first.id, first.group) == ("101", "report-a")
+    # Annotation 3 is newer but cancelled; annotation 2 is newer than 1.
+    assert first.topics == ["city_management", "livelihood"]
+    assert mentions(first) == [("滨江新区", "address"), ("市长", "position"), ("刘洋", "name")]
+    # The export labels spans, so a task without any has no entities rather than unknown ones.
+    assert market.topics == ["city_management"] and market.entities == []
+    assert park.topics is None and park.entities == []
+
+
+def test_doccano_span_labels():
+    docs = read_documents(FIXTURES / "doccano_spans.jsonl", "doccano")
+    assert [doc.id for doc in docs] == ["1", "2", "doccano_spans-3"]
+    assert mentions(docs[0]) == [("深圳湾公园", "scene"), ("市图书馆", "organization")]
+    assert docs[1].entities == [] and docs[1].topics is None
+    assert mentions(docs[2]) == [("绿源科技", "company"), ("开发区", "address")]
+
+
+def test_doccano_categories_and_entity_objects():
+    docs = read_documents(FIXTURES / "doccano_cats.jsonl", "doccano")
+    assert docs[0].topics == ["livelihood"] and mentions(docs[0]) == [("市人社局", "government")]
+    assert docs[1].topics == ["ecology", "city_management"] and docs[1].entities is None
+    # Elsewhere in the file 'label' holds categories, so an empty one means no topic.
+    assert docs[2].topics == [] and docs[2].entities is None
+
+
+def test_internal_jsonl():
+    docs = read_documents(FIXTURES / "internal.jsonl", "internal")
+    assert [(doc.id, doc.group) for doc in docs] == [("a1", "city-a"), ("a2", "city-a"), ("b1", "city-b"), ("c1", None)]
+    assert mentions(docs[0]) == [("东湖新城", "address")]
+    assert docs[1].entities is None and docs[3].topics is None
+
+
+@pytest.mark.parametrize(
+    "name, format, content, labels, message",
+    [
+        ("out.json", "cluener", '{"text": "青澜市", "label": {"address": {"青澜市": [[1, 3]]}}}\n', {},
+         r"out.json:1: .*outside the text"),
+        ("bad.json", "cluener", '{"text": "青澜市", "label": {"address": {"青澜": [[1, 2]]}}}\n', {},
+         r"bad.json:1: .*'澜市' but the source says '青澜'"),
+        ("crossing.json", "cluener", '{"text": "青澜市长", "label": {"address": {"青澜市": [[0, 2]]}, "position": {"市长": [[2, 3]]}}}\n', {},
+         r"crossing.json:1: .*overlap"),
+        ("types.json", "cluener", '{"text": "青澜市", "label": {"city": {"青澜市": [[0, 2]]}}}\n', {"entity_types": CLUENER_TYPES},
+         r"types.json:1: unknown entity type 'city'"),
+        ("stray.bio", "columns", "王\tB-PER\n芳\tI-PER\n\n到\tO\n京\tI-LOC\n", {},
+         r"stray.bio:5: tag 'I-LOC' continues no open LOC span"),
+        ("switch.bmes", "columns", "南 B-LOC\n京 E-ORG\n", {},
+         r"switch.bmes:2: tag 'E-ORG' continues no open ORG span"),
+        ("notag.bio", "columns", "王\tB-PER\n芳\n", {},
+         r"notag.bio:2: expected a character and a tag"),
+        ("topics.jsonl", "internal", '{"id": "x", "text": "新闻", "topics": ["sports"]}\n', {"topic_labels": TOPICS},
+         r"topics.jsonl:1: unknown topic 'sports'"),
+        ("dup.jsonl", "internal", '{"id": "x", "text": "一", "topics": []}\n{"id": "x", "text": "二", "topics": []}\n', {},
+         r"dup.jsonl:2: duplicate id 'x'"),
+        ("broken.jsonl", "internal", '{"id": "x", "text": \n', {},
+         r"broken.jsonl:1: not valid JSON"),
+        ("ls.json", "labelstudio",
+         '[{"id": 1, "data": {"text": "青澜市"}, "annotations": [{"result": [{"type": "labels", "value": {"start": 0, "end": 2, "text": "青澜市", "labels": ["address"]}}]}]}]', {},
+         r"ls.json\[0\]: .*'青澜' but the source says '青澜市'"),
+        ("far.jsonl", "doccano", '{"text": "青澜市", "label": [[2, 9, "address"]]}\n', {},
+         r"far.jsonl:1: .*outside the text"),
+    ],
+)
+def test_errors_name_file_line_and_problem(tmp_path, name, format, content, labels, message):
+    with pytest.raises(DataError, match=message):
+        read_documents(write(tmp_path, name, content), format, **labels)
+
+
+def test_nested_span_is_dropped_with_a_warning(tmp_path, caplog):
+    line = {"text": "《青澜银行年报》", "label": {"book": {"《青澜银行年报》": [[0, 7]]}, "company": {"青澜银行": [[1, 4]]}}}
+    path = write(tmp_path, "nested.json", json.dumps(line, ensure_ascii=False) + "\n")
+    with caplog.at_level(logging.WARNING):
+        [doc] = read_documents(path, "cluener")
+    assert mentions(doc) == [("《青澜银行年报》", "book")]
+    assert "nested.json:1: dropped company span [1, 5) nested inside book span [0, 8)" in caplog.text
+
+
+def test_skip_drops_bad_records_and_says_why(tmp_path, caplog):
+    path = write(
+        tmp_path,
+        "mixed.bio",
+        "王\tB-PER\n芳\tI-PER\n\n到\tO\n京\tI-LOC\n\n新\tB-ORG\n华\tI-ORG\n",
+    )
+    with caplog.at_level(logging.WARNING):
+        docs = read_documents(path, on_error="skip")
+    assert [doc.text for doc in docs] == ["王芳", "新华"]
+    assert "mixed.bio:5: tag 'I-LOC' continues no open LOC span" in caplog.text
+    assert "skipped 1 of 3 records" in caplog.text
+    with pytest.raises(ValueError, match="on_error"):
+        read_documents(path, on_error="ignore")
+
+
+@pytest.mark.parametrize(
+    "name, format",
+    [
+        ("cluener.json", "cluener"),
+        ("msra.bio", "columns"),
+        ("resume.bmes", "columns"),
+        ("labelstudio.json", "labelstudio"),
+        ("doccano_spans.jsonl", "doccano"),
+        ("doccano_cats.jsonl", "doccano"),
+        ("internal.jsonl", "internal"),
+    ],
+)
+def test_format_guessing(name, format):
+    assert guess_format(FIXTURES / name) == format
+    assert read_documents(FIXTURES / name) == read_documents(FIXTURES / name, format)
+
+
+def test_format_guessing_gives_up_with_advice(tmp_path):
+    path = write(tmp_path, "plain.jsonl", '{"id": "x", "text": "只有正文"}\n')
+    with pytest.raises(DataError, match=r"plain.jsonl: cannot guess the data format; name it as .*plain.jsonl:FORMAT"):
+        guess_format(path)
+
+
+@pytest.mark.parametrize(
+    "spec, expected",
+    [
+        ("data/train.json", (Path("data/train.json"), None)),
+        ("data/train.json:cluener", (Path("data/train.json"), "cluener")),
+        ("runs/2024-05-01T10:00/export.json:labelstudio", (Path("runs/2024-05-01T10:00/export.json"), "labelstudio")),
+        ("runs/2024-05-01T10:00", (Path("runs/2024-05-01T10:00"), None)),
+        (":doccano", (Path(":doccano"), None)),
+    ],
+)
+def test_parse_data_spec(spec, expected):
+    assert parse_data_spec(spec) == expected
+    assert expected[1] is None or expected[1] in FORMATS
+
+
+def grouped_docs() -> list[Document]:
+    docs = [Document(f"g{g}-{i}", "文", topics=[], group=f"report-{g}") for g in range(20) for i in range(5)]
+    return docs + [Document(f"loose-{i}", "文", topics=[]) for i in range(10)]
+
+
+def test_grouped_split_keeps_groups_whole_and_is_deterministic():
+    docs = grouped_docs()
+    train, validation = split_validation(docs, fraction=0.2, seed=13)
+    assert len(train) + len(validation) == len(docs)
+    assert {d.group for d in train if d.group}.isdisjoint({d.group for d in validation if d.group})
+    assert validation and any(d.group is None for d in train + validation)
+    assert split_validation(docs, fraction=0.2, seed=13) == (train, validation)
+    assert split_validation(docs, fraction=0.2, seed=14) != (train, validation)
+
+
+def test_plain_split_without_groups():
+    docs = [Document(str(i), "文", topics=[]) for i in range(50)]
+    train, validation = split_validation(docs, fraction=0.1)
+    assert (len(train), len(validation)) == (45, 5)
+    assert [d.id for d in train] == sorted((d.id for d in train), key=int)  # input order kept
+    assert split_validation(docs, fraction=0.1) == (train, validation)
+
+
+def test_hf_dataset_round_trip_keeps_missing_tasks_apart_from_empty_ones():
+    docs = read_documents(FIXTURES / "internal.jsonl") + read_documents(FIXTURES / "doccano_cats.jsonl")
+    dataset = to_hf_dataset(docs)
+    assert dataset.column_names == ["id", "text", "topics", "entities", "group"]
+    assert dataset[1]["entities"] is None and dataset[2]["entities"] == []
+    assert from_hf_dataset(dataset) == docs
+    assert len(to_hf_dataset([])) == 0
+
+
+def test_corpus_stats():
+    docs = read_documents(FIXTURES / "internal.jsonl")
+    stats = corpus_stats(docs)
+    assert stats["documents"] == 4
+    assert stats["labelled_for_topics"] == 3 and stats["labelled_for_entities"] == 3
+    assert stats["topics"] == {"city_management": 1, "livelihood": 1, "ecology": 1}
+    assert stats["entity_types"] == {"address": 1} and stats["entities"] == 1
+
+
+def test_sample_corpus_is_complete_and_valid():
+    docs = read_documents(REPO / "data" / "sample" / "news.jsonl", topic_labels=TOPICS, entity_types=CLUENER_TYPES)
+    stats = corpus_stats(docs)
+    assert len(docs) >= 40
+    assert set(stats["topics"]) == set(TOPICS) and stats["without_topic"] > 0
+    assert set(stats["entity_types"]) == set(CLUENER_TYPES)
+    assert any("\n" in doc.text and len(doc.text) > 1000 for doc in docs)
+    for doc in docs:
+        for span in doc.entities:
+            mention = doc.text[span.start : span.end]
+            assert mention == mention.strip() and "\n" not in mention, (doc.id, span)
+
+
+@needs_shared
+@pytest.mark.slow
+def test_shared_data_loads(caplog):
+    started = time.perf_counter()
+    with caplog.at_level(logging.WARNING):
+        cluener = read_documents(SHARED_DATA / "cluener" / "train.json", entity_types=CLUENER_TYPES)
+    msra = read_documents(SHARED_DATA / "msra" / "train.bio")
+    topics = read_documents(SHARED_DATA / "topics" / "train.jsonl", topic_labels=TOPICS)
+    assert (len(cluener), len(msra), len(topics)) == (10_748, 45_000, 1_932)
+    # 23,971 mentions minus two companies nested inside a book title (line 1507).
+    assert corpus_stats(cluener)["entities"] == 23_969
+    assert caplog.text.count("nested inside") == 2
+    assert set(corpus_stats(msra)["entity_types"]) == {"PER", "LOC", "ORG"}
+    assert all(doc.group for doc in topics)
+    assert time.perf_counter() - started < 30

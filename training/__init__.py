@@ -1,0 +1,1 @@
+"""Training side of newstagger: data import, splits and (elsewhere) fine-tuning."""

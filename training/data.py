@@ -1,0 +1,561 @@
+"""Importers from public annotation formats into the internal Document format, plus splits and stats.
+
+Every importer returns `list[Document]` with end-exclusive offsets and runs each document through
+`newstagger.documents.validate`, so a bad record fails with a DataError naming the file, the line
+(or task) and the problem. With `on_error="skip"` bad records are dropped instead, each one logged
+with its reason and the total counted in a final warning.
+
+Formats (names as used by `read_documents` and `PATH:FORMAT` data specs):
+
+- `internal`: the project's JSONL, `{"id", "text", "topics", "entities", "group"}`.
+- `cluener`: CLUENER2020 JSON lines, `{"text", "label": {type: {mention: [[start, end_INCLUSIVE]]}}}`.
+- `columns`: one character and its tag per line (BIO, BIOES or BMES), blank line between sentences.
+- `labelstudio`: a Label Studio JSON export (an array of tasks with `labels` and `choices` results).
+- `doccano`: doccano JSONL, spans as `"label": [[start, end, type]]` or `"entities": [...]`,
+  categories as `"cats"` or `"label": [str, ...]`.
+
+The tagger gives each character one tag, so importers of span formats collapse exact duplicate
+spans and drop a span nested inside a longer one (logged); crossing spans, and one stretch of text
+given two types, stay errors.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+from typing import TYPE_CHECKING, Literal
+
+from newstagger.documents import DataError, Document, Span, validate
+
+if TYPE_CHECKING:
+    import datasets
+
+logger = logging.getLogger(__name__)
+
+OnError = Literal["raise", "skip"]
+Labels = Iterable[str] | None  # an allowed label set; None allows any
+# A record is where it sits in its file and a callable building it: building is deferred so
+# `_load` can catch one record's DataError and go on with the next.
+Record = tuple[str, Callable[[], tuple[Document, dict[Span, str] | None]]]
+
+COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
+# How many leading records format guessing may read before giving up.
+GUESS_LIMIT = 50
+
+
+def read_internal(
+    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
+) -> list[Document]:
+    """The project's own JSONL (see newstagger.documents)."""
+    records = ((where, partial(_internal_document, line, where)) for _, where, line in _json_lines(path))
+    return _load(path, records, on_error, topic_labels, entity_types)
+
+
+def read_cluener(
+    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
+) -> list[Document]:
+    """CLUENER2020 JSON lines; ids are `<file stem>-<line number>`, topics None."""
+    stem = Path(path).stem
+    records = (
+        (where, partial(_cluener_document, line, f"{stem}-{number}", where))
+        for number, where, line in _json_lines(path)
+    )
+    return _load(path, records, on_error, topic_labels, entity_types)
+
+
+def read_columns(
+    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
+) -> list[Document]:
+    """Character-per-line tag files (MSRA, Resume): `char<TAB or space>tag`, sentences split by a
+    blank line. Tags O, B-/I- (BIO) and B-/M-/E-/S- or B-/I-/E-/S- (BMES, BIOES); an I-/M-/E-
+    that continues no open span of its type is an error naming its line. Ids are
+    `<file stem>-<line number of the sentence's first character>`, topics None."""
+    stem = Path(path).stem
+    records = (
+        (f"{path}:{lines[0][0]}", partial(_columns_document, lines, f"{stem}-{lines[0][0]}", path))
+        for lines in _column_sentences(path)
+    )
+    return _load(path, records, on_error, topic_labels, entity_types)
+
+
+def read_label_studio(
+    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
+) -> list[Document]:
+    """A Label Studio JSON export, reading each task's latest annotation that was not cancelled.
+
+    `labels` results become entities, `choices` results topics. A task with a choices result gets
+    topics (maybe []), otherwise None. Entities are [] for a task without spans when any task of
+    the export has spans (the project labels entities, and no span means none), otherwise None.
+    Tasks nobody annotated are skipped with a warning: exports routinely include them.
+    """
+    with open(path, encoding="utf-8-sig") as handle:
+        try:
+            tasks = json.load(handle)
+        except json.JSONDecodeError as err:
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+    if not isinstance(tasks, list):
+        raise DataError(f"{path}: a Label Studio export is a JSON array of tasks")
+    annotated = [(index, task, _latest_annotation(task)) for index, task in enumerate(tasks)]
+    unannotated = sum(annotation is None for _, _, annotation in annotated)
+    if unannotated:
+        logger.warning("%s: skipped %d of %d tasks with no annotation that was not cancelled",
+                       path, unannotated, len(tasks))
+    labels_entities = any(_has_spans(annotation) for _, _, annotation in annotated if annotation is not None)
+    stem = Path(path).stem
+
+    def records() -> Iterator[Record]:
+        for index, task, annotation in annotated:
+            if annotation is not None:
+                where = f"{path}[{index}]"
+                build = partial(_label_studio_document, task, annotation, f"{stem}-{index}", labels_entities, where)
+                yield where, build
+
+    return _load(path, records(), on_error, topic_labels, entity_types)
+
+
+def read_doccano(
+    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
+) -> list[Document]:
+    """doccano JSONL. Spans from `"entities": [{"start_offset", "end_offset", "label"}]` or
+    `"label": [[start, end, type], ...]`; topics from `"cats"` or `"label": [str, ...]`. An empty
+    `"label": []` means whatever `label` holds elsewhere in the file. Ids from `"id"`, else
+    `<file stem>-<line number>`."""
+    stem = Path(path).stem
+    file_label_kind = _doccano_file_label_kind(path)
+    records = (
+        (where, partial(_doccano_document, line, f"{stem}-{number}", file_label_kind, where))
+        for number, where, line in _json_lines(path)
+    )
+    return _load(path, records, on_error, topic_labels, entity_types)
+
+
+_READERS = {
+    "internal": read_internal,
+    "cluener": read_cluener,
+    "columns": read_columns,
+    "labelstudio": read_label_studio,
+    "doccano": read_doccano,
+}
+FORMATS = tuple(_READERS)
+
+
+def read_documents(
+    path: str | Path,
+    format: str | None = None,
+    *,
+    on_error: OnError = "raise",
+    topic_labels: Labels = None,
+    entity_types: Labels = None,
+) -> list[Document]:
+    """Documents of a file in any of FORMATS (guessed when `format` is None). `topic_labels` and
+    `entity_types`, when given, are the allowed label sets; other labels are errors."""
+    format = format or guess_format(path)
+    if format not in _READERS:
+        raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
+    return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
+
+
+def guess_format(path: str | Path) -> str:
+    """The format of a data file, from its suffix (column files) or its first records."""
+    if Path(path).suffix.lower() in COLUMN_SUFFIXES:
+        return "columns"
+    for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
+        if index == 0 and line.lstrip().startswith("["):
+            return "labelstudio"
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError:
+            break
+        format = _format_of_record(obj)
+        if format:
+            return format
+    raise DataError(
+        f"{path}: cannot guess the data format; name it as {path}:FORMAT, FORMAT one of {', '.join(FORMATS)}"
+    )
+
+
+def parse_data_spec(spec: str) -> tuple[Path, str | None]:
+    """`path[:format]` from a command-line flag. Only a suffix naming a known format is taken as
+    the format, so a path that itself contains ':' still works."""
+    path, colon, suffix = spec.rpartition(":")
+    if colon and path and suffix in FORMATS:
+        return Path(path), suffix
+    return Path(spec), None
+
+
+def split_validation(
+    docs: list[Document], fraction: float = 0.1, seed: int = 13
+) -> tuple[list[Document], list[Document]]:
+    """(train, validation), deterministic for a seed, each in the input order.
+
+    When any document has a `group`, whole groups go to one side (GroupShuffleSplit, so
+    `fraction` is a fraction of groups) and documents without a group form groups of their own.
+    Otherwise documents are shuffled and split individually.
+    """
+    from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit  # slow to import; only splits need it
+
+    if not 0 < fraction < 1:
+        raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
+    if len(docs) < 2:
+        raise ValueError(f"need at least 2 documents to split, got {len(docs)}")
+    if any(doc.group is not None for doc in docs):
+        # Prefixes keep a singleton's name from ever equalling a real group's.
+        groups = [f"group:{doc.group}" if doc.group is not None else f"doc:{i}" for i, doc in enumerate(docs)]
+        splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        train_index, validation_index = next(splitter.split(docs, groups=groups))
+    else:
+        splitter = ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
+        train_index, validation_index = next(splitter.split(docs))
+    return [docs[i] for i in sorted(train_index)], [docs[i] for i in sorted(validation_index)]
+
+
+def corpus_stats(docs: Iterable[Document]) -> dict:
+    """Counts for logs and model cards; label counts are most frequent first."""
+    topics: Counter[str] = Counter()
+    entity_types: Counter[str] = Counter()
+    documents = characters = for_topics = for_entities = without_topic = 0
+    for doc in docs:
+        documents += 1
+        characters += len(doc.text)
+        if doc.topics is not None:
+            for_topics += 1
+            without_topic += not doc.topics
+            topics.update(doc.topics)
+        if doc.entities is not None:
+            for_entities += 1
+            entity_types.update(span.type for span in doc.entities)
+    return {
+        "documents": documents,
+        "characters": characters,
+        "labelled_for_topics": for_topics,
+        "labelled_for_entities": for_entities,
+        "topics": dict(topics.most_common()),
+        "without_topic": without_topic,
+        "entity_types": dict(entity_types.most_common()),
+        "entities": sum(entity_types.values()),
+    }
+
+
+def to_hf_dataset(docs: Iterable[Document]) -> "datasets.Dataset":
+    """A `datasets.Dataset` with columns id, text, topics, entities, group. A task the document
+    is not labelled for stays None (Arrow lists are nullable), distinct from [] = labelled, none."""
+    import datasets  # takes seconds to import; only the training path needs it
+
+    features = datasets.Features({
+        "id": datasets.Value("string"),
+        "text": datasets.Value("string"),
+        # Plain-list notation means "list of" in every datasets version the project admits.
+        "topics": [datasets.Value("string")],
+        "entities": [{
+            "start": datasets.Value("int64"),
+            "end": datasets.Value("int64"),
+            "type": datasets.Value("string"),
+        }],
+        "group": datasets.Value("string"),
+    })
+    rows = [doc.to_dict() for doc in docs]
+    return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in features}, features=features)
+
+
+def from_hf_dataset(dataset: "datasets.Dataset") -> list[Document]:
+    return [Document.from_dict(row, where=f"dataset row {i}") for i, row in enumerate(dataset)]
+
+
+def _load(
+    path: str | Path, records: Iterable[Record], on_error: OnError, topic_labels: Labels, entity_types: Labels
+) -> list[Document]:
+    """Build and validate each record; raise on the first bad one or skip it with a warning."""
+    if on_error not in ("raise", "skip"):
+        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+    # Materialised once: every record is checked against them, and a generator would run dry.
+    topic_labels = frozenset(topic_labels) if topic_labels is not None else None
+    entity_types = frozenset(entity_types) if entity_types is not None else None
+    docs: list[Document] = []
+    seen_ids: set[str] = set()
+    skipped = 0
+    for where, build in records:
+        try:
+            doc, mentions = build()
+            validate(doc, topic_labels=topic_labels, entity_types=entity_types, mentions=mentions, where=where)
+            if doc.id in seen_ids:
+                raise DataError(f"{where}: duplicate id {doc.id!r}")
+        except DataError as err:
+            if on_error == "raise":
+                raise
+            logger.warning("skipped: %s", err)
+            skipped += 1
+            continue
+        seen_ids.add(doc.id)
+        docs.append(doc)
+    if skipped:
+        logger.warning("%s: skipped %d of %d records with errors", path, skipped, skipped + len(docs))
+    return docs
+
+
+def _json_lines(path) -> Iterator[tuple[int, str, str]]:
+    """(line number, "path:number", line) for each non-blank line."""
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            if line.strip():
+                yield number, f"{path}:{number}", line
+
+
+def _internal_document(line: str, where: str):
+    return Document.from_dict(_json_object(line, where), where), None
+
+
+def _json_object(line: str, where: str) -> dict:
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
+
+
+def _text(obj: dict, where: str) -> str:
+    text = obj.get("text")
+    if not isinstance(text, str):
+        raise DataError(f"{where}: field 'text' must be a string")
+    return text
+
+
+def _string_list(value, field: str, where: str) -> list[str]:
+    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+        raise DataError(f"{where}: {field} must be a list of strings, got {value!r}")
+    return list(value)
+
+
+def _span(start, end, entity_type, where: str) -> Span:
+    offsets_ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end))
+    if not offsets_ok or not isinstance(entity_type, str):
+        raise DataError(f"{where}: a span needs integer offsets and a string type, got {[start, end, entity_type]!r}")
+    return Span(start, end, entity_type)
+
+
+def _flat_spans(spans: Iterable[Span], where: str) -> list[Span]:
+    """Spans with exact duplicates collapsed and spans nested inside a longer one dropped (logged).
+    Crossing spans and same-offset spans of two types are kept for validate() to reject."""
+    kept: list[Span] = []
+    for span in sorted(set(spans), key=lambda s: (s.start, -s.end, s.type)):
+        length = span.end - span.start
+        outer = next((k for k in kept if k.start <= span.start and span.end <= k.end and k.end - k.start > length), None)
+        if outer is None:
+            kept.append(span)
+        else:
+            logger.warning(
+                "%s: dropped %s span [%d, %d) nested inside %s span [%d, %d); each character gets one tag",
+                where, span.type, span.start, span.end, outer.type, outer.start, outer.end,
+            )
+    return kept
+
+
+def _cluener_document(line: str, doc_id: str, where: str):
+    obj = _json_object(line, where)
+    text = _text(obj, where)
+    label = obj.get("label")
+    if not isinstance(label, dict):
+        raise DataError(f"{where}: field 'label' must be an object {{type: {{mention: [[start, end]]}}}}")
+    mentions: dict[Span, str] = {}
+    for entity_type, by_mention in label.items():
+        if not isinstance(by_mention, dict):
+            raise DataError(f"{where}: label[{entity_type!r}] must be an object {{mention: [[start, end]]}}")
+        for mention, offsets in by_mention.items():
+            if not isinstance(offsets, list) or not all(isinstance(pair, list) and len(pair) == 2 for pair in offsets):
+                raise DataError(f"{where}: offsets of {mention!r} must be a list of [start, end] pairs")
+            for start, inclusive_end in offsets:
+                span = _span(start, inclusive_end, entity_type, where)
+                mentions[Span(span.start, span.end + 1, span.type)] = mention
+    return Document(doc_id, text, entities=_flat_spans(mentions, where)), mentions
+
+
+def _column_sentences(path) -> Iterator[list[tuple[int, str]]]:
+    """Each sentence's (line number, line) pairs."""
+    sentence: list[tuple[int, str]] = []
+    with open(path, encoding="utf-8-sig") as handle:
+        for number, line in enumerate(handle, start=1):
+            line = line.rstrip("\r\n")
+            if line.strip():
+                sentence.append((number, line))
+            elif sentence:
+                yield sentence
+                sentence = []
+    if sentence:
+        yield sentence
+
+
+def _columns_document(lines: list[tuple[int, str]], doc_id: str, path):
+    tokens: list[str] = []
+    spans: list[Span] = []
+    offset = 0
+    open_type: str | None = None
+    open_start = 0
+    for number, line in lines:
+        where = f"{path}:{number}"
+        if "\t" in line:  # a tab separates exactly, so the character itself may be a space
+            token, tag = line.rsplit("\t", 1)
+            tag = tag.strip()
+        else:
+            fields = line.split()
+            token, tag = fields if len(fields) == 2 else ("", "")
+        if not token or not tag:
+            raise DataError(f"{where}: expected a character and a tag, got {line!r}")
+        prefix, _, entity_type = tag.partition("-")
+        if tag != "O" and (prefix not in ("B", "I", "M", "E", "S") or not entity_type):
+            raise DataError(f"{where}: unknown tag {tag!r} (expected O, or B-/I-/M-/E-/S- and a type)")
+        if prefix in ("I", "M", "E"):
+            if open_type != entity_type:
+                raise DataError(f"{where}: tag {tag!r} continues no open {entity_type} span")
+        else:
+            if open_type is not None:
+                spans.append(Span(open_start, offset, open_type))
+            open_type = entity_type if prefix in ("B", "S") else None
+            open_start = offset
+        offset += len(token)
+        tokens.append(token)
+        if prefix in ("E", "S"):
+            spans.append(Span(open_start, offset, entity_type))
+            open_type = None
+    if open_type is not None:
+        spans.append(Span(open_start, offset, open_type))
+    return Document(doc_id, "".join(tokens), entities=spans), None
+
+
+def _latest_annotation(task) -> dict | None:
+    annotations = task.get("annotations") if isinstance(task, dict) else None
+    usable = [a for a in annotations or () if isinstance(a, dict) and not a.get("was_cancelled")]
+    if not usable:
+        return None
+    # ISO timestamps compare correctly as strings; the id breaks ties between equal timestamps.
+    return max(usable, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
+
+
+def _has_spans(annotation: dict) -> bool:
+    result = annotation.get("result")
+    return isinstance(result, list) and any(isinstance(item, dict) and item.get("type") == "labels" for item in result)
+
+
+def _label_studio_document(task, annotation: dict, fallback_id: str, labels_entities: bool, where: str):
+    data = task.get("data")
+    if not isinstance(data, dict):
+        raise DataError(f"{where}: task has no 'data' object")
+    text = _text(data, where)
+    result = annotation.get("result")
+    if not isinstance(result, list):
+        raise DataError(f"{where}: annotation 'result' must be a list")
+    topics: list[str] | None = None
+    mentions: dict[Span, str] = {}
+    spans: list[Span] = []
+    for item in result:
+        value = item.get("value") if isinstance(item, dict) else None
+        kind = item.get("type") if isinstance(item, dict) else None
+        if kind in ("labels", "choices") and not isinstance(value, dict):
+            raise DataError(f"{where}: a {kind} result has no 'value' object")
+        if kind == "choices":
+            topics = (topics or []) + _string_list(value.get("choices"), "'choices'", where)
+        elif kind == "labels":
+            labels = value.get("labels")
+            if not isinstance(labels, list) or len(labels) != 1:
+                raise DataError(f"{where}: a labels result needs exactly one label, got {labels!r}")
+            span = _span(value.get("start"), value.get("end"), labels[0], where)
+            spans.append(span)
+            if "text" in value:
+                mentions[span] = value["text"]
+    task_id = task.get("id")
+    return Document(
+        id=str(task_id) if task_id is not None else fallback_id,
+        text=text,
+        topics=topics,
+        entities=_flat_spans(spans, where) if labels_entities else None,
+        group=str(data["group"]) if data.get("group") is not None else None,
+    ), mentions
+
+
+def _doccano_label_kind(label, where: str) -> str | None:
+    """'spans' or 'categories' for a non-empty doccano `label` list, None for an empty one."""
+    if not isinstance(label, list):
+        raise DataError(f"{where}: field 'label' must be a list")
+    if not label:
+        return None
+    if all(isinstance(item, str) for item in label):
+        return "categories"
+    if all(isinstance(item, list) and len(item) == 3 for item in label):
+        return "spans"
+    raise DataError(f"{where}: 'label' must hold either [start, end, type] spans or category strings")
+
+
+def _doccano_file_label_kind(path) -> str | None:
+    """What `label` holds in this file, from the first record that tells; None if none does."""
+    for _, where, line in _json_lines(path):
+        try:
+            obj = json.loads(line)
+            if not isinstance(obj, dict):
+                continue
+            if "entities" in obj:
+                return "categories"  # spans live in 'entities', so 'label' can only be categories
+            if "label" in obj:
+                kind = _doccano_label_kind(obj["label"], where)
+                if kind:
+                    return kind
+        except (json.JSONDecodeError, DataError):
+            continue  # the bad record fails on its own when it is read
+    return None
+
+
+def _doccano_document(line: str, fallback_id: str, file_label_kind: str | None, where: str):
+    obj = _json_object(line, where)
+    text = _text(obj, where)
+    spans: list[Span] | None = None
+    topics: list[str] | None = None
+    if "entities" in obj:
+        entities = obj["entities"]
+        if not isinstance(entities, list) or not all(isinstance(e, dict) for e in entities):
+            raise DataError(f"{where}: 'entities' must be a list of {{start_offset, end_offset, label}} objects")
+        spans = [_span(e.get("start_offset"), e.get("end_offset"), e.get("label"), where) for e in entities]
+    if "cats" in obj:
+        topics = _string_list(obj["cats"], "'cats'", where)
+    if "label" in obj:
+        kind = _doccano_label_kind(obj["label"], where) or file_label_kind
+        if kind is None:
+            raise DataError(
+                f"{where}: every 'label' in the file is empty, so it is unclear whether it means spans or categories"
+            )
+        if kind == "spans":
+            if spans is not None:
+                raise DataError(f"{where}: spans given both in 'label' and in 'entities'")
+            spans = [_span(*item, where) for item in obj["label"]]
+        else:
+            if topics is not None:
+                raise DataError(f"{where}: categories given both in 'label' and in 'cats'")
+            topics = list(obj["label"])
+    doc_id = obj.get("id")
+    return Document(
+        id=str(doc_id) if doc_id is not None else fallback_id,
+        text=text,
+        topics=topics,
+        entities=_flat_spans(spans, where) if spans is not None else None,
+        group=str(obj["group"]) if obj.get("group") is not None else None,
+    ), None
+
+
+def _format_of_record(obj) -> str | None:
+    """The JSON-lines format one record belongs to, or None if it does not tell."""
+    if not isinstance(obj, dict):
+        return None
+    label = obj.get("label")
+    if isinstance(label, dict):
+        return "cluener"
+    if isinstance(label, list) or "cats" in obj:
+        return "doccano"
+    entities = obj.get("entities")
+    if isinstance(entities, list) and entities and isinstance(entities[0], dict):
+        return "doccano" if "start_offset" in entities[0] else "internal"
+    if "topics" in obj or "entities" in obj:
+        return "internal"
+    return None
