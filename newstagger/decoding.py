@@ -93,11 +93,12 @@ def tags_to_spans(
     return entities
 
 
-def argmax_spans(tags: np.ndarray) -> list[tuple[int, int, int]]:
-    """(begin, end, type index) token spans of a possibly invalid BIO sequence, read leniently.
+def lenient_spans(tags: np.ndarray) -> list[tuple[int, int, int]]:
+    """(begin, end, type index) token spans of a possibly invalid BIO sequence.
 
-    Used only to measure what the constrained decoder gains over naive argmax decoding: an I-
-    tag that does not continue a span of its type opens a new span, as naive decoders do.
+    Evaluation reads both decoders' paths with it, so the constrained decoder can be compared
+    with naive argmax decoding: an I- tag that does not continue a span of its type opens a new
+    span, as naive decoders do; a valid path is read exactly.
     """
     spans: list[tuple[int, int, int]] = []
     for t, tag in enumerate(tags.tolist()):

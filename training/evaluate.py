@@ -1,0 +1,176 @@
+"""Evaluation: seqeval strict IOB2 for entities, scikit-learn P/R/F1 for topics; `newstagger evaluate`.
+
+Entities are scored on characters, not tokens: gold and predicted spans are both turned into
+character-level IOB2 sequences, so the score is about the offsets users get, whatever the
+tokenizer did. The coarse PER/LOC/ORG view is scored the same way after mapping types.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+
+import numpy as np
+from seqeval.metrics import classification_report
+from seqeval.scheme import IOB2
+from sklearn.metrics import precision_recall_fscore_support
+from tqdm import tqdm
+
+from newstagger.decoding import constrained_viterbi, lenient_spans
+from newstagger.documents import Document
+from newstagger.schema import LabelSchema
+from newstagger.tagger import Tagger
+
+DECODINGS = ("viterbi", "argmax")
+
+
+def char_iob2(length: int, spans: Sequence[tuple[int, int, str]]) -> list[str]:
+    tags = ["O"] * length
+    for start, end, entity_type in spans:
+        tags[start] = f"B-{entity_type}"
+        for i in range(start + 1, end):
+            tags[i] = f"I-{entity_type}"
+    return tags
+
+
+def entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: list[list[tuple[int, int, str]]],
+                   lengths: list[int]) -> dict:
+    """Strict IOB2 span scores per type and micro/macro averages."""
+    y_true = [char_iob2(n, spans) for n, spans in zip(lengths, gold)]
+    y_pred = [char_iob2(n, spans) for n, spans in zip(lengths, predicted)]
+    report = classification_report(y_true, y_pred, mode="strict", scheme=IOB2, output_dict=True, zero_division=0)
+    rows = {label: _row(values) for label, values in report.items() if "avg" not in label}
+    return {
+        "per_label": dict(sorted(rows.items())),
+        "micro": _row(report["micro avg"]),
+        "macro": _row(report["macro avg"]),
+        "documents": len(lengths),
+    }
+
+
+def topic_metrics(gold: np.ndarray, predicted: np.ndarray, topics: Sequence[str]) -> dict:
+    """Per-topic and micro/macro P/R/F1 for multi-label indicator arrays [docs, topics]."""
+    p, r, f, s = precision_recall_fscore_support(gold, predicted, average=None, zero_division=0,
+                                                 labels=list(range(len(topics))))
+    per_label = {t: _row({"precision": p[i], "recall": r[i], "f1-score": f[i], "support": s[i]})
+                 for i, t in enumerate(topics)}
+    out: dict = {"per_label": per_label}
+    for average in ("micro", "macro"):
+        p, r, f, _ = precision_recall_fscore_support(gold, predicted, average=average, zero_division=0)
+        out[average] = _row({"precision": p, "recall": r, "f1-score": f})
+    out["documents"] = int(len(gold))
+    return out
+
+
+def _row(values: dict) -> dict:
+    row = {
+        "precision": round(float(values["precision"]), 4),
+        "recall": round(float(values["recall"]), 4),
+        "f1": round(float(values["f1-score"]), 4),
+    }
+    if "support" in values:
+        row["support"] = int(values["support"])
+    return row
+
+
+def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str]) -> dict[str, float]:
+    """Per-topic threshold maximising that topic's F1 on the given (validation) documents.
+
+    Ties go to the threshold nearest 0.5, so a topic the data cannot inform keeps the default.
+    """
+    grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
+    thresholds = {}
+    for k, topic in enumerate(topics):
+        if gold[:, k].sum() == 0:
+            thresholds[topic] = 0.5
+            continue
+        predicted = probs[:, k][None, :] >= grid[:, None]
+        tp = (predicted & (gold[:, k] == 1)).sum(1)
+        f1 = 2 * tp / (predicted.sum(1) + gold[:, k].sum())
+        best = np.flatnonzero(f1 == f1.max())
+        thresholds[topic] = float(grid[best[np.argmin(np.abs(grid[best] - 0.5))]])
+    return thresholds
+
+
+def coarse_spans(spans: list[tuple[int, int, str]], schema: LabelSchema) -> list[tuple[int, int, str]]:
+    return [(s, e, schema.coarse[t]) for s, e, t in spans if t in schema.coarse]
+
+
+def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: str = "viterbi",
+                    thresholds: dict[str, float] | None = None, batch_docs: int = 256,
+                    show_progress: bool = True) -> dict:
+    """Metrics of a tagger on labelled documents; also returns the raw topic probabilities.
+
+    Documents labelled for one task only count for that task only. The result's `_topic_probs`
+    and `_topic_gold` (arrays, not JSON) let the caller tune thresholds without a second pass.
+    """
+    schema = tagger.schema
+    topic_index = {t: k for k, t in enumerate(schema.topics)}
+    gold_spans, predicted_spans, lengths = [], [], []
+    topic_gold, topic_probs = [], []
+    progress = tqdm(total=len(documents), desc=f"evaluating ({decoding})", unit="doc",
+                    disable=not show_progress, file=sys.stderr)
+    for first in range(0, len(documents), batch_docs):
+        batch = documents[first : first + batch_docs]
+        probs, log_probs, encoded = tagger.score([doc.text for doc in batch])
+        paths = constrained_viterbi(log_probs) if decoding == "viterbi" else [lp.argmax(1) for lp in log_probs]
+        for doc, doc_probs, path, enc in zip(batch, probs, paths, encoded):
+            if doc.entities is not None:
+                token_spans = lenient_spans(path)
+                predicted_spans.append([(int(enc.offsets[b, 0]), int(enc.offsets[e - 1, 1]),
+                                         schema.entity_types[k]) for b, e, k in token_spans])
+                gold_spans.append([(s.start, s.end, s.type) for s in doc.entities])
+                lengths.append(len(doc.text))
+            if doc.topics is not None:
+                row = np.zeros(len(schema.topics), dtype=np.int64)
+                row[[topic_index[t] for t in doc.topics if t in topic_index]] = 1
+                topic_gold.append(row)
+                topic_probs.append(doc_probs)
+        progress.update(len(batch))
+    progress.close()
+
+    metrics: dict = {"decoding": decoding}
+    if gold_spans:
+        metrics["entities"] = entity_metrics(gold_spans, predicted_spans, lengths)
+        if schema.coarse:
+            metrics["entities_coarse"] = entity_metrics(
+                [coarse_spans(s, schema) for s in gold_spans],
+                [coarse_spans(s, schema) for s in predicted_spans], lengths)
+    if topic_gold:
+        gold = np.stack(topic_gold)
+        probs = np.stack(topic_probs)
+        cut = np.array([(thresholds or {}).get(t, tagger.meta.threshold(t)) for t in schema.topics])
+        metrics["topics"] = topic_metrics(gold, (probs >= cut).astype(np.int64), schema.topics)
+        metrics["_topic_gold"], metrics["_topic_probs"] = gold, probs
+    return metrics
+
+
+def public(metrics: dict) -> dict:
+    """The JSON-safe part of evaluate_tagger's result."""
+    return {k: v for k, v in metrics.items() if not k.startswith("_")}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("evaluate", help="score a model on labelled data (JSON out)")
+    parser.add_argument("--model", help="model folder (default: the shipped model)")
+    parser.add_argument("--data", action="append", required=True, metavar="PATH[:FORMAT]",
+                        help="labelled data, any importer format; repeatable")
+    parser.add_argument("--decoding", choices=DECODINGS, default="viterbi",
+                        help="span decoding: constrained Viterbi (what tag and serve use) or naive argmax")
+    parser.add_argument("--output", "-o", help="write the metrics JSON here as well as to stdout")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from training.data import parse_data_spec, read_documents
+
+    documents = [doc for spec in args.data for doc in read_documents(*parse_data_spec(spec))]
+    tagger = Tagger.load(args.model)
+    result = json.dumps(public(evaluate_tagger(tagger, documents, decoding=args.decoding)),
+                        ensure_ascii=False, indent=2)
+    print(result)
+    if args.output:
+        with open(args.output, "w", encoding="utf-8") as handle:
+            handle.write(result + "\n")
+    return 0

@@ -1,0 +1,436 @@
+"""`newstagger train`: fine-tune one BERT on topic and entity data at once, into a model folder.
+
+A short, plain loop (nanoGPT-style) rather than `Trainer`: the joint, partially labelled batches
+need their own loss masking, and the loop stays readable. Per epoch: train, evaluate on the
+validation split, keep the best state; stop early when the selection score stops improving. At
+the end, per-topic thresholds are tuned on validation and the best state is saved with its
+metrics and model card.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+import tomllib
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm import tqdm
+from transformers import AutoTokenizer
+
+from newstagger.documents import Document
+from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
+from newstagger.schema import LabelSchema
+from newstagger.tagger import Tagger
+from newstagger.windowing import EncodedText, Window, encode_texts, plan_windows, token_budget_batches
+
+from .evaluate import evaluate_tagger, public, topic_metrics, tune_thresholds
+
+log = logging.getLogger("newstagger.train")
+IGNORE = -100
+
+
+def _option(default, help: str):
+    if default is list:
+        return field(default_factory=list, metadata={"help": help})
+    return field(default=default, metadata={"help": help})
+
+
+@dataclass
+class TrainConfig:
+    """Everything a training run depends on; saved into the model folder for reproducibility."""
+
+    train: list[str] = _option(list, "training data, PATH[:FORMAT] (formats: see training.data.FORMATS)")
+    output: str = _option("runs/model", "model folder to write")
+    base_model: str = _option("bert-base-chinese", "Hugging Face BERT checkpoint: hub name or local folder")
+    init_model: str | None = _option(None, "start from this newstagger model folder instead of base_model")
+    validation: list[str] = _option(list, "validation data; empty = hold out validation_fraction of each training set")
+    validation_fraction: float = _option(0.1, "share of each training set held out (grouped by 'group' where given)")
+    max_validation_documents: int = _option(2000, "cap per validation set, to keep per-epoch evaluation quick")
+    max_length: int = _option(128, "encoder window for training, positions including [CLS]/[SEP]")
+    stride: int = _option(32, "tokens of overlap between windows of a long text")
+    inference_max_length: int = _option(256, "window the saved model uses when tagging")
+    inference_stride: int = _option(64, "overlap the saved model uses when tagging")
+    epochs: int = _option(3, "passes over the training data")
+    max_steps: int = _option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
+    batch_tokens: int = _option(4096, "padded tokens per batch (batches are length-bucketed)")
+    learning_rate: float = _option(2e-4, "peak AdamW learning rate")
+    head_learning_rate: float = _option(1e-3, "learning rate of the two freshly initialised heads")
+    weight_decay: float = _option(0.01, "AdamW weight decay")
+    warmup_ratio: float = _option(0.06, "share of steps spent warming the learning rate up")
+    topic_loss_weight: float = _option(1.0, "weight of the topic loss in the joint loss")
+    entity_loss_weight: float = _option(1.0, "weight of the entity loss in the joint loss")
+    topic_oversample: float = _option(1.0, "repeat topic-labelled windows this many times per epoch (topic data is small)")
+    patience: int = _option(2, "epochs without improvement before stopping early")
+    seed: int = _option(13, "random seed")
+    threads: int = _option(0, "torch CPU threads (0 = torch's default)")
+    resume: bool = _option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
+    version: str = _option("0.1.0", "version written into the model folder")
+    name: str = _option("newstagger", "model name written into the model folder")
+
+    @classmethod
+    def from_file(cls, path: str | Path) -> "TrainConfig":
+        path = Path(path)
+        raw = path.read_text(encoding="utf-8")
+        values = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise ValueError(f"{path}: unknown setting(s) {unknown}")
+        return cls(**values)
+
+
+# --------------------------------------------------------------------------- data to tensors
+
+
+@dataclass
+class Example:
+    """One training window: token ids, BIO tag ids (IGNORE where unlabelled), topic targets."""
+
+    ids: list[int]
+    tags: list[int]
+    topics: list[float] | None
+
+
+def token_tags(doc: Document, encoded: EncodedText, schema: LabelSchema) -> np.ndarray:
+    """BIO tag id per token: a token overlapping a span gets B- if it is the span's first."""
+    tags = np.zeros(len(encoded.ids), dtype=np.int64)
+    if doc.entities is None:
+        return np.full(len(encoded.ids), IGNORE, dtype=np.int64)
+    starts, ends = encoded.offsets[:, 0], encoded.offsets[:, 1]
+    for span in doc.entities:
+        inside = np.flatnonzero((starts < span.end) & (ends > span.start))
+        if len(inside):
+            begin = schema.begin_tag(span.type)
+            tags[inside] = begin + 1
+            tags[inside[0]] = begin
+    return tags
+
+
+def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, max_length: int,
+                   stride: int) -> list[Example]:
+    encoded = encode_texts(tokenizer, [doc.text for doc in documents])
+    examples = []
+    for d, (doc, enc) in enumerate(zip(documents, encoded)):
+        tags = token_tags(doc, enc, schema)
+        topics = None
+        if doc.topics is not None:
+            topics = [1.0 if t in doc.topics else 0.0 for t in schema.topics]
+        for w in plan_windows(d, len(enc.ids), max_length, stride):
+            examples.append(Example(enc.ids[w.start : w.end], tags[w.start : w.end].tolist(), topics))
+    return examples
+
+
+def collate(examples: list[Example], tokenizer, num_topics: int) -> dict[str, torch.Tensor]:
+    length = max(len(e.ids) for e in examples) + 2
+    batch = len(examples)
+    input_ids = torch.full((batch, length), tokenizer.pad_token_id, dtype=torch.long)
+    attention_mask = torch.zeros((batch, length), dtype=torch.long)
+    tags = torch.full((batch, length), IGNORE, dtype=torch.long)
+    topics = torch.zeros((batch, num_topics))
+    has_topics = torch.zeros(batch, dtype=torch.bool)
+    for row, e in enumerate(examples):
+        n = len(e.ids)
+        input_ids[row, : n + 2] = torch.tensor([tokenizer.cls_token_id, *e.ids, tokenizer.sep_token_id])
+        attention_mask[row, : n + 2] = 1
+        tags[row, 1 : n + 1] = torch.tensor(e.tags)
+        if e.topics is not None:
+            topics[row] = torch.tensor(e.topics)
+            has_topics[row] = True
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "tags": tags, "topics": topics,
+            "has_topics": has_topics}
+
+
+def epoch_batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
+    """Length-bucketed batches in random order: shuffle, sort within pools, shuffle batches."""
+    order = list(range(len(examples)))
+    rng.shuffle(order)
+    pool = 64 * max(1, batch_tokens // 64)
+    batches: list[list[int]] = []
+    for first in range(0, len(order), pool):
+        chunk = order[first : first + pool]
+        windows = [Window(0, 0, len(examples[i].ids), 0, 0) for i in chunk]
+        batches += [[chunk[j] for j in b] for b in token_budget_batches(windows, batch_tokens)]
+    rng.shuffle(batches)
+    return batches
+
+
+# --------------------------------------------------------------------------- the loop
+
+
+class JointLoss(nn.Module):
+    """Token cross-entropy over labelled tokens + topic BCE over topic-labelled rows.
+
+    Rows without topic labels and tokens without tags contribute nothing, so a batch mixing
+    entity-only and topic-only documents trains each head on what it has. `pos_weight` lifts
+    rare topics (city_management is ~4% of the data).
+    """
+
+    def __init__(self, pos_weight: torch.Tensor, topic_weight: float, entity_weight: float):
+        super().__init__()
+        self.topic_loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
+        self.entity_loss = nn.CrossEntropyLoss(ignore_index=IGNORE)
+        self.topic_weight, self.entity_weight = topic_weight, entity_weight
+
+    def forward(self, topic_logits, tag_logits, batch) -> torch.Tensor:
+        loss = tag_logits.new_zeros(())
+        if (batch["tags"] != IGNORE).any():
+            loss = loss + self.entity_weight * self.entity_loss(tag_logits.flatten(0, 1), batch["tags"].flatten())
+        if batch["has_topics"].any():
+            rows = batch["has_topics"]
+            loss = loss + self.topic_weight * self.topic_loss(topic_logits[rows], batch["topics"][rows])
+        return loss
+
+
+def topic_pos_weight(documents: list[Document], topics: list[str]) -> torch.Tensor:
+    """sqrt(negatives / positives) per topic: lifts rare topics without swamping precision."""
+    labelled = [doc for doc in documents if doc.topics is not None]
+    weights = []
+    for topic in topics:
+        positives = sum(topic in doc.topics for doc in labelled)
+        weights.append(math.sqrt((len(labelled) - positives) / positives) if positives else 1.0)
+    return torch.tensor(weights)
+
+
+def selection_score(metrics: dict) -> float:
+    """Mean of the micro-F1s of the tasks validation covers: what 'best epoch' means."""
+    scores = [metrics[task]["micro"]["f1"] for task in ("entities", "topics") if task in metrics]
+    return float(np.mean(scores)) if scores else 0.0
+
+
+def train(config: TrainConfig) -> tuple[Path, dict]:
+    """Run training as configured; returns the model folder and its final validation metrics."""
+    from training.data import corpus_stats, parse_data_spec, read_documents, split_validation
+
+    started = time.time()
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output = Path(config.output)
+
+    train_docs: list[Document] = []
+    valid_docs: list[Document] = []
+    for spec in config.train:
+        docs = read_documents(*parse_data_spec(spec))
+        if config.validation:
+            train_docs += docs
+        else:
+            fit, held = split_validation(docs, config.validation_fraction, seed=config.seed)
+            train_docs += fit
+            valid_docs += held[: config.max_validation_documents]
+    for spec in config.validation:
+        valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
+    if not train_docs:
+        raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
+
+    data_schema = LabelSchema.from_documents(train_docs + valid_docs)
+    if config.init_model:
+        model, tokenizer, parent_meta, _ = load_model_folder(config.init_model)
+        schema = parent_meta.schema.merged_with(data_schema)
+        if schema != parent_meta.schema:
+            log.warning("new labels in the data: topics %s, entity types %s; growing the heads",
+                        sorted(set(schema.topics) - set(parent_meta.schema.topics)),
+                        sorted(set(schema.entity_types) - set(parent_meta.schema.entity_types)))
+            model.grow_labels(schema)
+        base_model, parent_version = parent_meta.base_model, parent_meta.version
+    else:
+        schema = data_schema
+        model = new_model(config.base_model, schema)
+        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        base_model, parent_version = config.base_model, None
+    model.train()
+    log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
+    log.info("training: %s", corpus_stats(train_docs))
+    log.info("validation: %s", corpus_stats(valid_docs))
+
+    examples = build_examples(train_docs, tokenizer, schema, config.max_length, config.stride)
+    topic_examples = [e for e in examples if e.topics is not None]
+    extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
+    examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
+
+    rng = random.Random(config.seed)
+    steps_per_epoch = len(epoch_batches(examples, config.batch_tokens, random.Random(0)))
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    head_params = [*model.topic_head.parameters(), *model.entity_head.parameters()]
+    head_ids = {id(p) for p in head_params}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
+         {"params": head_params, "lr": config.head_learning_rate}],
+        weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
+    loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight, config.entity_loss_weight)
+
+    state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
+    checkpoint = output / "checkpoint"
+    best_state = None
+    if config.resume and (checkpoint / "trainer_state.json").is_file():
+        state = json.loads((checkpoint / "trainer_state.json").read_text())
+        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+        if (checkpoint / "best.safetensors").is_file():
+            best_state = load_file(checkpoint / "best.safetensors")
+        rng.setstate(_rng_state_from_json(state["rng"]))
+        log.info("resumed from %s at epoch %d, step %d", checkpoint, state["epoch"], state["step"])
+
+    meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
+                     name=config.name, version=config.version, base_model=base_model,
+                     parent_version=parent_version)
+    stale_epochs = len(state["history"]) - state["best_epoch"] if state["history"] else 0
+    while state["epoch"] < config.epochs and state["step"] < total_steps and stale_epochs < config.patience:
+        model.train()
+        batches = epoch_batches(examples, config.batch_tokens, rng)
+        bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch", file=sys.stderr)
+        running = None
+        for batch_ids in bar:
+            batch = collate([examples[i] for i in batch_ids], tokenizer, len(schema.topics))
+            topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = loss_fn(topic_logits, tag_logits, batch)
+            optimizer.zero_grad(set_to_none=True)
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+            optimizer.step()
+            scheduler.step()
+            state["step"] += 1
+            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+            bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+            if state["step"] >= total_steps:
+                break
+        bar.close()
+        state["epoch"] += 1
+
+        metrics = _validate(model, tokenizer, meta, valid_docs)
+        score = selection_score(metrics)
+        state["history"].append({"epoch": state["epoch"], "step": state["step"], "score": round(score, 4),
+                                 "loss": round(running or 0.0, 4), **_summary(metrics)})
+        log.info("epoch %d: %s", state["epoch"], state["history"][-1])
+        if score > state["best_score"] or best_state is None:
+            state["best_score"], state["best_epoch"] = score, state["epoch"]
+            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        stale_epochs = state["epoch"] - state["best_epoch"]
+        state["rng"] = _rng_state_to_json(rng.getstate())
+        _save_checkpoint(checkpoint, model, optimizer, scheduler, best_state, state)
+
+    model.load_state_dict(best_state)
+    model.eval()
+    tagger = Tagger(model, tokenizer, meta)
+    metrics = evaluate_tagger(tagger, valid_docs) if valid_docs else {}
+    if "topics" in metrics:
+        meta.thresholds = tune_thresholds(metrics["_topic_gold"], metrics["_topic_probs"], schema.topics)
+        cut = np.array([meta.threshold(t) for t in schema.topics])
+        metrics["topics"] = topic_metrics(metrics["_topic_gold"], (metrics["_topic_probs"] >= cut).astype(int),
+                                          schema.topics)
+    meta.training = {
+        "config": asdict(config),
+        "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
+        "history": state["history"],
+        "best_epoch": state["best_epoch"],
+        "seconds": round(time.time() - started, 1),
+        "torch": torch.__version__,
+    }
+    final = public(metrics)
+    save_model_folder(output, model, tokenizer, meta, metrics={"validation": final})
+    log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(final))
+    return output, final
+
+
+def _validate(model: NewsTaggerModel, tokenizer, meta: ModelMeta, documents: list[Document]) -> dict:
+    if not documents:
+        return {}
+    model.eval()
+    return evaluate_tagger(Tagger(model, tokenizer, meta), documents)
+
+
+def _summary(metrics: dict) -> dict:
+    return {f"{task}_{avg}_f1": metrics[task][avg]["f1"]
+            for task in ("entities", "topics") if task in metrics for avg in ("micro", "macro")}
+
+
+def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, state: dict) -> None:
+    """Everything `--resume` needs; written to a temporary name first so a crash leaves the last one."""
+    staging = folder.with_name(folder.name + ".tmp")
+    staging.mkdir(parents=True, exist_ok=True)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
+    save_file({k: v.contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
+    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
+    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    if folder.exists():
+        old = folder.with_name(folder.name + ".old")
+        folder.rename(old)
+        staging.rename(folder)
+        for path in old.iterdir():
+            path.unlink()
+        old.rmdir()
+    else:
+        staging.rename(folder)
+
+
+def _rng_state_to_json(rng_state) -> list:
+    version, internal, gauss = rng_state
+    return [version, list(internal), gauss]
+
+
+def _rng_state_from_json(data) -> tuple:
+    version, internal, gauss = data
+    return version, tuple(internal), gauss
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_config_arguments(parser: argparse.ArgumentParser) -> None:
+    """One flag per TrainConfig field, help text from the field, default None = 'not given'."""
+    for f in fields(TrainConfig):
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f.metadata["help"]
+        if f.type == "bool":
+            parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
+        elif f.type.startswith("list"):
+            parser.add_argument(flag, action="append", default=None, metavar="PATH[:FORMAT]", help=help_text + " (repeatable)")
+        else:
+            kind = {"int": int, "float": float}.get(f.type, str)
+            parser.add_argument(flag, type=kind, default=None, help=help_text)
+
+
+def config_from_args(args: argparse.Namespace) -> TrainConfig:
+    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
+    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
+    return TrainConfig(**{**asdict(config), **overrides})
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("train", help="fine-tune a tagger into a model folder",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    add_config_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from newstagger.cli import UsageError
+
+    try:
+        config = config_from_args(args)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
+    if not config.train:
+        raise UsageError("no training data: give --train PATH[:FORMAT] or 'train' in --config")
+    folder, metrics = train(config)
+    print(json.dumps({"model": str(folder), "validation": metrics}, ensure_ascii=False, indent=2))
+    return 0
