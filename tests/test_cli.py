@@ -1,0 +1,79 @@
+"""`newstagger tag`: the JSONL contract, and bad input ending in exit code 2 with a one-line reason."""
+
+from __future__ import annotations
+
+import io
+import json
+
+import pytest
+
+from newstagger.cli import main
+
+
+def write_lines(path, lines):
+    path.write_text("".join(line + "\n" for line in lines), encoding="utf-8")
+    return path
+
+
+def read_results(path):
+    return [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines()]
+
+
+def test_tag_writes_one_result_per_story_in_order(tiny_model_dir, tmp_path):
+    stories = [{"id": "a", "text": "滨江市人民政府发布通知。"}, {"id": 7, "text": ""},
+               {"id": "c", "text": "全角ＡＢＣ和emoji😀" * 30}]
+    source = write_lines(tmp_path / "in.jsonl", [json.dumps(s, ensure_ascii=False) for s in stories])
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target), "--chunk", "2"]) == 0
+    results = read_results(target)
+    assert [r["id"] for r in results] == ["a", 7, "c"]
+    for story, result in zip(stories, results):
+        assert set(result) == {"id", "topics", "labels", "entities"}
+        assert set(result["labels"]) <= set(result["topics"])
+        for entity in result["entities"]:
+            assert set(entity) == {"start", "end", "type", "text", "score"}
+            assert story["text"][entity["start"] : entity["end"]] == entity["text"]
+
+
+@pytest.mark.parametrize(
+    ("bad_line", "reason"),
+    [
+        ("{not json", "line 2: not valid JSON"),
+        ('{"id": "x"}', "line 2: field 'text' must be a string"),
+        ('{"text": "没有编号"}', "line 2: field 'id' is missing"),
+        ('["a", "b"]', "line 2: expected a JSON object"),
+        ('{"id": true, "text": "x"}', "line 2: field 'id' must be a string or an integer"),
+    ],
+)
+def test_bad_line_exits_2_with_its_line_number_after_writing_earlier_lines(
+        tiny_model_dir, tmp_path, capsys, bad_line, reason):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}', bad_line, '{"id": "z", "text": "后"}'])
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 2
+    error = capsys.readouterr().err.strip()
+    assert reason in error and len(error.splitlines()) == 1
+    assert [r["id"] for r in read_results(target)] == ["ok"]
+
+
+def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}', '{"id": "bad"}', '{"id": "z", "text": "后"}'])
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
+                 "--on-error", "record"]) == 0
+    results = read_results(target)
+    assert [r["id"] for r in results] == ["ok", "bad", "z"]
+    assert "field 'text'" in results[1]["error"]
+
+
+def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
+    monkeypatch.setattr("sys.stdin", io.StringIO('{"id": 1, "text": "市民政局"}\n'))
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-"]) == 0
+    (line,) = capsys.readouterr().out.splitlines()
+    assert json.loads(line)["id"] == 1
+
+
+def test_missing_input_or_model_exits_2(tiny_model_dir, tmp_path, capsys):
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(tmp_path / "nope.jsonl"), "-o", "-"]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
+    assert main(["tag", "--model", str(tmp_path), "-i", "-", "-o", "-"]) == 2
+    assert "not a newstagger model folder" in capsys.readouterr().err

@@ -1,0 +1,123 @@
+"""Windowing, span decoding and offsets: what every caller of the tagger relies on."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from newstagger import Tagger
+from newstagger.decoding import bio_transitions, constrained_viterbi, lenient_spans, tags_to_spans
+from newstagger.schema import LabelSchema
+from newstagger.windowing import Window, encode_texts, plan_windows, token_budget_batches
+
+from conftest import tiny_tokenizer
+
+MIXED_TEXTS = [
+    "",
+    "   \n\t ",
+    "😀🎉🚇",
+    "\x00\x07控制字符\x1b[0m",
+    "北京市海淀区人民政府今天发布通知。",
+    "全角ＡＢＣ１２３，半角abc123；　空格\u3000和换行\n第二行🙂结束",
+    "[UNK] [CLS] 字面上的特殊记号 [SEP]",
+    ("滨江市地铁5号线今日开通🚇，市长王建国出席仪式。\n" * 40) + "全文完。",
+]
+
+
+@pytest.fixture(scope="module")
+def tagger(tiny_model_dir) -> Tagger:
+    return Tagger.load(tiny_model_dir)
+
+
+def test_windows_cover_every_token_once_with_overlap():
+    windows = plan_windows(0, n_tokens=100, max_length=32, stride=8)
+    owned = np.concatenate([np.arange(w.own_start, w.own_end) for w in windows])
+    assert owned.tolist() == list(range(100))
+    assert all(w.length <= 32 for w in windows)
+    assert all(w.start <= w.own_start and w.own_end <= w.end for w in windows)
+    assert windows[-1].end == 100
+    for left, right in zip(windows, windows[1:]):
+        assert left.end - right.start >= 8  # consecutive windows overlap by at least the stride
+
+
+def test_short_and_empty_texts_get_one_window():
+    assert plan_windows(3, 0, 32, 8) == [Window(3, 0, 0, 0, 0)]
+    assert plan_windows(0, 30, 32, 8) == [Window(0, 0, 30, 0, 30)]
+
+
+def test_budget_batches_bucket_by_length_and_keep_every_window():
+    windows = [Window(i, 0, n, 0, n) for i, n in enumerate([5, 300, 7, 120, 6, 250])]
+    batches = token_budget_batches(windows, max_tokens=512)
+    assert sorted(i for batch in batches for i in batch) == list(range(6))
+    for batch in batches:
+        assert max(windows[i].length for i in batch) * len(batch) <= 512
+
+
+def test_viterbi_never_emits_invalid_bio():
+    rng = np.random.default_rng(0)
+    num_types = 3
+    transitions, start = bio_transitions(num_types)
+    log_probs = [np.log(rng.dirichlet(np.ones(7), size=n)).astype(np.float32) for n in (1, 5, 40, 0, 17)]
+    for path in constrained_viterbi(log_probs):
+        if len(path):
+            assert np.isfinite(start[path[0]])
+        for previous, current in zip(path, path[1:]):
+            assert np.isfinite(transitions[previous, current]), (previous, current)
+
+
+def test_viterbi_repairs_an_orphan_inside_tag():
+    # argmax would read O I-x I-x: two fragments of nothing; the valid best is O B-x I-x
+    probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.4, 0.5], [0.1, 0.1, 0.8]])
+    (path,) = constrained_viterbi([np.log(probs)])
+    assert path.tolist() == [0, 1, 2]
+    assert lenient_spans(probs.argmax(1)) == [(1, 3, 0)]
+
+
+def test_spans_map_tokens_back_to_characters():
+    schema = LabelSchema(entity_types=["address", "name"])
+    text = "住在 北京 的王五"
+    offsets = np.array([[0, 1], [1, 2], [3, 4], [4, 5], [6, 7], [7, 8], [8, 9]])
+    tags = np.array([0, 0, 1, 2, 0, 3, 4])
+    spans = tags_to_spans(tags, np.ones(7), offsets, text, schema)
+    assert [(s["text"], s["type"]) for s in spans] == [("北京", "address"), ("王五", "name")]
+    assert all(text[s["start"] : s["end"]] == s["text"] for s in spans)
+
+
+def test_tokenizer_offsets_index_the_original_string():
+    tokenizer = tiny_tokenizer()
+    for text, encoded in zip(MIXED_TEXTS, encode_texts(tokenizer, MIXED_TEXTS)):
+        for start, end in encoded.offsets:
+            assert 0 <= start < end <= len(text)
+
+
+def test_tag_offsets_are_exact_on_long_mixed_and_emoji_text(tagger):
+    results = tagger.tag(MIXED_TEXTS)
+    assert len(results) == len(MIXED_TEXTS)
+    for text, result in zip(MIXED_TEXTS, results):
+        assert set(result["topics"]) == set(tagger.schema.topics)
+        assert all(0.0 <= score <= 1.0 for score in result["topics"].values())
+        previous_end = 0
+        for entity in result["entities"]:
+            assert entity["text"] == text[entity["start"] : entity["end"]]
+            assert entity["start"] >= previous_end  # sorted, no duplicates or overlaps from windows
+            previous_end = entity["end"]
+    assert results[0]["entities"] == [] and results[1]["entities"] == []
+
+
+def test_batch_neighbours_do_not_change_a_document_result(tagger):
+    """Bucketing and padding with other documents leave a long text's spans and scores as they were."""
+    long_text = MIXED_TEXTS[-1]
+    alone = tagger.tag([long_text])[0]
+    batched = tagger.tag(["短句。", long_text, "另一个短句"])[1]
+    spans = lambda result: [(e["start"], e["end"], e["type"]) for e in result["entities"]]
+    assert spans(alone) == spans(batched)
+    for topic, score in alone["topics"].items():
+        assert batched["topics"][topic] == pytest.approx(score, abs=1e-3)
+
+
+def test_thresholds_and_type_filter(tagger):
+    text = MIXED_TEXTS[-1]
+    everything = tagger.tag([text], thresholds={t: 0.0 for t in tagger.schema.topics})[0]
+    assert everything["labels"] == tagger.schema.topics
+    nothing = tagger.tag([text], thresholds={t: 1.01 for t in tagger.schema.topics}, entity_types=[])[0]
+    assert nothing["labels"] == [] and nothing["entities"] == []

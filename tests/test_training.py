@@ -1,0 +1,124 @@
+"""Train -> save -> load -> tag on a tiny model, resume, and the metrics on hand-checked examples."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+from transformers import BertModel
+
+from newstagger import Document, Span, Tagger
+from newstagger.cli import main
+from training.evaluate import entity_metrics, evaluate_tagger, topic_metrics, tune_thresholds
+from training.train import TrainConfig, token_tags, train
+
+from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_base(tmp_path_factory) -> Path:
+    """A tiny pretrained-style BERT folder, standing in for bert-base-chinese."""
+    folder = tmp_path_factory.mktemp("tiny-base")
+    tokenizer = tiny_tokenizer()
+    BertModel(tiny_config(len(tokenizer)), add_pooling_layer=False).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return folder
+
+
+def tiny_train_config(tiny_base: Path, output: Path, **overrides) -> TrainConfig:
+    settings = dict(train=[f"{SAMPLE}:internal"], base_model=str(tiny_base), output=str(output), max_length=32,
+                    stride=8, inference_max_length=32, inference_stride=8, epochs=1, batch_tokens=512,
+                    validation_fraction=0.25, version="9.9.9")
+    return TrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_base, tmp_path_factory) -> tuple[Path, dict]:
+    return train(tiny_train_config(tiny_base, tmp_path_factory.mktemp("run") / "model"))
+
+
+def test_round_trip_train_save_load_tag(trained):
+    folder, metrics = trained
+    assert {"config.json", "model.safetensors", "tokenizer.json", "newstagger.json", "metrics.json",
+            "README.md"} <= {p.name for p in folder.iterdir()}
+    assert not list(folder.glob("*.bin")), "weights must be safetensors only"
+    assert "entities" in metrics and "topics" in metrics
+    saved = json.loads((folder / "metrics.json").read_text())
+    assert saved["validation"]["topics"]["micro"] == metrics["topics"]["micro"]
+
+    tagger = Tagger.load(folder)
+    assert tagger.meta.version == "9.9.9"
+    assert sorted(tagger.schema.topics) == sorted(tiny_schema().topics)
+    assert set(tagger.meta.thresholds) == set(tagger.schema.topics)
+    text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。" * 10
+    (result,) = tagger.tag([text])
+    assert set(result) == {"topics", "labels", "entities"}
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
+    card = (folder / "README.md").read_text()
+    assert "Metrics" in card and "9.9.9" in card
+
+
+def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=1))
+    train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
+    history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_train_command_rejects_a_config_with_unknown_settings(tmp_path, capsys):
+    config = tmp_path / "bad.json"
+    config.write_text(json.dumps({"train": ["x.jsonl"], "learning_rat": 0.1}))
+    assert main(["train", "--config", str(config)]) == 2
+    assert "learning_rat" in capsys.readouterr().err
+
+
+def test_token_tags_label_first_token_begin_rest_inside():
+    tokenizer = tiny_tokenizer()
+    schema = tiny_schema()
+    doc = Document("d", "王五住在北京", entities=[Span(0, 2, "name"), Span(4, 6, "address")])
+    from newstagger.windowing import encode_texts
+
+    (encoded,) = encode_texts(tokenizer, [doc.text])
+    tags = token_tags(doc, encoded, schema)
+    names = [schema.tags[t] for t in tags]
+    assert names == ["B-name", "I-name", "O", "O", "B-address", "I-address"]
+    assert (token_tags(Document("d", "王五", entities=None), encode_texts(tokenizer, ["王五"])[0], schema) == -100).all()
+
+
+def test_entity_metrics_on_a_hand_checked_example():
+    gold = [[(0, 2, "name"), (3, 5, "address")], [(1, 4, "company")]]
+    predicted = [[(0, 2, "name"), (3, 4, "address")], [(1, 4, "company"), (5, 6, "name")]]
+    metrics = entity_metrics(gold, predicted, lengths=[6, 7])
+    # 2 of 4 predictions right (name, company); 2 of 3 gold found; the address is off by one: strict
+    assert metrics["micro"] == {"precision": 0.5, "recall": 0.6667, "f1": 0.5714, "support": 3}
+    assert metrics["per_label"]["company"]["f1"] == 1.0
+    assert metrics["per_label"]["address"]["f1"] == 0.0
+    assert metrics["per_label"]["name"] == {"precision": 0.5, "recall": 1.0, "f1": 0.6667, "support": 1}
+    assert metrics["macro"]["f1"] == pytest.approx((1.0 + 0.0 + 0.6667) / 3, abs=1e-4)
+
+
+def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
+    gold = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
+    predicted = np.array([[1, 0], [0, 1], [0, 1], [1, 0]])
+    metrics = topic_metrics(gold, predicted, ["economy", "ecology"])
+    assert metrics["per_label"]["economy"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
+    assert metrics["per_label"]["ecology"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+    assert metrics["micro"]["f1"] == 0.75
+    assert metrics["macro"]["f1"] == 0.75
+
+    probs = np.array([[0.9, 0.1], [0.35, 0.8], [0.2, 0.7], [0.3, 0.2]])
+    thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])
+    assert 0.3 < thresholds["economy"] <= 0.35
+    assert 0.2 < thresholds["ecology"] <= 0.7
+
+
+def test_evaluate_counts_each_task_only_on_documents_labelled_for_it(tiny_model_dir):
+    tagger = Tagger.load(tiny_model_dir)
+    docs = [Document("a", "王五住在北京", entities=[Span(0, 2, "name")]),
+            Document("b", "城市管理条例", topics=["city_management"])]
+    metrics = evaluate_tagger(tagger, docs, show_progress=False)
+    assert metrics["entities"]["documents"] == 1
+    assert metrics["topics"]["documents"] == 1
