@@ -122,3 +122,12 @@ def test_evaluate_counts_each_task_only_on_documents_labelled_for_it(tiny_model_
     metrics = evaluate_tagger(tagger, docs, show_progress=False)
     assert metrics["entities"]["documents"] == 1
     assert metrics["topics"]["documents"] == 1
+
+
+def test_coarse_labelled_data_is_scored_in_the_coarse_view(tiny_model_dir):
+    tagger = Tagger.load(tiny_model_dir)
+    docs = [Document("m", "王五住在北京", entities=[Span(0, 2, "PER"), Span(4, 6, "LOC")])]
+    metrics = evaluate_tagger(tagger, docs, show_progress=False)
+    assert "entities" not in metrics
+    assert set(metrics["entities_coarse"]["per_label"]) <= {"PER", "LOC", "ORG"}
+    assert metrics["entities_coarse"]["micro"]["support"] == 2

@@ -131,12 +131,15 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
     progress.close()
 
     metrics: dict = {"decoding": decoding}
-    if gold_spans:
+    gold_types = {t for spans in gold_spans for _, _, t in spans}
+    coarse_gold = bool(gold_types) and gold_types <= set(schema.coarse.values()) - set(schema.entity_types)
+    if gold_spans and not coarse_gold:
         metrics["entities"] = entity_metrics(gold_spans, predicted_spans, lengths)
-        if schema.coarse:
-            metrics["entities_coarse"] = entity_metrics(
-                [coarse_spans(s, schema) for s in gold_spans],
-                [coarse_spans(s, schema) for s in predicted_spans], lengths)
+    if gold_spans and schema.coarse:
+        # Data labelled only with the coarse types (MSRA-style PER/LOC/ORG) is scored in that view alone.
+        metrics["entities_coarse"] = entity_metrics(
+            gold_spans if coarse_gold else [coarse_spans(s, schema) for s in gold_spans],
+            [coarse_spans(s, schema) for s in predicted_spans], lengths)
     if topic_gold:
         gold = np.stack(topic_gold)
         probs = np.stack(topic_probs)
