@@ -18,6 +18,7 @@ COMMAND_MODULES = (
     "newstagger.tag_command",
     "training.train",
     "training.evaluate",
+    "serving.command",
 )
 
 

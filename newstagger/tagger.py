@@ -78,17 +78,27 @@ class Tagger:
             return []
         topic_probs, tag_log_probs, encoded = self.score(texts)
         paths = constrained_viterbi(tag_log_probs)
-        wanted = set(entity_types) if entity_types is not None else None
+        if entity_types is not None:
+            entity_types = set(entity_types)  # read once: it may be a one-shot iterator
         results = []
         for d, text in enumerate(texts):
             tag_probs = np.exp(tag_log_probs[d][np.arange(len(paths[d])), paths[d]])
             entities = tags_to_spans(paths[d], tag_probs, encoded[d].offsets, text, self.schema)
-            if wanted is not None:
-                entities = [e for e in entities if e["type"] in wanted]
             scores = {topic: round(float(p), 4) for topic, p in zip(self.schema.topics, topic_probs[d])}
-            labels = [t for t, p in scores.items() if p >= self._threshold(t, thresholds)]
-            results.append({"topics": scores, "labels": labels, "entities": entities})
+            results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types))
         return results
+
+    def with_options(self, result: dict, thresholds: dict[str, float] | None = None,
+                     entity_types: Iterable[str] | None = None) -> dict:
+        """A `tag` result relabelled under these thresholds and cut to these entity types.
+
+        Lets one forward pass serve callers that asked for different options (the server's
+        micro-batcher); applied to an unfiltered result it gives exactly what `tag` would have.
+        """
+        wanted = set(entity_types) if entity_types is not None else None
+        entities = [e for e in result["entities"] if wanted is None or e["type"] in wanted]
+        labels = [t for t, p in result["topics"].items() if p >= self._threshold(t, thresholds)]
+        return {"topics": result["topics"], "labels": labels, "entities": entities}
 
     def _threshold(self, topic: str, overrides: dict[str, float] | None) -> float:
         if overrides and topic in overrides:

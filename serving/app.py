@@ -1,0 +1,354 @@
+"""The HTTP service: `create_app(settings)` builds it; `newstagger serve` runs it under uvicorn.
+
+The model loads in the background once the app starts (lifespan), so /healthz answers at once
+and /readyz says 503 until the model is in. Routers are grouped by audience; a new one (say
+/v1/feedback) is its own module with an APIRouter, included by one line in `create_app`, and
+reaches the model through the `get_service` dependency.
+
+Every error is a JSON ErrorBody naming what was wrong and where; bad input never gets a 5xx.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import torch
+from fastapi import APIRouter, Depends, FastAPI, Request, Response
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from starlette.exceptions import HTTPException
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from newstagger import __version__
+from newstagger.model import ModelMeta
+from newstagger.tagger import Tagger, default_model_dir
+
+from .batching import MicroBatcher, Overloaded, ShuttingDown
+from .observability import ObservedRequests, ServingMetrics, configure_logging
+from .schemas import (
+    ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest, ReloadResponse, Status,
+    TagRequest, TagResponse,
+)
+from .settings import ServeSettings
+
+logger = logging.getLogger(__name__)
+
+RETRY_AFTER_S = 1
+
+
+class ApiError(Exception):
+    """An answer other than 200, with where the problem is (loc) and why (msg)."""
+
+    def __init__(self, status: int, msg: str, loc: tuple = (), kind: str = "error", headers: dict | None = None):
+        super().__init__(msg)
+        self.status, self.msg, self.loc, self.kind, self.headers = status, msg, loc, kind, headers
+
+
+class TaggingService:
+    """The model being served (through its batcher), the settings, and the metrics."""
+
+    def __init__(self, settings: ServeSettings):
+        self.settings = settings
+        self.metrics = ServingMetrics()
+        self.batcher: MicroBatcher | None = None  # exists once the first model has loaded
+        self.load_error: str | None = None
+        self._reload_lock = asyncio.Lock()
+
+    @asynccontextmanager
+    async def lifespan(self, app: FastAPI):
+        loading = asyncio.create_task(self._load_first_model())
+        yield
+        loading.cancel()
+        if self.batcher is not None:
+            await asyncio.to_thread(self.batcher.stop)
+
+    async def _load_first_model(self) -> None:
+        try:
+            tagger = await asyncio.to_thread(self._load_tagger, self.settings.model)
+        except Exception as err:
+            self.load_error = f"the model failed to load: {err}"
+            logger.exception("could not load the model from %s", self.settings.model or "the default folder")
+            return
+        batcher = MicroBatcher(tagger, self.metrics, max_wait_s=self.settings.batch_wait_ms / 1000,
+                               max_chars=self.settings.batch_max_chars, queue_max=self.settings.queue_max)
+        batcher.start()
+        self.metrics.serving_model(tagger.meta)
+        self.batcher = batcher
+        logger.info("serving model %s %s", tagger.meta.name, tagger.meta.version)
+
+    def _load_tagger(self, folder: str | Path | None) -> Tagger:
+        tagger = Tagger.load(folder)
+        if self.settings.torch_threads:  # after loading, which may set a thread count of its own
+            torch.set_num_threads(self.settings.torch_threads)
+        return tagger
+
+    def ready_batcher(self) -> MicroBatcher:
+        if self.batcher is None:
+            raise ApiError(503, self.load_error or "the model is still loading", kind="not_ready",
+                           headers={"Retry-After": str(RETRY_AFTER_S)})
+        return self.batcher
+
+    async def reload(self, folder: str | Path | None) -> tuple[ModelMeta, ModelMeta]:
+        """Load `folder` beside the serving model, then swap; on failure the old one keeps serving."""
+        batcher = self.ready_batcher()
+        folder = folder or self.settings.model or default_model_dir()
+        async with self._reload_lock:
+            serving = batcher.tagger.meta
+            try:
+                tagger = await asyncio.to_thread(self._load_tagger, folder)
+            except Exception as err:
+                logger.warning("reload from %s failed: %s", folder, err)
+                raise ApiError(422, f"could not load a model from {folder}: {err}; still serving "
+                                    f"{serving.name} {serving.version}", ("body", "model"), "model_load_failed")
+            previous = batcher.swap(tagger)
+            self.metrics.serving_model(tagger.meta)
+            logger.info("reloaded: now serving %s %s (was %s)", tagger.meta.name, tagger.meta.version,
+                        previous.meta.version)
+            return previous.meta, tagger.meta
+
+
+def get_service(request: Request) -> TaggingService:
+    return request.app.state.service
+
+
+def _errors(*statuses: int) -> dict:
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+def _model_ref(meta: ModelMeta) -> ModelRef:
+    return ModelRef(name=meta.name, version=meta.version)
+
+
+operations = APIRouter(tags=["operations"])
+tagging = APIRouter(prefix="/v1", tags=["tagging"])
+admin = APIRouter(prefix="/v1/admin", tags=["admin"])
+
+
+@operations.get("/healthz", response_model=Status, summary="The process is alive")
+async def healthz() -> Status:
+    return Status(status="ok")
+
+
+@operations.get("/readyz", response_model=Readiness, responses=_errors(503), summary="The model is loaded")
+async def readyz(service: TaggingService = Depends(get_service)) -> Readiness:
+    return Readiness(status="ready", model=_model_ref(service.ready_batcher().tagger.meta))
+
+
+@operations.get("/metrics", summary="Prometheus metrics", response_class=Response,
+                responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+async def metrics(service: TaggingService = Depends(get_service)) -> Response:
+    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+
+
+@tagging.post("/tag", response_model=TagResponse, responses=_errors(413, 422, 429, 500, 503),
+              summary="Tag stories with topics and entities")
+async def tag(body: TagRequest, request: Request, response: Response,
+              service: TaggingService = Depends(get_service)) -> dict:
+    _check_sizes(body, service.settings)
+    batcher = service.ready_batcher()
+    _check_options(body, batcher.tagger.meta)
+    try:
+        future = batcher.submit([doc.text for doc in body.documents], body.thresholds, body.entity_types)
+    except Overloaded as err:
+        raise ApiError(429, f"the server is busy: {err}", kind="overloaded",
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+    except ShuttingDown as err:
+        raise ApiError(503, str(err), kind="shutting_down") from None
+    try:
+        outcome = await asyncio.wrap_future(future)
+    except ShuttingDown as err:
+        raise ApiError(503, str(err), kind="shutting_down") from None
+    except Exception:
+        # Logged by the batcher with its traceback; this request fails, the server keeps serving.
+        raise ApiError(500, "the model failed on this request", kind="model_error") from None
+    response.headers["Server-Timing"] = (f"queue;dur={outcome.queued_s * 1000:.1f}, "
+                                         f"model;dur={outcome.batch_s * 1000:.1f}")
+    request.state.access_log = {"documents": len(body.documents), "model_version": outcome.model.version}
+    # Plain dicts: the response model still validates them, and they keep `tag`'s exact output shape.
+    return {"model": _model_ref(outcome.model),
+            "results": [{"id": doc.id, **result} for doc, result in zip(body.documents, outcome.results)]}
+
+
+def _check_sizes(body: TagRequest, settings: ServeSettings) -> None:
+    if len(body.documents) > settings.max_documents:
+        raise ApiError(413, f"{len(body.documents)} documents; at most {settings.max_documents} per request",
+                       ("body", "documents"), "too_many_documents")
+    for i, doc in enumerate(body.documents):
+        if len(doc.text) > settings.max_text_chars:
+            raise ApiError(413, f"text is {len(doc.text)} characters; at most {settings.max_text_chars}",
+                           ("body", "documents", i, "text"), "text_too_long")
+
+
+def _check_options(body: TagRequest, meta: ModelMeta) -> None:
+    """Options must name labels the serving model knows: a typo would otherwise change nothing."""
+    errors = [{"loc": ("body", "thresholds", topic), "msg": f"unknown topic; the model knows {meta.schema.topics}",
+               "type": "unknown_topic"}
+              for topic in body.thresholds or {} if topic not in meta.schema.topics]
+    errors += [{"loc": ("body", "entity_types", i),
+                "msg": f"unknown entity type; the model knows {meta.schema.entity_types}", "type": "unknown_entity_type"}
+               for i, entity_type in enumerate(body.entity_types or []) if entity_type not in meta.schema.entity_types]
+    if errors:
+        raise RequestValidationError(errors)
+
+
+@tagging.get("/info", response_model=Info, responses=_errors(503), summary="The model and the limits")
+async def info(service: TaggingService = Depends(get_service)) -> Info:
+    meta = service.ready_batcher().tagger.meta
+    settings = service.settings
+    return Info(
+        model=ModelInfo(name=meta.name, version=meta.version, base_model=meta.base_model, created=meta.created,
+                        max_length=meta.max_length, stride=meta.stride),
+        labels=Labels(topics=meta.schema.topics, entity_types=meta.schema.entity_types, coarse=meta.schema.coarse),
+        thresholds={topic: meta.threshold(topic) for topic in meta.schema.topics},
+        limits=Limits(max_documents=settings.max_documents, max_text_chars=settings.max_text_chars,
+                      max_body_bytes=settings.max_body_bytes, queue_max=settings.queue_max,
+                      batch_wait_ms=settings.batch_wait_ms, batch_max_chars=settings.batch_max_chars),
+    )
+
+
+bearer = HTTPBearer(auto_error=False, description="The server's NEWSTAGGER_ADMIN_TOKEN")
+
+
+def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bearer),
+                  service: TaggingService = Depends(get_service)) -> None:
+    token = service.settings.admin_token
+    if token is None:
+        raise ApiError(403, "admin endpoints are disabled: the server has no NEWSTAGGER_ADMIN_TOKEN",
+                       ("header", "Authorization"), "admin_disabled")
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
+                                                      token.get_secret_value().encode()):
+        raise ApiError(401, "a valid 'Authorization: Bearer <admin token>' header is required",
+                       ("header", "Authorization"), "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+
+
+@admin.post("/reload", response_model=ReloadResponse, responses=_errors(401, 403, 422, 503),
+            dependencies=[Depends(require_admin)], summary="Swap in a model folder without downtime")
+async def reload(body: ReloadRequest | None = None, service: TaggingService = Depends(get_service)) -> ReloadResponse:
+    previous, current = await service.reload(body.model if body else None)
+    return ReloadResponse(model=_model_ref(current), previous=_model_ref(previous))
+
+
+class AsciiJSONResponse(JSONResponse):
+    """Error bodies can quote client input (a dict key in `loc`), which may hold lone surrogates:
+    escaping everything keeps such a body encodable."""
+
+    def render(self, content) -> bytes:
+        return json.dumps(content, ensure_ascii=True, separators=(",", ":")).encode("ascii")
+
+
+def error_response(status: int, errors: list[dict], headers: dict | None = None,
+                   detail: str | None = None) -> JSONResponse:
+    if detail is None:
+        first = errors[0]
+        where = ".".join(str(part) for part in first["loc"])
+        detail = f"{where}: {first['msg']}" if where else first["msg"]
+        detail += f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+    body = ErrorBody(detail=detail, errors=errors)
+    return AsciiJSONResponse(body.model_dump(), status_code=status, headers=headers)
+
+
+def _install_error_handlers(app: FastAPI) -> None:
+    @app.exception_handler(ApiError)
+    async def api_error(request: Request, err: ApiError) -> JSONResponse:
+        return error_response(err.status, [{"loc": list(err.loc), "msg": err.msg, "type": err.kind}], err.headers)
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        return error_response(422, [_validation_item(e) for e in err.errors()])
+
+    @app.exception_handler(HTTPException)
+    async def http_error(request: Request, err: HTTPException) -> JSONResponse:
+        if err.status_code == 400 and err.__cause__ is not None:
+            # FastAPI's "error parsing the body" (bytes that are not UTF-8, nesting too deep):
+            # malformed JSON like any other, so the same 422.
+            return error_response(422, [{"loc": ["body"], "msg": f"not valid JSON: {err.__cause__}",
+                                         "type": "json_invalid"}])
+        return error_response(err.status_code, [], err.headers, detail=str(err.detail))
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, err: Exception) -> JSONResponse:
+        logger.exception("unexpected error on %s %s", request.method, request.url.path)
+        return error_response(500, [], detail="internal error; the server keeps serving")
+
+
+def _validation_item(error: dict) -> dict:
+    if error["type"] == "json_invalid":  # FastAPI puts the character offset where a field name would be
+        return {"loc": ["body"], "msg": f"not valid JSON: {error['ctx']['error']} at character {error['loc'][-1]}",
+                "type": "json_invalid"}
+    return {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+
+
+class BodySizeLimit:
+    """413 for a body over the limit, before anything parses it.
+
+    The body is read up front (it is bounded by the limit) and replayed to the app, so the limit
+    holds whether or not the client sent Content-Length and however it chunked the body.
+    """
+
+    def __init__(self, app: ASGIApp, max_bytes: int):
+        self.app = app
+        self.max_bytes = max_bytes
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        if declared.isdigit() and int(declared) > self.max_bytes:
+            return await self._refuse(scope, receive, send)
+        chunks, size = [], 0
+        while True:
+            message = await receive()
+            if message["type"] == "http.disconnect":
+                return
+            chunks.append(message.get("body", b""))
+            size += len(chunks[-1])
+            if size > self.max_bytes:
+                return await self._refuse(scope, receive, send)
+            if not message.get("more_body", False):
+                break
+        body = b"".join(chunks)
+        replayed = False
+
+        async def replay() -> Message:
+            nonlocal replayed
+            if replayed:
+                return await receive()
+            replayed = True
+            return {"type": "http.request", "body": body, "more_body": False}
+
+        await self.app(scope, replay, send)
+
+    async def _refuse(self, scope: Scope, receive: Receive, send: Send) -> None:
+        response = error_response(413, [{"loc": ["body"], "msg": f"the request body is larger than "
+                                         f"{self.max_bytes} bytes", "type": "body_too_large"}])
+        await response(scope, receive, send)
+
+
+def create_app(settings: ServeSettings | None = None) -> FastAPI:
+    settings = settings or ServeSettings()
+    service = TaggingService(settings)
+    app = FastAPI(title="newstagger", version=__version__, lifespan=service.lifespan,
+                  description="Topics and named entities for Chinese local-news stories.")
+    app.state.service = service
+    app.include_router(operations)
+    app.include_router(tagging)
+    app.include_router(admin)
+    _install_error_handlers(app)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(ObservedRequests, metrics=service.metrics)  # added last: outermost, sees every answer
+    return app
+
+
+def app_from_environment() -> FastAPI:
+    """uvicorn's app factory for `newstagger serve`: settings from NEWSTAGGER_*, logging set up
+    in each worker process."""
+    settings = ServeSettings()
+    configure_logging(settings.log_format)
+    return create_app(settings)

@@ -1,0 +1,173 @@
+"""Dynamic micro-batching: concurrent requests share forward passes.
+
+Requests wait in a bounded queue (a full queue is the overload signal, answered with 429). One
+worker thread takes the oldest request, keeps gathering others for up to `max_wait_s` or until
+the character budget is spent, and runs the model once over every document gathered. Inside
+that call the tagger sorts windows by length and packs them under its token budget, so short
+and long stories do not pad each other. Each request then gets its own slice of the results,
+relabelled under its own thresholds and entity types.
+
+The model is read once per batch, so a reload swaps it between batches and a running batch
+finishes on the model it started with. Inference runs on the worker thread, never on the
+event loop.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+from newstagger.model import ModelMeta
+from newstagger.tagger import Tagger
+
+from .observability import ServingMetrics
+
+logger = logging.getLogger(__name__)
+
+
+class Overloaded(Exception):
+    """The queue is full; the request was not accepted."""
+
+
+class ShuttingDown(Exception):
+    """The batcher stopped before it could run the request."""
+
+
+@dataclass
+class Job:
+    texts: list[str]
+    thresholds: dict[str, float] | None = None
+    entity_types: list[str] | None = None
+    future: Future = field(default_factory=Future)
+    enqueued_at: float = field(default_factory=time.perf_counter)
+
+    @property
+    def chars(self) -> int:
+        return sum(len(text) for text in self.texts)
+
+
+@dataclass(frozen=True)
+class Outcome:
+    results: list[dict]  # one `tag` result per text, in order
+    model: ModelMeta  # the model that produced them
+    queued_s: float  # from submit until its batch started
+    batch_s: float  # model time of the whole batch it ran in
+
+
+_STOP = object()
+
+
+class MicroBatcher:
+    def __init__(self, tagger: Tagger, metrics: ServingMetrics, *, max_wait_s: float, max_chars: int,
+                 queue_max: int):
+        self.tagger = tagger  # replaced whole by swap(); read once per batch
+        self.metrics = metrics
+        self.max_wait_s = max_wait_s
+        self.max_chars = max_chars
+        self._queue: queue.Queue = queue.Queue(maxsize=queue_max)
+        self._carried: Job | object | None = None  # taken from the queue but left for the next batch
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="newstagger-batcher", daemon=True)
+        metrics.queue_depth.set_function(self._queue.qsize)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        """Finish every request already queued, then end the worker thread."""
+        self._stopping = True
+        self._queue.put(_STOP)
+        self._thread.join()
+
+    def submit(self, texts: list[str], thresholds: dict[str, float] | None = None,
+               entity_types: list[str] | None = None) -> Future:
+        """A future of the request's Outcome; raises Overloaded when the queue is full."""
+        if self._stopping:
+            raise ShuttingDown("the server is shutting down")
+        job = Job(texts, thresholds, entity_types)
+        try:
+            self._queue.put_nowait(job)
+        except queue.Full:
+            raise Overloaded(f"{self._queue.maxsize} requests are already waiting for the model") from None
+        return job.future
+
+    def swap(self, tagger: Tagger) -> Tagger:
+        """Serve `tagger` from the next batch on; returns the one it replaces."""
+        previous, self.tagger = self.tagger, tagger
+        return previous
+
+    def _run(self) -> None:
+        while (batch := self._gather()) is not None:
+            # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
+            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            if batch:
+                self._serve(self.tagger, batch)
+        self._fail_leftovers()
+
+    def _gather(self) -> list[Job] | None:
+        first = self._carried if self._carried is not None else self._queue.get()
+        self._carried = None
+        if first is _STOP:
+            return None
+        batch, chars = [first], first.chars
+        deadline = time.perf_counter() + self.max_wait_s
+        while chars < self.max_chars:
+            try:
+                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+            except queue.Empty:
+                break
+            if job is _STOP or chars + job.chars > self.max_chars:
+                self._carried = job
+                break
+            batch.append(job)
+            chars += job.chars
+        return batch
+
+    def _serve(self, tagger: Tagger, batch: list[Job]) -> None:
+        started = time.perf_counter()
+        try:
+            results = tagger.tag([text for job in batch for text in job.texts])
+        except Exception as err:
+            if len(batch) == 1:
+                logger.exception("the model failed on a request of %d documents", len(batch[0].texts))
+                self.metrics.model_failures.inc()
+                batch[0].future.set_exception(err)
+                return
+            logger.warning("a batch of %d requests failed (%r); running them one by one", len(batch), err)
+            results = None
+        if results is None:  # one bad request must not fail the others gathered with it
+            for job in batch:
+                self._serve(tagger, [job])
+            return
+        elapsed = time.perf_counter() - started
+        self._observe(batch, len(results), elapsed)
+        offset = 0
+        for job in batch:
+            mine = results[offset : offset + len(job.texts)]
+            offset += len(job.texts)
+            try:
+                finished = [tagger.with_options(r, job.thresholds, job.entity_types) for r in mine]
+            except Exception as err:
+                job.future.set_exception(err)
+                continue
+            job.future.set_result(Outcome(finished, tagger.meta, started - job.enqueued_at, elapsed))
+
+    def _observe(self, batch: list[Job], documents: int, seconds: float) -> None:
+        self.metrics.batch_requests.observe(len(batch))
+        self.metrics.batch_documents.observe(documents)
+        self.metrics.batch_seconds.observe(seconds)
+        self.metrics.documents.inc(documents)
+        self.metrics.characters.inc(sum(job.chars for job in batch))
+
+    def _fail_leftovers(self) -> None:
+        while True:
+            try:
+                job = self._queue.get_nowait()
+            except queue.Empty:
+                return
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
+                job.future.set_exception(ShuttingDown("the server shut down before running this request"))

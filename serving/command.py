@@ -1,0 +1,51 @@
+"""`newstagger serve`: the HTTP service under uvicorn.
+
+Flags override NEWSTAGGER_* environment variables (every setting in serving/settings.py has
+one). They are handed on as environment variables, so each uvicorn worker process builds the
+same settings.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from newstagger.cli import UsageError
+
+FLAGS = ("model", "host", "port", "workers")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("serve", help="serve the tagger over HTTP", description=__doc__)
+    parser.add_argument("--model", help="model folder (default: $NEWSTAGGER_MODEL, else the shipped model)")
+    parser.add_argument("--host", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
+    parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
+    parser.add_argument("--workers", type=int, help="server processes, each with its own model (default: 1)")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import uvicorn
+    from pydantic import ValidationError
+
+    from newstagger.model import META_FILE
+    from newstagger.tagger import default_model_dir
+
+    from .settings import ServeSettings
+
+    if args.model:
+        args.model = str(Path(args.model).resolve())  # workers may not share our idea of "."
+    for name in FLAGS:
+        if getattr(args, name) is not None:
+            os.environ[f"NEWSTAGGER_{name.upper()}"] = str(getattr(args, name))
+    try:
+        settings = ServeSettings()
+    except ValidationError as err:
+        problems = "; ".join(f"NEWSTAGGER_{'_'.join(map(str, e['loc'])).upper()}: {e['msg']}" for e in err.errors())
+        raise UsageError(problems) from None
+    model = settings.model or default_model_dir()
+    if not (model / META_FILE).is_file():
+        raise UsageError(f"{model} is not a model folder (no {META_FILE}); pass --model or set NEWSTAGGER_MODEL")
+    uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
+                workers=settings.workers, log_config=None, access_log=False)
+    return 0

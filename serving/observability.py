@@ -1,0 +1,142 @@
+"""Metrics, access logs and timing headers.
+
+Each app owns its own Prometheus registry, so several apps (tests, reloads of the module) never
+collide over metric names. Counters are per process: with several uvicorn workers, scrape
+each or run one worker per container.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import time
+import uuid
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from starlette.routing import Match
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
+
+from newstagger.model import ModelMeta
+
+access_logger = logging.getLogger("newstagger.access")
+
+SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
+
+
+class ServingMetrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.requests = Counter("newstagger_http_requests", "HTTP requests answered, by route and status",
+                                ["method", "route", "status"], registry=r)
+        self.latency = Histogram("newstagger_http_request_seconds", "Time from request to response start",
+                                 ["route"], buckets=LATENCY_BUCKETS, registry=r)
+        self.batch_documents = Histogram("newstagger_batch_documents", "Documents run through the model together",
+                                         buckets=SIZE_BUCKETS, registry=r)
+        self.batch_requests = Histogram("newstagger_batch_requests", "Requests gathered into one batch",
+                                        buckets=SIZE_BUCKETS, registry=r)
+        self.batch_seconds = Histogram("newstagger_batch_seconds", "Model time per batch",
+                                       buckets=LATENCY_BUCKETS, registry=r)
+        self.documents = Counter("newstagger_documents_tagged", "Documents tagged", registry=r)
+        self.characters = Counter("newstagger_characters_tagged", "Characters of text tagged", registry=r)
+        self.model_failures = Counter("newstagger_model_failures", "Requests the model failed on", registry=r)
+        self.queue_depth = Gauge("newstagger_queue_depth", "Requests waiting for the model", registry=r)
+        self.model_info = Gauge("newstagger_model_info", "The model being served (value is always 1)",
+                                ["name", "version"], registry=r)
+
+    def serving_model(self, meta: ModelMeta) -> None:
+        self.model_info.clear()
+        self.model_info.labels(meta.name, meta.version).set(1)
+
+
+class ObservedRequests:
+    """Counts and times every request, logs one structured line for it, and adds X-Request-ID
+    and a Server-Timing `app` entry to the response (a route may add its own entries first)."""
+
+    def __init__(self, app: ASGIApp, metrics: ServingMetrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        started = time.perf_counter()
+        request_id = _request_id(scope)
+        status = 500  # what the client gets if the app raises before answering
+
+        async def send_with_headers(message: Message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+                elapsed_ms = (time.perf_counter() - started) * 1000
+                headers = [(k, v) for k, v in message.get("headers", []) if k.lower() != b"server-timing"]
+                timings = [v.decode("latin-1") for k, v in message.get("headers", []) if k.lower() == b"server-timing"]
+                timings.append(f"app;dur={elapsed_ms:.1f}")
+                headers += [(b"server-timing", ", ".join(timings).encode("latin-1")),
+                            (b"x-request-id", request_id.encode("latin-1"))]
+                message = {**message, "headers": headers}
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_with_headers)
+        finally:
+            self._record(scope, status, time.perf_counter() - started, request_id)
+
+    def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
+        route = _route_label(scope)
+        self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+        self.metrics.latency.labels(route).observe(seconds)
+        fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "route": route,
+                  "status": status, "duration_ms": round(seconds * 1000, 1),
+                  "client": scope["client"][0] if scope.get("client") else None,
+                  **scope.get("state", {}).get("access_log", {})}
+        access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
+                           extra={"fields": fields})
+
+
+def _request_id(scope: Scope) -> str:
+    """The client's X-Request-ID when it is a sane token, so logs join up across services."""
+    for key, value in scope["headers"]:
+        if key == b"x-request-id" and 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
+            return value.decode()
+    return uuid.uuid4().hex
+
+
+def _route_label(scope: Scope) -> str:
+    """The route's path template (bounded label values, whatever paths clients invent)."""
+    route = scope.get("route")
+    if route is None:  # answered before routing, e.g. a body over the size limit
+        app = scope.get("app")
+        routes = getattr(app, "routes", [])
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
+    return getattr(route, "path", None) or "unmatched"
+
+
+class JsonLogFormatter(logging.Formatter):
+    def format(self, record: logging.LogRecord) -> str:
+        line = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
+                "message": record.getMessage(), **getattr(record, "fields", {})}
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line, default=str)
+
+
+class TextLogFormatter(logging.Formatter):
+    def __init__(self) -> None:
+        super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+    def format(self, record: logging.LogRecord) -> str:
+        fields = getattr(record, "fields", None)
+        extra = "".join(f" {k}={v}" for k, v in fields.items()) if fields else ""
+        return super().format(record) + extra
+
+
+def configure_logging(log_format: str) -> None:
+    """One handler on the root logger; uvicorn's loggers propagate into it (it is started with
+    log_config=None and access_log=False, ObservedRequests writes the access log)."""
+    handler = logging.StreamHandler()
+    handler.setFormatter(JsonLogFormatter() if log_format == "json" else TextLogFormatter())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(min(root.getEffectiveLevel(), logging.INFO))

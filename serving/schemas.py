@@ -1,0 +1,145 @@
+"""Request and response bodies of the HTTP API; FastAPI builds the OpenAPI schema (/docs) from them.
+
+Documents follow `newstagger tag`'s input rules (id: string or integer, text: string) and each
+result is exactly one line of its output.
+"""
+
+from __future__ import annotations
+
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from pydantic_core import PydanticCustomError
+
+
+def _utf8_encodable(value: str) -> str:
+    """JSON may carry lone surrogates (\\ud800) that neither the tokenizer nor a UTF-8 response can."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise PydanticCustomError("unpaired_surrogate", "has an unpaired surrogate at index {index}",
+                                  {"index": err.start}) from None
+    return value
+
+
+def _string_or_integer(value):
+    """One error at the id itself, rather than one per member of the union."""
+    if isinstance(value, bool) or not isinstance(value, (str, int)):
+        raise PydanticCustomError("id_type", "must be a string or an integer")
+    return _utf8_encodable(value) if isinstance(value, str) else value
+
+
+Text = Annotated[StrictStr, AfterValidator(_utf8_encodable)]
+DocumentId = Annotated[StrictStr | StrictInt, BeforeValidator(_string_or_integer)]
+Threshold = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
+
+
+class DocumentIn(BaseModel):
+    id: DocumentId = Field(description="Your identifier, echoed in the result (string or integer).")
+    text: Text = Field(description="The story. Any string is valid, the empty string included.")
+
+
+class TagRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",  # a misspelt option must not be silently ignored
+        json_schema_extra={"examples": [{"documents": [{"id": "a1", "text": "杭州市西湖区今天开展垃圾分类宣传活动。"}]}]},
+    )
+
+    documents: list[DocumentIn] = Field(
+        min_length=1, description="Stories to tag; see /v1/info for the most one request may carry."
+    )
+    thresholds: dict[Text, Threshold] | None = Field(
+        None, description="Per-topic label thresholds for this request, overriding the model's own."
+    )
+    entity_types: list[Text] | None = Field(
+        None, description="Entity types to return (default: all the model knows)."
+    )
+
+
+class Entity(BaseModel):
+    start: int = Field(description="Offset of the first character (Python str index).")
+    end: int = Field(description="Offset one past the last character.")
+    type: str
+    text: str
+    score: float
+
+
+class TagResult(BaseModel):
+    """One line of `newstagger tag` output."""
+
+    id: StrictStr | StrictInt
+    topics: dict[str, float] = Field(description="Probability of every topic the model knows.")
+    labels: list[str] = Field(description="Topics whose probability reaches their threshold.")
+    entities: list[Entity]
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+
+
+class TagResponse(BaseModel):
+    model: ModelRef = Field(description="The model that tagged these documents.")
+    results: list[TagResult] = Field(description="One result per document, in request order.")
+
+
+class ErrorItem(BaseModel):
+    loc: list[StrictStr | StrictInt] = Field(description="Where: e.g. ['body', 'documents', 3, 'text'].")
+    msg: str
+    type: str
+
+
+class ErrorBody(BaseModel):
+    detail: str = Field(description="What was wrong and where, in one line.")
+    errors: list[ErrorItem] = Field(default_factory=list, description="Each problem with its location.")
+
+
+class Status(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    model: ModelRef
+
+
+class Labels(BaseModel):
+    topics: list[str]
+    entity_types: list[str]
+    coarse: dict[str, str] = Field(description="Entity type -> coarse PER/LOC/ORG view.")
+
+
+class Limits(BaseModel):
+    max_documents: int
+    max_text_chars: int
+    max_body_bytes: int
+    queue_max: int
+    batch_wait_ms: float
+    batch_max_chars: int
+
+
+class ModelInfo(ModelRef):
+    base_model: str
+    created: str
+    max_length: int = Field(description="Encoder window, in tokens; longer texts are windowed.")
+    stride: int = Field(description="Overlap between windows, in tokens.")
+
+
+class Info(BaseModel):
+    model: ModelInfo
+    labels: Labels
+    thresholds: dict[str, float] = Field(description="The label threshold in force for every topic.")
+    limits: Limits
+
+
+class ReloadRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    model: Text | None = Field(
+        None, description="Model folder on the server; default: the folder the server was started with."
+    )
+
+
+class ReloadResponse(BaseModel):
+    model: ModelRef = Field(description="Now serving.")
+    previous: ModelRef = Field(description="Served until now; requests already running finish on it.")

@@ -1,0 +1,47 @@
+"""Server settings: defaults here, overridden by NEWSTAGGER_* environment variables, then by
+`newstagger serve` flags (which the command passes on as environment variables, so every
+uvicorn worker process reads the same settings)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class ServeSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="NEWSTAGGER_", extra="ignore")
+
+    model: Path | None = Field(
+        None, description="Model folder to serve; unset means the shipped model (models/default)."
+    )
+    host: str = Field("127.0.0.1", description="Interface to listen on; 0.0.0.0 for every interface.")
+    port: int = Field(8000, ge=0, le=65535, description="TCP port to listen on.")
+    workers: int = Field(
+        1, ge=1, description="Server processes; each loads its own copy of the model and batches on its own."
+    )
+    max_documents: int = Field(64, ge=1, description="Most documents one request may carry (more: 413).")
+    max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters (longer: 413).")
+    max_body_bytes: int = Field(
+        4_000_000, ge=1, description="Largest request body accepted, in bytes, checked before parsing (larger: 413)."
+    )
+    batch_wait_ms: float = Field(
+        5.0, ge=0, description="How long the batcher waits for more requests after the first one arrives."
+    )
+    batch_max_chars: int = Field(
+        16_384, ge=1,
+        description="Most characters gathered into one batch (about one token each in Chinese); a single "
+                    "request larger than this still runs, alone.",
+    )
+    queue_max: int = Field(
+        256, ge=1, description="Requests allowed to wait for the model; beyond this the server answers 429."
+    )
+    torch_threads: int | None = Field(
+        None, ge=1, description="Threads torch may use per worker process; unset keeps torch's default."
+    )
+    admin_token: SecretStr | None = Field(
+        None, description="Bearer token for /v1/admin/*; unset disables the admin endpoints."
+    )
+    log_format: Literal["json", "text"] = Field("json", description="Access and server log lines: json or text.")

@@ -1,0 +1,504 @@
+"""The HTTP service: contract, every error case, batching, reload, operations, and `serve`.
+
+Tests that need the model busy block its worker thread on an Event inside `tag`, so what is
+queued, batched or refused is decided by the test, never by timing.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import threading
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from conftest import build_tiny_model_folder
+from fastapi.testclient import TestClient
+
+from newstagger import cli
+from newstagger.cli import UsageError
+from newstagger.tagger import Tagger
+from serving import app as app_module
+from serving import command
+from serving.app import create_app
+from serving.settings import ServeSettings
+
+STORIES = ["杭州市西湖区今天开展垃圾分类宣传活动。", "市政府召开新闻发布会，介绍今年的民生工程。", "张三在上海工作。"]
+WAIT_S = 60  # generous upper bound for conditions that hold within milliseconds
+
+
+@pytest.fixture(autouse=True)
+def clean_environment(monkeypatch):
+    """No NEWSTAGGER_* variable leaks into these tests, nor out of them (`serve` sets some)."""
+    for name in [n for n in os.environ if n.startswith("NEWSTAGGER_")]:
+        monkeypatch.delenv(name)
+    yield
+    for name in [n for n in os.environ if n.startswith("NEWSTAGGER_")]:
+        del os.environ[name]
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while not condition():
+        assert time.monotonic() < deadline, f"gave up waiting for {what}"
+        time.sleep(0.005)
+
+
+def started(app) -> TestClient:
+    client = TestClient(app).__enter__()
+    wait_for(lambda: client.get("/readyz").status_code == 200, "the model to load")
+    return client
+
+
+@pytest.fixture
+def make_client(tiny_model_dir):
+    """Ready clients on apps with these settings overrides; stopped after the test."""
+    clients = []
+
+    def make(**overrides) -> TestClient:
+        clients.append(started(create_app(ServeSettings(model=tiny_model_dir, **overrides))))
+        return clients[-1]
+
+    yield make
+    for client in clients:
+        client.__exit__(None, None, None)
+
+
+@pytest.fixture(scope="module")
+def client(tiny_model_dir):
+    client = started(create_app(ServeSettings(model=tiny_model_dir)))
+    yield client
+    client.__exit__(None, None, None)
+
+
+def documents(*texts: str) -> dict:
+    return {"documents": [{"id": i, "text": text} for i, text in enumerate(texts)]}
+
+
+class Gate:
+    """Wraps the serving tagger's `tag` so a batch can be held in the model until released."""
+
+    def __init__(self, client: TestClient, fail_on: str | None = None):
+        self.tagger = client.app.state.service.batcher.tagger
+        self.original = self.tagger.tag
+        self.fail_on = fail_on
+        self.entered = threading.Event()
+        self.release = threading.Event()
+        self.calls: list[list[str]] = []
+        self.tagger.tag = self._tag
+
+    def _tag(self, texts, **options):
+        self.calls.append(list(texts))
+        self.entered.set()
+        assert self.release.wait(WAIT_S), "the test never released the gate"
+        if self.fail_on and any(self.fail_on in text for text in texts):
+            raise RuntimeError("the model broke")
+        return self.original(texts, **options)
+
+
+def queue_depth(client: TestClient) -> int:
+    return client.app.state.service.batcher._queue.qsize()
+
+
+# --- contract -------------------------------------------------------------------------------------
+
+def test_results_are_the_tag_command_output_in_request_order(client, tiny_model_dir, tmp_path):
+    lines = [{"id": "a", "text": STORIES[0]}, {"id": 7, "text": STORIES[1]}, {"id": "c", "text": STORIES[2] * 20}]
+    source, sink = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    source.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    assert cli.main(["tag", "--model", str(tiny_model_dir), "--input", str(source), "--output", str(sink)]) == 0
+    expected = [json.loads(line) for line in sink.read_text(encoding="utf-8").splitlines()]
+
+    response = client.post("/v1/tag", json={"documents": lines})
+
+    assert response.status_code == 200
+    assert response.json() == {"model": {"name": "tiny", "version": "0.0.1"}, "results": expected}
+
+
+def test_thresholds_and_entity_types_apply_per_request(client, tiny_model_dir):
+    thresholds = {"ecology": 0.0, "economy": 1.0}
+    response = client.post("/v1/tag", json={**documents(*STORIES), "thresholds": thresholds,
+                                             "entity_types": ["name", "address"]})
+
+    assert response.status_code == 200
+    results = [{k: v for k, v in r.items() if k != "id"} for r in response.json()["results"]]
+    assert results == Tagger.load(tiny_model_dir).tag(STORIES, thresholds=thresholds, entity_types=["name", "address"])
+    assert all("ecology" in r["labels"] and "economy" not in r["labels"] for r in results)
+
+
+def test_no_entity_types_means_no_entities(client):
+    response = client.post("/v1/tag", json={**documents(*STORIES), "entity_types": []})
+    assert [r["entities"] for r in response.json()["results"]] == [[], [], []]
+
+
+@pytest.mark.parametrize("text", ["", "   \n\t ", "\x00\x01\x1f\x7f", "\u200b\ufeff"])
+def test_texts_without_tokens_give_empty_entity_lists(client, text):
+    response = client.post("/v1/tag", json=documents(text))
+    assert response.status_code == 200
+    result = response.json()["results"][0]
+    assert result["entities"] == [] and set(result["topics"]) == {"city_management", "ecology", "economy", "livelihood"}
+
+
+@pytest.mark.parametrize("text", ["😀🎉", "🇨🇳 杭州 👍🏽", "a\u0301e\u0301", "\U0010ffff"])
+def test_emoji_and_odd_unicode_are_tagged_without_error(client, text):
+    response = client.post("/v1/tag", json=documents(text))
+    assert response.status_code == 200
+    for entity in response.json()["results"][0]["entities"]:
+        assert 0 <= entity["start"] < entity["end"] <= len(text) and entity["text"] == text[entity["start"]:entity["end"]]
+
+
+def test_info_describes_model_labels_thresholds_and_limits(make_client):
+    info = make_client(max_documents=5).get("/v1/info").json()
+    assert info["model"] | {"created": None} == {"name": "tiny", "version": "0.0.1", "base_model": "tiny-in-test",
+                                                   "created": None, "max_length": 32, "stride": 8}
+    assert info["labels"]["topics"] == ["city_management", "ecology", "economy", "livelihood"]
+    assert "name" in info["labels"]["entity_types"] and info["labels"]["coarse"]["name"] == "PER"
+    assert info["thresholds"] == dict.fromkeys(info["labels"]["topics"], 0.5)
+    assert info["limits"]["max_documents"] == 5
+
+
+def test_openapi_documents_the_contract_and_its_errors(client):
+    spec = client.get("/openapi.json").json()
+    tag = spec["paths"]["/v1/tag"]["post"]
+    assert set(tag["responses"]) >= {"200", "413", "422", "429", "500", "503"}
+    assert tag["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
+    request = spec["components"]["schemas"]["TagRequest"]
+    assert set(request["properties"]) == {"documents", "thresholds", "entity_types"}
+    assert all(field.get("description") for field in request["properties"].values())
+
+
+# --- bad input: 4xx with a JSON body naming the field, never 5xx ----------------------------------
+
+BAD_BODIES = [
+    (b'{"documents": [', ["body"], "json_invalid"),
+    (b"[]", ["body"], "model_attributes_type"),
+    (b"", ["body"], "missing"),
+    (b"{}", ["body", "documents"], "missing"),
+    (b'{"documents": "text"}', ["body", "documents"], "list_type"),
+    (b'{"documents": []}', ["body", "documents"], "too_short"),
+    (b'{"documents": [{"text": "x"}]}', ["body", "documents", 0, "id"], "missing"),
+    (b'{"documents": [{"id": true, "text": "x"}]}', ["body", "documents", 0, "id"], "id_type"),
+    (b'{"documents": [{"id": 1.5, "text": "x"}]}', ["body", "documents", 0, "id"], "id_type"),
+    (b'{"documents": [{"id": 1}]}', ["body", "documents", 0, "text"], "missing"),
+    (b'{"documents": [{"id": 1, "text": 5}]}', ["body", "documents", 0, "text"], "string_type"),
+    (b'{"documents": [{"id": 1, "text": null}]}', ["body", "documents", 0, "text"], "string_type"),
+    (b'{"documents": [{"id": 1, "text": "\\ud800x"}]}', ["body", "documents", 0, "text"], "unpaired_surrogate"),
+    (b'{"documents": [{"id": "\\udfff", "text": ""}]}', ["body", "documents", 0, "id"], "unpaired_surrogate"),
+    (b'{"documents": [{"id": 1, "text": ""}], "threshold": 0.3}', ["body", "threshold"], "extra_forbidden"),
+    (b'{"documents": [{"id": 1, "text": ""}], "thresholds": {"ecology": 1.5}}', ["body", "thresholds", "ecology"],
+     "less_than_equal"),
+    (b'{"documents": [{"id": 1, "text": ""}], "thresholds": {"ecology": "high"}}', ["body", "thresholds", "ecology"],
+     "float_type"),
+    (b'{"documents": [{"id": 1, "text": ""}], "thresholds": {"sport": 0.2}}', ["body", "thresholds", "sport"],
+     "unknown_topic"),
+    (b'{"documents": [{"id": 1, "text": ""}], "thresholds": {"\\ud800": 0.2}}',
+     ["body", "thresholds"], "unpaired_surrogate"),  # pydantic makes the bad key itself printable
+    (b'{"documents": [{"id": 1, "text": ""}], "entity_types": ["name", "weapon"]}', ["body", "entity_types", 1],
+     "unknown_entity_type"),
+    (b'{"documents": [{"id": 1, "text": ""}], "entity_types": "name"}', ["body", "entity_types"], "list_type"),
+]
+
+
+@pytest.mark.parametrize("body, loc, kind", BAD_BODIES, ids=[case[0].decode()[:40] or "empty" for case in BAD_BODIES])
+def test_bad_input_is_422_naming_the_field(client, body, loc, kind):
+    response = client.post("/v1/tag", content=body, headers={"content-type": "application/json"})
+
+    assert response.status_code == 422
+    error = response.json()
+    assert error["errors"][0]["loc"][: len(loc)] == loc and error["errors"][0]["type"] == kind
+    assert error["detail"].startswith(".".join(map(str, loc)))
+
+
+@pytest.mark.parametrize("body", [b'{"documents": [{"id": 1, "text": "\xff"}]}', b"[" * 100_000 + b"]" * 100_000])
+def test_undecodable_json_is_422(client, body):
+    response = client.post("/v1/tag", content=body, headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body"] and response.json()["detail"].startswith("body: not valid JSON")
+
+
+def test_a_body_that_is_not_json_is_422(client):
+    response = client.post("/v1/tag", content=b"documents=1", headers={"content-type": "application/x-www-form-urlencoded"})
+    assert response.status_code == 422 and response.json()["errors"][0]["loc"] == ["body"]
+
+
+def test_the_server_answers_normally_after_every_bad_input(client):
+    statuses = {client.post("/v1/tag", content=body, headers={"content-type": "application/json"}).status_code
+                for body, _, _ in BAD_BODIES}
+    assert statuses == {422}
+    assert client.post("/v1/tag", json=documents(STORIES[0])).status_code == 200
+
+
+def test_unknown_paths_and_methods_get_json_errors(client):
+    assert client.get("/nowhere").json()["detail"] == "Not Found"
+    response = client.get("/v1/tag")
+    assert response.status_code == 405 and "POST" in response.headers["allow"]
+
+
+# --- limits ---------------------------------------------------------------------------------------
+
+def test_too_many_documents_is_413(make_client):
+    response = make_client(max_documents=2).post("/v1/tag", json=documents("a", "b", "c"))
+    assert response.status_code == 413
+    assert response.json()["errors"][0]["loc"] == ["body", "documents"]
+    assert "at most 2" in response.json()["detail"]
+
+
+def test_a_text_over_the_limit_is_413_naming_it(make_client):
+    response = make_client(max_text_chars=10).post("/v1/tag", json=documents("short", "x" * 11))
+    assert response.status_code == 413
+    assert response.json()["errors"][0]["loc"] == ["body", "documents", 1, "text"]
+
+
+def test_a_body_over_the_limit_is_413_before_parsing(make_client):
+    client = make_client(max_body_bytes=100)
+    oversized = json.dumps(documents("x" * 200)).encode()
+
+    declared = client.post("/v1/tag", content=oversized, headers={"content-type": "application/json"})
+    streamed = client.post("/v1/tag", content=iter([oversized[:60], oversized[60:]]),
+                           headers={"content-type": "application/json"})  # chunked: no Content-Length
+    garbage = client.post("/v1/tag", content=b"{" * 101, headers={"content-type": "application/json"})
+
+    for response in (declared, streamed, garbage):
+        assert response.status_code == 413
+        assert response.json()["errors"][0] == {"loc": ["body"], "msg": "the request body is larger than 100 bytes",
+                                                "type": "body_too_large"}
+    assert client.post("/v1/tag", json=documents("ok")).status_code == 200
+
+
+def test_a_full_queue_is_429_with_retry_after(make_client):
+    client = make_client(queue_max=1)
+    gate = Gate(client)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/v1/tag", json=documents("first"))
+        assert gate.entered.wait(WAIT_S)
+        waiting = pool.submit(client.post, "/v1/tag", json=documents("second"))
+        wait_for(lambda: queue_depth(client) == 1, "the second request to queue")
+
+        refused = client.post("/v1/tag", json=documents("third"))
+
+        gate.release.set()
+        assert running.result().status_code == waiting.result().status_code == 200
+    assert refused.status_code == 429
+    assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+
+
+# --- batching ---------------------------------------------------------------------------------------
+
+def test_concurrent_requests_share_one_forward_pass(make_client):
+    client = make_client(batch_max_chars=10_000)
+    gate = Gate(client)
+    forward_passes = []
+    backend = gate.tagger.backend
+    gate.tagger.backend = lambda *arrays: forward_passes.append(len(arrays[0])) or backend(*arrays)
+    senders = 8
+    with ThreadPoolExecutor(senders + 1) as pool:
+        opening = pool.submit(client.post, "/v1/tag", json=documents("开场"))
+        assert gate.entered.wait(WAIT_S)
+        concurrent = [pool.submit(client.post, "/v1/tag", json={"documents": [{"id": f"c{i}", "text": STORIES[i % 3]}]})
+                      for i in range(senders)]
+        wait_for(lambda: queue_depth(client) == senders, "every concurrent request to queue")
+        gate.release.set()
+        responses = [future.result() for future in concurrent]
+        assert opening.result().status_code == 200
+
+    assert [r.json()["results"][0]["id"] for r in responses] == [f"c{i}" for i in range(senders)]
+    assert len(gate.calls) == 2 and len(gate.calls[1]) == senders  # one batch for all eight
+    assert forward_passes == [1, senders]  # ... and one forward pass for it
+    assert 'newstagger_batch_requests_bucket{le="8.0"} 2.0' in client.get("/metrics").text
+
+
+def test_a_model_failure_fails_only_its_own_request(make_client):
+    client = make_client()
+    gate = Gate(client, fail_on="BOOM")
+    with ThreadPoolExecutor(3) as pool:
+        opening = pool.submit(client.post, "/v1/tag", json=documents("开场"))
+        assert gate.entered.wait(WAIT_S)
+        bad = pool.submit(client.post, "/v1/tag", json=documents("BOOM"))
+        good = pool.submit(client.post, "/v1/tag", json=documents(STORIES[0]))
+        wait_for(lambda: queue_depth(client) == 2, "both requests to queue")
+        gate.release.set()
+        assert opening.result().status_code == 200
+        bad, good = bad.result(), good.result()
+
+    assert bad.status_code == 500 and bad.json()["detail"] == "the model failed on this request"
+    assert good.status_code == 200
+    assert [len(call) for call in gate.calls] == [1, 2, 1, 1]  # the shared batch failed, then each ran alone
+    assert client.post("/v1/tag", json=documents(STORIES[1])).status_code == 200
+    assert "newstagger_model_failures_total 1.0" in client.get("/metrics").text
+
+
+# --- operations ---------------------------------------------------------------------------------------
+
+def test_readyz_is_503_until_the_model_has_loaded(tiny_model_dir, monkeypatch):
+    may_load = threading.Event()
+    load = Tagger.load
+
+    def slow_load(folder):
+        assert may_load.wait(WAIT_S)
+        return load(folder)
+
+    monkeypatch.setattr(app_module.Tagger, "load", slow_load)
+    with TestClient(create_app(ServeSettings(model=tiny_model_dir))) as client:
+        assert client.get("/healthz").json() == {"status": "ok"}
+        loading = client.get("/readyz")
+        assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
+        assert loading.json()["detail"] == "the model is still loading"
+        assert client.post("/v1/tag", json=documents("x")).status_code == 503
+        may_load.set()
+        wait_for(lambda: client.get("/readyz").status_code == 200, "the model to load")
+        assert client.get("/readyz").json() == {"status": "ready", "model": {"name": "tiny", "version": "0.0.1"}}
+
+
+def test_readyz_reports_a_model_that_failed_to_load(tmp_path):
+    with TestClient(create_app(ServeSettings(model=tmp_path / "missing"))) as client:
+        wait_for(lambda: client.app.state.service.load_error, "the load to fail")
+        response = client.get("/readyz")
+    assert response.status_code == 503 and "failed to load" in response.json()["detail"]
+
+
+def test_metrics_cover_requests_latency_batches_documents_and_queue(client):
+    client.post("/v1/tag", json=documents("四个汉字", "五个汉字呀"))
+    text = client.get("/metrics").text
+    for line in ['newstagger_http_requests_total{method="POST",route="/v1/tag",status="200"}',
+                 'newstagger_http_request_seconds_bucket{le="0.005",route="/v1/tag"}',
+                 "newstagger_batch_documents_count", "newstagger_batch_requests_count",
+                 "newstagger_documents_tagged_total", "newstagger_characters_tagged_total",
+                 "newstagger_queue_depth 0.0", 'newstagger_model_info{name="tiny",version="0.0.1"} 1.0']:
+        assert line in text, line
+
+
+def test_every_response_carries_timing_and_request_id_and_is_logged(client, caplog):
+    caplog.set_level("INFO", logger="newstagger.access")
+    response = client.post("/v1/tag", json=documents(STORIES[0]), headers={"X-Request-ID": "trace-42"})
+
+    assert response.headers["x-request-id"] == "trace-42"
+    assert [part.split(";")[0] for part in response.headers["server-timing"].split(", ")] == ["queue", "model", "app"]
+    assert client.get("/healthz").headers["x-request-id"] != "trace-42"
+    logged = [r.fields for r in caplog.records if getattr(r, "fields", {}).get("request_id") == "trace-42"]
+    assert logged and logged[0] | {"duration_ms": 0} == {
+        "request_id": "trace-42", "method": "POST", "path": "/v1/tag", "route": "/v1/tag", "status": 200,
+        "duration_ms": 0, "client": "testclient", "documents": 1, "model_version": "0.0.1"}
+
+
+# --- reload -----------------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def second_model_dir(tmp_path_factory):
+    return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-v2"), version="0.0.2")
+
+
+def version_served(client: TestClient) -> str:
+    return client.post("/v1/tag", json=documents(STORIES[0])).json()["model"]["version"]
+
+
+def test_reload_is_refused_without_a_configured_token(client, second_model_dir):
+    response = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                           headers={"Authorization": "Bearer anything"})
+    assert response.status_code == 403 and "NEWSTAGGER_ADMIN_TOKEN" in response.json()["detail"]
+
+
+@pytest.mark.parametrize("headers", [{}, {"Authorization": "Bearer wrong"}, {"Authorization": "Basic c2VjcmV0"}])
+def test_reload_needs_the_bearer_token(make_client, second_model_dir, headers):
+    response = make_client(admin_token="secret").post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                                                      headers=headers)
+    assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+
+
+def test_reload_swaps_the_model(make_client, second_model_dir):
+    client = make_client(admin_token="secret")
+    response = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                           headers={"Authorization": "Bearer secret"})
+
+    assert response.status_code == 200
+    assert response.json() == {"model": {"name": "tiny", "version": "0.0.2"},
+                               "previous": {"name": "tiny", "version": "0.0.1"}}
+    assert version_served(client) == "0.0.2" and client.get("/v1/info").json()["model"]["version"] == "0.0.2"
+    assert 'newstagger_model_info{name="tiny",version="0.0.2"} 1.0' in client.get("/metrics").text
+
+
+def test_a_folder_that_fails_to_load_leaves_the_old_model_serving(make_client, tmp_path):
+    client = make_client(admin_token="secret")
+    response = client.post("/v1/admin/reload", json={"model": str(tmp_path)}, headers={"Authorization": "Bearer secret"})
+
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "model"]
+    assert "still serving tiny 0.0.1" in response.json()["detail"]
+    assert version_served(client) == "0.0.1"
+
+
+def test_a_request_in_flight_during_reload_finishes_on_the_old_model(make_client, second_model_dir):
+    client = make_client(admin_token="secret")
+    gate = Gate(client)
+    with ThreadPoolExecutor(1) as pool:
+        in_flight = pool.submit(client.post, "/v1/tag", json=documents(STORIES[0]))
+        assert gate.entered.wait(WAIT_S)
+        reloaded = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                               headers={"Authorization": "Bearer secret"})
+        gate.release.set()
+        assert in_flight.result().json()["model"]["version"] == "0.0.1"
+    assert reloaded.status_code == 200 and version_served(client) == "0.0.2"
+
+
+def test_reload_during_traffic_loses_no_request(make_client, second_model_dir):
+    client = make_client(admin_token="secret")
+    answered = []
+
+    def send_stories(sender: int) -> None:
+        for n in range(12):
+            answered.append(client.post("/v1/tag", json={"documents": [{"id": f"{sender}-{n}", "text": STORIES[n % 3]}]}))
+
+    with ThreadPoolExecutor(4) as pool:
+        traffic = [pool.submit(send_stories, sender) for sender in range(4)]
+        wait_for(lambda: len(answered) >= 8, "traffic to start")
+        reloaded = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                               headers={"Authorization": "Bearer secret"})
+        for future in traffic:
+            future.result()
+
+    assert reloaded.status_code == 200
+    assert [r.status_code for r in answered] == [200] * 48
+    assert {r.json()["model"]["version"] for r in answered} <= {"0.0.1", "0.0.2"}
+    assert version_served(client) == "0.0.2"
+
+
+# --- settings and the serve command -------------------------------------------------------------------
+
+def test_settings_come_from_newstagger_environment_variables(monkeypatch):
+    monkeypatch.setenv("NEWSTAGGER_MAX_DOCUMENTS", "3")
+    monkeypatch.setenv("NEWSTAGGER_ADMIN_TOKEN", "s3cret")
+    settings = ServeSettings()
+    assert settings.max_documents == 3 and settings.admin_token.get_secret_value() == "s3cret"
+    assert "s3cret" not in repr(settings)
+    assert all(field.description for field in ServeSettings.model_fields.values())
+
+
+def serve_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser()
+    command.register(parser.add_subparsers())
+    return parser
+
+
+def test_serve_passes_flags_to_uvicorn_and_its_workers(tiny_model_dir, monkeypatch):
+    ran = {}
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: ran.update(app=app, **kwargs))
+    args = serve_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--port", "9123", "--workers", "2"])
+
+    assert args.handler(args) == 0
+    assert ran["app"] == "serving.app:app_from_environment" and ran["factory"] is True
+    assert (ran["host"], ran["port"], ran["workers"]) == ("127.0.0.1", 9123, 2)
+    assert ServeSettings().model == tiny_model_dir.resolve()  # what each worker process will read
+
+
+def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):
+    args = serve_parser().parse_args(["serve", "--model", str(tmp_path)])
+    with pytest.raises(UsageError, match="not a model folder"):
+        args.handler(args)
+
+
+def test_serve_reports_a_bad_setting_by_its_variable(monkeypatch):
+    monkeypatch.setenv("NEWSTAGGER_MAX_DOCUMENTS", "many")
+    args = serve_parser().parse_args(["serve"])
+    with pytest.raises(UsageError, match="NEWSTAGGER_MAX_DOCUMENTS"):
+        args.handler(args)
