@@ -30,6 +30,7 @@ from newstagger import __version__
 from newstagger.model import ModelMeta
 from newstagger.tagger import Tagger, default_model_dir
 
+from . import feedback
 from .batching import MicroBatcher, Overloaded, ShuttingDown
 from .observability import ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
@@ -340,6 +341,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.include_router(operations)
     app.include_router(tagging)
     app.include_router(admin)
+    app.include_router(feedback.router)
     _install_error_handlers(app)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservedRequests, metrics=service.metrics)  # added last: outermost, sees every answer

@@ -34,7 +34,9 @@ def run(args) -> int:
     from .settings import ServeSettings
 
     if args.model:
-        args.model = str(Path(args.model).resolve())  # workers may not share our idea of "."
+        # Absolute: workers may not share our idea of "."; not resolved, so a link such as
+        # registry/current stays a link, which a reload without a folder follows.
+        args.model = str(Path(args.model).absolute())
     for name in FLAGS:
         if getattr(args, name) is not None:
             os.environ[f"NEWSTAGGER_{name.upper()}"] = str(getattr(args, name))

@@ -10,6 +10,8 @@ from typing import Literal
 from pydantic import Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from training.feedback import DEFAULT_URL as DEFAULT_FEEDBACK_URL
+
 
 class ServeSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="NEWSTAGGER_", extra="ignore")
@@ -45,3 +47,7 @@ class ServeSettings(BaseSettings):
         None, description="Bearer token for /v1/admin/*; unset disables the admin endpoints."
     )
     log_format: Literal["json", "text"] = Field("json", description="Access and server log lines: json or text.")
+    feedback_url: str = Field(
+        DEFAULT_FEEDBACK_URL, description="SQLAlchemy URL of the store POST /v1/feedback writes to: a SQLite file "
+                                          "by default, or e.g. postgresql+psycopg://user@host/newstagger."
+    )

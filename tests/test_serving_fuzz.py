@@ -17,9 +17,10 @@ ADMIN_TOKEN = "fuzz-token"
 
 
 @pytest.fixture(scope="module")
-def api_schema(tiny_model_dir):
+def api_schema(tiny_model_dir, tmp_path_factory):
+    feedback_url = f"sqlite:///{tmp_path_factory.mktemp('feedback') / 'feedback.db'}"
     app = create_app(ServeSettings(model=tiny_model_dir, admin_token=ADMIN_TOKEN, max_documents=16,
-                                   max_text_chars=4000, max_body_bytes=100_000))
+                                   max_text_chars=4000, max_body_bytes=100_000, feedback_url=feedback_url))
     schema = schemathesis.openapi.from_asgi("/openapi.json", app)  # also starts the app (lifespan)
     deadline = time.monotonic() + 60
     while app.state.service.batcher is None:

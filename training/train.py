@@ -17,6 +17,7 @@ import random
 import sys
 import time
 import tomllib
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -39,10 +40,11 @@ log = logging.getLogger("newstagger.train")
 IGNORE = -100
 
 
-def _option(default, help: str):
+def _option(default, help: str, metavar: str | None = None):
+    metadata = {"help": help, "metavar": metavar}
     if default is list:
-        return field(default_factory=list, metadata={"help": help})
-    return field(default=default, metadata={"help": help})
+        return field(default_factory=list, metadata=metadata)
+    return field(default=default, metadata=metadata)
 
 
 @dataclass
@@ -207,8 +209,12 @@ def selection_score(metrics: dict) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
-def train(config: TrainConfig) -> tuple[Path, dict]:
-    """Run training as configured; returns the model folder and its final validation metrics."""
+def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[Path, dict]:
+    """Run training as configured; returns the model folder and its final validation metrics.
+
+    `sources` are training sets already in memory (retraining mixes new and replayed data), used
+    like the files of `config.train`: each one is split for validation on its own.
+    """
     from training.data import corpus_stats, parse_data_spec, read_documents, split_validation
 
     started = time.time()
@@ -221,8 +227,7 @@ def train(config: TrainConfig) -> tuple[Path, dict]:
 
     train_docs: list[Document] = []
     valid_docs: list[Document] = []
-    for spec in config.train:
-        docs = read_documents(*parse_data_spec(spec))
+    for docs in [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]:
         if config.validation:
             train_docs += docs
         else:
@@ -394,18 +399,20 @@ def _rng_state_from_json(data) -> tuple:
 # --------------------------------------------------------------------------- command line
 
 
-def add_config_arguments(parser: argparse.ArgumentParser) -> None:
-    """One flag per TrainConfig field, help text from the field, default None = 'not given'."""
-    for f in fields(TrainConfig):
+def add_config_arguments(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
+    """One flag per field of a config dataclass, help text from the field, default None = 'not given'."""
+    for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if f.type == "bool":
+        kind = f.type.removesuffix(" | None")
+        if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
-        elif f.type.startswith("list"):
-            parser.add_argument(flag, action="append", default=None, metavar="PATH[:FORMAT]", help=help_text + " (repeatable)")
+        elif kind.startswith("list"):
+            parser.add_argument(flag, action="append", default=None, metavar=f.metadata["metavar"] or "PATH[:FORMAT]",
+                                help=help_text + " (repeatable)")
         else:
-            kind = {"int": int, "float": float}.get(f.type, str)
-            parser.add_argument(flag, type=kind, default=None, help=help_text)
+            parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
+                                metavar=f.metadata["metavar"], help=help_text)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

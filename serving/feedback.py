@@ -1,0 +1,115 @@
+"""`POST /v1/feedback`: an editor's corrected story, stored for retraining (see training/feedback.py).
+
+The body is one document in the training format, checked like training data, plus who sends it,
+its revision, and the model version whose prediction it corrects. Sending the same correction
+again is harmless (200, stored once); the same id and revision with other content is a 409.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+
+from fastapi import APIRouter, Request, Response
+from fastapi.exceptions import RequestValidationError
+from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from sqlalchemy.exc import SQLAlchemyError
+
+from newstagger.documents import DataError, Document, Span, validate
+from training.feedback import Correction, CorrectionConflict, FeedbackStore
+
+from .schemas import DocumentId, ErrorBody, Text
+
+router = APIRouter(prefix="/v1", tags=["feedback"])
+_opening = threading.Lock()
+
+
+class EntityIn(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    start: StrictInt = Field(ge=0, description="Offset of the first character (Python str index).")
+    end: StrictInt = Field(ge=0, description="Offset one past the last character.")
+    type: Text = Field(min_length=1, description="Entity type; one the model does not know is a new label.")
+
+
+class FeedbackRequest(BaseModel):
+    model_config = ConfigDict(
+        extra="forbid",
+        json_schema_extra={"examples": [{
+            "id": "a1", "text": "杭州市西湖区今天开展垃圾分类宣传活动。", "topics": ["city_management"],
+            "entities": [{"start": 0, "end": 3, "type": "address"}, {"start": 3, "end": 6, "type": "address"}],
+            "sender": "editor-li", "model_version": "1.0.0",
+        }]},
+    )
+
+    id: DocumentId = Field(description="The story's identifier (string or integer).")
+    text: Text = Field(min_length=1, description="The story, exactly as tagged.")
+    topics: list[Text] | None = Field(
+        None, description="All topics that apply ([] for none); absent or null: topics not corrected.")
+    entities: list[EntityIn] | None = Field(
+        None, description="All entity spans, non-overlapping ([] for none); absent or null: entities not corrected.")
+    sender: Text = Field(min_length=1, max_length=200, description="Who made the correction.")
+    revision: StrictInt = Field(1, ge=1, description="Raise it to correct the same story again.")
+    model_version: Text | None = Field(
+        None, description="Version of the model whose output was corrected (the `model.version` of its "
+                          "/v1/tag answer); default: the version serving now.")
+
+
+class FeedbackResponse(BaseModel):
+    id: str
+    revision: int
+    stored: bool = Field(description="False when this exact correction had been stored before (a retry).")
+    model_version: str | None
+
+
+@router.post("/feedback", response_model=FeedbackResponse, status_code=201,
+             responses={200: {"model": FeedbackResponse, "description": "Stored before; nothing changed"},
+                        **{status: {"model": ErrorBody} for status in (409, 413, 422, 503)}},
+             summary="Store a corrected story for retraining")
+async def feedback(body: FeedbackRequest, request: Request, response: Response) -> FeedbackResponse:
+    from .app import ApiError  # app.py includes this router, so it cannot be imported at load time
+
+    service = request.app.state.service
+    if len(body.text) > service.settings.max_text_chars:
+        raise ApiError(413, f"text is {len(body.text)} characters; at most {service.settings.max_text_chars}",
+                       ("body", "text"), "text_too_long")
+    document = _checked_document(body)
+    serving = service.batcher.tagger.meta.version if service.batcher is not None else None
+    correction = Correction(document, sender=body.sender, revision=body.revision,
+                            model_version=body.model_version or serving)
+    try:
+        stored = await asyncio.to_thread(_save, request.app.state, correction)
+    except CorrectionConflict as err:
+        raise ApiError(409, str(err), ("body", "revision"), "revision_conflict") from None
+    except (SQLAlchemyError, ImportError) as err:  # ImportError: the URL names a driver not installed
+        raise ApiError(503, f"the feedback store is unavailable: {err}", kind="feedback_store_unavailable",
+                       headers={"Retry-After": "1"}) from None
+    if not stored:
+        response.status_code = 200
+    return FeedbackResponse(id=document.id, revision=body.revision, stored=stored,
+                            model_version=correction.model_version)
+
+
+def _checked_document(body: FeedbackRequest) -> Document:
+    """The body as a training document, validated one task at a time so an error names its field."""
+    if body.topics is None and body.entities is None:
+        raise RequestValidationError([{"loc": ("body",), "msg": "a correction needs topics, entities or both",
+                                       "type": "nothing_to_store"}])
+    entities = None if body.entities is None else [Span(e.start, e.end, e.type) for e in body.entities]
+    document = Document(id=str(body.id), text=body.text, topics=body.topics, entities=entities)
+    for field, labelled in (("topics", Document(document.id, document.text, topics=document.topics)),
+                            ("entities", Document(document.id, document.text, entities=document.entities))):
+        try:
+            validate(labelled, where=field)
+        except DataError as err:
+            error = {"loc": ("body", field), "msg": str(err), "type": "invalid_labels"}
+            raise RequestValidationError([error]) from None
+    return document
+
+
+def _save(state, correction: Correction) -> bool:
+    """Store a correction in the app's store, opened on first use; runs in a worker thread."""
+    with _opening:
+        if getattr(state, "feedback_store", None) is None:
+            state.feedback_store = FeedbackStore(state.service.settings.feedback_url)
+    return state.feedback_store.add(correction)

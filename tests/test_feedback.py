@@ -1,0 +1,178 @@
+"""Feedback: the store (round trip, idempotency, concurrent writers), its export, and POST /v1/feedback."""
+
+from __future__ import annotations
+
+import time
+from concurrent.futures import ThreadPoolExecutor
+
+import pytest
+from fastapi.testclient import TestClient
+
+from newstagger.cli import main
+from newstagger.documents import Document, Span, read_jsonl
+from serving.app import create_app
+from serving.settings import ServeSettings
+from training.feedback import Correction, CorrectionConflict, FeedbackStore
+
+CLIENTS = 8
+WAIT_S = 60  # generous upper bound for the tiny model to load
+TEXT = "张三在青澜市环保局工作。"
+CORRECTION = {"id": "story-1", "text": TEXT, "topics": ["ecology"], "sender": "editor-li",
+              "entities": [{"start": 0, "end": 2, "type": "name"}, {"start": 3, "end": 8, "type": "government"}]}
+
+
+@pytest.fixture
+def url(tmp_path) -> str:
+    return f"sqlite:///{tmp_path / 'feedback.db'}"
+
+
+def document(doc_id: str, text: str = TEXT, **labels) -> Document:
+    return Document(id=doc_id, text=text, **labels)
+
+
+def test_export_round_trips_the_latest_revision_of_each_document(url, tmp_path):
+    store = FeedbackStore(url)
+    assert store.add(Correction(document("b", topics=["economy"]), sender="li"))
+    assert store.add(Correction(document("a", topics=[], entities=[Span(3, 8, "government"), Span(0, 2, "name")]),
+                                sender="wang", model_version="1.0.0"))
+    assert store.add(Correction(document("b", topics=["ecology"], entities=[]), sender="li", revision=2))
+
+    assert main(["feedback", "export", "--store", url, "--output", str(tmp_path / "out.jsonl")]) == 0
+    exported = list(read_jsonl(tmp_path / "out.jsonl"))
+    assert [doc.to_dict() for doc in exported] == [
+        # [] (labelled, no topic) and absent (not labelled) survive the trip; spans come out sorted
+        {"id": "a", "text": TEXT, "topics": [], "entities": [{"start": 0, "end": 2, "type": "name"},
+                                                             {"start": 3, "end": 8, "type": "government"}]},
+        {"id": "b", "text": TEXT, "topics": ["ecology"], "entities": []},
+    ]
+    assert store.count() == 3
+
+
+def test_a_resent_correction_is_stored_once_and_a_changed_one_is_a_conflict(url):
+    store = FeedbackStore(url)
+    correction = Correction(document("a", topics=["ecology"]), sender="li")
+    assert store.add(correction) is True
+    assert store.add(correction) is False
+    with pytest.raises(CorrectionConflict, match="higher revision"):
+        store.add(Correction(document("a", topics=["economy"]), sender="li"))
+    assert store.count() == 1
+
+
+def test_concurrent_writers_store_every_correction_exactly_once(url):
+    """Each client has its own connection pool, as separate server workers would; half of what
+    each sends is also sent by every other client."""
+    FeedbackStore(url)
+
+    def client(k: int) -> list[bool]:
+        store = FeedbackStore(url)
+        return [store.add(Correction(document(f"shared-{i}" if i % 2 else f"client{k}-{i}", topics=[]),
+                                     sender=f"client{k}")) for i in range(20)]
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        stored = [flag for flags in pool.map(client, range(CLIENTS)) for flag in flags]
+    expected = CLIENTS * 10 + 10
+    assert sum(stored) == expected
+    assert FeedbackStore(url).count() == expected
+
+
+def test_the_database_is_in_wal_mode(url):
+    with FeedbackStore(url).engine.connect() as connection:
+        assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
+
+
+def test_export_of_a_missing_database_is_a_usage_error(tmp_path, capsys):
+    code = main(["feedback", "export", "--store", f"sqlite:///{tmp_path / 'nope.db'}", "-o", str(tmp_path / "x")])
+    assert code == 2
+    assert "no feedback database" in capsys.readouterr().err
+
+
+# --- POST /v1/feedback ------------------------------------------------------------------------------
+
+
+@pytest.fixture
+def client(tiny_model_dir, url):
+    with TestClient(create_app(ServeSettings(model=tiny_model_dir, feedback_url=url, max_text_chars=100))) as client:
+        yield client
+
+
+def test_a_correction_is_201_then_200_when_resent(client, url):
+    first = client.post("/v1/feedback", json=CORRECTION | {"model_version": "1.0.0"})
+    assert first.status_code == 201
+    assert first.json() == {"id": "story-1", "revision": 1, "stored": True, "model_version": "1.0.0"}
+    again = client.post("/v1/feedback", json=CORRECTION | {"model_version": "1.0.0"})
+    assert again.status_code == 200 and again.json()["stored"] is False
+    [stored] = FeedbackStore(url).latest_documents()
+    assert stored.to_dict() == {k: v for k, v in CORRECTION.items() if k != "sender"}
+
+
+def test_the_model_version_defaults_to_the_one_serving(client):
+    deadline = time.monotonic() + WAIT_S
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the model never loaded"
+        time.sleep(0.01)
+    response = client.post("/v1/feedback", json=CORRECTION)
+    assert response.json()["model_version"] == "0.0.1"
+
+
+def test_the_same_revision_with_other_labels_is_409(client):
+    assert client.post("/v1/feedback", json=CORRECTION).status_code == 201
+    response = client.post("/v1/feedback", json=CORRECTION | {"topics": ["economy"]})
+    assert response.status_code == 409
+    assert response.json()["errors"][0]["loc"] == ["body", "revision"]
+    assert client.post("/v1/feedback", json=CORRECTION | {"topics": ["economy"], "revision": 2}).status_code == 201
+
+
+@pytest.mark.parametrize("change, loc", [
+    ({"entities": [{"start": 5, "end": 50, "type": "name"}]}, ["body", "entities"]),
+    ({"entities": [{"start": 0, "end": 3, "type": "name"}, {"start": 2, "end": 4, "type": "name"}]},
+     ["body", "entities"]),
+    ({"entities": [{"start": 0, "end": 2}]}, ["body", "entities", 0, "type"]),
+    ({"topics": ["ecology", "ecology"]}, ["body", "topics"]),
+    ({"topics": "ecology"}, ["body", "topics"]),
+    ({"topics": None, "entities": None}, ["body"]),
+    ({"sender": ""}, ["body", "sender"]),
+    ({"revision": 0}, ["body", "revision"]),
+    ({"id": None}, ["body", "id"]),
+    ({"colour": "red"}, ["body", "colour"]),
+])
+def test_bad_corrections_are_422_naming_the_field(client, change, loc):
+    response = client.post("/v1/feedback", json=CORRECTION | change)
+    assert response.status_code == 422, response.text
+    assert response.json()["errors"][0]["loc"] == loc
+
+
+def test_a_missing_sender_is_422(client):
+    response = client.post("/v1/feedback", json={k: v for k, v in CORRECTION.items() if k != "sender"})
+    assert response.status_code == 422
+    assert response.json()["errors"][0]["loc"] == ["body", "sender"]
+
+
+def test_a_text_over_the_limit_is_413(client):
+    response = client.post("/v1/feedback", json=CORRECTION | {"text": "字" * 101, "entities": []})
+    assert response.status_code == 413
+    assert response.json()["errors"][0]["loc"] == ["body", "text"]
+
+
+def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir):
+    settings = ServeSettings(model=tiny_model_dir, feedback_url="postgresql+nosuchdriver://localhost/x")
+    with TestClient(create_app(settings)) as client:
+        response = client.post("/v1/feedback", json=CORRECTION)
+        assert response.status_code == 503
+        assert "feedback store is unavailable" in response.json()["detail"]
+        assert client.get("/healthz").status_code == 200
+
+
+def test_eight_concurrent_clients_have_every_correction_stored_exactly_once(client, url):
+    def send(k: int) -> list[int]:
+        statuses = []
+        for i in range(6):
+            doc_id = f"shared-{i}" if i % 2 else f"client{k}-{i}"
+            body = CORRECTION | {"id": doc_id, "sender": f"client{k}"}
+            statuses.append(client.post("/v1/feedback", json=body).status_code)
+        return statuses
+
+    with ThreadPoolExecutor(CLIENTS) as pool:
+        statuses = [status for result in pool.map(send, range(CLIENTS)) for status in result]
+    assert set(statuses) <= {200, 201}
+    assert statuses.count(201) == CLIENTS * 3 + 3
+    assert FeedbackStore(url).count() == CLIENTS * 3 + 3

@@ -1,0 +1,153 @@
+"""The model registry: promote/rollback bookkeeping, the `current` link, and atomic writes under crashes."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, build_tiny_model_folder
+
+from newstagger.cli import main
+from newstagger.tagger import Tagger
+from training import registry as registry_module
+from training.registry import STAGING, Entry, Registry, RegistryError
+
+
+def add_model(registry: Registry, version: str, parent: str | None = None) -> Entry:
+    with registry.staging() as staged:
+        build_tiny_model_folder(staged, version=version)
+        return registry.register(staged, Entry(version=version, parent=parent))
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    registry = Registry(tmp_path / "registry")
+    add_model(registry, "1.0.0")
+    registry.promote("1.0.0")
+    add_model(registry, "1.0.1", parent="1.0.0")
+    return registry
+
+
+def served_version(registry: Registry) -> str:
+    return Tagger.load(registry.root / "current").meta.version
+
+
+def statuses(registry: Registry) -> dict[str, str]:
+    return {e.version: e.status for e in registry.manifest().models}
+
+
+def test_promote_moves_the_current_link_and_retires_the_old_model(registry):
+    assert served_version(registry) == "1.0.0"
+    assert statuses(registry) == {"1.0.0": "production", "1.0.1": "candidate"}
+    registry.promote("1.0.1")
+    assert served_version(registry) == "1.0.1"
+    assert statuses(registry) == {"1.0.0": "retired", "1.0.1": "production"}
+    assert json.loads((registry.root / "manifest.json").read_text())["current"] == "1.0.1"
+
+
+def test_rollback_restores_the_previous_model_step_by_step(registry):
+    add_model(registry, "1.0.2", parent="1.0.1")
+    registry.promote("1.0.1")
+    registry.promote("1.0.2")
+    restored, retired = registry.rollback()
+    assert (restored.version, retired.version) == ("1.0.1", "1.0.2")
+    assert served_version(registry) == "1.0.1"
+    registry.rollback()
+    assert served_version(registry) == "1.0.0"
+    assert statuses(registry) == {"1.0.0": "production", "1.0.1": "retired", "1.0.2": "retired"}
+    with pytest.raises(RegistryError, match="no earlier production model"):
+        registry.rollback()
+
+
+def test_versions_cannot_be_registered_twice_or_promoted_when_unknown(registry):
+    with pytest.raises(RegistryError, match="already in the registry"):
+        add_model(registry, "1.0.1")
+    with pytest.raises(RegistryError, match="no model '9.9.9'"):
+        registry.promote("9.9.9")
+    with pytest.raises(RegistryError, match="already in production"):
+        registry.promote("1.0.0")
+    assert registry.next_version("1.0.0") == "1.0.2"
+
+
+def test_a_failed_manifest_write_leaves_the_old_manifest_and_link(registry, monkeypatch):
+    before = (registry.root / "manifest.json").read_bytes()
+
+    def crash(fd):
+        raise OSError("disk gone")
+
+    monkeypatch.setattr(registry_module.os, "fsync", crash)  # after the new manifest is half written
+    with pytest.raises(OSError, match="disk gone"):
+        registry.promote("1.0.1")
+    assert (registry.root / "manifest.json").read_bytes() == before
+    assert served_version(registry) == "1.0.0"
+    assert sorted(p.name for p in registry.root.iterdir()) == [".lock", STAGING, "1.0.0", "1.0.1", "current",
+                                                                "manifest.json"]
+
+
+def test_a_crash_after_moving_a_model_in_but_before_the_manifest_is_recovered(registry, monkeypatch):
+    def crash(path, text):
+        raise OSError("killed")
+
+    with monkeypatch.context() as patch:
+        patch.setattr(registry_module, "_replace_text", crash)
+        with pytest.raises(OSError):
+            add_model(registry, "1.0.2")
+    assert (registry.root / "1.0.2").is_dir() and "1.0.2" not in statuses(registry)
+    add_model(registry, "1.0.2")  # the orphan folder is replaced, not an error
+    assert statuses(registry)["1.0.2"] == "candidate"
+
+
+CRASH_MID_TRAINING = """
+import os, sys
+from training.registry import Registry
+with Registry(sys.argv[1]).staging() as staged:
+    (staged / "model.safetensors").write_bytes(b"half a model")
+    os._exit(9)  # killed: no cleanup runs
+"""
+
+
+def test_a_process_killed_mid_training_corrupts_nothing_and_its_leftovers_are_cleared(registry):
+    manifest = (registry.root / "manifest.json").read_bytes()
+    killed = subprocess.run([sys.executable, "-c", CRASH_MID_TRAINING, str(registry.root)], cwd=REPO)
+    assert killed.returncode == 9
+    [leftover] = [p for p in (registry.root / STAGING).iterdir() if p.is_dir()]
+    assert (leftover / "model.safetensors").is_file()
+    assert (registry.root / "manifest.json").read_bytes() == manifest
+    assert served_version(registry) == "1.0.0"
+
+    with registry.staging() as in_use:  # a live run's folder must survive the clean-up
+        registry.promote("1.0.1")
+        assert not leftover.exists()
+        assert in_use.is_dir()
+    assert served_version(registry) == "1.0.1"
+
+
+def test_models_commands(registry, tmp_path, capsys):
+    root = str(registry.root)
+    assert main(["models", "promote", "1.0.1", "--registry", root]) == 0
+    assert main(["models", "list", "--registry", root]) == 0
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[-1].split()[:3] == ["*", "1.0.1", "production"]
+    assert main(["models", "rollback", "--registry", root]) == 0
+    assert "1.0.0 is in production again" in capsys.readouterr().out
+
+    folder = build_tiny_model_folder(tmp_path / "outside", version="2.0.0")
+    assert main(["models", "add", str(folder), "--registry", root, "--promote"]) == 0
+    assert served_version(registry) == "2.0.0"
+    capsys.readouterr()
+    assert main(["models", "list", "--registry", root, "--json"]) == 0
+    assert json.loads(capsys.readouterr().out)["history"] == ["1.0.0", "2.0.0"]
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["models", "promote", "7.7.7"], "no model '7.7.7'"),
+    (["models", "rollback"], "no earlier production model"),
+    (["models", "add", "."], "not a newstagger model folder"),
+])
+def test_models_command_errors_are_exit_2_with_one_line(registry, argv, message, capsys, monkeypatch):
+    monkeypatch.chdir(registry.root.parent)
+    assert main([*argv, "--registry", str(registry.root)]) == 2
+    err = capsys.readouterr().err
+    assert message in err and err.count("\n") == 1

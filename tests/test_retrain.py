@@ -1,0 +1,248 @@
+"""Retraining: the promotion gate, replay sampling, new labels, and feedback -> export -> retrain ->
+promote -> served -> rollback end to end on the tiny model and a live server."""
+
+from __future__ import annotations
+
+import json
+import random
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+import uvicorn
+from conftest import SAMPLE, build_tiny_model_folder
+
+from newstagger.cli import main
+from newstagger.documents import DataError, Document, Span, write_jsonl
+from newstagger.tagger import Tagger
+from serving.app import create_app
+from serving.settings import ServeSettings
+from training.data import read_documents
+from training.registry import Entry, Registry
+from training.retrain import RetrainConfig, decide, gate_tolerances, replay_sample, retrain
+
+WAIT_S = 60  # generous upper bound for a tiny model to load
+TINY_TRAINING = ["--max-steps", "2", "--threads", "1"]
+
+
+def scores(entities: float, topics_micro: float, topics_macro: float) -> dict:
+    return {"entities": {"micro": {"f1": entities}},
+            "topics": {"micro": {"f1": topics_micro}, "macro": {"f1": topics_macro}}}
+
+
+GATE = gate_tolerances(RetrainConfig())
+CURRENT = scores(0.70, 0.80, 0.60)
+
+
+def test_the_gate_accepts_a_better_candidate():
+    verdict = decide(scores(0.72, 0.81, 0.65), CURRENT, GATE)
+    assert verdict["passed"] and verdict["reasons"] == []
+    assert verdict["checks"]["topics.macro.f1"] == {"candidate": 0.65, "current": 0.60, "delta": 0.05,
+                                                    "tolerance": 0.01, "passed": True}
+
+
+def test_the_gate_accepts_a_drop_within_the_tolerance():
+    assert decide(scores(0.695, 0.80, 0.60), CURRENT, GATE)["passed"]
+
+
+def test_the_gate_refuses_a_worse_candidate_and_names_each_metric_that_fell():
+    # what a candidate trained on shuffled labels looks like: its topics collapse
+    verdict = decide(scores(0.71, 0.35, 0.20), CURRENT, GATE)
+    assert not verdict["passed"]
+    assert [reason.split()[0] for reason in verdict["reasons"]] == ["topics.micro.f1", "topics.macro.f1"]
+    assert verdict["reasons"][0] == ("topics.micro.f1 changed by -0.4500 (0.8000 -> 0.3500); "
+                                     "the gate allows no less than -0.0100")
+
+
+def test_per_metric_tolerances_and_custom_gates():
+    gate = gate_tolerances(RetrainConfig(gate=["entities.micro.f1=0.05", "topics.micro.f1"], tolerance=0.0))
+    assert gate == {"entities.micro.f1": 0.05, "topics.micro.f1": 0.0}
+    assert decide(scores(0.66, 0.80, 0.10), CURRENT, gate)["passed"]  # macro is not gated here
+    assert not decide(scores(0.70, 0.79, 0.60), CURRENT, gate)["passed"]
+
+
+@pytest.mark.parametrize("gate", [["entity.micro.f1"], ["topics.micro.f1=lots"]])
+def test_a_bad_gate_is_refused_before_anything_runs(gate):
+    with pytest.raises(ValueError, match="--gate"):
+        gate_tolerances(RetrainConfig(gate=gate))
+
+
+def test_metrics_the_gold_set_cannot_measure_are_skipped_but_one_must_be_measured():
+    entities_only = {"entities": {"micro": {"f1": 0.7}}}
+    verdict = decide(entities_only, entities_only, GATE)
+    assert verdict["passed"] and verdict["checks"]["topics.micro.f1"] == {"skipped": "not measured on the gold set"}
+    assert not decide({}, {}, GATE)["passed"]
+
+
+def test_the_replay_sample_takes_an_equal_share_of_each_source():
+    sources = [[Document(f"{name}{i}", "x") for i in range(size)] for name, size in (("a", 100), ("b", 3), ("c", 50))]
+    sample = replay_sample(sources, 30, random.Random(0))
+    counts = {name: sum(doc.id.startswith(name) for doc in sample) for name in "abc"}
+    assert counts == {"a": 14, "b": 3, "c": 13}
+    assert len({doc.id for doc in sample}) == 30
+    assert len(replay_sample(sources, 1000, random.Random(0))) == 153
+
+
+# --- real runs on the tiny model ---------------------------------------------------------------------
+
+
+@pytest.fixture
+def registry(tmp_path) -> Registry:
+    registry = Registry(tmp_path / "registry")
+    with registry.staging() as staged:
+        build_tiny_model_folder(staged, version="1.0.0")
+        registry.register(staged, Entry(version="1.0.0"))
+    registry.promote("1.0.0")
+    return registry
+
+
+@pytest.fixture(scope="module")
+def sample() -> list[Document]:
+    return read_documents(SAMPLE)
+
+
+@pytest.fixture
+def gold(sample, tmp_path) -> Path:
+    write_jsonl(sample[-12:], tmp_path / "gold.jsonl")
+    return tmp_path / "gold.jsonl"
+
+
+def tiny_config(registry: Registry, data: Path, gold: Path, **changes) -> RetrainConfig:
+    return RetrainConfig(data=[str(data)], gold=[str(gold)], registry=str(registry.root), max_steps=2, threads=1,
+                         **changes)
+
+
+def test_a_refused_candidate_stays_in_the_registry_as_rejected(registry, sample, gold, tmp_path):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    # a negative tolerance demands an improvement of 1.0: no candidate can pass
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, gate=["topics.micro.f1=-1"]))
+    assert verdict["decision"] == "rejected" and not verdict["passed"]
+    assert verdict["reasons"][0].endswith("the gate allows no less than +1.0000")
+    manifest = registry.manifest()
+    assert manifest.current == "1.0.0"
+    assert manifest.entry("1.0.1").status == "rejected"
+    assert not (registry.root / "1.0.1" / "checkpoint").exists()
+
+
+def test_the_gold_set_is_never_trained_on_and_earlier_data_is_replayed(registry, sample, gold, tmp_path):
+    write_jsonl(sample[:29], tmp_path / "first.jsonl")  # includes no gold story ...
+    write_jsonl(sample[20:], tmp_path / "second.jsonl")  # ... this one is mostly gold
+    first = retrain(tiny_config(registry, tmp_path / "first.jsonl", gold, tolerance=1.0))
+    assert first["documents"] == {"new": 29, "replayed": 0, "replay_pool": 0, "gold": 12}
+    second = retrain(tiny_config(registry, tmp_path / "second.jsonl", gold, tolerance=1.0, replay_ratio=2.0))
+    # 21 new stories less the 12 gold ones; replay from first.jsonl less what is new again
+    assert second["documents"] == {"new": 9, "replayed": 18, "replay_pool": 20, "gold": 12}
+    recorded = {Path(d["path"]).name for d in registry.manifest().entry("1.0.2").data}
+    assert recorded == {"first.jsonl", "second.jsonl"}
+
+
+def test_new_labels_stop_the_run_unless_allowed_and_then_grow_the_heads(registry, sample, gold, tmp_path):
+    relabelled = [replace(doc, topics=[*doc.topics, "culture"],
+                          entities=[*doc.entities[:1], *(replace(s, type="event") for s in doc.entities[1:2])])
+                  for doc in sample[:20]]
+    write_jsonl(relabelled, tmp_path / "new.jsonl")
+    with pytest.raises(DataError, match=r"'topics': \['culture'\], 'entity_types': \['event'\]"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", gold))
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, allow_new_labels=True, tolerance=1.0))
+    assert verdict["new_labels"] == {"topics": ["culture"], "entity_types": ["event"]}
+    schema = Tagger.load(verdict["candidate"]["folder"]).schema
+    assert schema.topics[-1] == "culture" and schema.entity_types[-1] == "event"
+    assert Tagger.load(verdict["candidate"]["folder"]).tag([sample[0].text])[0]["topics"].keys() >= {"culture"}
+
+
+@contextmanager
+def live_server(settings: ServeSettings):
+    """The app under a real uvicorn on a free port, so the CLI reaches it over HTTP."""
+    server = uvicorn.Server(uvicorn.Config(create_app(settings), host="127.0.0.1", port=0, log_config=None))
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + WAIT_S
+    while not server.started:
+        assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
+        time.sleep(0.01)
+    url = "http://127.0.0.1:%d" % server.servers[0].sockets[0].getsockname()[1]
+    while httpx.get(f"{url}/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the model did not load"
+        time.sleep(0.01)
+    try:
+        yield url
+    finally:
+        server.should_exit = True
+        thread.join(WAIT_S)
+
+
+def test_feedback_export_retrain_promote_serve_and_roll_back(registry, sample, gold, tmp_path, capsys):
+    feedback_url = f"sqlite:///{tmp_path / 'feedback.db'}"
+    settings = ServeSettings(model=registry.root / "current", feedback_url=feedback_url, admin_token="secret")
+    with live_server(settings) as url:
+        version = lambda: httpx.get(f"{url}/v1/info").json()["model"]["version"]  # noqa: E731
+        assert version() == "1.0.0"
+        for doc in sample[:20]:
+            response = httpx.post(f"{url}/v1/feedback", json={**doc.to_dict(), "sender": "editor"})
+            assert response.status_code == 201, response.text
+
+        exported = tmp_path / "corrections.jsonl"
+        assert main(["feedback", "export", "--store", feedback_url, "-o", str(exported)]) == 0
+        server_flags = ["--server", url, "--token", "secret"]
+        code = main(["retrain", "--registry", str(registry.root), "--data", str(exported), "--gold", str(gold),
+                     "--tolerance", "1", *TINY_TRAINING, *server_flags])
+        out = capsys.readouterr().out
+        verdict = json.loads(out[out.index("{"):out.rindex("}") + 1])
+        assert code == 0 and verdict["decision"] == "promoted"
+        assert set(verdict["deltas"]) >= {"entities.micro.f1", "topics.micro.f1", "topics.macro.f1"}
+        assert f"{url} now serves tiny 1.0.1 (was 1.0.0)" in out
+        assert version() == "1.0.1"
+
+        assert main(["models", "rollback", "--registry", str(registry.root), *server_flags]) == 0
+        assert version() == "1.0.0"
+        assert Tagger.load(registry.root / "current").meta.version == "1.0.0"
+
+
+def test_a_server_that_cannot_be_reached_leaves_the_registry_promoted_and_exits_1(registry, tmp_path, capsys):
+    with registry.staging() as staged:
+        build_tiny_model_folder(staged, version="1.0.1")
+        registry.register(staged, Entry(version="1.0.1"))
+    code = main(["models", "promote", "1.0.1", "--registry", str(registry.root), "--server", "http://127.0.0.1:9"])
+    assert code == 1
+    assert "the registry is updated but the server is not" in capsys.readouterr().err
+    assert registry.manifest().current == "1.0.1"
+
+
+def shuffled_labels(documents: list[Document], seed: int) -> list[Document]:
+    """The same stories with labels that mean nothing: topic sets dealt to other stories, and every
+    entity span given another type."""
+    rng = random.Random(seed)
+    topic_sets = [doc.topics for doc in documents]
+    rng.shuffle(topic_sets)
+    types = sorted({span.type for doc in documents for span in doc.entities})
+    other = dict(zip(types, types[1:] + types[:1]))
+    return [replace(doc, topics=topics, entities=[Span(s.start, s.end, other[s.type]) for s in doc.entities])
+            for doc, topics in zip(documents, topic_sets)]
+
+
+def test_a_candidate_trained_on_shuffled_labels_is_refused(tmp_path, sample):
+    """The current model has learned the sample; a candidate retrained on half of it with shuffled
+    labels unlearns the other half, the gold set, and the gate keeps the current model."""
+    from training.train import TrainConfig, train
+
+    registry = Registry(tmp_path / "registry")
+    build_tiny_model_folder(tmp_path / "init", max_length=64, stride=16)
+    with registry.staging() as staged:
+        train(TrainConfig(output=str(staged), init_model=str(tmp_path / "init"), validation=[str(SAMPLE)],
+                          epochs=100, max_steps=150, learning_rate=5e-3, head_learning_rate=1.5e-2, batch_tokens=512,
+                          max_length=64, stride=16, inference_max_length=64, inference_stride=16, patience=100,
+                          threads=1, version="1.0.0"), sources=[sample])
+        registry.register(staged, Entry(version="1.0.0"))
+    registry.promote("1.0.0")
+    write_jsonl(shuffled_labels(sample[20:], seed=1), tmp_path / "shuffled.jsonl")
+    write_jsonl(sample[:20], tmp_path / "gold.jsonl")
+
+    verdict = retrain(RetrainConfig(data=[str(tmp_path / "shuffled.jsonl")], gold=[str(tmp_path / "gold.jsonl")],
+                                    registry=str(registry.root), max_steps=50, threads=1))
+    assert verdict["decision"] == "rejected", verdict
+    assert verdict["deltas"]["topics.micro.f1"] < -0.2
+    assert registry.manifest().current == "1.0.0"

@@ -1,0 +1,164 @@
+"""Editors' corrections: stored as they arrive (`POST /v1/feedback`), exported as training data.
+
+One row per (document id, revision), with who sent it, when, and which model version made the
+prediction being corrected. Storing is insert-or-ignore on that pair, so a client may retry a
+request safely; the same pair with a different document is a conflict, never an overwrite.
+
+SQLite by default (one file in WAL mode, so readers never block the writer, with a busy timeout
+so concurrent writers wait their turn instead of failing); any SQLAlchemy URL works, e.g.
+`postgresql+psycopg://user@host/newstagger`.
+
+`newstagger feedback export` writes the latest revision of each document as internal JSONL, ready
+for `newstagger retrain`.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from sqlalchemy import (
+    JSON, Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event, func,
+    select,
+)
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.schema import CreateTable
+
+from newstagger.documents import Document, Span, write_jsonl
+
+DEFAULT_URL = "sqlite:///feedback.db"
+URL_VARIABLE = "NEWSTAGGER_FEEDBACK_URL"
+SQLITE_BUSY_TIMEOUT_MS = 30_000
+
+metadata = MetaData()
+corrections = Table(
+    "corrections",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("doc_id", String, nullable=False),
+    Column("revision", Integer, nullable=False),
+    Column("text", Text, nullable=False),
+    Column("topics", JSON, nullable=True),  # NULL: not labelled for topics, unlike [] (labelled, none)
+    Column("entities", JSON, nullable=True),
+    Column("model_version", String, nullable=True),
+    Column("sender", String, nullable=False),
+    Column("created", DateTime(timezone=True), nullable=False),
+    UniqueConstraint("doc_id", "revision", name="uq_corrections_doc_revision"),
+)
+
+
+class CorrectionConflict(ValueError):
+    """This document id and revision are already stored with a different document."""
+
+
+@dataclass(frozen=True)
+class Correction:
+    document: Document
+    sender: str
+    revision: int = 1
+    model_version: str | None = None
+
+
+def default_url() -> str:
+    return os.environ.get(URL_VARIABLE) or DEFAULT_URL
+
+
+class FeedbackStore:
+    def __init__(self, url: str = DEFAULT_URL):
+        self.engine = create_engine(url)
+        if self.engine.dialect.name == "sqlite":
+            database = self.engine.url.database
+            if database and database != ":memory:":
+                Path(database).parent.mkdir(parents=True, exist_ok=True)
+            event.listen(self.engine, "connect", _sqlite_pragmas)
+        with self.engine.begin() as connection:
+            # IF NOT EXISTS: several server workers may open the same new database at once.
+            connection.execute(CreateTable(corrections, if_not_exists=True))
+
+    def add(self, correction: Correction) -> bool:
+        """Store a correction: True if stored now, False if this exact one was stored before.
+
+        Raises CorrectionConflict when its id and revision are stored with another document.
+        """
+        row = _row(correction.document)
+        try:
+            with self.engine.begin() as connection:
+                connection.execute(corrections.insert().values(
+                    **row, revision=correction.revision, sender=correction.sender,
+                    model_version=correction.model_version, created=datetime.now(timezone.utc)))
+            return True
+        except IntegrityError:
+            pass  # the unique (doc_id, revision) pair: stored before, by this client or another
+        with self.engine.connect() as connection:
+            stored = connection.execute(
+                select(corrections.c.text, corrections.c.topics, corrections.c.entities).where(
+                    corrections.c.doc_id == row["doc_id"], corrections.c.revision == correction.revision)
+            ).one()
+        if dict(stored._mapping) != {k: row[k] for k in ("text", "topics", "entities")}:
+            raise CorrectionConflict(
+                f"document {row['doc_id']!r} revision {correction.revision} is already stored with other "
+                f"content; send the new content as a higher revision")
+        return False
+
+    def count(self) -> int:
+        """Stored corrections, every revision counted."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(func.count()).select_from(corrections)).scalar_one()
+
+    def latest_documents(self) -> list[Document]:
+        """The latest revision of every corrected document, ordered by document id."""
+        latest = (select(corrections.c.doc_id, func.max(corrections.c.revision).label("revision"))
+                  .group_by(corrections.c.doc_id).subquery())
+        query = (select(corrections.c.doc_id, corrections.c.text, corrections.c.topics, corrections.c.entities)
+                 .join(latest, (corrections.c.doc_id == latest.c.doc_id)
+                       & (corrections.c.revision == latest.c.revision))
+                 .order_by(corrections.c.doc_id))
+        with self.engine.connect() as connection:
+            rows = connection.execute(query).all()
+        return [Document(id=r.doc_id, text=r.text, topics=r.topics,
+                         entities=None if r.entities is None else [Span(**e) for e in r.entities])
+                for r in rows]
+
+
+def _row(document: Document) -> dict:
+    entities = None if document.entities is None else [span.to_dict() for span in sorted(document.entities)]
+    return {"doc_id": document.id, "text": document.text, "topics": document.topics, "entities": entities}
+
+
+def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute(f"PRAGMA busy_timeout={SQLITE_BUSY_TIMEOUT_MS}")
+    cursor.close()
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("feedback", help="corrections sent to POST /v1/feedback")
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+    export = actions.add_parser("export", help="write the latest revision of each corrected story as training JSONL")
+    export.add_argument("--store", default=None,
+                        help=f"database URL (default: ${URL_VARIABLE}, else {DEFAULT_URL})")
+    export.add_argument("--output", "-o", required=True, help="JSONL file to write (internal format)")
+    export.set_defaults(handler=run_export)
+
+
+def run_export(args) -> int:
+    from newstagger.cli import UsageError
+
+    url = args.store or default_url()
+    try:
+        parsed = make_url(url)
+    except ArgumentError as err:
+        raise UsageError(f"--store: {err}") from None
+    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
+        raise UsageError(f"--store: no feedback database at {parsed.database or 'an in-memory URL'}")
+    store = FeedbackStore(url)
+    written = write_jsonl(store.latest_documents(), args.output)
+    print(f"wrote {written} documents ({store.count()} corrections stored) to {args.output}")
+    return 0

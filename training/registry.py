@@ -1,0 +1,431 @@
+"""The model registry: versioned model folders, a manifest, and the `current` production pointer.
+
+    registry/
+      manifest.json     {"current": "1.0.1", "history": ["1.0.0", "1.0.1"], "models": [entry, ...]}
+      current -> 1.0.1  symlink: serve with `--model registry/current`
+      1.0.0/  1.0.1/    complete model folders (newstagger.model layout)
+      .staging/         models being written
+
+An entry is {version, parent, data: [{path, format, sha256}], metrics, created, status}: the data
+it was trained on (replayed by the next retrain), its headline scores per evaluation (validation,
+gold), and one of candidate | production | retired | rejected. `history` is the stack of versions
+that have been current: promoting pushes, rolling back pops.
+
+Nothing is ever half-written where readers look: a model is written under .staging/ and renamed
+into place, the manifest and the `current` link are replaced by rename (atomic on POSIX), and
+writers take a lock on the registry. A process that dies mid-training leaves only a staging folder,
+which the next writer removes. The manifest is the truth; the link follows it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import urllib.error
+import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+
+log = logging.getLogger("newstagger.registry")
+
+MANIFEST = "manifest.json"
+CURRENT_LINK = "current"
+STAGING = ".staging"
+LOCK = ".lock"
+STATUSES = ("candidate", "production", "retired", "rejected")
+DEFAULT_REGISTRY = "registry"
+TOKEN_VARIABLE = "NEWSTAGGER_ADMIN_TOKEN"
+HEADLINE_SCORES = [f"{task}.{average}.f1" for task in ("entities", "entities_coarse", "topics")
+                   for average in ("micro", "macro")]
+RELOAD_TIMEOUT_S = 300  # loading a model on a busy server can take a while
+
+
+class RegistryError(ValueError):
+    """A registry operation that cannot be done as asked; the message says why."""
+
+
+@dataclass
+class Entry:
+    version: str
+    parent: str | None = None
+    data: list[dict] = field(default_factory=list)
+    metrics: dict = field(default_factory=dict)
+    created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
+    status: str = "candidate"
+
+
+@dataclass
+class Manifest:
+    models: list[Entry] = field(default_factory=list)
+    history: list[str] = field(default_factory=list)
+
+    @property
+    def current(self) -> str | None:
+        return self.history[-1] if self.history else None
+
+    def entry(self, version: str) -> Entry:
+        for entry in self.models:
+            if entry.version == version:
+                return entry
+        raise RegistryError(f"no model {version!r} in the registry (known: {[e.version for e in self.models]})")
+
+    def to_dict(self) -> dict:
+        return {"current": self.current, "history": self.history, "models": [asdict(e) for e in self.models]}
+
+    @classmethod
+    def from_dict(cls, obj: dict) -> "Manifest":
+        return cls(models=[Entry(**e) for e in obj.get("models", [])], history=list(obj.get("history", [])))
+
+
+def metric(metrics: dict, name: str) -> float | None:
+    """`entities.micro.f1` looked up in evaluate_tagger's result; None where it has no such score."""
+    value = metrics
+    for key in name.split("."):
+        if not isinstance(value, dict) or key not in value:
+            return None
+        value = value[key]
+    return value
+
+
+def scores(metrics: dict) -> dict[str, float]:
+    """The headline scores of an evaluation: what the manifest keeps and what verdicts compare."""
+    return {name: metric(metrics, name) for name in HEADLINE_SCORES if metric(metrics, name) is not None}
+
+
+def fingerprint(path: str | Path, format: str | None = None) -> dict:
+    """What a data file was when a model was trained on it: where, how it was read, its sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return {"path": str(Path(path).resolve()), "format": format, "sha256": digest.hexdigest()}
+
+
+class Registry:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    # ------------------------------------------------------------------ reading
+
+    def manifest(self) -> Manifest:
+        path = self.root / MANIFEST
+        if not path.is_file():
+            return Manifest()
+        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+
+    def folder(self, version: str) -> Path:
+        """The model folder of a registered version (absolute: it is handed to servers)."""
+        self.manifest().entry(version)
+        return (self.root / version).absolute()
+
+    # ------------------------------------------------------------------ writing
+
+    @contextmanager
+    def staging(self) -> Iterator[Path]:
+        """An empty folder to write a model into, then hand to `register`; removed if that never happens.
+
+        It holds a lock for as long as it is in use, so a writer can tell an abandoned staging
+        folder (its process died) from one still being written, and clear only the former.
+        """
+        staging_root = self.root / STAGING
+        staging_root.mkdir(parents=True, exist_ok=True)
+        # The lock exists, and is held, before the folder does: a writer clearing abandoned
+        # folders can never take one that is only starting.
+        handle, lock_path = tempfile.mkstemp(dir=staging_root, suffix=".lock")
+        with os.fdopen(handle, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            folder = Path(lock_path).with_suffix("")
+            folder.mkdir()
+            try:
+                yield folder
+            finally:
+                shutil.rmtree(folder, ignore_errors=True)  # gone already if it was registered
+                Path(lock_path).unlink(missing_ok=True)
+
+    def register(self, staged: Path, entry: Entry) -> Entry:
+        """Move a complete model folder from staging into the registry under `entry.version`."""
+        if entry.status not in STATUSES:
+            raise RegistryError(f"status must be one of {STATUSES}, not {entry.status!r}")
+        with self._writing() as manifest:
+            if any(e.version == entry.version for e in manifest.models):
+                raise RegistryError(f"version {entry.version} is already in the registry")
+            target = self.root / entry.version
+            if target.exists():  # left by a crash between the rename and the manifest write
+                shutil.rmtree(target)
+            os.rename(staged, target)
+            manifest.models.append(entry)
+        return entry
+
+    def set_status(self, version: str, status: str) -> None:
+        with self._writing() as manifest:
+            entry = manifest.entry(version)
+            if version == manifest.current:
+                raise RegistryError(f"{version} is in production; promote another version or roll back first")
+            entry.status = status
+
+    def promote(self, version: str) -> Entry:
+        """Make `version` the production model; the one it replaces is retired."""
+        with self._writing() as manifest:
+            entry = manifest.entry(version)
+            if version == manifest.current:
+                raise RegistryError(f"{version} is already in production")
+            if manifest.current is not None:
+                manifest.entry(manifest.current).status = "retired"
+            entry.status = "production"
+            manifest.history.append(version)
+        return entry
+
+    def rollback(self) -> tuple[Entry, Entry]:
+        """Put the previous production model back; returns (restored, retired)."""
+        with self._writing() as manifest:
+            if len(manifest.history) < 2:
+                raise RegistryError("there is no earlier production model to roll back to")
+            retired = manifest.entry(manifest.history.pop())
+            retired.status = "retired"
+            restored = manifest.entry(manifest.current)
+            restored.status = "production"
+        return restored, retired
+
+    def next_version(self, parent: str) -> str:
+        """The parent's version with the patch number raised past every registered version."""
+        parts = parent.split(".")
+        if len(parts) != 3 or not all(p.isdigit() for p in parts):
+            raise RegistryError(f"cannot derive a new version from {parent!r}; name one explicitly")
+        taken = {e.version for e in self.manifest().models}
+        patch = int(parts[2]) + 1
+        while f"{parts[0]}.{parts[1]}.{patch}" in taken:
+            patch += 1
+        return f"{parts[0]}.{parts[1]}.{patch}"
+
+    @contextmanager
+    def _writing(self) -> Iterator[Manifest]:
+        """The manifest to change, under the registry lock; written back (with the link) on success."""
+        self.root.mkdir(parents=True, exist_ok=True)
+        with open(self.root / LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            self._clear_abandoned_staging()
+            manifest = self.manifest()
+            yield manifest
+            _replace_text(self.root / MANIFEST, json.dumps(manifest.to_dict(), ensure_ascii=False, indent=2) + "\n")
+            self._point_current_at(manifest.current)
+
+    def _point_current_at(self, version: str | None) -> None:
+        link = self.root / CURRENT_LINK
+        if version is None or (link.is_symlink() and os.readlink(link) == version):
+            return
+        temporary = self.root / f".{CURRENT_LINK}.{os.getpid()}"
+        temporary.unlink(missing_ok=True)
+        os.symlink(version, temporary)  # relative: the registry can be moved or mounted elsewhere
+        os.replace(temporary, link)
+
+    def _clear_abandoned_staging(self) -> None:
+        staging_root = self.root / STAGING
+        if not staging_root.is_dir():
+            return
+        for lock_path in staging_root.glob("*.lock"):
+            with open(lock_path, "a") as lock:
+                try:
+                    fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                except BlockingIOError:
+                    continue  # still being written by a live process
+                folder = lock_path.with_suffix("")
+                log.info("removing %s, left by a run that did not finish", folder)
+                shutil.rmtree(folder, ignore_errors=True)
+                lock_path.unlink()
+
+
+def _replace_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a mix."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server run as another user
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def reload_server(server: str, folder: Path, token: str | None) -> dict:
+    """Ask a running `newstagger serve` to swap in `folder` (POST /v1/admin/reload); its JSON answer.
+
+    The folder path must mean the same on the server, as it does when both share the registry.
+    """
+    request = urllib.request.Request(
+        server.rstrip("/") + "/v1/admin/reload", method="POST",
+        data=json.dumps({"model": str(folder)}).encode(),
+        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
+    try:
+        with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT_S) as response:
+            return json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        raise DeployError(f"{server} refused the reload ({err.code}): {err.read().decode(errors='replace')}") from None
+    except (urllib.error.URLError, OSError) as err:
+        raise DeployError(f"could not reach {server}: {err}") from None
+
+
+class DeployError(RuntimeError):
+    """The registry changed but the server did not take the new model."""
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def add_registry_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"registry folder (default: {DEFAULT_REGISTRY})")
+
+
+def add_server_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--server", help="also make this running server load the model, e.g. http://127.0.0.1:8000")
+    parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE),
+                        help=f"the server's admin token (default: ${TOKEN_VARIABLE})")
+
+
+def deploy(args, folder: Path) -> int:
+    """Exit code after telling `--server`, if given, to serve `folder`."""
+    if not args.server:
+        return 0
+    try:
+        answer = reload_server(args.server, folder, args.token)
+    except DeployError as err:
+        print(f"newstagger {args.command}: the registry is updated but the server is not: {err}", file=sys.stderr)
+        return 1
+    print(f"{args.server} now serves {answer['model']['name']} {answer['model']['version']} "
+          f"(was {answer['previous']['version']})")
+    return 0
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("models", help="the model registry: list, add, promote, roll back",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
+
+    listing = actions.add_parser("list", help="registered versions, newest last; * marks production")
+    add_registry_argument(listing)
+    listing.add_argument("--json", action="store_true", help="print the manifest as JSON")
+    listing.set_defaults(handler=run_list)
+
+    adding = actions.add_parser("add", help="copy a model folder into the registry (e.g. the first model)")
+    adding.add_argument("folder", help="a newstagger model folder; its newstagger.json gives the version")
+    add_registry_argument(adding)
+    adding.add_argument("--data", action="append", metavar="PATH[:FORMAT]",
+                        help="data it was trained on, kept for replay (default: what its newstagger.json "
+                             "records, where those files are found); repeatable")
+    adding.add_argument("--promote", action="store_true", help="make it the production model")
+    add_server_arguments(adding)
+    adding.set_defaults(handler=run_add)
+
+    promoting = actions.add_parser("promote", help="make VERSION the production model")
+    promoting.add_argument("version")
+    add_registry_argument(promoting)
+    add_server_arguments(promoting)
+    promoting.set_defaults(handler=run_promote)
+
+    rolling_back = actions.add_parser("rollback", help="bring the previous production model back")
+    add_registry_argument(rolling_back)
+    add_server_arguments(rolling_back)
+    rolling_back.set_defaults(handler=run_rollback)
+
+
+def run_list(args) -> int:
+    manifest = Registry(args.registry).manifest()
+    if args.json:
+        print(json.dumps(manifest.to_dict(), ensure_ascii=False, indent=2))
+        return 0
+    if not manifest.models:
+        print(f"{args.registry}: no models yet")
+        return 0
+    rows = [("", "version", "status", "parent", "created", "metrics")]
+    for e in manifest.models:
+        rows.append(("*" if e.version == manifest.current else "", e.version, e.status, e.parent or "-",
+                     e.created, metrics_summary(e.metrics)))
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
+    for row in rows:
+        print("  ".join(cell.ljust(width) for cell, width in zip(row, widths)).rstrip())
+    return 0
+
+
+def metrics_summary(metrics: dict) -> str:
+    """`gold: entities 0.712 topics 0.801` — micro-F1 per task of each evaluation recorded."""
+    parts = []
+    for where, result in metrics.items():
+        micro = [f"{task} {result[f'{task}.micro.f1']:.3f}" for task in ("entities", "topics")
+                 if f"{task}.micro.f1" in result]
+        if micro:
+            parts.append(f"{where}: {' '.join(micro)}")
+    return "; ".join(parts) or "-"
+
+
+def run_add(args) -> int:
+    from newstagger.cli import UsageError
+    from newstagger.model import META_FILE, METRICS_FILE, ModelMeta
+    from training.data import guess_format, parse_data_spec
+
+    source = Path(args.folder)
+    if not (source / META_FILE).is_file():
+        raise UsageError(f"{source} is not a newstagger model folder (no {META_FILE})")
+    meta = ModelMeta.from_dict(json.loads((source / META_FILE).read_text(encoding="utf-8")))
+    specs = args.data or meta.training.get("config", {}).get("train", [])
+    data = []
+    for spec in specs:
+        path, format = parse_data_spec(spec)
+        if path.is_file():
+            data.append(fingerprint(path, format or guess_format(path)))
+        elif args.data:
+            raise UsageError(f"--data: no file {path}")
+        else:
+            log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
+    metrics_path = source / METRICS_FILE
+    recorded = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    metrics = {where: scores(result) for where, result in recorded.items()}
+    registry = Registry(args.registry)
+    try:
+        with registry.staging() as staged:
+            # Only what serving needs: a training checkpoint holds optimizer pickles.
+            shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
+            entry = registry.register(staged, Entry(version=meta.version, parent=meta.parent_version,
+                                                    data=data, metrics=metrics))
+        print(f"added {entry.version} to {args.registry}")
+        if args.promote:
+            registry.promote(entry.version)
+            print(f"{entry.version} is now in production")
+    except RegistryError as err:
+        raise UsageError(str(err)) from None
+    return deploy(args, registry.folder(entry.version)) if args.promote else 0
+
+
+def run_promote(args) -> int:
+    from newstagger.cli import UsageError
+
+    registry = Registry(args.registry)
+    try:
+        entry = registry.promote(args.version)
+    except RegistryError as err:
+        raise UsageError(str(err)) from None
+    print(f"{entry.version} is now in production")
+    return deploy(args, registry.folder(entry.version))
+
+
+def run_rollback(args) -> int:
+    from newstagger.cli import UsageError
+
+    registry = Registry(args.registry)
+    try:
+        restored, retired = registry.rollback()
+    except RegistryError as err:
+        raise UsageError(str(err)) from None
+    print(f"rolled back: {restored.version} is in production again ({retired.version} retired)")
+    return deploy(args, registry.folder(restored.version))

@@ -1,0 +1,280 @@
+"""`newstagger retrain`: fine-tune the production model on new labelled data, and promote the result
+only if it is no worse.
+
+1. Start from the registry's production model (or `--start VERSION`) and its training recipe.
+2. Train on the new data mixed with a replay sample of the data the starting model was trained
+   on (recorded in the registry, or `--replay`), so old skills are kept. Stories of the gold set
+   are left out of both.
+3. Score the candidate and the production model on the same fixed gold set.
+4. Promote the candidate only if no gated metric drops by more than its tolerance; otherwise keep
+   the production model (the candidate stays in the registry, status `rejected`).
+
+Prints a JSON verdict: both models' gold scores, the deltas, the decision and its reasons. Exit
+code 0 when the candidate passed the gate, 1 when it was refused.
+
+New labels in the new data (an entity type or topic the model does not know) stop the run unless
+`--allow-new-labels` is given, since a typo in an annotation tool would otherwise become a label;
+with it, the model's heads grow and the new labels are trained.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import random
+import re
+import shutil
+import time
+from dataclasses import dataclass, fields, replace
+from pathlib import Path
+
+from newstagger.documents import DataError, Document
+from newstagger.schema import LabelSchema
+from newstagger.tagger import Tagger
+
+from .evaluate import evaluate_tagger, public
+from .registry import (
+    DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, deploy, fingerprint, metric, scores,
+)
+from .train import TrainConfig, _option, add_config_arguments, train
+
+log = logging.getLogger("newstagger.retrain")
+
+DEFAULT_GATE = ["entities.micro.f1", "topics.micro.f1", "topics.macro.f1"]
+GATEABLE = re.compile(r"(entities|entities_coarse|topics)\.(micro|macro)\.(precision|recall|f1)")
+
+
+@dataclass
+class RetrainConfig:
+    data: list[str] = _option(list, "new labelled data, PATH[:FORMAT], any format the importers read")
+    gold: list[str] = _option(list, "fixed gold set both models are scored on, PATH[:FORMAT]; never trained on")
+    registry: str = _option(DEFAULT_REGISTRY, "registry folder")
+    start: str | None = _option(None, "registry version to start from (default: the production model)")
+    version: str | None = _option(None, "version of the new model (default: the starting version, patch + 1)")
+    replay: list[str] = _option(list, "earlier data to replay (default: the data the registry records for "
+                                      "the starting model)")
+    replay_ratio: float = _option(1.0, "replayed earlier documents per new document")
+    gate: list[str] = _option(list, "gated metric, optionally with its own tolerance "
+                                    f"(default: {', '.join(DEFAULT_GATE)})",
+                              metavar="METRIC[=TOLERANCE]")
+    tolerance: float = _option(0.01, "largest drop of a gated metric that still lets the candidate through "
+                                     "(negative: demand an improvement)")
+    allow_new_labels: bool = _option(False, "grow the model for labels the new data adds, instead of stopping")
+    promote: bool = _option(True, "promote a candidate that passes the gate (--no-promote: only register it)")
+    epochs: int | None = _option(None, "passes over the mix (default: as the starting model was trained)")
+    max_steps: int | None = _option(None, "stop after this many optimizer steps (for smoke tests)")
+    learning_rate: float | None = _option(None, "peak learning rate (default: as the starting model was trained)")
+    threads: int | None = _option(None, "torch CPU threads (default: as the starting model was trained)")
+    seed: int = _option(13, "seed of the replay sample and of training")
+
+
+def gate_tolerances(config: RetrainConfig) -> dict[str, float]:
+    """{metric: tolerance} from `--gate METRIC[=TOLERANCE]` flags and the default tolerance."""
+    tolerances = {}
+    for spec in config.gate or DEFAULT_GATE:
+        metric, _, tolerance = spec.partition("=")
+        if not GATEABLE.fullmatch(metric):
+            raise ValueError(f"--gate: unknown metric {metric!r}; use TASK.AVERAGE.SCORE with TASK one of "
+                             "entities, entities_coarse, topics, AVERAGE micro or macro, SCORE precision, recall "
+                             "or f1")
+        try:
+            tolerances[metric] = float(tolerance) if tolerance else config.tolerance
+        except ValueError:
+            raise ValueError(f"--gate: tolerance of {metric} must be a number, not {tolerance!r}") from None
+    return tolerances
+
+
+def decide(candidate: dict, current: dict, tolerances: dict[str, float]) -> dict:
+    """The gate: passed only if no gated metric measured on both drops by more than its tolerance."""
+    checks, reasons = {}, []
+    for name, tolerance in tolerances.items():
+        new, old = metric(candidate, name), metric(current, name)
+        if new is None or old is None:
+            checks[name] = {"skipped": "not measured on the gold set"}
+            continue
+        delta = round(new - old, 4)
+        checks[name] = {"candidate": new, "current": old, "delta": delta, "tolerance": tolerance,
+                        "passed": delta >= -tolerance}
+        if delta < -tolerance:
+            reasons.append(f"{name} changed by {delta:+.4f} ({old:.4f} -> {new:.4f}); the gate allows no less "
+                           f"than {-tolerance:+.4f}")
+    if all("skipped" in check for check in checks.values()):
+        reasons.append("the gold set measures none of the gated metrics; it needs labels for the gated tasks")
+    return {"passed": not reasons, "reasons": reasons, "checks": checks}
+
+
+def replay_sample(sources: list[list[Document]], size: int, rng: random.Random) -> list[Document]:
+    """`size` documents with an equal share from each source, all of a source smaller than its share."""
+    chosen: list[Document] = []
+    remaining = sorted(sources, key=len)
+    while remaining and len(chosen) < size:
+        share = (size - len(chosen)) // len(remaining) or 1
+        source = remaining.pop(0)
+        chosen += rng.sample(source, min(share, len(source), size - len(chosen)))
+    return chosen
+
+
+def retrain(config: RetrainConfig) -> dict:
+    """Train, score and gate a candidate as configured; returns the verdict (see the module doc)."""
+    started = time.time()
+    if not config.data:
+        raise ValueError("no new data: give --data PATH[:FORMAT]")
+    if not config.gold:
+        raise ValueError("no gold set: give --gold PATH[:FORMAT]; the gate compares both models on it")
+    tolerances = gate_tolerances(config)
+    registry = Registry(config.registry)
+    manifest = registry.manifest()
+    start = config.start or manifest.current
+    if start is None:
+        raise RegistryError(f"{config.registry} has no production model; add one with `newstagger models add "
+                            f"FOLDER --promote` or name a version with --start")
+    start_entry = manifest.entry(start)
+    baseline = manifest.current or start
+    version = config.version or registry.next_version(start)
+    if any(entry.version == version for entry in manifest.models):
+        raise RegistryError(f"version {version} is already in the registry; name another with --version")
+
+    new_sources = _read_sources(config.data)
+    gold = [doc for _, docs in _read_sources(config.gold) for doc in docs]
+    replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
+    gold_texts = {doc.text for doc in gold}
+    new_docs = _without(gold_texts, [doc for _, docs in new_sources for doc in docs])
+    seen_texts = gold_texts | {doc.text for doc in new_docs}
+    pool = [_without(seen_texts, docs) for _, docs in replay_sources]
+    replayed = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
+    if not replay_sources:
+        log.warning("no earlier data recorded for %s and none given with --replay: old skills may be lost", start)
+    if not new_docs:
+        raise DataError("every new document is also in the gold set; nothing is left to train on")
+
+    start_folder = registry.folder(start)
+    start_tagger = Tagger.load(start_folder)
+    new_labels = _new_labels(start_tagger.schema, LabelSchema.from_documents(new_docs + replayed))
+    if any(new_labels.values()) and not config.allow_new_labels:
+        raise DataError(f"the new data has labels {start} does not know: {new_labels}; check them for typos, "
+                        f"then pass --allow-new-labels to grow the model with them")
+    log.info("retraining %s into %s on %d new and %d replayed documents; gold set %d documents",
+             start, version, len(new_docs), len(replayed), len(gold))
+
+    with registry.staging() as staged:
+        train_config = _training_config(config, start_tagger, start_folder, staged, version)
+        _, validation = train(train_config, sources=[new_docs, replayed] if replayed else [new_docs])
+        shutil.rmtree(staged / "checkpoint", ignore_errors=True)  # optimizer state: not part of a model
+        candidate_gold = public(evaluate_tagger(Tagger.load(staged), gold))
+        baseline_tagger = start_tagger if baseline == start else Tagger.load(registry.folder(baseline))
+        baseline_gold = public(evaluate_tagger(baseline_tagger, gold))
+        gate = decide(candidate_gold, baseline_gold, tolerances)
+        # By path: a file both replayed and new (a re-exported feedback file) is recorded once.
+        data = list({source["path"]: source for source, _ in replay_sources + new_sources}.values())
+        registry.register(staged, Entry(version=version, parent=start, data=data,
+                                        metrics={"gold": scores(candidate_gold), "validation": scores(validation)}))
+
+    if gate["passed"] and config.promote:
+        registry.promote(version)
+        decision = "promoted"
+    elif gate["passed"]:
+        decision = "passed, not promoted (--no-promote)"
+    else:
+        registry.set_status(version, "rejected")
+        decision = "rejected"
+    return {
+        "decision": decision,
+        "passed": gate["passed"],
+        "reasons": gate["reasons"],
+        "candidate": {"version": version, "parent": start, "gold": scores(candidate_gold),
+                      "folder": str(registry.folder(version))},
+        "current": {"version": baseline, "gold": scores(baseline_gold)},
+        "deltas": _deltas(candidate_gold, baseline_gold),
+        "gate": gate["checks"],
+        "new_labels": new_labels,
+        "documents": {"new": len(new_docs), "replayed": len(replayed), "replay_pool": sum(map(len, pool)),
+                      "gold": len(gold)},
+        "seconds": round(time.time() - started, 1),
+    }
+
+
+def _read_sources(specs: list[str]) -> list[tuple[dict, list[Document]]]:
+    """(fingerprint, documents) per data spec."""
+    from training.data import guess_format, parse_data_spec, read_documents
+
+    sources = []
+    for path, format in map(parse_data_spec, specs):
+        format = format or guess_format(path)  # recorded, so a replay reads the file the same way
+        sources.append((fingerprint(path, format), read_documents(path, format)))
+    return sources
+
+
+def _recorded_sources(entry: Entry) -> list[tuple[dict, list[Document]]]:
+    """The data the registry says a model was trained on, read again for replay."""
+    from training.data import read_documents
+
+    sources = []
+    for recorded in entry.data:
+        path = Path(recorded["path"])
+        if not path.is_file():
+            raise DataError(f"{path}, which {entry.version} was trained on, is gone; name the earlier data "
+                            f"with --replay PATH[:FORMAT]")
+        now = fingerprint(path, recorded["format"])
+        if now["sha256"] != recorded["sha256"]:
+            log.warning("%s changed since %s was trained on it; replaying what it holds now", path, entry.version)
+        sources.append((now, read_documents(path, recorded["format"])))
+    return sources
+
+
+def _without(texts: set[str], docs: list[Document]) -> list[Document]:
+    return [doc for doc in docs if doc.text not in texts]
+
+
+def _new_labels(known: LabelSchema, data: LabelSchema) -> dict[str, list[str]]:
+    return {"topics": [t for t in data.topics if t not in known.topics],
+            "entity_types": [t for t in data.entity_types if t not in known.entity_types]}
+
+
+def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, output: Path,
+                     version: str) -> TrainConfig:
+    """The starting model's own recipe, continued from its weights into `output`.
+
+    A model that records no recipe gets the defaults, at the window it serves with.
+    """
+    meta = start.meta
+    known = {f.name for f in fields(TrainConfig)}
+    recorded = {k: v for k, v in meta.training.get("config", {}).items() if k in known}
+    recipe = TrainConfig(**recorded) if recorded else TrainConfig(max_length=meta.max_length, stride=meta.stride)
+    overrides = {name: getattr(config, name) for name in ("epochs", "max_steps", "learning_rate", "threads")
+                 if getattr(config, name) is not None}
+    return replace(recipe, **overrides, train=[], validation=[], output=str(output), init_model=str(start_folder),
+                   version=version, name=meta.name, seed=config.seed, resume=False,
+                   inference_max_length=meta.max_length, inference_stride=meta.stride)
+
+
+def _deltas(candidate: dict, current: dict) -> dict[str, float]:
+    new, old = scores(candidate), scores(current)
+    return {name: round(new[name] - old[name], 4) for name in new if name in old}
+
+
+# --------------------------------------------------------------------------- command line
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("retrain", help="train on new data, promote only if no worse on a gold set",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_config_arguments(parser, RetrainConfig)
+    add_server_arguments(parser)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from newstagger.cli import UsageError
+
+    values = {f.name: getattr(args, f.name) for f in fields(RetrainConfig) if getattr(args, f.name) is not None}
+    try:
+        verdict = retrain(RetrainConfig(**values))
+    except DataError:
+        raise
+    except ValueError as err:  # RegistryError included
+        raise UsageError(str(err)) from None
+    print(json.dumps(verdict, ensure_ascii=False, indent=2))
+    if verdict["decision"] != "promoted":
+        return 0 if verdict["passed"] else 1
+    return deploy(args, Path(verdict["candidate"]["folder"]))
