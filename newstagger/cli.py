@@ -19,6 +19,9 @@ COMMAND_MODULES = (
     "training.train",
     "training.evaluate",
     "serving.command",
+    "training.feedback",
+    "training.registry",
+    "training.retrain",
 )
 
 
