@@ -2,9 +2,10 @@
 
 Requests wait in a bounded queue (a full queue is the overload signal, answered with 429). One
 worker thread takes the oldest request, keeps gathering others for up to `max_wait_s` or until
-the character budget is spent, and runs the model once over every document gathered. Inside
-that call the tagger sorts windows by length and packs them under its token budget, so short
-and long stories do not pad each other. Each request then gets its own slice of the results,
+the character budget is spent, and runs the model once over every document gathered (a single
+request over the budget runs alone, in parts of the budget, which bounds memory). Inside that
+call the tagger sorts windows by length and packs them under its token budget, so short and
+long stories do not pad each other. Each request then gets its own slice of the results,
 relabelled under its own thresholds and entity types.
 
 The model is read once per batch, so a reload swaps it between batches and a running batch
@@ -18,6 +19,7 @@ import logging
 import queue
 import threading
 import time
+from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -129,8 +131,9 @@ class MicroBatcher:
 
     def _serve(self, tagger: Tagger, batch: list[Job]) -> None:
         started = time.perf_counter()
+        texts = [text for job in batch for text in job.texts]
         try:
-            results = tagger.tag([text for job in batch for text in job.texts])
+            results = [result for part in _parts(texts, self.max_chars) for result in tagger.tag(part)]
         except Exception as err:
             if len(batch) == 1:
                 logger.exception("the model failed on a request of %d documents", len(batch[0].texts))
@@ -151,7 +154,9 @@ class MicroBatcher:
             offset += len(job.texts)
             try:
                 finished = [tagger.with_options(r, job.thresholds, job.entity_types) for r in mine]
-            except Exception as err:
+            except Exception as err:  # fail this request, never the worker thread
+                logger.exception("finishing the results of a request failed")
+                self.metrics.model_failures.inc()
                 job.future.set_exception(err)
                 continue
             job.future.set_result(Outcome(finished, tagger.meta, started - job.enqueued_at, elapsed))
@@ -171,3 +176,19 @@ class MicroBatcher:
                 return
             if job is not _STOP and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ShuttingDown("the server shut down before running this request"))
+
+
+def _parts(texts: list[str], max_chars: int) -> Iterator[list[str]]:
+    """Consecutive runs of at most `max_chars` characters (a longer text alone). The tagger's
+    memory grows with the text it is given at once (about 1 KB a character, outside the encoder),
+    so a large request runs in parts rather than all together."""
+    part: list[str] = []
+    chars = 0
+    for text in texts:
+        if part and chars + len(text) > max_chars:
+            yield part
+            part, chars = [], 0
+        part.append(text)
+        chars += len(text)
+    if part:
+        yield part

@@ -34,14 +34,16 @@ class ServeSettings(BaseSettings):
     )
     batch_max_chars: int = Field(
         16_384, ge=1,
-        description="Most characters gathered into one batch (about one token each in Chinese); a single "
-                    "request larger than this still runs, alone.",
+        description="Most characters the model is given at once (about one token each in Chinese): requests "
+                    "are gathered up to this, a larger request runs alone in parts of this size. Bounds memory.",
     )
     queue_max: int = Field(
         256, ge=1, description="Requests allowed to wait for the model; beyond this the server answers 429."
     )
     torch_threads: int | None = Field(
-        None, ge=1, description="Threads torch may use per worker process; unset keeps torch's default."
+        None, ge=1,
+        description="Threads torch may use per worker process; unset: one fewer than the cores the process "
+                    "may use (at least one), so HTTP work never preempts the encoder's threads mid-step.",
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin/*; unset disables the admin endpoints."

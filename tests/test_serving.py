@@ -309,6 +309,36 @@ def test_concurrent_requests_share_one_forward_pass(make_client):
     assert 'newstagger_batch_requests_bucket{le="8.0"} 2.0' in client.get("/metrics").text
 
 
+def test_requests_batched_together_keep_their_own_options(make_client, tiny_model_dir):
+    client = make_client()
+    gate = Gate(client)
+    asked = [{"thresholds": {"ecology": 0.0}, "entity_types": ["name"]}, {"thresholds": {"ecology": 1.0}}]
+    with ThreadPoolExecutor(3) as pool:
+        opening = pool.submit(client.post, "/v1/tag", json=documents("开场"))
+        assert gate.entered.wait(WAIT_S)
+        answers = [pool.submit(client.post, "/v1/tag", json={**documents(STORIES[0]), **options}) for options in asked]
+        wait_for(lambda: queue_depth(client) == 2, "both requests to queue")
+        gate.release.set()
+        assert opening.result().status_code == 200
+        answers = [future.result().json()["results"][0] for future in answers]
+
+    assert [len(call) for call in gate.calls] == [1, 2]
+    tagger = Tagger.load(tiny_model_dir)
+    for answer, options in zip(answers, asked):
+        assert {k: v for k, v in answer.items() if k != "id"} == tagger.tag([STORIES[0]], **options)[0]
+
+
+def test_a_request_over_the_batch_budget_runs_in_parts(make_client, tiny_model_dir):
+    client = make_client(batch_max_chars=len(STORIES[0]) + len(STORIES[1]))
+    gate = Gate(client)
+    gate.release.set()
+    response = client.post("/v1/tag", json=documents(*STORIES))
+
+    assert gate.calls == [STORIES[:2], STORIES[2:]]
+    results = [{k: v for k, v in r.items() if k != "id"} for r in response.json()["results"]]
+    assert results == Tagger.load(tiny_model_dir).tag(STORIES)
+
+
 def test_a_model_failure_fails_only_its_own_request(make_client):
     client = make_client()
     gate = Gate(client, fail_on="BOOM")
