@@ -1,7 +1,6 @@
-# syntax=docker/dockerfile:1
 # newstagger's HTTP service: CPU-only torch, the default model inside, runs as a non-root user.
 #   docker build -t newstagger .
-#   docker run --rm -p 8000:8000 newstagger
+#   docker run --rm -p 8000:8000 -v newstagger-data:/app/data newstagger
 # Settings are NEWSTAGGER_* environment variables (serving/settings.py), e.g. -e NEWSTAGGER_ADMIN_TOKEN=...
 
 FROM python:3.11-slim AS builder
@@ -26,8 +25,11 @@ ENV PATH=/opt/venv/bin:$PATH \
     HF_HOME=/tmp/huggingface \
     NEWSTAGGER_MODEL=/app/models/default \
     NEWSTAGGER_HOST=0.0.0.0 \
-    NEWSTAGGER_PORT=8000
-RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin newstagger
+    NEWSTAGGER_PORT=8000 \
+    NEWSTAGGER_FEEDBACK_URL=sqlite:////app/data/feedback.db
+# /app/data is the one place the service writes (the feedback store); mount a volume there to keep it.
+RUN useradd --system --uid 10001 --no-create-home --shell /usr/sbin/nologin newstagger \
+    && mkdir -p /app/data && chown newstagger /app/data
 COPY --from=builder /opt/venv /opt/venv
 # Owned by root: the service reads its model and never writes it.
 COPY models/default /app/models/default
