@@ -16,6 +16,9 @@ from .documents import DataError
 
 COMMAND_MODULES = (
     "newstagger.tag_command",
+    "newstagger.export",
+    "newstagger.agreement",
+    "newstagger.bench",
     "training.train",
     "training.evaluate",
     "serving.command",

@@ -12,6 +12,7 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import IO
 
 from tqdm import tqdm
@@ -29,7 +30,20 @@ def register(subparsers) -> None:
     parser.add_argument("--on-error", choices=("stop", "record"), default="stop",
                         help="on a bad line: stop with exit 2, or write {id, error} for it and go on")
     parser.add_argument("--types", help="comma-separated entity types to return (default: all)")
+    add_backend_arguments(parser)
     parser.set_defaults(handler=run)
+
+
+def add_backend_arguments(parser) -> None:
+    """--backend, --precision, --device and --threads, shared by the commands that tag."""
+    from .backends import BACKENDS, DEVICES, PRECISIONS
+
+    parser.add_argument("--backend", choices=BACKENDS, default="auto",
+                        help="runtime; auto: the fastest one that is exact or passed `newstagger check`")
+    parser.add_argument("--precision", choices=PRECISIONS, default="auto",
+                        help="torch: fp32/bf16, onnx: fp32/int8 (int8 needs `newstagger export --quantize int8`)")
+    parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
+    parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores this process may use)")
 
 
 def _formatter(prog):
@@ -41,23 +55,59 @@ def _formatter(prog):
 def run(args) -> int:
     from .tagger import Tagger
 
-    tagger = Tagger.load(args.model)
+    tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
+                         threads=args.threads)
     entity_types = args.types.split(",") if args.types else None
     with _open(args.input, "r") as source, _open(args.output, "w") as sink:
-        progress = tqdm(unit="doc", desc="tagging", disable=None, file=sys.stderr)
-        for chunk in _chunks(_read_requests(source, stop_at_error=args.on_error == "stop"), args.chunk):
+        tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error, entity_types=entity_types)
+    return 0
+
+
+def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512, on_error: str = "stop",
+               entity_types: list[str] | None = None, progress_bar: bool = True) -> None:
+    """Tag JSONL lines from `source` into `sink`, one chunk in memory at a time.
+
+    On a GPU the next chunk is tokenized in a worker thread while the current one runs; on a CPU
+    the encoder's threads already use every core, so there it would only contend.
+    """
+    chunks = _chunks(_read_requests(source, stop_at_error=on_error == "stop"), chunk_size)
+    overlap = tagger.backend.device.type == "cuda"
+    characters = 0
+    # disable=None: a bar on a terminal only
+    with tqdm(unit="doc", desc="tagging", disable=None if progress_bar else True, file=sys.stderr) as progress:
+        for chunk, encoded in _with_encodings(tagger, chunks, overlap):
             texts = [text for _, text, error in chunk if error is None]
-            results = iter(tagger.tag(texts, entity_types=entity_types))
+            results = iter(tagger.tag(texts, entity_types=entity_types, encoded=encoded))
             for doc_id, _, error in chunk:
-                if error and args.on_error == "stop":
+                if error and on_error == "stop":
                     sink.flush()
                     raise DataError(error)
                 record = {"id": doc_id, "error": error} if error else {"id": doc_id, **next(results)}
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
+            characters += sum(map(len, texts))
+            elapsed = max(progress.format_dict["elapsed"], 1e-9)
+            progress.set_postfix_str(f"{characters / elapsed:,.0f} chars/s", refresh=False)
             progress.update(len(chunk))
-        progress.close()
-    return 0
+
+
+def _with_encodings(tagger, chunks, overlap: bool):
+    """(chunk, its encodings), the next chunk's made in a worker thread when `overlap` is set."""
+    def encode(chunk):
+        return chunk, tagger.encode([text for _, text, error in chunk if error is None])
+
+    if not overlap:
+        yield from map(encode, chunks)
+        return
+    with ThreadPoolExecutor(max_workers=1) as worker:
+        pending = None
+        for chunk in chunks:
+            following = worker.submit(encode, chunk)
+            if pending is not None:
+                yield pending.result()
+            pending = following
+        if pending is not None:
+            yield pending.result()
 
 
 def parse_request(line: str, where: str) -> tuple[object, str]:

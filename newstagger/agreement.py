@@ -1,0 +1,127 @@
+"""`newstagger check`: do the fast backends give the answers PyTorch fp32 gives?
+
+Each candidate (bf16 PyTorch, fp32 and int8 ONNX Runtime) tags the same fixed, generated
+stories as the fp32 reference, and passes when
+
+- at least 99% of entities are identical (same start, end and type), counted over the union of
+  both outputs, so both a missed and an extra entity count against it, and
+- every topic score is within 0.02 of the reference.
+
+Results go into the model folder's metrics.json under "agreement" (and so into its model card);
+`--backend auto` picks bf16 or int8 only once they are recorded there as passed.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Sequence
+from datetime import datetime, timezone
+from pathlib import Path
+
+from .model import CARD_FILE, META_FILE, METRICS_FILE, ModelMeta, render_model_card
+
+SPAN_AGREEMENT_MIN = 0.99
+TOPIC_TOLERANCE = 0.02
+CANDIDATES = ("torch-bf16", "onnx-fp32", "onnx-int8")
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("check", help="check fast backends against PyTorch fp32 and record the result",
+                                   description=__doc__)
+    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+                        help="comma-separated backend-precision pairs (default: %(default)s; those this "
+                             "machine or folder cannot run are skipped)")
+    parser.add_argument("--documents", type=int, default=200, help="generated stories to compare on")
+    parser.add_argument("--no-record", action="store_true", help="print only; leave metrics.json and the card alone")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from .tagger import default_model_dir
+
+    folder = Path(args.model or default_model_dir())
+    results = check_agreement(folder, args.candidates.split(","), documents=args.documents)
+    for name, result in results.items():
+        if "skipped" in result:
+            print(f"{name}: skipped ({result['skipped']})")
+        else:
+            verdict = "PASS" if result["passed"] else "FAIL"
+            print(f"{name}: {verdict}  identical entities {result['span_agreement']:.2%} of {result['entities']}, "
+                  f"max topic score difference {result['max_topic_difference']:.4f}")
+    checked = {name: result for name, result in results.items() if "skipped" not in result}
+    if not args.no_record:
+        record_agreement(folder, checked)
+    return 0 if all(result["passed"] for result in checked.values()) else 1
+
+
+def check_agreement(folder: Path, candidates: Iterable[str], documents: int = 200) -> dict[str, dict]:
+    """{"backend-precision": result} for each candidate, against PyTorch fp32 on the same stories."""
+    from .backends import make_backend
+    from .bench import synthetic_stories
+    from .cli import UsageError
+    from .tagger import Tagger
+
+    reference = Tagger.load(folder, backend="torch", precision="fp32", device="cpu")
+    texts = synthetic_stories(documents, seed=20261)
+    expected = reference.tag(texts)
+    results = {}
+    for name in candidates:
+        backend, precision = name.split("-")
+        try:
+            fast = make_backend(folder, reference.model, backend, precision, device="cpu")
+        except UsageError as err:
+            results[name] = {"skipped": str(err)}
+            continue
+        candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast)
+        results[name] = compare(expected, candidate.tag(texts))
+    return results
+
+
+def compare(expected: Sequence[dict], got: Sequence[dict]) -> dict:
+    """Agreement of two `Tagger.tag` outputs for the same texts (see the module docstring)."""
+    identical = union = 0
+    for reference, candidate in zip(expected, got, strict=True):
+        spans_reference = {(e["start"], e["end"], e["type"]) for e in reference["entities"]}
+        spans_candidate = {(e["start"], e["end"], e["type"]) for e in candidate["entities"]}
+        identical += len(spans_reference & spans_candidate)
+        union += len(spans_reference | spans_candidate)
+    topic_difference = max((abs(score - candidate["topics"][topic])
+                            for reference, candidate in zip(expected, got)
+                            for topic, score in reference["topics"].items()), default=0.0)
+    span_agreement = identical / union if union else 1.0
+    return {
+        "documents": len(expected),
+        "entities": union,
+        "span_agreement": round(span_agreement, 4),
+        "max_topic_difference": round(topic_difference, 4),
+        "passed": span_agreement >= SPAN_AGREEMENT_MIN and topic_difference <= TOPIC_TOLERANCE,
+        "checked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+    }
+
+
+def record_agreement(folder: Path, results: dict[str, dict]) -> None:
+    """Merge results into metrics.json["agreement"] and re-render the model card."""
+    _update_agreement(folder, lambda record: {**record, **results})
+
+
+def drop_agreement(folder: Path, names: Iterable[str]) -> None:
+    """Forget results that no longer describe the folder (its ONNX graphs were re-exported)."""
+    names = set(names)
+    _update_agreement(folder, lambda record: {k: v for k, v in record.items() if k not in names})
+
+
+def _update_agreement(folder: Path, change) -> None:
+    metrics_path = folder / METRICS_FILE
+    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    before = metrics.get("agreement", {})
+    after = change(before)
+    if after == before:
+        return
+    if after:
+        metrics["agreement"] = after
+    else:
+        metrics.pop("agreement", None)
+    metrics_path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    meta = ModelMeta.from_dict(json.loads((folder / META_FILE).read_text(encoding="utf-8")))
+    (folder / CARD_FILE).write_text(render_model_card(meta, metrics), encoding="utf-8")

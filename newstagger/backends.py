@@ -1,0 +1,207 @@
+"""Runtimes that score padded token batches, and the choice of the fastest correct one.
+
+A backend is a callable `(input_ids int64 [B, L], attention_mask int64 [B, L]) ->
+(topic_logits float32 [B, K], tag_log_probs float32 [B, L, T])`, so the tagger neither knows nor
+cares what runs the encoder:
+
+- `TorchBackend`: PyTorch in fp32, or bf16 where the hardware has bf16 matrix units (CUDA, or a
+  CPU with AMX / AVX512-BF16);
+- `OnnxBackend`: ONNX Runtime on the graph `newstagger export` wrote into the model folder, fp32
+  (PyTorch fp32's results to ~1e-6) or int8 (dynamically quantized).
+
+`auto` takes the fastest candidate for this machine that is also *correct*: fp32 always is; bf16
+and int8 only once `newstagger check` has recorded in the folder's metrics.json that they agree
+with fp32 on this model, so an approximation is never switched on silently.
+"""
+
+from __future__ import annotations
+
+import copy
+import json
+import logging
+import os
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from .cli import UsageError
+from .model import METRICS_FILE, NewsTaggerModel
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch", "onnx")
+PRECISIONS = ("auto", "fp32", "bf16", "int8")
+DEVICES = ("auto", "cpu", "cuda")
+
+ONNX_DIR = "onnx"
+ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
+
+# Padded tokens per encoder call. On CPU, speed stops rising after a few thousand tokens while
+# the attention scratch keeps growing; a GPU needs far larger batches to stay busy.
+CPU_BATCH_TOKENS = 8192
+CUDA_BATCH_TOKENS = 65536
+
+
+class ScoringModule(nn.Module):
+    """What every backend runs: the joint model plus the tag log-softmax, with fp32 outputs."""
+
+    def __init__(self, model: NewsTaggerModel):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
+        topic_logits, tag_logits = self.model(input_ids, attention_mask)
+        return topic_logits.float(), torch.log_softmax(tag_logits.float(), dim=-1)
+
+
+class TorchBackend:
+    name = "torch"
+
+    def __init__(self, model: NewsTaggerModel, precision: str = "fp32", device: str | torch.device = "cpu"):
+        if precision not in ("fp32", "bf16"):
+            raise UsageError(f"the torch backend runs fp32 or bf16, not {precision}")
+        self.precision = precision
+        self.device = torch.device(device)
+        if precision == "bf16":
+            # Casting the whole model measured faster than autocast (no casts per call); a copy,
+            # so the caller's fp32 model stays usable (the agreement check compares the two).
+            model = copy.deepcopy(model).to(torch.bfloat16)
+        self.scoring = ScoringModule(model).to(self.device).eval()
+        self.batch_tokens = CUDA_BATCH_TOKENS if self.device.type == "cuda" else CPU_BATCH_TOKENS
+
+    @torch.inference_mode()
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        topic_logits, tag_log_probs = self.scoring(self._to_device(input_ids), self._to_device(attention_mask))
+        return topic_logits.cpu().numpy(), tag_log_probs.cpu().numpy()
+
+    def _to_device(self, array: np.ndarray) -> torch.Tensor:
+        tensor = torch.from_numpy(array)
+        if self.device.type == "cuda":
+            # From page-locked memory the copy runs as DMA, without a staging copy.
+            return tensor.pin_memory().to(self.device, non_blocking=True)
+        return tensor
+
+    def __str__(self) -> str:
+        return f"torch {self.precision} on {self.device}"
+
+
+class OnnxBackend:
+    name = "onnx"
+    device = torch.device("cpu")
+    batch_tokens = CPU_BATCH_TOKENS
+
+    def __init__(self, path: str | Path, precision: str, threads: int):
+        import onnxruntime as ort
+
+        self.precision = precision
+        self.path = Path(path)
+        options = ort.SessionOptions()
+        options.intra_op_num_threads = threads
+        options.inter_op_num_threads = 1
+        # Spinning ORT threads keep their cores busy between calls and slow everything else in
+        # the process (torch ran 3-5x slower right after an ORT call with spinning on).
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
+
+    def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        topic_logits, tag_log_probs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        return topic_logits, tag_log_probs
+
+    def __str__(self) -> str:
+        return f"onnx {self.precision} on cpu ({self.path.name})"
+
+
+def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "auto", precision: str = "auto",
+                 device: str = "auto", threads: int | None = None):
+    """The backend asked for, or under `auto` the fastest correct one this machine and folder offer.
+
+    `threads` (default: every core this process may use) sets the intra-op threads of both
+    runtimes.
+    """
+    if backend not in BACKENDS or precision not in PRECISIONS or device not in DEVICES:
+        raise UsageError(f"unknown backend/precision/device {backend}/{precision}/{device}")
+    folder = Path(folder)
+    device = resolve_device(device)
+    threads = threads or available_cores()
+    torch.set_num_threads(threads)
+    choices = [(b, p) for b, p in ranked_candidates(folder, device)
+               if backend in ("auto", b) and precision in ("auto", p)]
+    if precision == "auto":
+        # Only what the user names explicitly may run unchecked.
+        choices = [(b, p) for b, p in choices if p == "fp32" or agreement_passed(folder, b, p)]
+    if not choices:
+        raise UsageError(_unavailable_reason(folder, backend, precision, device))
+    chosen_backend, chosen_precision = choices[0]
+    if chosen_backend == "onnx":
+        made = OnnxBackend(onnx_path(folder, chosen_precision), chosen_precision, threads)
+    else:
+        made = TorchBackend(model, chosen_precision, device)
+    logger.info("scoring with %s, %d threads", made, threads)
+    return made
+
+
+def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str]]:
+    """(backend, precision) pairs this machine and folder can run, fastest first.
+
+    CPU order as `newstagger bench` measured it on an AMX Xeon (README, Performance): torch bf16
+    well ahead, then ONNX int8, then torch fp32, with ONNX fp32 last (its fused graph was no
+    faster than eager PyTorch there); without bf16 hardware, int8 ONNX is the fast path.
+    """
+    if device.type == "cuda":
+        return [("torch", "bf16"), ("torch", "fp32")] if torch.cuda.is_bf16_supported() else [("torch", "fp32")]
+    ranked = [("torch", "bf16")] if cpu_has_bf16() else []
+    if onnx_path(folder, "int8").is_file():
+        ranked.append(("onnx", "int8"))
+    ranked.append(("torch", "fp32"))
+    if onnx_path(folder, "fp32").is_file():
+        ranked.append(("onnx", "fp32"))
+    return ranked
+
+
+def agreement_passed(folder: Path, backend: str, precision: str) -> bool:
+    """Whether `newstagger check` recorded that this backend agrees with fp32 on this model."""
+    metrics_path = folder / METRICS_FILE
+    if not metrics_path.is_file():
+        return False
+    record = json.loads(metrics_path.read_text(encoding="utf-8")).get("agreement", {})
+    return bool(record.get(f"{backend}-{precision}", {}).get("passed"))
+
+
+def _unavailable_reason(folder: Path, backend: str, precision: str, device: torch.device) -> str:
+    if (backend, precision) in (("torch", "int8"), ("onnx", "bf16")):
+        return "the torch backend runs fp32 or bf16, the onnx backend fp32 or int8"
+    if backend == "onnx" and device.type == "cuda":
+        return "the onnx backend runs on the CPU only; use --device cpu or --backend torch"
+    if precision == "bf16":
+        return "this CPU has no bf16 matrix instructions (AMX or AVX512-BF16); use fp32, or int8 with onnx"
+    if not onnx_path(folder, "fp32").is_file():
+        return f"{folder} has no ONNX export; run `newstagger export --model {folder}` first"
+    return f"{folder} has no int8 graph; run `newstagger export --model {folder} --quantize int8`"
+
+
+def onnx_path(folder: Path, precision: str) -> Path:
+    return folder / ONNX_DIR / ONNX_FILES[precision]
+
+
+def resolve_device(device: str) -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but no CUDA device is available")
+    return torch.device(device)
+
+
+def cpu_has_bf16() -> bool:
+    """AMX or AVX512-BF16: without them bf16 matmuls are emulated and slower than fp32."""
+    try:
+        cpuinfo = Path("/proc/cpuinfo").read_text()
+    except OSError:  # not Linux: no cheap way to tell, so stay with fp32
+        return False
+    flags = next((line.split(":", 1)[1].split() for line in cpuinfo.splitlines() if line.startswith("flags")), [])
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def available_cores() -> int:
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

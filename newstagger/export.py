@@ -1,0 +1,171 @@
+"""`newstagger export`: write the model's ONNX graph (and optionally an int8 copy) into its folder.
+
+Files, under `<model folder>/onnx/`: `model.onnx` (fp32, attention fused by ONNX Runtime's BERT
+optimizer), `model.int8.onnx` with `--quantize int8` (dynamic quantization: int8 weights, int8
+activations quantized per call), and `export.json` saying what was exported from what. `tag`,
+`serve` and `bench` use these files when present; `newstagger check` then measures how far they
+agree with PyTorch fp32 (an int8 graph is only picked by `--backend auto` once it has passed).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import warnings
+from datetime import datetime, timezone
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .agreement import drop_agreement
+from .backends import ONNX_DIR, OnnxBackend, ScoringModule, TorchBackend, onnx_path
+from .model import load_model_folder
+
+logger = logging.getLogger(__name__)
+
+EXPORT_RECORD = "export.json"
+OPSET = 17
+# An exported fp32 graph matches PyTorch to ~1e-6; anything near this means a broken export
+# (for instance a data-dependent branch frozen by the tracer), not rounding.
+EXPORT_TOLERANCE = 1e-3
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("export", help="write an ONNX graph (optionally int8) into a model folder",
+                                   description=__doc__)
+    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx so far)")
+    parser.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 graph")
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    from .tagger import default_model_dir
+
+    record = export_onnx(Path(args.model or default_model_dir()), quantize=args.quantize)
+    for precision, entry in record["files"].items():
+        print(f"{precision}: {entry['path']} ({entry['bytes'] / 1e6:.1f} MB)")
+    print(f"next: `newstagger check --model {args.model or default_model_dir()}` records how far they agree with fp32")
+    return 0
+
+
+def export_onnx(folder: Path, quantize: str | None = None) -> dict:
+    """Export, optimize, verify and optionally quantize; returns (and writes) the export record."""
+    model, _, _, _ = load_model_folder(folder)
+    # ORT's BERT optimizer recognises (and fuses) attention only in the eager formulation.
+    model.set_attn_implementation("eager")
+    out = folder / ONNX_DIR
+    out.mkdir(exist_ok=True)
+    fp32_path, int8_path = onnx_path(folder, "fp32"), onnx_path(folder, "int8")
+    raw_path = out / "model.unoptimized.onnx"
+    try:
+        _trace(model, raw_path)
+        fused = _optimize(raw_path, fp32_path, model.config)
+    finally:
+        raw_path.unlink(missing_ok=True)
+    max_difference = _verify(model, fp32_path)
+    files = {"fp32": fp32_path}
+    if quantize == "int8":
+        _quantize(fp32_path, int8_path)
+        files["int8"] = int8_path
+    else:
+        int8_path.unlink(missing_ok=True)  # made from an earlier export: no longer what export.json describes
+
+    record = {
+        "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "format": "onnx",
+        "opset": OPSET,
+        "inputs": ["input_ids int64 [batch, sequence]", "attention_mask int64 [batch, sequence]"],
+        "outputs": ["topic_logits float32 [batch, topics]", "tag_log_probs float32 [batch, sequence, tags]"],
+        "fused_operators": fused,
+        "fp32_max_abs_difference_vs_torch": max_difference,
+        "files": {p: {"path": str(f.relative_to(folder)), "bytes": f.stat().st_size} for p, f in files.items()},
+        "torch": torch.__version__,
+        "onnxruntime": _ort_version(),
+    }
+    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+    # Checks recorded for an earlier export say nothing about these graphs.
+    drop_agreement(folder, [f"onnx-{p}" for p in ("fp32", "int8")])
+    logger.info("exported %s", ", ".join(str(f) for f in files.values()))
+    return record
+
+
+def _example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """Two rows of different lengths: with an all-ones mask the tracer would freeze the
+    'no padding' branch of the attention mask into the graph."""
+    input_ids = torch.tensor([[2, 5, 6, 7, 8, 3], [2, 5, 3, 0, 0, 0]], dtype=torch.long)
+    return input_ids, (input_ids != 0).long()
+
+
+def _trace(model, path: Path) -> None:
+    sequence_axes = {0: "batch", 1: "sequence"}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: checked by _verify
+        torch.onnx.export(
+            ScoringModule(model).eval(),
+            _example_inputs(),
+            str(path),
+            dynamo=False,  # the TorchScript exporter handles this model reliably
+            input_names=["input_ids", "attention_mask"],
+            output_names=["topic_logits", "tag_log_probs"],
+            dynamic_axes={"input_ids": sequence_axes, "attention_mask": sequence_axes,
+                          "topic_logits": {0: "batch"}, "tag_log_probs": sequence_axes},
+            opset_version=OPSET,
+        )
+
+
+def _optimize(source: Path, target: Path, config) -> dict[str, int]:
+    """Fuse attention, GELU and layer norms (ORT's transformer optimizer); returns fused op counts."""
+    from onnxruntime.transformers import optimizer
+
+    # opt_level 0: only the portable fusions, so the file runs on any ORT build and machine.
+    with _quiet_logging():
+        optimized = optimizer.optimize_model(str(source), model_type="bert", num_heads=config.num_attention_heads,
+                                             hidden_size=config.hidden_size, opt_level=0)
+    optimized.save_model_to_file(str(target))
+    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+
+
+def _verify(model, path: Path) -> float:
+    """Largest |ORT - torch| over both outputs on a padded batch of another shape than the trace's."""
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(1000, model.config.vocab_size, (3, 37), generator=generator)
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[1, 20:] = 0
+    arrays = input_ids.numpy(), attention_mask.numpy()
+    expected = TorchBackend(model)(*arrays)
+    got = OnnxBackend(path, "fp32", threads=1)(*arrays)
+    difference = max(float(np.abs(e - g).max()) for e, g in zip(expected, got))
+    if difference > EXPORT_TOLERANCE:
+        raise RuntimeError(f"the exported graph disagrees with PyTorch by {difference:.2e}; not using it")
+    return difference
+
+
+def _quantize(source: Path, target: Path) -> None:
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    # The fused ops come from ORT's own domain, which ONNX shape inference cannot type; the
+    # default type tells the quantizer their outputs are fp32.
+    with _quiet_logging():
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+
+
+@contextlib.contextmanager
+def _quiet_logging():
+    """ORT's optimizer and quantizer log every fused node and tensor at INFO/WARNING, some of it
+    on the root logger."""
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(logging.NOTSET)
+
+
+def _ort_version() -> str:
+    import onnxruntime
+
+    return onnxruntime.__version__

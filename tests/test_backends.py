@@ -1,0 +1,127 @@
+"""Backends: ONNX export, agreement with PyTorch fp32, and how `auto` chooses (and falls back)."""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import pytest
+import torch
+
+from newstagger.agreement import check_agreement, compare, record_agreement
+from newstagger.backends import OnnxBackend, TorchBackend, cpu_has_bf16, make_backend
+from newstagger.cli import UsageError, main
+from newstagger.export import export_onnx
+from newstagger.model import load_model_folder
+from newstagger.tagger import Tagger
+
+
+@pytest.fixture(scope="module")
+def exported_dir(tiny_model_dir, tmp_path_factory):
+    """The tiny model with fp32 and int8 ONNX graphs (a copy: export writes into the folder)."""
+    folder = shutil.copytree(tiny_model_dir, tmp_path_factory.mktemp("exported") / "model")
+    export_onnx(folder, quantize="int8")
+    return folder
+
+
+@pytest.fixture
+def model_copy(tiny_model_dir, tmp_path):
+    return shutil.copytree(tiny_model_dir, tmp_path / "model")
+
+
+def test_export_writes_graphs_and_a_record(exported_dir):
+    record = json.loads((exported_dir / "onnx" / "export.json").read_text(encoding="utf-8"))
+    assert set(record["files"]) == {"fp32", "int8"}
+    assert all((exported_dir / entry["path"]).is_file() for entry in record["files"].values())
+    assert record["fused_operators"].get("Attention") == 2  # both layers of the tiny model fused
+    assert record["fp32_max_abs_difference_vs_torch"] < 1e-4
+
+
+def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
+    candidates = ["onnx-fp32", "onnx-int8", "torch-bf16"]
+    results = check_agreement(exported_dir, candidates, documents=24)
+    assert set(results) == set(candidates)
+    onnx_fp32 = results["onnx-fp32"]
+    assert onnx_fp32["passed"] and onnx_fp32["max_topic_difference"] <= 1e-3
+    assert onnx_fp32["entities"] > 0  # the comparison had something to compare
+    approximate = ["onnx-int8", "torch-bf16"] if cpu_has_bf16() else ["onnx-int8"]
+    for name in approximate:
+        # A random tiny model is far less decisive than a trained one, so only the figures'
+        # sanity is asserted here; `newstagger check` on the real model decides what passes.
+        assert 0.5 <= results[name]["span_agreement"] <= 1.0
+        assert results[name]["max_topic_difference"] <= 0.1
+    if not cpu_has_bf16():
+        assert "skipped" in results["torch-bf16"]
+
+
+def test_compare_counts_missing_and_extra_entities_against_agreement():
+    entity = lambda start, kind="name": {"start": start, "end": start + 2, "type": kind}
+    expected = [{"topics": {"a": 0.5}, "entities": [entity(0), entity(5)]}]
+    got = [{"topics": {"a": 0.53}, "entities": [entity(0), entity(5, "address"), entity(9)]}]
+    result = compare(expected, got)
+    assert result["entities"] == 4  # 0, 5/name, 5/address, 9
+    assert result["span_agreement"] == 0.25
+    assert result["max_topic_difference"] == pytest.approx(0.03)
+    assert not result["passed"]
+    assert compare(expected, expected)["passed"]
+
+
+def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir, tmp_path):
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    model = load_model_folder(folder)[0]
+    unchecked = make_backend(folder, model, device="cpu")
+    assert unchecked.precision == "fp32"
+    record_agreement(folder, {"onnx-int8": {"passed": True}, "torch-bf16": {"passed": False}})
+    checked = make_backend(folder, model, device="cpu")
+    assert (checked.name, checked.precision) == ("onnx", "int8")
+    assert "agreement" in (folder / "README.md").read_text(encoding="utf-8")  # the card shows it
+    # Re-exporting makes the recorded ONNX results meaningless: they are dropped.
+    export_onnx(folder)
+    assert "onnx-int8" not in json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["agreement"]
+
+
+def test_auto_falls_back_to_torch_when_there_is_no_export(model_copy):
+    model = load_model_folder(model_copy)[0]
+    backend = make_backend(model_copy, model, device="cpu")
+    assert isinstance(backend, TorchBackend) and backend.precision == "fp32"
+    # A pass recorded for a graph that is no longer there does not make auto reach for it.
+    record_agreement(model_copy, {"onnx-int8": {"passed": True}})
+    assert isinstance(make_backend(model_copy, model, device="cpu"), TorchBackend)
+    with pytest.raises(UsageError, match="newstagger export"):
+        make_backend(model_copy, model, backend="onnx")
+
+
+def test_asking_for_missing_onnx_on_the_command_line_exits_2(model_copy, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_text('{"id": 1, "text": "滨江市人民政府"}\n', encoding="utf-8")
+    code = main(["tag", "--model", str(model_copy), "-i", str(source), "-o", str(tmp_path / "out.jsonl"),
+                 "--backend", "onnx"])
+    assert code == 2
+    assert "newstagger export" in capsys.readouterr().err
+
+
+def test_impossible_combinations_say_why(model_copy):
+    model = load_model_folder(model_copy)[0]
+    with pytest.raises(UsageError, match="fp32 or bf16"):
+        make_backend(model_copy, model, backend="torch", precision="int8")
+    if not torch.cuda.is_available():
+        with pytest.raises(UsageError, match="no CUDA device"):
+            make_backend(model_copy, model, device="cuda")
+
+
+def test_auto_device_runs_on_cpu_without_cuda(tiny_model_dir):
+    tagger = Tagger.load(tiny_model_dir)  # every argument auto: what `tag` and the server do
+    expected_device = "cuda" if torch.cuda.is_available() else "cpu"
+    assert tagger.backend.device.type == expected_device
+    assert len(tagger.tag(["滨江市人民政府发布通知。"])) == 1
+
+
+def test_onnx_backend_matches_the_torch_backend_on_a_padded_batch(exported_dir):
+    model = load_model_folder(exported_dir)[0]
+    input_ids = torch.randint(5, 1000, (3, 29)).numpy()
+    attention_mask = (torch.arange(29)[None, :] < torch.tensor([[29], [17], [3]])).long().numpy()
+    expected = TorchBackend(model)(input_ids, attention_mask)
+    got = OnnxBackend(exported_dir / "onnx" / "model.onnx", "fp32", threads=1)(input_ids, attention_mask)
+    for e, g in zip(expected, got):
+        assert g.dtype == e.dtype and g.shape == e.shape
+        assert abs(e - g).max() < 1e-4
