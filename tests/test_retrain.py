@@ -18,12 +18,14 @@ from conftest import SAMPLE, build_tiny_model_folder
 
 from newstagger.cli import main
 from newstagger.documents import DataError, Document, Span, write_jsonl
+from newstagger.model import load_model_folder
+from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
 from training.registry import Entry, Registry
-from training.retrain import RetrainConfig, decide, gate_tolerances, replay_sample, retrain
+from training.retrain import RetrainConfig, decide, gate_tolerances, replay_sample, retrain, score_on_gold
 
 WAIT_S = 60  # generous upper bound for a tiny model to load
 TINY_TRAINING = ["--max-steps", "2", "--threads", "1"]
@@ -76,6 +78,23 @@ def test_metrics_the_gold_set_cannot_measure_are_skipped_but_one_must_be_measure
     verdict = decide(entities_only, entities_only, GATE)
     assert verdict["passed"] and verdict["checks"]["topics.micro.f1"] == {"skipped": "not measured on the gold set"}
     assert not decide({}, {}, GATE)["passed"]
+
+
+def test_a_grown_model_is_compared_on_the_labels_the_older_one_knows(tiny_model_dir, sample):
+    """Growing the heads keeps the trained rows, so before any training the grown model, seen
+    through the old schema, scores exactly as the old one: a new label does not move the gate."""
+    old = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
+    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    schema = old.schema.merged_with(LabelSchema(topics=["culture"], entity_types=["event"]))
+    model.grow_labels(schema)
+    grown = Tagger(model, tokenizer, replace(meta, schema=schema))
+    gold = [replace(doc, topics=[*doc.topics, "culture"], entities=[*doc.entities, Span(0, 1, "event")])
+            for doc in sample[:10]]
+
+    candidate, baseline, candidate_all_labels = score_on_gold(grown, old, gold)
+    assert candidate == baseline
+    assert "culture" in candidate_all_labels["topics"]["per_label"]
+    assert "culture" not in candidate["topics"]["per_label"] and "event" not in candidate["entities"]["per_label"]
 
 
 def test_the_replay_sample_takes_an_equal_share_of_each_source():
@@ -148,7 +167,7 @@ def test_new_labels_stop_the_run_unless_allowed_and_then_grow_the_heads(registry
     with pytest.raises(DataError, match=r"'topics': \['culture'\], 'entity_types': \['event'\]"):
         retrain(tiny_config(registry, tmp_path / "new.jsonl", gold))
     verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, allow_new_labels=True, tolerance=1.0))
-    assert verdict["new_labels"] == {"topics": ["culture"], "entity_types": ["event"]}
+    assert verdict["new_labels"] == {"topics": ["culture"], "entity_types": ["event"], "gold_f1": {}}  # none in gold
     schema = Tagger.load(verdict["candidate"]["folder"]).schema
     assert schema.topics[-1] == "culture" and schema.entity_types[-1] == "event"
     assert Tagger.load(verdict["candidate"]["folder"]).tag([sample[0].text])[0]["topics"].keys() >= {"culture"}

@@ -5,7 +5,8 @@ only if it is no worse.
 2. Train on the new data mixed with a replay sample of the data the starting model was trained
    on (recorded in the registry, or `--replay`), so old skills are kept. Stories of the gold set
    are left out of both.
-3. Score the candidate and the production model on the same fixed gold set.
+3. Score the candidate and the production model on the same fixed gold set, and on the same
+   labels: those the production model knows (a new label is scored, but not gated).
 4. Promote the candidate only if no gated metric drops by more than its tolerance; otherwise keep
    the production model (the candidate stays in the registry, status `rejected`).
 
@@ -149,7 +150,7 @@ def retrain(config: RetrainConfig) -> dict:
         raise DataError("every new document is also in the gold set; nothing is left to train on")
 
     start_folder = registry.folder(start)
-    start_tagger = Tagger.load(start_folder)
+    start_tagger = exact_tagger(start_folder)
     new_labels = _new_labels(start_tagger.schema, LabelSchema.from_documents(new_docs + replayed))
     if any(new_labels.values()) and not config.allow_new_labels:
         raise DataError(f"the new data has labels {start} does not know: {new_labels}; check them for typos, "
@@ -161,14 +162,13 @@ def retrain(config: RetrainConfig) -> dict:
         train_config = _training_config(config, start_tagger, start_folder, staged, version)
         _, validation = train(train_config, sources=[new_docs, replayed] if replayed else [new_docs])
         shutil.rmtree(staged / "checkpoint", ignore_errors=True)  # optimizer state: not part of a model
-        candidate_gold = public(evaluate_tagger(Tagger.load(staged), gold))
-        baseline_tagger = start_tagger if baseline == start else Tagger.load(registry.folder(baseline))
-        baseline_gold = public(evaluate_tagger(baseline_tagger, gold))
+        baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
+        candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger, gold)
         gate = decide(candidate_gold, baseline_gold, tolerances)
         # By path: a file both replayed and new (a re-exported feedback file) is recorded once.
         data = list({source["path"]: source for source, _ in replay_sources + new_sources}.values())
-        registry.register(staged, Entry(version=version, parent=start, data=data,
-                                        metrics={"gold": scores(candidate_gold), "validation": scores(validation)}))
+        registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
+            "gold": scores(candidate_all_labels), "validation": scores(validation)}))
 
     if gate["passed"] and config.promote:
         registry.promote(version)
@@ -187,7 +187,7 @@ def retrain(config: RetrainConfig) -> dict:
         "current": {"version": baseline, "gold": scores(baseline_gold)},
         "deltas": _deltas(candidate_gold, baseline_gold),
         "gate": gate["checks"],
-        "new_labels": new_labels,
+        "new_labels": {**new_labels, "gold_f1": _label_f1(candidate_all_labels, new_labels)},
         "documents": {"new": len(new_docs), "replayed": len(replayed), "replay_pool": sum(map(len, pool)),
                       "gold": len(gold)},
         "seconds": round(time.time() - started, 1),
@@ -224,6 +224,60 @@ def _recorded_sources(entry: Entry) -> list[tuple[dict, list[Document]]]:
 
 def _without(texts: set[str], docs: list[Document]) -> list[Document]:
     return [doc for doc in docs if doc.text not in texts]
+
+
+def exact_tagger(folder: Path) -> Tagger:
+    """The gate scores the model itself, whatever faster approximate backend its folder offers."""
+    return Tagger.load(folder, backend="torch", precision="fp32")
+
+
+def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[Document]) -> tuple[dict, dict, dict]:
+    """Gold metrics of the candidate and the baseline on the labels the baseline knows, and of the
+    candidate on all its own labels.
+
+    A candidate that grew new labels is seen through the baseline's schema, so that a new label,
+    hard to learn from a few examples, neither sinks the comparison nor lifts it.
+    """
+    candidate_all_labels = public(evaluate_tagger(candidate, gold))
+    if candidate.schema == baseline.schema or not _extends(candidate.schema, baseline.schema):
+        return candidate_all_labels, public(evaluate_tagger(baseline, gold)), candidate_all_labels
+    shared = _only_labels_of(baseline.schema, gold)
+    return (public(evaluate_tagger(KnownLabelsView(candidate, baseline.schema), shared)),
+            public(evaluate_tagger(baseline, shared)), candidate_all_labels)
+
+
+class KnownLabelsView:
+    """A tagger seen as if it knew only the labels of an older schema that its own extends.
+
+    Labels are only ever appended, so the older labels are the leading topic and tag columns:
+    dropping the rest before decoding scores the tagger on exactly the older model's labels.
+    """
+
+    def __init__(self, tagger: Tagger, schema: LabelSchema):
+        self.tagger, self.schema, self.meta = tagger, schema, tagger.meta
+
+    def score(self, texts):
+        probs, log_probs, encoded = self.tagger.score(texts)
+        return probs[:, : len(self.schema.topics)], [lp[:, : len(self.schema.tags)] for lp in log_probs], encoded
+
+
+def _extends(schema: LabelSchema, older: LabelSchema) -> bool:
+    return (schema.topics[: len(older.topics)] == older.topics
+            and schema.entity_types[: len(older.entity_types)] == older.entity_types)
+
+
+def _only_labels_of(schema: LabelSchema, docs: list[Document]) -> list[Document]:
+    return [replace(doc, topics=None if doc.topics is None else [t for t in doc.topics if t in schema.topics],
+                    entities=None if doc.entities is None else [s for s in doc.entities
+                                                                if s.type in schema.entity_types])
+            for doc in docs]
+
+
+def _label_f1(metrics: dict, labels: dict[str, list[str]]) -> dict[str, float]:
+    """Gold F1 of each of these labels that the gold set has."""
+    per_label = {**metrics.get("entities", {}).get("per_label", {}), **metrics.get("topics", {}).get("per_label", {})}
+    return {label: per_label[label]["f1"] for kind in ("topics", "entity_types") for label in labels[kind]
+            if per_label.get(label, {}).get("support")}
 
 
 def _new_labels(known: LabelSchema, data: LabelSchema) -> dict[str, list[str]]:
