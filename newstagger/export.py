@@ -147,11 +147,15 @@ def _quantize(source: Path, target: Path) -> None:
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    # The heads stay fp32: they cost next to nothing and their outputs are the decisions. (The
+    # quantizer first rewrites a Gemm into MatMul + Add, the MatMul named "<gemm>_MatMul".)
+    heads = [node.name for node in onnx.load(str(source), load_external_data=False).graph.node if "_head/" in node.name]
+    heads += [f"{name}_MatMul" for name in heads if name.endswith("Gemm")]
     # The fused ops come from ORT's own domain, which ONNX shape inference cannot type; the
     # default type tells the quantizer their outputs are fp32.
     with _quiet_logging():
         quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                         extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
+                         nodes_to_exclude=heads, extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
 
 
 @contextlib.contextmanager

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import shutil
 
+import onnx
 import pytest
 import torch
 
@@ -35,6 +36,9 @@ def test_export_writes_graphs_and_a_record(exported_dir):
     assert all((exported_dir / entry["path"]).is_file() for entry in record["files"].values())
     assert record["fused_operators"].get("Attention") == 2  # both layers of the tiny model fused
     assert record["fp32_max_abs_difference_vs_torch"] < 1e-4
+    int8_graph = onnx.load(str(exported_dir / "onnx" / "model.int8.onnx"))
+    assert any(node.op_type == "MatMulInteger" for node in int8_graph.graph.node)
+    assert not any(node.op_type == "MatMulInteger" for node in int8_graph.graph.node if "_head/" in node.name)
 
 
 def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
