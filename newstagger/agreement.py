@@ -67,7 +67,7 @@ def check_agreement(folder: Path, candidates: Iterable[str], documents: int = 20
     expected = reference.tag(texts)
     results = {}
     for name in candidates:
-        backend, precision = name.split("-")
+        backend, _, precision = name.partition("-")
         try:
             fast = make_backend(folder, reference.model, backend, precision, device="cpu")
         except UsageError as err:

@@ -87,7 +87,7 @@ def measure(folder: Path, name: str, documents: int, repeats: int, threads: int 
     from .tagger import Tagger
 
     _quiet_library_chatter()
-    backend, precision = name.split("-")
+    backend, _, precision = name.partition("-")
     try:
         tagger = Tagger.load(folder, backend=backend, precision=precision, device=device, threads=threads)
     except UsageError as err:
@@ -198,7 +198,8 @@ def machine_summary(threads: int | None) -> str:
                        if line.startswith("model name")), platform.processor())
     return (f"{model_name}, {available_cores()} cores, {threads or available_cores()} threads, "
             f"bf16 matrix units: {'yes' if cpu_has_bf16() else 'no'}, CUDA: {torch.cuda.is_available()}; "
-            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}")
+            f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}, "
+            f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 
 
 # Generated stories: news-style sentence templates filled with places, organisations, people,
