@@ -3,8 +3,9 @@
 A short, plain loop (nanoGPT-style) rather than `Trainer`: the joint, partially labelled batches
 need their own loss masking, and the loop stays readable. Per epoch: train, evaluate on the
 validation split, keep the best state; stop early when the selection score stops improving. At
-the end, per-topic thresholds are tuned on validation and the best state is saved with its
-metrics and model card.
+the end, the lexical topic model (newstagger.lexical) is fitted and blended into the topic head,
+per-topic thresholds are tuned on validation and the best state is saved with its metrics and
+model card.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
 
+from newstagger import lexical
 from newstagger.documents import Document
 from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
 from newstagger.schema import LabelSchema
@@ -73,6 +75,8 @@ class TrainConfig:
     entity_loss_weight: float = _option(1.0, "weight of the entity loss in the joint loss")
     topic_oversample: float = _option(1.0, "repeat topic-labelled windows this many times per epoch (topic data is small)")
     patience: int = _option(2, "epochs without improvement before stopping early")
+    topic_lexical: bool = _option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
+                                        "blend it into the topic head, with a weight chosen on validation")
     seed: int = _option(13, "random seed")
     threads: int = _option(0, "torch CPU threads (0 = torch's default)")
     resume: bool = _option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
@@ -209,6 +213,43 @@ def selection_score(metrics: dict) -> float:
     return float(np.mean(scores)) if scores else 0.0
 
 
+# Blend weights of the lexical topic model tried on validation; 0 keeps the topic head alone.
+BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+
+
+def tuned_topic_metrics(gold: np.ndarray, probs: np.ndarray, topics: list[str]) -> tuple[dict[str, float], dict]:
+    """Per-topic thresholds tuned on these probabilities, and the topic metrics under them."""
+    thresholds = tune_thresholds(gold, probs, topics)
+    cut = np.array([thresholds[t] for t in topics])
+    return thresholds, topic_metrics(gold, (probs >= cut).astype(int), topics)
+
+
+def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np.ndarray, bert_probs: np.ndarray,
+                    topics: list[str]) -> tuple[lexical.LexicalTopicModel, dict]:
+    """The lexical topic model fitted on topic-labelled training documents, with the blend weight that
+    scores best on validation, and a report: topic F1s of the head alone, the lexical model alone and
+    the blend, each after threshold tuning.
+
+    A weight scores the mean of topic micro and macro F1 (macro so that rare topics count); ties go to
+    the lighter weight.
+    """
+    model = lexical.LexicalTopicModel.fit([doc.text for doc in train_docs], [doc.topics for doc in train_docs], topics)
+    lexical_probs = model.predict(valid_texts)
+
+    def f1s(probs: np.ndarray) -> dict:
+        result = tuned_topic_metrics(gold, probs, topics)[1]
+        micro, macro = result["micro"]["f1"], result["macro"]["f1"]
+        return {"micro_f1": micro, "macro_f1": macro, "mean_f1": round((micro + macro) / 2, 4)}
+
+    by_weight = {w: f1s(lexical.blend(bert_probs, lexical_probs, w)) for w in BLEND_WEIGHTS}
+    model.weight = max(BLEND_WEIGHTS, key=lambda w: by_weight[w]["mean_f1"])
+    report = {"weight": model.weight, "bert": f1s(bert_probs), "lexical": f1s(lexical_probs),
+              "blend": by_weight[model.weight],
+              "mean_f1_by_weight": {str(w): scores["mean_f1"] for w, scores in by_weight.items()}}
+    log.info("topic blend on validation: %s", report)
+    return model, report
+
+
 def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[Path, dict]:
     """Run training as configured; returns the model folder and its final validation metrics.
 
@@ -335,11 +376,16 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     model.eval()
     tagger = Tagger(model, tokenizer, meta)
     metrics = evaluate_tagger(tagger, valid_docs) if valid_docs else {}
+    topic_lexical, topic_blend = None, {}
+    topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
     if "topics" in metrics:
-        meta.thresholds = tune_thresholds(metrics["_topic_gold"], metrics["_topic_probs"], schema.topics)
-        cut = np.array([meta.threshold(t) for t in schema.topics])
-        metrics["topics"] = topic_metrics(metrics["_topic_gold"], (metrics["_topic_probs"] >= cut).astype(int),
-                                          schema.topics)
+        gold, topic_probs = metrics["_topic_gold"], metrics["_topic_probs"]
+        if config.topic_lexical and len(topic_train_docs) >= 2:  # its vocabulary keeps n-grams of 2+ documents
+            valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of gold
+            topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
+                                                         schema.topics)
+            topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
+        meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
     meta.training = {
         "config": asdict(config),
         "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
@@ -347,9 +393,14 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "best_epoch": state["best_epoch"],
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
+        **({"topic_blend": topic_blend} if topic_blend else {}),
     }
     final = public(metrics)
     save_model_folder(output, model, tokenizer, meta, metrics={"validation": final})
+    if topic_lexical is not None and topic_lexical.weight > 0:
+        topic_lexical.save(output)
+    else:
+        lexical.remove(output)  # a folder saved over must not keep an older run's component
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(final))
     return output, final
 

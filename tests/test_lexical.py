@@ -1,0 +1,115 @@
+"""The lexical topic model: its features, its folder files (no pickle), blending in the tagger, and
+fitting, weighting and saving it at the end of training."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from sklearn.feature_extraction.text import TfidfVectorizer
+
+import training.train
+from newstagger import Tagger
+from newstagger.lexical import SETTINGS_FILE, WEIGHTS_FILE, LexicalTopicModel
+from newstagger.model import load_model_folder
+from training.data import read_documents
+from training.train import train
+
+from conftest import SAMPLE, TOPICS
+from test_training import tiny_base, tiny_train_config  # noqa: F401  (tiny_base is a fixture)
+
+ODD_TEXTS = ["", "市", "Ａ股  大涨\n\n\t两成", "青澜市 APP 上线🚇，  地铁 5 号线"]
+
+
+@pytest.fixture(scope="module")
+def sample():
+    return read_documents(SAMPLE)
+
+
+@pytest.fixture(scope="module")
+def fitted(sample) -> LexicalTopicModel:
+    model = LexicalTopicModel.fit([doc.text for doc in sample], [doc.topics for doc in sample], TOPICS)
+    model.weight = 0.5
+    return model
+
+
+def test_features_are_scikit_learns_char_tfidf(fitted, sample):
+    reference = TfidfVectorizer(analyzer="char", ngram_range=(1, 3), sublinear_tf=True,
+                                vocabulary={gram: i for i, gram in enumerate(fitted.vocabulary)})
+    reference.idf_ = fitted.idf.astype(np.float64)
+    texts = [doc.text for doc in sample] + ODD_TEXTS
+    np.testing.assert_allclose(fitted.features(texts).toarray(), reference.transform(texts).toarray(), atol=1e-6)
+
+
+def test_save_load_round_trip_without_pickle_gives_identical_probabilities(fitted, sample, tmp_path):
+    fitted.save(tmp_path)
+    assert {p.name for p in tmp_path.iterdir()} == {WEIGHTS_FILE, SETTINGS_FILE}
+    settings = json.loads((tmp_path / SETTINGS_FILE).read_text(encoding="utf-8"))
+    assert settings["topics"] == TOPICS and settings["blend_weight"] == 0.5 and settings["ngram_range"] == [1, 3]
+
+    loaded = LexicalTopicModel.load(tmp_path)
+    assert loaded.vocabulary == fitted.vocabulary and loaded.weight == 0.5
+    texts = [doc.text for doc in sample] + ODD_TEXTS
+    assert np.array_equal(loaded.predict(texts), fitted.predict(texts))
+    assert LexicalTopicModel.load(tmp_path / "elsewhere") is None
+
+
+def test_it_learns_the_sample_topics(fitted, sample):
+    gold = np.array([[topic in doc.topics for topic in TOPICS] for doc in sample])
+    assert ((fitted.predict([doc.text for doc in sample]) >= 0.5) == gold).mean() > 0.9
+
+
+def test_blending_changes_only_topic_scores(tiny_model_dir, fitted, sample, tmp_path):
+    blended_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "blended"))
+    fitted.save(blended_dir)
+    plain, blended = Tagger.load(tiny_model_dir), Tagger.load(blended_dir)
+    assert plain.topic_lexical is None and blended.topic_lexical.weight == 0.5
+
+    texts = [doc.text for doc in sample[:8]] + ["滨江市人民政府今天宣布，地铁5号线将于年底开通。" * 10]
+    plain_probs, plain_log_probs, _ = plain.score(texts)
+    blended_probs, blended_log_probs, _ = blended.score(texts)
+    np.testing.assert_allclose(blended_probs, 0.5 * plain_probs + 0.5 * fitted.predict(texts), rtol=1e-6)
+    assert not np.allclose(blended_probs, plain_probs)
+    assert all(np.array_equal(a, b) for a, b in zip(plain_log_probs, blended_log_probs))
+    assert [r["entities"] for r in plain.tag(texts)] == [r["entities"] for r in blended.tag(texts)]
+
+
+def test_a_folder_without_the_component_tags_as_before(tiny_model_dir, sample):
+    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    texts = [doc.text for doc in sample[:8]]
+    assert Tagger.load(tiny_model_dir, backend="torch", precision="fp32").tag(texts) == \
+        Tagger(model, tokenizer, meta).tag(texts)
+
+
+def test_a_component_for_other_topics_is_refused(tiny_model_dir, fitted):
+    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    other = LexicalTopicModel(TOPICS[::-1], fitted.vocabulary, fitted.idf, fitted.coef, fitted.intercept, 0.5)
+    with pytest.raises(ValueError, match="topics"):
+        Tagger(model, tokenizer, meta, topic_lexical=other)
+
+
+def test_training_fits_weights_and_saves_the_component_and_a_zero_weight_removes_it(tiny_base, tmp_path,
+                                                                                    monkeypatch):
+    output = tmp_path / "model"
+    monkeypatch.setattr(training.train, "BLEND_WEIGHTS", (0.5,))
+    _, metrics = train(tiny_train_config(tiny_base, output))
+    assert (output / WEIGHTS_FILE).is_file() and (output / SETTINGS_FILE).is_file()
+    report = json.loads((output / "newstagger.json").read_text())["training"]["topic_blend"]
+    assert report["weight"] == 0.5 and set(report) >= {"bert", "lexical", "blend"}
+    assert report["blend"]["micro_f1"] == metrics["topics"]["micro"]["f1"]
+    assert report["blend"]["macro_f1"] == metrics["topics"]["macro"]["f1"]
+    assert '"topic_blend"' in (output / "README.md").read_text()
+    assert Tagger.load(output).topic_lexical.weight == 0.5
+
+    # resuming the finished run redoes the final part: the topic head alone wins, so no component
+    monkeypatch.setattr(training.train, "BLEND_WEIGHTS", (0.0,))
+    train(tiny_train_config(tiny_base, output, resume=True))
+    assert not (output / WEIGHTS_FILE).exists() and not (output / SETTINGS_FILE).exists()
+    assert json.loads((output / "newstagger.json").read_text())["training"]["topic_blend"]["weight"] == 0.0
+    assert Tagger.load(output).topic_lexical is None
+
+    train(tiny_train_config(tiny_base, output, resume=True, topic_lexical=False))
+    assert "topic_blend" not in json.loads((output / "newstagger.json").read_text())["training"]
