@@ -73,7 +73,8 @@ def check_agreement(folder: Path, candidates: Iterable[str], documents: int = 20
         except UsageError as err:
             results[name] = {"skipped": str(err)}
             continue
-        candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast)
+        candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
+                           topic_lexical=reference.topic_lexical)
         results[name] = compare(expected, candidate.tag(texts))
     return results
 
