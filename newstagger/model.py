@@ -192,8 +192,12 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         "|---|---|",
         *[f"| {t} | {meta.threshold(t):.3f} |" for t in schema.topics],
     ]
+    blend = meta.training.get("topic_blend")
+    if blend and blend.get("weight"):
+        lines += ["", f"Topic scores are (1 - w) x the topic head's + w x a character n-gram TF-IDF logistic "
+                  f"regression's (`topic_lexical.*`), w = {blend['weight']} chosen on validation."]
     if metrics:
-        lines += ["", "## Metrics", "", "Measured on the validation split named in `training` below.", ""]
+        lines += ["", "## Metrics", ""]
         lines += _metrics_tables(metrics)
     if meta.training:
         lines += ["", "## Training", "", "```json", json.dumps(meta.training, ensure_ascii=False, indent=2), "```"]
@@ -210,21 +214,36 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
     return "\n".join(lines)
 
 
+TASK_TABLES = ("entities", "entities_coarse", "topics")
+
+
 def _metrics_tables(metrics: dict) -> list[str]:
+    """Per-label tables for each evaluation (e.g. `validation`), a table for the backend check."""
     lines: list[str] = []
-    for task in ("entities", "topics"):
-        result = metrics.get(task)
-        if not result:
-            continue
-        lines += [f"### {task}", "", "| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
-        for label, row in result.get("per_label", {}).items():
-            lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
-        for average in ("micro", "macro"):
-            if average in result:
-                row = result[average]
-                lines.append(f"| **{average}** | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | |")
-        lines.append("")
-    for key, value in metrics.items():
-        if key not in ("entities", "topics"):
-            lines.append(f"- {key}: `{json.dumps(value, ensure_ascii=False)}`")
+    for section, result in metrics.items():
+        if isinstance(result, dict) and any(task in result for task in TASK_TABLES):
+            for task in TASK_TABLES:
+                if task in result:
+                    lines += [f"### {section}: {task}", ""] + _task_table(result[task])
+        elif section == "agreement":
+            lines += ["### agreement with PyTorch fp32 (`newstagger check`)", "",
+                      "| backend | identical entities | max topic difference | passed |", "|---|---|---|---|"]
+            for backend, row in result.items():
+                if "span_agreement" in row:
+                    lines.append(f"| {backend} | {row['span_agreement']:.2%} | {row['max_topic_difference']:.4f} "
+                                 f"| {'yes' if row['passed'] else 'no'} |")
+            lines.append("")
+        else:
+            lines += [f"- {section}: `{json.dumps(result, ensure_ascii=False)}`", ""]
     return lines
+
+
+def _task_table(result: dict) -> list[str]:
+    lines = ["| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
+    for label, row in result.get("per_label", {}).items():
+        lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+    for average in ("micro", "macro"):
+        if average in result:
+            row = result[average]
+            lines.append(f"| **{average}** | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | |")
+    return lines + [""]
