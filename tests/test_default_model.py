@@ -1,0 +1,57 @@
+"""End-to-end checks of the shipped default model (slow: a real 6-layer model on the CPU)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from newstagger import Tagger
+from newstagger.documents import read_jsonl
+from newstagger.tagger import DEFAULT_MODEL_DIR
+from training.evaluate import evaluate_tagger
+
+from conftest import SAMPLE, SHARED, needs_shared
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def tagger() -> Tagger:
+    return Tagger.load()
+
+
+def test_the_default_model_folder_is_self_describing_and_small():
+    names = {p.name for p in DEFAULT_MODEL_DIR.iterdir()}
+    assert {"config.json", "model.safetensors", "tokenizer.json", "newstagger.json", "metrics.json",
+            "README.md"} <= names
+    assert "checkpoint" not in names
+    size = sum(p.stat().st_size for p in DEFAULT_MODEL_DIR.rglob("*") if p.is_file())
+    assert size < 64 * 2**20
+    meta = json.loads((DEFAULT_MODEL_DIR / "newstagger.json").read_text())
+    assert meta["schema"]["topics"] == ["city_management", "ecology", "economy", "livelihood"]
+    assert len(meta["schema"]["entity_types"]) == 10
+
+
+def test_sample_stories_get_exact_offsets_and_sensible_labels(tagger):
+    documents = list(read_jsonl(SAMPLE))
+    results = tagger.tag([doc.text for doc in documents])
+    for doc, result in zip(documents, results):
+        assert all(doc.text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
+    metrics = evaluate_tagger(tagger, documents, show_progress=False)
+    # Floors well under what the shipped model measured on these project-written stories
+    # (see the model card); a model that regresses past them is broken, not just worse.
+    assert metrics["entities"]["micro"]["f1"] >= 0.55
+    assert metrics["entities_coarse"]["micro"]["f1"] >= 0.58
+    assert metrics["topics"]["micro"]["f1"] >= 0.55
+
+
+@needs_shared
+def test_validation_scores_on_the_shared_data_hold(tagger):
+    from training.data import read_documents, split_validation
+
+    _, cluener = split_validation(read_documents(SHARED / "data/cluener/train.json", "cluener"), 0.1, seed=13)
+    _, topics = split_validation(read_documents(SHARED / "data/topics/train.jsonl", "internal"), 0.1, seed=13)
+    metrics = evaluate_tagger(tagger, cluener[:400] + topics, show_progress=False)
+    assert metrics["entities"]["micro"]["f1"] >= 0.66
+    assert metrics["topics"]["micro"]["f1"] >= 0.92
