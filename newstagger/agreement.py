@@ -1,7 +1,9 @@
 """`newstagger check`: do the fast backends give the answers PyTorch fp32 gives?
 
-Each candidate (bf16 PyTorch, fp32 and int8 ONNX Runtime) tags the same fixed, generated
-stories as the fp32 reference, and passes when
+Each candidate (bf16 PyTorch, fp32 and int8 ONNX Runtime) tags the same fixed texts as the fp32
+reference: 200 generated stories by default, or a JSONL file of real ones (`--texts`); the
+generated ones pack entity names closer together than real news does, so they are the harsher
+test. A candidate passes when
 
 - at least 99% of entities are identical (same start, end and type), counted over the union of
   both outputs, so both a missed and an extra entity count against it, and
@@ -18,9 +20,11 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
 
+from .bench import synthetic_stories
 from .model import CARD_FILE, META_FILE, METRICS_FILE, ModelMeta, render_model_card
 
 SPAN_AGREEMENT_MIN = 0.99
+CHECK_SEED = 20261
 TOPIC_TOLERANCE = 0.02
 CANDIDATES = ("torch-bf16", "onnx-fp32", "onnx-int8")
 
@@ -33,6 +37,9 @@ def register(subparsers) -> None:
                         help="comma-separated backend-precision pairs (default: %(default)s; those this "
                              "machine or folder cannot run are skipped)")
     parser.add_argument("--documents", type=int, default=200, help="generated stories to compare on")
+    parser.add_argument("--texts", metavar="FILE",
+                        help="compare on these texts instead: JSONL with a 'text' field per line (tag input, "
+                             "CLUENER, the internal format)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave metrics.json and the card alone")
     parser.set_defaults(handler=run)
 
@@ -41,7 +48,14 @@ def run(args) -> int:
     from .tagger import default_model_dir
 
     folder = Path(args.model or default_model_dir())
-    results = check_agreement(folder, args.candidates.split(","), documents=args.documents)
+    if args.texts:
+        with open(args.texts, encoding="utf-8") as lines:
+            texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        corpus = f"{Path(args.texts).name} ({len(texts)} texts)"
+    else:
+        texts = synthetic_stories(args.documents, seed=CHECK_SEED)
+        corpus = f"generated stories (seed {CHECK_SEED})"
+    results = check_agreement(folder, args.candidates.split(","), texts, corpus)
     for name, result in results.items():
         if "skipped" in result:
             print(f"{name}: skipped ({result['skipped']})")
@@ -55,15 +69,14 @@ def run(args) -> int:
     return 0 if all(result["passed"] for result in checked.values()) else 1
 
 
-def check_agreement(folder: Path, candidates: Iterable[str], documents: int = 200) -> dict[str, dict]:
-    """{"backend-precision": result} for each candidate, against PyTorch fp32 on the same stories."""
+def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str], corpus: str) -> dict[str, dict]:
+    """{"backend-precision": result} for each candidate, against PyTorch fp32 on the same texts
+    (`corpus` names them in the record)."""
     from .backends import make_backend
-    from .bench import synthetic_stories
     from .cli import UsageError
     from .tagger import Tagger
 
     reference = Tagger.load(folder, backend="torch", precision="fp32", device="cpu")
-    texts = synthetic_stories(documents, seed=20261)
     expected = reference.tag(texts)
     results = {}
     for name in candidates:
@@ -75,7 +88,7 @@ def check_agreement(folder: Path, candidates: Iterable[str], documents: int = 20
             continue
         candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
                            topic_lexical=reference.topic_lexical)
-        results[name] = compare(expected, candidate.tag(texts))
+        results[name] = {**compare(expected, candidate.tag(texts)), "corpus": corpus}
     return results
 
 

@@ -11,6 +11,7 @@ import torch
 
 from newstagger.agreement import check_agreement, compare, record_agreement
 from newstagger.backends import OnnxBackend, TorchBackend, cpu_has_bf16, make_backend
+from newstagger.bench import synthetic_stories
 from newstagger.cli import UsageError, main
 from newstagger.export import export_onnx
 from newstagger.model import load_model_folder
@@ -43,7 +44,7 @@ def test_export_writes_graphs_and_a_record(exported_dir):
 
 def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
     candidates = ["onnx-fp32", "onnx-int8", "torch-bf16"]
-    results = check_agreement(exported_dir, candidates, documents=24)
+    results = check_agreement(exported_dir, candidates, synthetic_stories(24), "24 generated stories")
     assert set(results) == set(candidates)
     onnx_fp32 = results["onnx-fp32"]
     assert onnx_fp32["passed"] and onnx_fp32["max_topic_difference"] <= 1e-3
@@ -56,6 +57,17 @@ def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
         assert results[name]["max_topic_difference"] <= 0.1
     if not cpu_has_bf16():
         assert "skipped" in results["torch-bf16"]
+
+
+def test_check_command_on_a_file_of_texts_records_its_corpus(exported_dir, tmp_path, capsys):
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in synthetic_stories(5)),
+                     encoding="utf-8")
+    assert main(["check", "--model", str(folder), "--texts", str(texts), "--candidates", "onnx-fp32"]) == 0
+    assert "onnx-fp32: PASS" in capsys.readouterr().out
+    recorded = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["agreement"]["onnx-fp32"]
+    assert recorded["corpus"] == "texts.jsonl (5 texts)" and recorded["documents"] == 5
 
 
 def test_compare_counts_missing_and_extra_entities_against_agreement():
