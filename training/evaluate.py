@@ -169,7 +169,7 @@ def run(args) -> int:
     from training.data import parse_data_spec, read_documents
 
     documents = [doc for spec in args.data for doc in read_documents(*parse_data_spec(spec))]
-    tagger = Tagger.load(args.model)
+    tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
     result = json.dumps(public(evaluate_tagger(tagger, documents, decoding=args.decoding)),
                         ensure_ascii=False, indent=2)
     print(result)
