@@ -141,3 +141,14 @@ def test_onnx_backend_matches_the_torch_backend_on_a_padded_batch(exported_dir):
     for e, g in zip(expected, got):
         assert g.dtype == e.dtype and g.shape == e.shape
         assert abs(e - g).max() < 1e-4
+
+
+def test_bf16_on_cpu_pads_rows_to_few_shapes_but_answers_each_row(tiny_model_dir):
+    model = load_model_folder(tiny_model_dir)[0]
+    backend = TorchBackend(model, "bf16")
+    input_ids = torch.randint(5, 1000, (8, 12)).numpy()
+    attention_mask = (torch.arange(12)[None, :] < torch.arange(5, 13)[:, None]).long().numpy()
+    topic_logits, tag_log_probs = backend(input_ids[:5], attention_mask[:5])  # run as 8 rows
+    assert topic_logits.shape[0] == 5 and tag_log_probs.shape[:2] == (5, 12)
+    full_topics, full_tags = backend(input_ids, attention_mask)
+    assert (topic_logits == full_topics[:5]).all() and (tag_log_probs == full_tags[:5]).all()
