@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +13,7 @@ from transformers import BertModel
 from newstagger import Document, Span, Tagger
 from newstagger.cli import main
 from training.evaluate import entity_metrics, evaluate_tagger, topic_metrics, tune_thresholds
-from training.train import TrainConfig, token_tags, train
+from training.train import TrainConfig, pack_documents, token_tags, train
 
 from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -66,6 +67,28 @@ def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
     train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
     history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_bf16_autocast_training_saves_a_working_model(tiny_base, tmp_path):
+    folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", bf16=True, max_steps=3))
+    (result,) = Tagger.load(folder).tag(["王五住在北京"])
+    assert set(result["topics"]) == set(tiny_schema().topics)
+
+
+def test_packing_joins_entity_only_documents_and_keeps_every_span():
+    sentences = [Document(f"s{i}", "王五住在北京。", entities=[Span(0, 2, "name"), Span(4, 6, "address")])
+                 for i in range(40)]
+    story = Document("t", "北京的新闻", topics=["economy"], entities=[Span(0, 2, "address")])
+    unlabelled_entities = Document("u", "只有主题", topics=["ecology"])
+    packed = pack_documents([story, *sentences, unlabelled_entities], max_chars=30, rng=random.Random(0))
+
+    assert story in packed and unlabelled_entities in packed  # topic labels belong to the whole text
+    joined = [doc for doc in packed if doc.topics is None]
+    assert len(joined) < len(sentences) and any(len(doc.text) > 7 for doc in joined)
+    assert all(len(doc.text) <= 30 for doc in joined)
+    assert sum(len(doc.entities) for doc in joined) == 80
+    for doc in joined:
+        assert [doc.text[s.start:s.end] for s in doc.entities] == ["王五", "北京"] * (len(doc.text) // 7)
 
 
 def test_train_command_rejects_a_config_with_unknown_settings(tmp_path, capsys):

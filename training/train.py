@@ -30,7 +30,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from newstagger import lexical
-from newstagger.documents import Document
+from newstagger.documents import Document, Span
 from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -74,6 +74,11 @@ class TrainConfig:
     topic_loss_weight: float = _option(1.0, "weight of the topic loss in the joint loss")
     entity_loss_weight: float = _option(1.0, "weight of the entity loss in the joint loss")
     topic_oversample: float = _option(1.0, "repeat topic-labelled windows this many times per epoch (topic data is small)")
+    pack_entity_documents: bool = _option(True, "join short entity-only documents (e.g. CLUENER sentences) into "
+                                                "training windows of random length up to max_length, so the entity "
+                                                "head learns every position it meets when tagging long stories")
+    bf16: bool = _option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
+                                "CPUs with AMX (Sapphire Rapids and later)")
     patience: int = _option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = _option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                         "blend it into the topic head, with a weight chosen on validation")
@@ -120,6 +125,40 @@ def token_tags(doc: Document, encoded: EncodedText, schema: LabelSchema) -> np.n
             tags[inside] = begin + 1
             tags[inside[0]] = begin
     return tags
+
+
+def pack_documents(documents: list[Document], max_chars: int, rng: random.Random) -> list[Document]:
+    """Join runs of entity-only documents into longer ones of random target length <= max_chars.
+
+    Sentence corpora like CLUENER only ever put entities in the first ~50 positions; stories are
+    tagged in full windows. Packing teaches the later positions while the random targets keep
+    plenty of short, [CLS]-adjacent examples. Topic-labelled documents stay whole: their labels
+    belong to the whole text. Characters bound tokens for Chinese text, so packs fit the window.
+    """
+    packable = [doc for doc in documents if doc.topics is None and doc.entities is not None]
+    kept = [doc for doc in documents if not (doc.topics is None and doc.entities is not None)]
+    rng.shuffle(packable)
+    packed: list[Document] = []
+    run: list[Document] = []
+    target = rng.randint(1, max_chars)
+    for doc in [*packable, None]:
+        if run and (doc is None or sum(len(d.text) for d in run) + len(doc.text) > target):
+            packed.append(_join(run))
+            run, target = [], rng.randint(1, max_chars)
+        if doc is not None:
+            run.append(doc)
+    return kept + packed
+
+
+def _join(documents: list[Document]) -> Document:
+    if len(documents) == 1:
+        return documents[0]
+    spans, offset = [], 0
+    for doc in documents:
+        spans += [Span(s.start + offset, s.end + offset, s.type) for s in doc.entities]
+        offset += len(doc.text)
+    return Document(id="+".join(doc.id for doc in documents), text="".join(doc.text for doc in documents),
+                    entities=spans)
 
 
 def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, max_length: int,
@@ -300,7 +339,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
 
-    examples = build_examples(train_docs, tokenizer, schema, config.max_length, config.stride)
+    packed_docs = (pack_documents(train_docs, config.max_length - 2, random.Random(config.seed))
+                  if config.pack_entity_documents else train_docs)
+    examples = build_examples(packed_docs, tokenizer, schema, config.max_length, config.stride)
     topic_examples = [e for e in examples if e.topics is not None]
     extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
     examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
@@ -345,8 +386,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         running = None
         for batch_ids in bar:
             batch = collate([examples[i] for i in batch_ids], tokenizer, len(schema.topics))
-            topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(topic_logits, tag_logits, batch)
+            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=config.bf16):
+                topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
+            loss = loss_fn(topic_logits.float(), tag_logits.float(), batch)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
