@@ -46,13 +46,22 @@ class LabelSchema:
     def begin_tag(self, entity_type: str) -> int:
         return 1 + 2 * self.entity_types.index(entity_type)
 
+    @property
+    def coarse_only_types(self) -> set[str]:
+        """Coarse types (PER) that finer head types (name) roll up to: spans of these types are
+        partial labels, meaning "one of the finer types", not types of their own."""
+        return {c for t, c in self.coarse.items() if c != t} - set(self.entity_types)
+
     @classmethod
     def from_documents(cls, documents: Iterable[Document]) -> "LabelSchema":
+        """The labels the documents use; where fine and coarse data are mixed (CLUENER + MSRA),
+        the coarse types stay out of the head (see `coarse_only_types`)."""
         topics: set[str] = set()
         types: set[str] = set()
         for doc in documents:
             topics.update(doc.topics or ())
             types.update(span.type for span in doc.entities or ())
+        types -= {DEFAULT_COARSE[t] for t in types if DEFAULT_COARSE.get(t, t) != t}
         return cls(
             topics=sorted(topics),
             entity_types=sorted(types),
@@ -61,10 +70,11 @@ class LabelSchema:
 
     def merged_with(self, other: "LabelSchema") -> "LabelSchema":
         """This schema with the other's new labels appended, so existing label ids stay put."""
+        new_types = [t for t in other.entity_types if t not in self.entity_types and t not in self.coarse_only_types]
         return LabelSchema(
             topics=self.topics + [t for t in other.topics if t not in self.topics],
-            entity_types=self.entity_types + [t for t in other.entity_types if t not in self.entity_types],
-            coarse={**other.coarse, **self.coarse},
+            entity_types=self.entity_types + new_types,
+            coarse={**{t: c for t, c in other.coarse.items() if t not in self.coarse_only_types}, **self.coarse},
         )
 
     def to_dict(self) -> dict:

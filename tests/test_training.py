@@ -8,12 +8,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
+from newstagger.schema import LabelSchema
+from newstagger.windowing import encode_texts
 from newstagger.cli import main
+from training.data import read_documents, split_validation
 from training.evaluate import entity_metrics, evaluate_tagger, topic_metrics, tune_thresholds
-from training.train import TrainConfig, pack_documents, token_tags, train
+from training.train import JointLoss, TagTargets, TrainConfig, pack_documents, token_tags, train
 
 from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -105,10 +109,64 @@ def test_token_tags_label_first_token_begin_rest_inside():
     from newstagger.windowing import encode_texts
 
     (encoded,) = encode_texts(tokenizer, [doc.text])
-    tags = token_tags(doc, encoded, schema)
+    targets = TagTargets.for_schema(schema)
+    tags = token_tags(doc, encoded, targets)
     names = [schema.tags[t] for t in tags]
     assert names == ["B-name", "I-name", "O", "O", "B-address", "I-address"]
-    assert (token_tags(Document("d", "王五", entities=None), encode_texts(tokenizer, ["王五"])[0], schema) == -100).all()
+    assert (token_tags(Document("d", "王五", entities=None), encode_texts(tokenizer, ["王五"])[0], targets) == -100).all()
+
+
+def test_coarse_spans_are_partial_labels_over_the_fine_types_they_roll_up():
+    schema = tiny_schema()
+    targets = TagTargets.for_schema(schema)
+    allowed = {name: {tag for tag, ok in zip(schema.tags, row) if ok} for name, row in zip(targets.names, targets.allowed)}
+    assert allowed["B-LOC"] == {"B-address", "B-scene"}
+    assert allowed["I-ORG"] == {"I-organization", "I-government", "I-company"}
+    assert allowed["B-PER"] == {"B-name"}
+    assert allowed["B-name"] == {"B-name"}
+    assert "O" in allowed["O|uncoarse"] and "B-position" in allowed["O|uncoarse"]
+    assert "B-name" not in allowed["O|uncoarse"]
+
+    (encoded,) = encode_texts(tiny_tokenizer(), ["王五住在北京"])
+    doc = Document("m", "王五住在北京", entities=[Span(0, 2, "PER"), Span(4, 6, "LOC")])
+    assert [targets.names[t] for t in token_tags(doc, encoded, targets, coarse=True)] == [
+        "B-PER", "I-PER", "O|uncoarse", "O|uncoarse", "B-LOC", "I-LOC"]
+
+
+def test_joint_loss_is_cross_entropy_for_exact_tags_and_a_marginal_for_partial_ones():
+    schema = tiny_schema()
+    targets = TagTargets.for_schema(schema)
+    loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, targets)
+    tag_logits = torch.randn(1, 3, len(schema.tags))
+    batch = {"tags": torch.tensor([[-100, schema.begin_tag("name"), targets.begin("LOC")]]),
+             "has_topics": torch.tensor([False]), "topics": torch.zeros(1, len(schema.topics))}
+    log_probs = tag_logits[0].log_softmax(-1)
+    loc = [schema.begin_tag("address"), schema.begin_tag("scene")]
+    expected = -(log_probs[1, schema.begin_tag("name")] + log_probs[2, loc].logsumexp(0)) / 2
+    assert torch.allclose(loss_fn(None, tag_logits, batch), expected)
+
+
+def test_schema_keeps_coarse_types_out_of_the_head_when_fine_types_are_there():
+    fine = Document("c", "王五住在北京", entities=[Span(0, 2, "name"), Span(4, 6, "address")])
+    coarse = Document("m", "李四在上海", entities=[Span(0, 2, "PER"), Span(3, 5, "LOC")])
+    schema = LabelSchema.from_documents([fine, coarse])
+    assert schema.entity_types == ["address", "name"] and schema.coarse_only_types == {"PER", "LOC"}
+    # without a finer type to roll up to, a coarse type is a type of its own
+    assert LabelSchema.from_documents([fine, *[Document("o", "国务院", entities=[Span(0, 3, "ORG")])]]).entity_types == [
+        "ORG", "address", "name"]
+    assert LabelSchema.from_documents([coarse]).entity_types == ["LOC", "PER"]
+    assert tiny_schema().merged_with(LabelSchema.from_documents([coarse])) == tiny_schema()
+
+
+def test_training_mixes_fine_data_with_coarse_only_data(tiny_base, tmp_path):
+    coarse = [Document(f"m{i}", "李四在上海工作。", entities=[Span(0, 2, "PER"), Span(3, 5, "LOC")]) for i in range(8)]
+    folder, metrics = train(tiny_train_config(tiny_base, tmp_path / "model", max_steps=3), sources=[coarse])
+    saved = json.loads((folder / "newstagger.json").read_text())
+    assert "PER" not in saved["schema"]["entity_types"] and "name" in saved["schema"]["entity_types"]
+    sample_fit, sample_held = split_validation(read_documents(SAMPLE), 0.25, seed=13)
+    data = saved["training"]["data"]
+    assert data["validation"]["documents"] == len(sample_held)  # the coarse-only set is not split
+    assert data["train"]["documents"] == len(sample_fit) + len(coarse)
 
 
 def test_entity_metrics_on_a_hand_checked_example():

@@ -112,16 +112,53 @@ class Example:
     topics: list[float] | None
 
 
-def token_tags(doc: Document, encoded: EncodedText, schema: LabelSchema) -> np.ndarray:
-    """BIO tag id per token: a token overlapping a span gets B- if it is the span's first."""
-    tags = np.zeros(len(encoded.ids), dtype=np.int64)
+@dataclass(frozen=True)
+class TagTargets:
+    """What the token head is trained towards: each BIO tag exactly, plus partial labels.
+
+    Coarse-labelled data (MSRA's PER/LOC/ORG beside CLUENER's ten types) says less than a tag: a
+    LOC span's first token is B-address or B-scene, and text outside its spans is O or a type
+    the coarse view has no name for (position, book, ...). Each target is a row of allowed tags;
+    the loss maximises their total probability, which for an exact tag is plain cross-entropy.
+    """
+
+    names: list[str]
+    allowed: np.ndarray  # [targets, tags] bool
+
+    @classmethod
+    def for_schema(cls, schema: LabelSchema) -> "TagTargets":
+        tags = schema.tags
+        names, rows = list(tags), [np.eye(len(tags), dtype=bool)]
+        for coarse in sorted(schema.coarse_only_types):
+            for prefix in ("B", "I"):
+                names.append(f"{prefix}-{coarse}")
+                rows.append(np.array([[tag.startswith(f"{prefix}-") and schema.coarse.get(tag[2:]) == coarse
+                                       for tag in tags]]))
+        names.append(COARSE_OUTSIDE)
+        rows.append(np.array([[tag == "O" or tag[2:] not in schema.coarse for tag in tags]]))
+        return cls(names, np.concatenate(rows))
+
+    def begin(self, entity_type: str) -> int:
+        return self.names.index(f"B-{entity_type}")  # its I- target follows it
+
+    def outside(self, coarse: bool) -> int:
+        return self.names.index(COARSE_OUTSIDE) if coarse else 0
+
+
+COARSE_OUTSIDE = "O|uncoarse"
+
+
+def token_tags(doc: Document, encoded: EncodedText, targets: TagTargets, coarse: bool = False) -> np.ndarray:
+    """Target id per token (see TagTargets): a token overlapping a span gets B- if it is the
+    span's first; `coarse` says the document is labelled in the coarse view only."""
     if doc.entities is None:
         return np.full(len(encoded.ids), IGNORE, dtype=np.int64)
+    tags = np.full(len(encoded.ids), targets.outside(coarse), dtype=np.int64)
     starts, ends = encoded.offsets[:, 0], encoded.offsets[:, 1]
     for span in doc.entities:
         inside = np.flatnonzero((starts < span.end) & (ends > span.start))
         if len(inside):
-            begin = schema.begin_tag(span.type)
+            begin = targets.begin(span.type)
             tags[inside] = begin + 1
             tags[inside[0]] = begin
     return tags
@@ -162,11 +199,12 @@ def _join(documents: list[Document]) -> Document:
 
 
 def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, max_length: int,
-                   stride: int) -> list[Example]:
+                   stride: int, coarse: bool = False) -> list[Example]:
     encoded = encode_texts(tokenizer, [doc.text for doc in documents])
+    targets = TagTargets.for_schema(schema)
     examples = []
     for d, (doc, enc) in enumerate(zip(documents, encoded)):
-        tags = token_tags(doc, enc, schema)
+        tags = token_tags(doc, enc, targets, coarse)
         topics = None
         if doc.topics is not None:
             topics = [1.0 if t in doc.topics else 0.0 for t in schema.topics]
@@ -213,23 +251,28 @@ def epoch_batches(examples: list[Example], batch_tokens: int, rng: random.Random
 
 
 class JointLoss(nn.Module):
-    """Token cross-entropy over labelled tokens + topic BCE over topic-labelled rows.
+    """Token loss over labelled tokens (cross-entropy; marginal over the allowed tags for partial
+    labels, see TagTargets) + topic BCE over topic-labelled rows.
 
     Rows without topic labels and tokens without tags contribute nothing, so a batch mixing
     entity-only and topic-only documents trains each head on what it has. `pos_weight` lifts
     rare topics (city_management is ~4% of the data).
     """
 
-    def __init__(self, pos_weight: torch.Tensor, topic_weight: float, entity_weight: float):
+    def __init__(self, pos_weight: torch.Tensor, topic_weight: float, entity_weight: float, targets: TagTargets):
         super().__init__()
         self.topic_loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
-        self.entity_loss = nn.CrossEntropyLoss(ignore_index=IGNORE)
+        self.register_buffer("allowed", torch.from_numpy(targets.allowed))
         self.topic_weight, self.entity_weight = topic_weight, entity_weight
 
     def forward(self, topic_logits, tag_logits, batch) -> torch.Tensor:
         loss = tag_logits.new_zeros(())
-        if (batch["tags"] != IGNORE).any():
-            loss = loss + self.entity_weight * self.entity_loss(tag_logits.flatten(0, 1), batch["tags"].flatten())
+        labelled = batch["tags"] != IGNORE
+        if labelled.any():
+            logits = tag_logits[labelled]
+            allowed_logits = logits.masked_fill(~self.allowed[batch["tags"][labelled]], float("-inf"))
+            token_loss = logits.logsumexp(-1) - allowed_logits.logsumexp(-1)
+            loss = loss + self.entity_weight * token_loss.mean()
         if batch["has_topics"].any():
             rows = batch["has_topics"]
             loss = loss + self.topic_weight * self.topic_loss(topic_logits[rows], batch["topics"][rows])
@@ -305,21 +348,14 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         torch.set_num_threads(config.threads)
     output = Path(config.output)
 
-    train_docs: list[Document] = []
+    train_sets = [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]
     valid_docs: list[Document] = []
-    for docs in [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]:
-        if config.validation:
-            train_docs += docs
-        else:
-            fit, held = split_validation(docs, config.validation_fraction, seed=config.seed)
-            train_docs += fit
-            valid_docs += held[: config.max_validation_documents]
     for spec in config.validation:
         valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
-    if not train_docs:
+    if not any(train_sets):
         raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
 
-    data_schema = LabelSchema.from_documents(train_docs + valid_docs)
+    data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, valid_docs] for doc in docs])
     if config.init_model:
         model, tokenizer, parent_meta, _ = load_model_folder(config.init_model)
         schema = parent_meta.schema.merged_with(data_schema)
@@ -335,13 +371,23 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         base_model, parent_version = config.base_model, None
     model.train()
+
+    train_docs: list[Document] = []
+    examples: list[Example] = []
+    for docs in train_sets:
+        coarse = _labelled_coarse_only(docs, schema)
+        if not (config.validation or coarse):
+            # Coarse-only sets train without a held-out part: model selection scores the fine types.
+            docs, held = split_validation(docs, config.validation_fraction, seed=config.seed)
+            valid_docs += held[: config.max_validation_documents]
+        train_docs += docs
+        if config.pack_entity_documents:
+            docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
+        examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse)
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
 
-    packed_docs = (pack_documents(train_docs, config.max_length - 2, random.Random(config.seed))
-                  if config.pack_entity_documents else train_docs)
-    examples = build_examples(packed_docs, tokenizer, schema, config.max_length, config.stride)
     topic_examples = [e for e in examples if e.topics is not None]
     extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
     examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
@@ -360,7 +406,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     warmup = max(1, int(config.warmup_ratio * total_steps))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
-    loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight, config.entity_loss_weight)
+    loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight,
+                        config.entity_loss_weight, TagTargets.for_schema(schema))
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / "checkpoint"
@@ -445,6 +492,11 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         lexical.remove(output)  # a folder saved over must not keep an older run's component
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(final))
     return output, final
+
+
+def _labelled_coarse_only(documents: list[Document], schema: LabelSchema) -> bool:
+    types = {span.type for doc in documents for span in doc.entities or ()}
+    return bool(types) and types <= schema.coarse_only_types
 
 
 def _validate(model: NewsTaggerModel, tokenizer, meta: ModelMeta, documents: list[Document]) -> dict:
