@@ -132,7 +132,7 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
 
     metrics: dict = {"decoding": decoding}
     gold_types = {t for spans in gold_spans for _, _, t in spans}
-    coarse_gold = bool(gold_types) and gold_types <= set(schema.coarse.values()) - set(schema.entity_types)
+    coarse_gold = bool(gold_types) and gold_types <= schema.coarse_only_types
     if gold_spans and not coarse_gold:
         metrics["entities"] = entity_metrics(gold_spans, predicted_spans, lengths)
     if gold_spans and schema.coarse:

@@ -172,18 +172,20 @@ def pack_documents(documents: list[Document], max_chars: int, rng: random.Random
     plenty of short, [CLS]-adjacent examples. Topic-labelled documents stay whole: their labels
     belong to the whole text. Characters bound tokens for Chinese text, so packs fit the window.
     """
-    packable = [doc for doc in documents if doc.topics is None and doc.entities is not None]
-    kept = [doc for doc in documents if not (doc.topics is None and doc.entities is not None)]
+    kept, packable = [], []
+    for doc in documents:
+        (packable if doc.topics is None and doc.entities is not None else kept).append(doc)
     rng.shuffle(packable)
     packed: list[Document] = []
     run: list[Document] = []
-    target = rng.randint(1, max_chars)
+    run_chars, target = 0, rng.randint(1, max_chars)
     for doc in [*packable, None]:
-        if run and (doc is None or sum(len(d.text) for d in run) + len(doc.text) > target):
+        if run and (doc is None or run_chars + len(doc.text) > target):
             packed.append(_join(run))
-            run, target = [], rng.randint(1, max_chars)
+            run, run_chars, target = [], 0, rng.randint(1, max_chars)
         if doc is not None:
             run.append(doc)
+            run_chars += len(doc.text)
     return kept + packed
 
 
@@ -376,8 +378,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     examples: list[Example] = []
     for docs in train_sets:
         coarse = _labelled_coarse_only(docs, schema)
-        if not (config.validation or coarse):
-            # Coarse-only sets train without a held-out part: model selection scores the fine types.
+        if not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
             docs, held = split_validation(docs, config.validation_fraction, seed=config.seed)
             valid_docs += held[: config.max_validation_documents]
         train_docs += docs
