@@ -281,8 +281,10 @@ def _label_f1(metrics: dict, labels: dict[str, list[str]]) -> dict[str, float]:
 
 
 def _new_labels(known: LabelSchema, data: LabelSchema) -> dict[str, list[str]]:
-    return {"topics": [t for t in data.topics if t not in known.topics],
-            "entity_types": [t for t in data.entity_types if t not in known.entity_types]}
+    """What training on `data` would add to the model (coarse PER/LOC/ORG data adds nothing to a
+    model with finer types: it trains them as partial labels)."""
+    grown = known.merged_with(data)
+    return {"topics": grown.topics[len(known.topics):], "entity_types": grown.entity_types[len(known.entity_types):]}
 
 
 def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, output: Path,
