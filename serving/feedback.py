@@ -21,6 +21,7 @@ from training.feedback import Correction, CorrectionConflict, FeedbackStore
 from .schemas import DocumentId, ErrorBody, Text
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
+MAX_REVISION = 2**63 - 1  # the store's integer column (SQLite INTEGER, PostgreSQL BIGINT)
 _opening = threading.Lock()
 
 
@@ -49,7 +50,7 @@ class FeedbackRequest(BaseModel):
     entities: list[EntityIn] | None = Field(
         None, description="All entity spans, non-overlapping ([] for none); absent or null: entities not corrected.")
     sender: Text = Field(min_length=1, max_length=200, description="Who made the correction.")
-    revision: StrictInt = Field(1, ge=1, description="Raise it to correct the same story again.")
+    revision: StrictInt = Field(1, ge=1, le=MAX_REVISION, description="Raise it to correct the same story again.")
     model_version: Text | None = Field(
         None, description="Version of the model whose output was corrected (the `model.version` of its "
                           "/v1/tag answer); default: the version serving now.")
