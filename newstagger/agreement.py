@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bench import synthetic_stories
+from .documents import DataError, json_object
 from .model import CARD_FILE, META_FILE, METRICS_FILE, ModelMeta, render_model_card
 
 SPAN_AGREEMENT_MIN = 0.99
@@ -49,8 +50,7 @@ def run(args) -> int:
 
     folder = Path(args.model or default_model_dir())
     if args.texts:
-        with open(args.texts, encoding="utf-8") as lines:
-            texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        texts = _read_texts(args.texts)
         corpus = f"{Path(args.texts).name} ({len(texts)} texts)"
     else:
         texts = synthetic_stories(args.documents, seed=CHECK_SEED)
@@ -67,6 +67,19 @@ def run(args) -> int:
     if not args.no_record:
         record_agreement(folder, checked)
     return 0 if all(result["passed"] for result in checked.values()) else 1
+
+
+def _read_texts(path: str) -> list[str]:
+    """The 'text' of each line of a JSONL file; DataError names the line of a bad one."""
+    texts = []
+    with open(path, encoding="utf-8") as lines:
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                text = json_object(line, f"{path}:{number}").get("text")
+                if not isinstance(text, str):
+                    raise DataError(f"{path}:{number}: field 'text' must be a string")
+                texts.append(text)
+    return texts
 
 
 def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str], corpus: str) -> dict[str, dict]:

@@ -145,11 +145,18 @@ def read_jsonl(path: str | Path) -> Iterator[Document]:
             if not line.strip():
                 continue
             where = f"{path}:{number}"
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-            yield validate(Document.from_dict(obj, where), where=where)
+            yield validate(Document.from_dict(json_object(line, where), where), where=where)
+
+
+def json_object(line: str, where: str) -> dict:
+    """One JSON line as an object, or DataError naming `where` and what is wrong."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    if not isinstance(obj, dict):
+        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    return obj
 
 
 def write_jsonl(documents: Iterable[Document], path: str | Path) -> int:

@@ -70,6 +70,14 @@ def test_check_command_on_a_file_of_texts_records_its_corpus(exported_dir, tmp_p
     assert recorded["corpus"] == "texts.jsonl (5 texts)" and recorded["documents"] == 5
 
 
+def test_check_command_names_the_bad_line_of_a_file_of_texts(exported_dir, tmp_path, capsys):
+    texts = tmp_path / "texts.jsonl"
+    texts.write_text('{"text": "王五住在北京"}\n{"id": 2}\n', encoding="utf-8")
+    assert main(["check", "--model", str(exported_dir), "--texts", str(texts), "--no-record"]) == 2
+    error = capsys.readouterr().err.strip()
+    assert f"{texts}:2" in error and "'text'" in error and len(error.splitlines()) == 1
+
+
 def test_compare_counts_missing_and_extra_entities_against_agreement():
     entity = lambda start, kind="name": {"start": start, "end": start + 2, "type": kind}
     expected = [{"topics": {"a": 0.5}, "entities": [entity(0), entity(5)]}]

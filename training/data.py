@@ -30,7 +30,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from newstagger.documents import DataError, Document, Span, validate
+from newstagger.documents import DataError, Document, Span, json_object, validate
 
 if TYPE_CHECKING:
     import datasets
@@ -306,17 +306,7 @@ def _json_lines(path) -> Iterator[tuple[int, str, str]]:
 
 
 def _internal_document(line: str, where: str):
-    return Document.from_dict(_json_object(line, where), where), None
-
-
-def _json_object(line: str, where: str) -> dict:
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-    return obj
+    return Document.from_dict(json_object(line, where), where), None
 
 
 def _text(obj: dict, where: str) -> str:
@@ -357,7 +347,7 @@ def _flat_spans(spans: Iterable[Span], where: str) -> list[Span]:
 
 
 def _cluener_document(line: str, doc_id: str, where: str):
-    obj = _json_object(line, where)
+    obj = json_object(line, where)
     text = _text(obj, where)
     label = obj.get("label")
     if not isinstance(label, dict):
@@ -509,7 +499,7 @@ def _doccano_file_label_kind(path) -> str | None:
 
 
 def _doccano_document(line: str, fallback_id: str, file_label_kind: str | None, where: str):
-    obj = _json_object(line, where)
+    obj = json_object(line, where)
     text = _text(obj, where)
     spans: list[Span] | None = None
     topics: list[str] | None = None
