@@ -17,7 +17,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .documents import DataError
+from .documents import DataError, json_object
 
 
 def register(subparsers) -> None:
@@ -112,12 +112,7 @@ def _with_encodings(tagger, chunks, overlap: bool):
 
 def parse_request(line: str, where: str) -> tuple[object, str]:
     """(id, text) of one input line, or DataError naming the line and the field."""
-    try:
-        obj = json.loads(line)
-    except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
-    if not isinstance(obj, dict):
-        raise DataError(f"{where}: expected a JSON object with 'id' and 'text'")
+    obj = json_object(line, where)
     if "id" not in obj:
         raise DataError(f"{where}: field 'id' is missing")
     if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
