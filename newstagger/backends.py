@@ -27,6 +27,7 @@ import torch
 from torch import nn
 
 from .cli import UsageError
+from .lexicon import TokenLexicon
 from .model import METRICS_FILE, NewsTaggerModel
 
 logger = logging.getLogger(__name__)
@@ -51,8 +52,9 @@ class ScoringModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        topic_logits, tag_logits = self.model(input_ids, attention_mask)
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lexicon_features: torch.Tensor | None = None):
+        topic_logits, tag_logits = self.model(input_ids, attention_mask, lexicon_features)
         return topic_logits.float(), torch.log_softmax(tag_logits.float(), dim=-1)
 
 
@@ -107,10 +109,12 @@ class OnnxBackend:
     device = torch.device("cpu")
     batch_tokens = CPU_BATCH_TOKENS
 
-    def __init__(self, path: str | Path, precision: str, threads: int):
+    def __init__(self, path: str | Path, precision: str, threads: int, lexicon: TokenLexicon | None = None):
+        """`lexicon`: the model's, for a graph exported with a `lexicon_features` input."""
         import onnxruntime as ort
 
         self.precision = precision
+        self.lexicon = lexicon
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
@@ -121,7 +125,11 @@ class OnnxBackend:
         self.session = ort.InferenceSession(str(self.path), options, providers=["CPUExecutionProvider"])
 
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        topic_logits, tag_log_probs = self.session.run(None, {"input_ids": input_ids, "attention_mask": attention_mask})
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask}
+        if self.lexicon is not None:
+            with torch.inference_mode():
+                inputs["lexicon_features"] = self.lexicon(torch.from_numpy(input_ids)).numpy()
+        topic_logits, tag_log_probs = self.session.run(None, inputs)
         return topic_logits, tag_log_probs
 
     def __str__(self) -> str:
@@ -150,7 +158,7 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
         raise UsageError(_unavailable_reason(folder, backend, precision, device))
     chosen_backend, chosen_precision = choices[0]
     if chosen_backend == "onnx":
-        made = OnnxBackend(onnx_path(folder, chosen_precision), chosen_precision, threads)
+        made = OnnxBackend(onnx_path(folder, chosen_precision), chosen_precision, threads, model.lexicon)
     else:
         made = TorchBackend(model, chosen_precision, device)
     logger.info("scoring with %s, %d threads", made, threads)

@@ -61,7 +61,7 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
     fp32_path, int8_path = onnx_path(folder, "fp32"), onnx_path(folder, "int8")
     raw_path = out / "model.unoptimized.onnx"
     try:
-        _trace(model, raw_path)
+        inputs = _trace(model, raw_path)
         fused = _optimize(raw_path, fp32_path, model.config)
     finally:
         raw_path.unlink(missing_ok=True)
@@ -77,7 +77,7 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "format": "onnx",
         "opset": OPSET,
-        "inputs": ["input_ids int64 [batch, sequence]", "attention_mask int64 [batch, sequence]"],
+        "inputs": inputs,
         "outputs": ["topic_logits float32 [batch, topics]", "tag_log_probs float32 [batch, sequence, tags]"],
         "fused_operators": fused,
         "fp32_max_abs_difference_vs_torch": max_difference,
@@ -92,28 +92,36 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
     return record
 
 
-def _example_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+def _example_inputs(model) -> tuple[torch.Tensor, ...]:
     """Two rows of different lengths: with an all-ones mask the tracer would freeze the
     'no padding' branch of the attention mask into the graph."""
     input_ids = torch.tensor([[2, 5, 6, 7, 8, 3], [2, 5, 3, 0, 0, 0]], dtype=torch.long)
-    return input_ids, (input_ids != 0).long()
+    inputs = input_ids, (input_ids != 0).long()
+    return inputs if model.lexicon is None else (*inputs, model.lexicon(input_ids))
 
 
-def _trace(model, path: Path) -> None:
+def _trace(model, path: Path) -> list[str]:
+    """Write the graph; returns its inputs, described."""
     sequence_axes = {0: "batch", 1: "sequence"}
+    names = ["input_ids", "attention_mask"] + ([] if model.lexicon is None else ["lexicon_features"])
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: checked by _verify
         torch.onnx.export(
             ScoringModule(model).eval(),
-            _example_inputs(),
+            _example_inputs(model),
             str(path),
             dynamo=False,  # the TorchScript exporter handles this model reliably
-            input_names=["input_ids", "attention_mask"],
+            input_names=names,
             output_names=["topic_logits", "tag_log_probs"],
-            dynamic_axes={"input_ids": sequence_axes, "attention_mask": sequence_axes,
+            dynamic_axes={**{name: sequence_axes for name in names},
                           "topic_logits": {0: "batch"}, "tag_log_probs": sequence_axes},
             opset_version=OPSET,
         )
+    described = ["input_ids int64 [batch, sequence]", "attention_mask int64 [batch, sequence]"]
+    if model.lexicon is not None:
+        described.append(f"lexicon_features float32 [batch, sequence, {model.lexicon.num_features}] "
+                         "(the model's lexicon applied to input_ids; OnnxBackend computes them)")
+    return described
 
 
 def _optimize(source: Path, target: Path, config) -> dict[str, int]:
@@ -136,7 +144,7 @@ def _verify(model, path: Path) -> float:
     attention_mask[1, 20:] = 0
     arrays = input_ids.numpy(), attention_mask.numpy()
     expected = TorchBackend(model)(*arrays)
-    got = OnnxBackend(path, "fp32", threads=1)(*arrays)
+    got = OnnxBackend(path, "fp32", threads=1, lexicon=model.lexicon)(*arrays)
     difference = max(float(np.abs(e - g).max()) for e, g in zip(expected, got))
     if difference > EXPORT_TOLERANCE:
         raise RuntimeError(f"the exported graph disagrees with PyTorch by {difference:.2e}; not using it")

@@ -17,6 +17,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
+from .lexicon import TokenLexicon
 from .schema import LabelSchema
 
 META_FILE = "newstagger.json"
@@ -29,6 +30,8 @@ class NewsTaggerModel(BertPreTrainedModel):
 
     Mean pooling rather than the pooler: the shipped base has no pooler weights, and a mean
     over a window is a steadier summary than one position when long stories are windowed.
+    With a lexicon (newstagger.lexicon), its word features enter through a projection added to
+    the token embeddings, so the whole encoder can use them.
     """
 
     def __init__(self, config):
@@ -39,19 +42,44 @@ class NewsTaggerModel(BertPreTrainedModel):
         self.dropout = nn.Dropout(dropout)
         self.topic_head = nn.Linear(config.hidden_size, len(schema.topics))
         self.entity_head = nn.Linear(config.hidden_size, len(schema.tags))
+        self.lexicon = self.lexicon_projection = None
+        if getattr(config, "newstagger_lexicon", None):
+            self.lexicon = TokenLexicon(config.newstagger_lexicon)
+            self.lexicon_projection = nn.Linear(self.lexicon.num_features, config.hidden_size, bias=False)
         self.post_init()
 
     @property
     def schema(self) -> LabelSchema:
         return LabelSchema.from_dict(self.config.newstagger_schema)
 
-    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor):
-        """(topic_logits [B, topics], tag_logits [B, L, tags])."""
-        hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor,
+                lexicon_features: torch.Tensor | None = None):
+        """(topic_logits [B, topics], tag_logits [B, L, tags]).
+
+        `lexicon_features` are `self.lexicon(input_ids)`, computed here unless given (the ONNX
+        graph takes them as an input: dictionary look-ups have no ONNX operator).
+        """
+        if self.lexicon is None:
+            hidden = self.bert(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+        else:
+            if lexicon_features is None:
+                lexicon_features = self.lexicon(input_ids)
+            embeddings = self.bert.embeddings.word_embeddings(input_ids)
+            embeddings = embeddings + self.lexicon_projection(lexicon_features.to(embeddings.dtype))
+            hidden = self.bert(inputs_embeds=embeddings, attention_mask=attention_mask).last_hidden_state
         hidden = self.dropout(hidden)
         mask = attention_mask.unsqueeze(-1).to(hidden.dtype)
         pooled = (hidden * mask).sum(1) / mask.sum(1).clamp(min=1.0)
         return self.topic_head(pooled), self.entity_head(hidden)
+
+    def attach_lexicon(self, lexicon: TokenLexicon) -> None:
+        """Give a model (trained or not) dictionary-word features. The projection starts at zero,
+        so the model's outputs are unchanged until training teaches it to use them."""
+        projection = nn.Linear(lexicon.num_features, self.config.hidden_size, bias=False)
+        nn.init.zeros_(projection.weight)
+        device = self.bert.embeddings.word_embeddings.weight.device
+        self.lexicon, self.lexicon_projection = lexicon.to(device), projection.to(device)
+        self.config.newstagger_lexicon = lexicon.config
 
     def grow_labels(self, schema: LabelSchema) -> None:
         """Extend the heads to a schema that appends new labels, keeping the trained rows.
@@ -185,6 +213,7 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| window | {meta.max_length} positions, {meta.stride} tokens overlap |",
         f"| entity types | {', '.join(schema.entity_types) or '-'} |",
         f"| coarse view | {', '.join(f'{k}->{v}' for k, v in schema.coarse.items()) or '-'} |",
+        f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
         "",
         "## Topics and thresholds",
         "",
@@ -212,6 +241,12 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         "",
     ]
     return "\n".join(lines)
+
+
+def _lexicon_summary(lexicon: dict | None) -> str:
+    if not lexicon:
+        return "-"
+    return f"{lexicon['source']}: {lexicon['words']:,} words of 2-{lexicon['max_word_tokens']} tokens ({', '.join(lexicon['categories'])})"
 
 
 TASK_TABLES = ("entities", "entities_coarse", "topics")

@@ -79,6 +79,18 @@ def test_bf16_autocast_training_saves_a_working_model(tiny_base, tmp_path):
     assert set(result["topics"]) == set(tiny_schema().topics)
 
 
+def test_lexicon_training_builds_jiebas_dictionary_into_the_model_folder(tiny_base, tmp_path):
+    folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", lexicon=True, max_steps=3))
+    saved = json.loads((folder / "newstagger.json").read_text())["training"]["lexicon"]
+    assert saved["source"].startswith("jieba") and saved["words"] > 300_000
+    assert "jieba" in (folder / "README.md").read_text()
+    tagger = Tagger.load(folder)
+    assert tagger.model.lexicon is not None and tagger.model.lexicon_projection.weight.abs().sum() > 0
+    text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。"
+    (result,) = tagger.tag([text])
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
+
+
 def test_packing_joins_entity_only_documents_and_keeps_every_span():
     sentences = [Document(f"s{i}", "王五住在北京。", entities=[Span(0, 2, "name"), Span(4, 6, "address")])
                  for i in range(40)]
@@ -139,11 +151,24 @@ def test_joint_loss_is_cross_entropy_for_exact_tags_and_a_marginal_for_partial_o
     loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, targets)
     tag_logits = torch.randn(1, 3, len(schema.tags))
     batch = {"tags": torch.tensor([[-100, schema.begin_tag("name"), targets.begin("LOC")]]),
-             "has_topics": torch.tensor([False]), "topics": torch.zeros(1, len(schema.topics))}
+             "has_topics": torch.tensor([False]), "topics": torch.zeros(1, len(schema.topics)),
+             "entity_weight": torch.tensor([1.0])}
     log_probs = tag_logits[0].log_softmax(-1)
     loc = [schema.begin_tag("address"), schema.begin_tag("scene")]
     expected = -(log_probs[1, schema.begin_tag("name")] + log_probs[2, loc].logsumexp(0)) / 2
     assert torch.allclose(loss_fn(None, tag_logits, batch), expected)
+
+    # A second row from a source weighted 0.25: its token counts a quarter in the mean.
+    tag_logits = torch.cat([tag_logits, torch.randn(1, 3, len(schema.tags))])
+    batch = {**batch, "tags": torch.cat([batch["tags"], torch.tensor([[0, -100, -100]])]),
+             "has_topics": torch.tensor([False, False]), "entity_weight": torch.tensor([1.0, 0.25])}
+    weighted = (2 * expected - 0.25 * tag_logits[1, 0].log_softmax(-1)[0]) / 3
+    assert torch.allclose(loss_fn(None, tag_logits, batch), weighted)
+
+
+def test_train_weights_must_match_the_train_sources(tiny_base, tmp_path):
+    with pytest.raises(ValueError, match="1 train sources"):
+        train(tiny_train_config(tiny_base, tmp_path / "model", train_weights=[1.0, 0.5]))
 
 
 def test_schema_keeps_coarse_types_out_of_the_head_when_fine_types_are_there():

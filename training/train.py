@@ -31,6 +31,7 @@ from transformers import AutoTokenizer
 
 from newstagger import lexical
 from newstagger.documents import Document, Span
+from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -54,6 +55,9 @@ class TrainConfig:
     """Everything a training run depends on; saved into the model folder for reproducibility."""
 
     train: list[str] = _option(list, "training data, PATH[:FORMAT] (formats: see training.data.FORMATS)")
+    train_weights: list[float] = _option(list, "entity-loss weight of each training source, in the order of "
+                                               "`train` (empty: 1.0 each); below 1 lets a big corpus with other "
+                                               "conventions teach without outvoting the rest", "WEIGHT")
     output: str = _option("runs/model", "model folder to write")
     base_model: str = _option("bert-base-chinese", "Hugging Face BERT checkpoint: hub name or local folder")
     init_model: str | None = _option(None, "start from this newstagger model folder instead of base_model")
@@ -68,7 +72,8 @@ class TrainConfig:
     max_steps: int = _option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
     batch_tokens: int = _option(4096, "padded tokens per batch (batches are length-bucketed)")
     learning_rate: float = _option(2e-4, "peak AdamW learning rate")
-    head_learning_rate: float = _option(1e-3, "learning rate of the two freshly initialised heads")
+    head_learning_rate: float = _option(1e-3, "learning rate of the freshly initialised layers: the two heads "
+                                               "and the lexicon projection")
     weight_decay: float = _option(0.01, "AdamW weight decay")
     warmup_ratio: float = _option(0.06, "share of steps spent warming the learning rate up")
     topic_loss_weight: float = _option(1.0, "weight of the topic loss in the joint loss")
@@ -79,6 +84,8 @@ class TrainConfig:
                                                 "head learns every position it meets when tagging long stories")
     bf16: bool = _option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
                                 "CPUs with AMX (Sapphire Rapids and later)")
+    lexicon: bool = _option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
+                                   "that has them keeps them")
     patience: int = _option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = _option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                         "blend it into the topic head, with a weight chosen on validation")
@@ -105,11 +112,13 @@ class TrainConfig:
 
 @dataclass
 class Example:
-    """One training window: token ids, BIO tag ids (IGNORE where unlabelled), topic targets."""
+    """One training window: token ids, BIO tag ids (IGNORE where unlabelled), topic targets, and
+    the weight of its tokens in the entity loss."""
 
     ids: list[int]
     tags: list[int]
     topics: list[float] | None
+    entity_weight: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -201,7 +210,7 @@ def _join(documents: list[Document]) -> Document:
 
 
 def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, max_length: int,
-                   stride: int, coarse: bool = False) -> list[Example]:
+                   stride: int, coarse: bool = False, entity_weight: float = 1.0) -> list[Example]:
     encoded = encode_texts(tokenizer, [doc.text for doc in documents])
     targets = TagTargets.for_schema(schema)
     examples = []
@@ -211,7 +220,7 @@ def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, ma
         if doc.topics is not None:
             topics = [1.0 if t in doc.topics else 0.0 for t in schema.topics]
         for w in plan_windows(d, len(enc.ids), max_length, stride):
-            examples.append(Example(enc.ids[w.start : w.end], tags[w.start : w.end].tolist(), topics))
+            examples.append(Example(enc.ids[w.start : w.end], tags[w.start : w.end].tolist(), topics, entity_weight))
     return examples
 
 
@@ -223,6 +232,7 @@ def collate(examples: list[Example], tokenizer, num_topics: int) -> dict[str, to
     tags = torch.full((batch, length), IGNORE, dtype=torch.long)
     topics = torch.zeros((batch, num_topics))
     has_topics = torch.zeros(batch, dtype=torch.bool)
+    entity_weight = torch.tensor([e.entity_weight for e in examples])
     for row, e in enumerate(examples):
         n = len(e.ids)
         input_ids[row, : n + 2] = torch.tensor([tokenizer.cls_token_id, *e.ids, tokenizer.sep_token_id])
@@ -232,7 +242,7 @@ def collate(examples: list[Example], tokenizer, num_topics: int) -> dict[str, to
             topics[row] = torch.tensor(e.topics)
             has_topics[row] = True
     return {"input_ids": input_ids, "attention_mask": attention_mask, "tags": tags, "topics": topics,
-            "has_topics": has_topics}
+            "has_topics": has_topics, "entity_weight": entity_weight}
 
 
 def epoch_batches(examples: list[Example], batch_tokens: int, rng: random.Random) -> list[list[int]]:
@@ -274,7 +284,8 @@ class JointLoss(nn.Module):
             logits = tag_logits[labelled]
             allowed_logits = logits.masked_fill(~self.allowed[batch["tags"][labelled]], float("-inf"))
             token_loss = logits.logsumexp(-1) - allowed_logits.logsumexp(-1)
-            loss = loss + self.entity_weight * token_loss.mean()
+            token_weight = batch["entity_weight"][:, None].expand_as(labelled)[labelled]
+            loss = loss + self.entity_weight * (token_weight * token_loss).sum() / len(token_loss)
         if batch["has_topics"].any():
             rows = batch["has_topics"]
             loss = loss + self.topic_weight * self.topic_loss(topic_logits[rows], batch["topics"][rows])
@@ -356,6 +367,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
     if not any(train_sets):
         raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
+    if config.train_weights and len(config.train_weights) != len(config.train):
+        raise ValueError(f"train_weights has {len(config.train_weights)} weights for {len(config.train)} train sources")
+    weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
 
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, valid_docs] for doc in docs])
     if config.init_model:
@@ -372,11 +386,15 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         model = new_model(config.base_model, schema)
         tokenizer = AutoTokenizer.from_pretrained(config.base_model)
         base_model, parent_version = config.base_model, None
+    if config.lexicon and model.lexicon is None:
+        words, source = jieba_words()
+        model.attach_lexicon(build_lexicon(words, tokenizer, source))
+        log.info("lexicon: %s", model.lexicon.config)
     model.train()
 
     train_docs: list[Document] = []
     examples: list[Example] = []
-    for docs in train_sets:
+    for docs, weight in zip(train_sets, weights):
         coarse = _labelled_coarse_only(docs, schema)
         if not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
             docs, held = split_validation(docs, config.validation_fraction, seed=config.seed)
@@ -384,7 +402,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         train_docs += docs
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
-        examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse)
+        examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse, weight)
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
@@ -398,7 +416,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    head_params = [*model.topic_head.parameters(), *model.entity_head.parameters()]
+    fresh_layers = [model.topic_head, model.entity_head, model.lexicon_projection]
+    head_params = [p for layer in fresh_layers if layer is not None for p in layer.parameters()]
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
         [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
@@ -483,6 +502,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "best_epoch": state["best_epoch"],
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
+        **({"lexicon": model.lexicon.config} if model.lexicon is not None else {}),
         **({"topic_blend": topic_blend} if topic_blend else {}),
     }
     final = public(metrics)
@@ -555,7 +575,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class=TrainConf
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
         elif kind.startswith("list"):
             parser.add_argument(flag, action="append", default=None, metavar=f.metadata["metavar"] or "PATH[:FORMAT]",
-                                help=help_text + " (repeatable)")
+                                type=float if kind == "list[float]" else str, help=help_text + " (repeatable)")
         else:
             parser.add_argument(flag, type={"int": int, "float": float}.get(kind, str), default=None,
                                 metavar=f.metadata["metavar"], help=help_text)
