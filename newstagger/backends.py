@@ -28,7 +28,7 @@ from torch import nn
 
 from .cli import UsageError
 from .lexicon import TokenLexicon
-from .model import METRICS_FILE, NewsTaggerModel
+from .model import METRICS_FILE, ONNX_DIR, NewsTaggerModel
 
 logger = logging.getLogger(__name__)
 
@@ -36,7 +36,6 @@ BACKENDS = ("auto", "torch", "onnx")
 PRECISIONS = ("auto", "fp32", "bf16", "int8")
 DEVICES = ("auto", "cpu", "cuda")
 
-ONNX_DIR = "onnx"
 ONNX_FILES = {"fp32": "model.onnx", "int8": "model.int8.onnx"}
 
 # Padded tokens per encoder call. On CPU, 16 windows of 256 ran as fast as 32 or 64 of them

@@ -20,8 +20,8 @@ import numpy as np
 import torch
 
 from .agreement import drop_agreement
-from .backends import ONNX_DIR, OnnxBackend, ScoringModule, TorchBackend, onnx_path
-from .model import load_model_folder
+from .backends import OnnxBackend, ScoringModule, TorchBackend, onnx_path
+from .model import ONNX_DIR, load_model_folder
 
 logger = logging.getLogger(__name__)
 

@@ -9,6 +9,7 @@ model card (README.md). `load_model_folder` needs nothing else.
 from __future__ import annotations
 
 import json
+import shutil
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,6 +24,7 @@ from .schema import LabelSchema
 META_FILE = "newstagger.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
+ONNX_DIR = "onnx"  # written by `newstagger export` (newstagger.export)
 
 
 class NewsTaggerModel(BertPreTrainedModel):
@@ -169,10 +171,11 @@ def save_model_folder(
 
     Weights are stored in fp16 by default, which halves the folder (the shipped model must stay
     small) and changes predictions far less than the bf16 or int8 fast paths do; they are loaded
-    back as fp32.
+    back as fp32. Saving over a folder drops its ONNX export: those graphs hold the old weights.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(folder / ONNX_DIR, ignore_errors=True)
     state = {k: v.detach().to(weights_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
     tokenizer.save_pretrained(folder)

@@ -14,7 +14,7 @@ from newstagger.backends import OnnxBackend, TorchBackend, cpu_has_bf16, make_ba
 from newstagger.bench import synthetic_stories
 from newstagger.cli import UsageError, main
 from newstagger.export import export_onnx
-from newstagger.model import load_model_folder
+from newstagger.model import load_model_folder, save_model_folder
 from newstagger.tagger import Tagger
 
 
@@ -122,6 +122,15 @@ def test_asking_for_missing_onnx_on_the_command_line_exits_2(model_copy, tmp_pat
                  "--backend", "onnx"])
     assert code == 2
     assert "newstagger export" in capsys.readouterr().err
+
+
+def test_saving_a_model_over_a_folder_drops_its_export_of_the_old_weights(exported_dir, tmp_path):
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    model, tokenizer, meta, _ = load_model_folder(folder)
+    save_model_folder(folder, model, tokenizer, meta)
+    assert not (folder / "onnx").exists()
+    with pytest.raises(UsageError, match="newstagger export"):
+        make_backend(folder, model, backend="onnx")
 
 
 def test_impossible_combinations_say_why(model_copy):
