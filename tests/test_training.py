@@ -90,6 +90,9 @@ def test_lexicon_training_builds_jiebas_dictionary_into_the_model_folder(tiny_ba
     (result,) = tagger.tag([text])
     assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
 
+    retrained, _ = train(tiny_train_config(tiny_base, tmp_path / "retrained", init_model=str(folder), max_steps=2))
+    assert Tagger.load(retrained).model.lexicon is not None  # kept without asking again
+
 
 def test_packing_joins_entity_only_documents_and_keeps_every_span():
     sentences = [Document(f"s{i}", "王五住在北京。", entities=[Span(0, 2, "name"), Span(4, 6, "address")])
