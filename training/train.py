@@ -353,6 +353,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     """
     from training.data import corpus_stats, parse_data_spec, read_documents, split_validation
 
+    if config.train_weights and len(config.train_weights) != len(config.train):  # before minutes of reading data
+        raise ValueError(f"train_weights has {len(config.train_weights)} weights for {len(config.train)} train sources")
     started = time.time()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -367,8 +369,6 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
     if not any(train_sets):
         raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
-    if config.train_weights and len(config.train_weights) != len(config.train):
-        raise ValueError(f"train_weights has {len(config.train_weights)} weights for {len(config.train)} train sources")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
 
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, valid_docs] for doc in docs])
