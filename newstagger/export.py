@@ -103,7 +103,11 @@ def _example_inputs(model) -> tuple[torch.Tensor, ...]:
 def _trace(model, path: Path) -> list[str]:
     """Write the graph; returns its inputs, described."""
     sequence_axes = {0: "batch", 1: "sequence"}
-    names = ["input_ids", "attention_mask"] + ([] if model.lexicon is None else ["lexicon_features"])
+    inputs = {"input_ids": "int64 [batch, sequence]", "attention_mask": "int64 [batch, sequence]"}
+    if model.lexicon is not None:
+        inputs["lexicon_features"] = (f"float32 [batch, sequence, {model.lexicon.num_features}] (the model's "
+                                      "lexicon applied to input_ids; OnnxBackend computes them)")
+    names = list(inputs)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # tracer warnings about Python branches on shapes: checked by _verify
         torch.onnx.export(
@@ -117,11 +121,7 @@ def _trace(model, path: Path) -> list[str]:
                           "topic_logits": {0: "batch"}, "tag_log_probs": sequence_axes},
             opset_version=OPSET,
         )
-    described = ["input_ids int64 [batch, sequence]", "attention_mask int64 [batch, sequence]"]
-    if model.lexicon is not None:
-        described.append(f"lexicon_features float32 [batch, sequence, {model.lexicon.num_features}] "
-                         "(the model's lexicon applied to input_ids; OnnxBackend computes them)")
-    return described
+    return [f"{name} {description}" for name, description in inputs.items()]
 
 
 def _optimize(source: Path, target: Path, config) -> dict[str, int]:
