@@ -27,12 +27,17 @@ def bio_transitions(num_types: int) -> tuple[np.ndarray, np.ndarray]:
     return transitions, start
 
 
-def constrained_viterbi(log_probs: list[np.ndarray]) -> list[np.ndarray]:
-    """Best valid BIO tag sequence for each [n_i, num_tags] array of log-probabilities."""
+def constrained_viterbi(log_probs: list[np.ndarray],
+                        transitions: tuple[np.ndarray, np.ndarray] | None = None) -> list[np.ndarray]:
+    """Best valid BIO tag sequence for each [n_i, num_tags] array of log-probabilities.
+
+    `transitions` are (tag -> tag, first tag) scores to add, forbidden moves at -inf: a CRF's
+    learned ones (newstagger.crf); by default the plain BIO rules.
+    """
     if not log_probs:
         return []
     num_tags = log_probs[0].shape[1]
-    transitions, start = bio_transitions((num_tags - 1) // 2)
+    transitions, start = transitions if transitions is not None else bio_transitions((num_tags - 1) // 2)
     lengths = np.array([len(lp) for lp in log_probs])
     batch, longest = len(log_probs), max(int(lengths.max()), 1)
     emissions = np.zeros((batch, longest, num_tags), dtype=np.float32)

@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
+from .crf import BioCrf
 from .lexicon import TokenLexicon
 from .schema import LabelSchema
 
@@ -33,7 +34,8 @@ class NewsTaggerModel(BertPreTrainedModel):
     Mean pooling rather than the pooler: the shipped base has no pooler weights, and a mean
     over a window is a steadier summary than one position when long stories are windowed.
     With a lexicon (newstagger.lexicon), its word features enter through a projection added to
-    the token embeddings, so the whole encoder can use them.
+    the token embeddings, so the whole encoder can use them. With a CRF (newstagger.crf), the
+    decoder adds learned tag transitions to the token head's scores.
     """
 
     def __init__(self, config):
@@ -48,6 +50,7 @@ class NewsTaggerModel(BertPreTrainedModel):
         if getattr(config, "newstagger_lexicon", None):
             self.lexicon = TokenLexicon(config.newstagger_lexicon)
             self.lexicon_projection = nn.Linear(self.lexicon.num_features, config.hidden_size, bias=False)
+        self.crf = BioCrf(len(schema.tags)) if getattr(config, "newstagger_crf", False) else None
         self.post_init()
 
     @property
@@ -83,6 +86,16 @@ class NewsTaggerModel(BertPreTrainedModel):
         self.lexicon, self.lexicon_projection = lexicon.to(device), projection.to(device)
         self.config.newstagger_lexicon = lexicon.config
 
+    def attach_crf(self) -> None:
+        """Give a model (trained or not) learned tag transitions. They start at zero, where the CRF
+        decodes exactly like the constrained Viterbi, so outputs are unchanged until training."""
+        self.crf = BioCrf(len(self.schema.tags)).to(self.entity_head.weight.device)
+        self.config.newstagger_crf = True
+
+    def decoding_transitions(self) -> tuple | None:
+        """(transitions, start) for decoding.constrained_viterbi, or None for the plain BIO ones."""
+        return self.crf.decoding_scores() if self.crf is not None else None
+
     def grow_labels(self, schema: LabelSchema) -> None:
         """Extend the heads to a schema that appends new labels, keeping the trained rows.
 
@@ -94,6 +107,8 @@ class NewsTaggerModel(BertPreTrainedModel):
             raise ValueError("the new schema must keep the existing labels, in order, and append new ones")
         self.topic_head = _grown(self.topic_head, len(schema.topics), self.config.initializer_range)
         self.entity_head = _grown(self.entity_head, len(schema.tags), self.config.initializer_range)
+        if self.crf is not None:
+            self.crf = self.crf.grown(len(schema.tags))
         self.config.newstagger_schema = schema.to_dict()
         self.config.id2label = dict(enumerate(schema.tags))
         self.config.label2id = {tag: i for i, tag in enumerate(schema.tags)}
@@ -217,6 +232,7 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| entity types | {', '.join(schema.entity_types) or '-'} |",
         f"| coarse view | {', '.join(f'{k}->{v}' for k, v in schema.coarse.items()) or '-'} |",
         f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
+        f"| span decoding | Viterbi over valid BIO sequences{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
         "",
         "## Topics and thresholds",
         "",

@@ -63,7 +63,7 @@ class Tagger:
         if not texts:
             return []
         topic_probs, tag_log_probs, encoded = self.score(texts, encoded)
-        paths = _best_valid_paths(tag_log_probs)
+        paths = self.best_paths(tag_log_probs)
         if entity_types is not None:
             entity_types = set(entity_types)  # read once: it may be a one-shot iterator
         results = []
@@ -90,6 +90,14 @@ class Tagger:
         if overrides and topic in overrides:
             return overrides[topic]
         return self.meta.threshold(topic)
+
+    def best_paths(self, log_probs: list[np.ndarray]) -> list[np.ndarray]:
+        """The decoder's tag sequence for each document's token log-probabilities."""
+        transitions = self.model.decoding_transitions()
+        if transitions is None:
+            return _best_valid_paths(log_probs)
+        return _grouped_by_length(range(len(log_probs)), log_probs,
+                                  lambda group: constrained_viterbi(group, transitions))
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids and offsets of whole texts; separate so a caller can tokenize the next texts
@@ -132,20 +140,31 @@ class Tagger:
         return doc_topic_probs, doc_log_probs, encoded
 
 
-def _best_valid_paths(log_probs: list[np.ndarray], group_size: int = 32) -> list[np.ndarray]:
-    """constrained_viterbi's answer for each document, for less work.
+def _best_valid_paths(log_probs: list[np.ndarray]) -> list[np.ndarray]:
+    """constrained_viterbi's answer for each document (plain BIO rules), for less work.
 
     Where the per-token argmax already is a valid BIO sequence it is the constrained optimum too
     (no path scores more than the sum of per-token maxima), so only the other documents are
-    searched, in groups of similar length: the batched search steps every document through the
-    longest one's length, which over a whole mixed chunk cost 3-4x the useful work.
+    searched. Learned transitions break that shortcut: a CRF's decoder searches every document.
     """
     paths = [lp.argmax(axis=1) for lp in log_probs]
-    to_search = sorted((d for d, path in enumerate(paths) if not _is_valid_bio(path)), key=lambda d: len(paths[d]))
-    for start in range(0, len(to_search), group_size):
-        group = to_search[start : start + group_size]
-        for d, path in zip(group, constrained_viterbi([log_probs[d] for d in group])):
-            paths[d] = path
+    to_search = [d for d, path in enumerate(paths) if not _is_valid_bio(path)]
+    for d, path in zip(to_search, _grouped_by_length(to_search, log_probs, constrained_viterbi)):
+        paths[d] = path
+    return paths
+
+
+def _grouped_by_length(documents, log_probs: list[np.ndarray], search, group_size: int = 32) -> list[np.ndarray]:
+    """`search` over these documents in groups of similar length, answers in the given order: the
+    batched search steps every document through the longest one's length, which over a whole
+    mixed chunk cost 3-4x the useful work."""
+    documents = list(documents)
+    order = sorted(range(len(documents)), key=lambda i: len(log_probs[documents[i]]))
+    paths: list = [None] * len(documents)
+    for start in range(0, len(order), group_size):
+        group = order[start : start + group_size]
+        for i, path in zip(group, search([log_probs[documents[i]] for i in group])):
+            paths[i] = path
     return paths
 
 

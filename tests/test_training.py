@@ -12,6 +12,7 @@ import torch
 from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
+from newstagger.crf import BioCrf
 from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
@@ -167,6 +168,41 @@ def test_joint_loss_is_cross_entropy_for_exact_tags_and_a_marginal_for_partial_o
              "has_topics": torch.tensor([False, False]), "entity_weight": torch.tensor([1.0, 0.25])}
     weighted = (2 * expected - 0.25 * tag_logits[1, 0].log_softmax(-1)[0]) / 3
     assert torch.allclose(loss_fn(None, tag_logits, batch), weighted)
+
+
+def test_crf_joint_loss_is_the_weighted_sequence_likelihood_per_labelled_token():
+    schema = tiny_schema()
+    targets = TagTargets.for_schema(schema)
+    crf = BioCrf(len(schema.tags))
+    with torch.no_grad():
+        crf.transitions.normal_()
+    loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, targets, crf)
+    name, loc = schema.begin_tag("name"), targets.begin("LOC")
+    # [CLS], then each row's tagged text: "B-name I-name" (2 tokens) and "O B-LOC I-LOC" (3 tokens)
+    tags = torch.tensor([[-100, name, name + 1, -100, -100], [-100, 0, loc, loc + 1, -100]])
+    tag_logits = torch.randn(2, 5, len(schema.tags))
+    batch = {"tags": tags, "has_topics": torch.tensor([False, False]), "topics": torch.zeros(2, len(schema.topics)),
+             "entity_weight": torch.tensor([1.0, 0.25])}
+
+    allowed = torch.zeros(2, 3, len(schema.tags), dtype=torch.bool)
+    allowed[0, 2] = True  # past the first row's length: any tag
+    for row, position, target in [(0, 0, name), (0, 1, name + 1), (1, 0, 0), (1, 1, loc), (1, 2, loc + 1)]:
+        allowed[row, position] = torch.from_numpy(targets.allowed[target])
+    nll = crf.negative_log_likelihood(tag_logits[:, 1:4], allowed, torch.tensor([2, 3]))
+    assert torch.allclose(loss_fn(None, tag_logits, batch), (nll[0] + 0.25 * nll[1]) / 5)
+
+
+def test_crf_training_round_trip_and_a_retrained_model_keeps_its_crf(tiny_base, tmp_path):
+    folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", crf=True, max_steps=3))
+    assert json.loads((folder / "newstagger.json").read_text())["training"]["crf"] is True
+    tagger = Tagger.load(folder)
+    assert tagger.model.crf.transitions.abs().sum() > 0  # trained away from the zero start
+    text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。" * 6
+    (result,) = tagger.tag([text])
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
+
+    retrained, _ = train(tiny_train_config(tiny_base, tmp_path / "retrained", init_model=str(folder), max_steps=2))
+    assert Tagger.load(retrained).model.crf is not None
 
 
 def test_train_weights_must_match_the_train_sources(tiny_base, tmp_path):

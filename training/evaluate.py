@@ -17,7 +17,7 @@ from seqeval.scheme import IOB2
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
-from newstagger.decoding import constrained_viterbi, lenient_spans
+from newstagger.decoding import lenient_spans
 from newstagger.documents import Document
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -114,7 +114,7 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
     for first in range(0, len(documents), batch_docs):
         batch = documents[first : first + batch_docs]
         probs, log_probs, encoded = tagger.score([doc.text for doc in batch])
-        paths = constrained_viterbi(log_probs) if decoding == "viterbi" else [lp.argmax(1) for lp in log_probs]
+        paths = tagger.best_paths(log_probs) if decoding == "viterbi" else [lp.argmax(1) for lp in log_probs]
         for doc, doc_probs, path, enc in zip(batch, probs, paths, encoded):
             if doc.entities is not None:
                 token_spans = lenient_spans(path)

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from newstagger import lexical
+from newstagger.crf import BioCrf
 from newstagger.documents import Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
@@ -86,6 +87,8 @@ class TrainConfig:
                                 "CPUs with AMX (Sapphire Rapids and later)")
     lexicon: bool = _option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
                                    "that has them keeps them")
+    crf: bool = _option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
+                               "head with its sequence likelihood; a model that has one keeps it")
     patience: int = _option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = _option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                         "blend it into the topic head, with a weight chosen on validation")
@@ -263,33 +266,51 @@ def epoch_batches(examples: list[Example], batch_tokens: int, rng: random.Random
 
 
 class JointLoss(nn.Module):
-    """Token loss over labelled tokens (cross-entropy; marginal over the allowed tags for partial
-    labels, see TagTargets) + topic BCE over topic-labelled rows.
+    """Entity loss over labelled tokens + topic BCE over topic-labelled rows.
 
+    The entity loss is per-token cross-entropy (marginal over the allowed tags for partial labels,
+    see TagTargets), or with a CRF the negative log-likelihood of each labelled row's allowed
+    paths; either way summed with each row's source weight and divided by the labelled tokens.
     Rows without topic labels and tokens without tags contribute nothing, so a batch mixing
     entity-only and topic-only documents trains each head on what it has. `pos_weight` lifts
     rare topics (city_management is ~4% of the data).
     """
 
-    def __init__(self, pos_weight: torch.Tensor, topic_weight: float, entity_weight: float, targets: TagTargets):
+    def __init__(self, pos_weight: torch.Tensor, topic_weight: float, entity_weight: float, targets: TagTargets,
+                 crf: BioCrf | None = None):
         super().__init__()
         self.topic_loss = nn.BCEWithLogitsLoss(pos_weight=pos_weight)
         self.register_buffer("allowed", torch.from_numpy(targets.allowed))
         self.topic_weight, self.entity_weight = topic_weight, entity_weight
+        self.crf = crf
 
     def forward(self, topic_logits, tag_logits, batch) -> torch.Tensor:
         loss = tag_logits.new_zeros(())
         labelled = batch["tags"] != IGNORE
         if labelled.any():
-            logits = tag_logits[labelled]
-            allowed_logits = logits.masked_fill(~self.allowed[batch["tags"][labelled]], float("-inf"))
-            token_loss = logits.logsumexp(-1) - allowed_logits.logsumexp(-1)
-            token_weight = batch["entity_weight"][:, None].expand_as(labelled)[labelled]
-            loss = loss + self.entity_weight * (token_weight * token_loss).sum() / len(token_loss)
+            entity_loss = self._crf_loss(tag_logits, batch, labelled) if self.crf else self._token_loss(tag_logits, batch, labelled)
+            loss = loss + self.entity_weight * entity_loss / labelled.sum()
         if batch["has_topics"].any():
             rows = batch["has_topics"]
             loss = loss + self.topic_weight * self.topic_loss(topic_logits[rows], batch["topics"][rows])
         return loss
+
+    def _token_loss(self, tag_logits, batch, labelled) -> torch.Tensor:
+        logits = tag_logits[labelled]
+        allowed_logits = logits.masked_fill(~self.allowed[batch["tags"][labelled]], float("-inf"))
+        token_loss = logits.logsumexp(-1) - allowed_logits.logsumexp(-1)
+        token_weight = batch["entity_weight"][:, None].expand_as(labelled)[labelled]
+        return (token_weight * token_loss).sum()
+
+    def _crf_loss(self, tag_logits, batch, labelled) -> torch.Tensor:
+        # A labelled row's tags cover its text, which collate puts right after [CLS].
+        rows = labelled.any(1)
+        lengths = labelled[rows].sum(1)
+        width = int(lengths.max())
+        tags = batch["tags"][rows, 1 : 1 + width]
+        allowed = self.allowed[tags.clamp(min=0)] | (tags == IGNORE).unsqueeze(-1)
+        nll = self.crf.negative_log_likelihood(tag_logits[rows, 1 : 1 + width], allowed, lengths)
+        return (batch["entity_weight"][rows] * nll).sum()
 
 
 def topic_pos_weight(documents: list[Document], topics: list[str]) -> torch.Tensor:
@@ -390,6 +411,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         words, source = jieba_words()
         model.attach_lexicon(build_lexicon(words, tokenizer, source))
         log.info("lexicon: %s", model.lexicon.config)
+    if config.crf and model.crf is None:
+        model.attach_crf()
     model.train()
 
     train_docs: list[Document] = []
@@ -416,7 +439,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    fresh_layers = [model.topic_head, model.entity_head, model.lexicon_projection]
+    fresh_layers = [model.topic_head, model.entity_head, model.lexicon_projection, model.crf]
     head_params = [p for layer in fresh_layers if layer is not None for p in layer.parameters()]
     head_ids = {id(p) for p in head_params}
     optimizer = torch.optim.AdamW(
@@ -427,7 +450,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
     loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight,
-                        config.entity_loss_weight, TagTargets.for_schema(schema))
+                        config.entity_loss_weight, TagTargets.for_schema(schema), model.crf)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / "checkpoint"
@@ -503,6 +526,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
         **({"lexicon": model.lexicon.config} if model.lexicon is not None else {}),
+        "crf": model.crf is not None,
         **({"topic_blend": topic_blend} if topic_blend else {}),
     }
     final = public(metrics)
