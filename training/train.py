@@ -288,21 +288,21 @@ class JointLoss(nn.Module):
         loss = tag_logits.new_zeros(())
         labelled = batch["tags"] != IGNORE
         if labelled.any():
-            entity_loss = self._crf_loss(tag_logits, batch, labelled) if self.crf else self._token_loss(tag_logits, batch, labelled)
-            loss = loss + self.entity_weight * entity_loss / labelled.sum()
+            summed = self._crf_loss_sum if self.crf is not None else self._token_loss_sum
+            loss = loss + self.entity_weight * summed(tag_logits, batch, labelled) / labelled.sum()
         if batch["has_topics"].any():
             rows = batch["has_topics"]
             loss = loss + self.topic_weight * self.topic_loss(topic_logits[rows], batch["topics"][rows])
         return loss
 
-    def _token_loss(self, tag_logits, batch, labelled) -> torch.Tensor:
+    def _token_loss_sum(self, tag_logits, batch, labelled) -> torch.Tensor:
         logits = tag_logits[labelled]
         allowed_logits = logits.masked_fill(~self.allowed[batch["tags"][labelled]], float("-inf"))
         token_loss = logits.logsumexp(-1) - allowed_logits.logsumexp(-1)
         token_weight = batch["entity_weight"][:, None].expand_as(labelled)[labelled]
         return (token_weight * token_loss).sum()
 
-    def _crf_loss(self, tag_logits, batch, labelled) -> torch.Tensor:
+    def _crf_loss_sum(self, tag_logits, batch, labelled) -> torch.Tensor:
         # A labelled row's tags cover its text, which collate puts right after [CLS].
         rows = labelled.any(1)
         lengths = labelled[rows].sum(1)
