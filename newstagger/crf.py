@@ -29,18 +29,21 @@ class BioCrf(nn.Module):
         super().__init__()
         self.transitions = nn.Parameter(torch.zeros(num_tags, num_tags))
         self.start = nn.Parameter(torch.zeros(num_tags))
-        transitions, start = bio_transitions((num_tags - 1) // 2)
-        self.register_buffer("forbidden_transitions", torch.from_numpy(np.isinf(transitions)), persistent=False)
-        self.register_buffer("forbidden_start", torch.from_numpy(np.isinf(start)), persistent=False)
 
     @property
     def num_tags(self) -> int:
         return self.start.shape[0]
 
     def scores(self) -> tuple[torch.Tensor, torch.Tensor]:
-        """(transitions [T, T], start [T]) with invalid BIO moves forbidden."""
-        return (self.transitions.masked_fill(self.forbidden_transitions, FORBIDDEN),
-                self.start.masked_fill(self.forbidden_start, FORBIDDEN))
+        """(transitions [T, T], start [T]) with invalid BIO moves forbidden.
+
+        The rules are rebuilt here, not kept as buffers: `from_pretrained` leaves buffers that are
+        not in the checkpoint uninitialised.
+        """
+        transitions, start = bio_transitions((self.num_tags - 1) // 2)
+        device = self.transitions.device
+        return (self.transitions.masked_fill(torch.from_numpy(np.isinf(transitions)).to(device), FORBIDDEN),
+                self.start.masked_fill(torch.from_numpy(np.isinf(start)).to(device), FORBIDDEN))
 
     def decoding_scores(self) -> tuple[np.ndarray, np.ndarray]:
         """What `decoding.constrained_viterbi` adds to the token log-probabilities (-inf forbidden)."""

@@ -106,6 +106,18 @@ def test_learned_transitions_change_what_the_tagger_decodes(tmp_path):
     assert Tagger.load(folder, backend="onnx", precision="fp32").tag([text])[0]["entities"] == []
 
 
+def test_a_loaded_crf_scores_like_the_one_that_was_saved(tmp_path):
+    folder = build_tiny_model_folder(tmp_path / "model")
+    model, tokenizer, meta, _ = load_model_folder(folder)
+    model.attach_crf()
+    with torch.no_grad():
+        model.crf.transitions.normal_()
+    save_model_folder(folder, model, tokenizer, meta, weights_dtype=torch.float32)
+    loaded = load_model_folder(folder)[0].crf
+    for saved, reloaded in zip(model.crf.scores(), loaded.scores()):
+        assert torch.equal(saved, reloaded)  # the BIO rules included, which are no weights
+
+
 def test_growing_the_labels_keeps_the_learned_transitions(tmp_path):
     model, _, meta, _ = load_model_folder(build_tiny_model_folder(tmp_path / "model"))
     model.attach_crf()
