@@ -92,10 +92,16 @@ class Tagger:
         return self.meta.threshold(topic)
 
     def best_paths(self, log_probs: list[np.ndarray]) -> list[np.ndarray]:
-        """The decoder's tag sequence for each document's token log-probabilities."""
+        """The decoder's tag sequence for each document's token log-probabilities.
+
+        The log-probabilities may cover only the leading tags (an older schema that this model's
+        extends: labels are only ever appended); learned transitions are cut to match.
+        """
         transitions = self.model.decoding_transitions()
-        if transitions is None:
+        if transitions is None or not log_probs:
             return _best_valid_paths(log_probs)
+        num_tags = log_probs[0].shape[1]
+        transitions = transitions[0][:num_tags, :num_tags], transitions[1][:num_tags]
         return _grouped_by_length(range(len(log_probs)), log_probs,
                                   lambda group: constrained_viterbi(group, transitions))
 

@@ -129,3 +129,17 @@ def test_growing_the_labels_keeps_the_learned_transitions(tmp_path):
     assert model.crf.num_tags == old_tags + 2
     assert (model.crf.transitions[:old_tags, :old_tags] == 0.5).all()
     assert (model.crf.transitions[old_tags:] == 0.0).all()
+
+
+def test_log_probs_of_an_older_schemas_tags_decode_with_the_transitions_cut_to_them(tmp_path):
+    model, tokenizer, meta, _ = load_model_folder(build_tiny_model_folder(tmp_path / "model"))
+    model.attach_crf()
+    with torch.no_grad():
+        model.crf.transitions.normal_()
+    tagger = Tagger(model, tokenizer, meta)
+    older_tags = len(meta.schema.tags) - 4  # the schema before two types were appended
+    log_probs = [np.log(np.random.default_rng(5).dirichlet(np.ones(older_tags), size=7)).astype(np.float32)]
+    transitions, start = model.decoding_transitions()
+    (expected,) = constrained_viterbi(log_probs, (transitions[:older_tags, :older_tags], start[:older_tags]))
+    (path,) = tagger.best_paths(log_probs)
+    assert (path == expected).all() and path.max() < older_tags

@@ -260,6 +260,9 @@ class KnownLabelsView:
         probs, log_probs, encoded = self.tagger.score(texts)
         return probs[:, : len(self.schema.topics)], [lp[:, : len(self.schema.tags)] for lp in log_probs], encoded
 
+    def best_paths(self, log_probs):
+        return self.tagger.best_paths(log_probs)
+
 
 def _extends(schema: LabelSchema, older: LabelSchema) -> bool:
     return (schema.topics[: len(older.topics)] == older.topics
