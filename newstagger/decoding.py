@@ -63,6 +63,41 @@ def constrained_viterbi(log_probs: list[np.ndarray],
     return [paths[b, :n] for b, n in enumerate(lengths)]
 
 
+def tag_marginals(log_probs: list[np.ndarray], transitions: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
+    """P(token t has tag y | the whole sequence) under a CRF's scores, [n_i, num_tags] per document.
+
+    Forward-backward in log space over a batch of documents; with a CRF these are the calibrated
+    per-token probabilities (the token head's own softmax is not one: the transitions carry part of
+    the evidence).
+    """
+    if not log_probs:
+        return []
+    transition, start = transitions
+    lengths = np.array([len(lp) for lp in log_probs])
+    batch, longest, num_tags = len(log_probs), max(int(lengths.max()), 1), log_probs[0].shape[1]
+    emissions = np.zeros((batch, longest, num_tags), dtype=np.float32)
+    for b, lp in enumerate(log_probs):
+        emissions[b, : len(lp)] = lp
+
+    alpha = np.empty_like(emissions)
+    alpha[:, 0] = emissions[:, 0] + start
+    for t in range(1, longest):
+        alpha[:, t] = _logsumexp(alpha[:, t - 1, :, None] + transition, axis=1) + emissions[:, t]
+    beta = np.zeros_like(emissions)  # 0 at each document's last token and past it
+    for t in range(longest - 2, -1, -1):
+        step = _logsumexp(transition + (emissions[:, t + 1] + beta[:, t + 1])[:, None, :], axis=2)
+        beta[:, t] = np.where((t < lengths - 1)[:, None], step, 0.0)
+    rows = np.arange(batch)
+    log_z = _logsumexp(alpha[rows, np.maximum(lengths - 1, 0)], axis=1)
+    marginals = np.exp(alpha + beta - log_z[:, None, None])
+    return [marginals[b, :n] for b, n in enumerate(lengths)]
+
+
+def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
+    top = x.max(axis=axis, keepdims=True)  # finite: every tag is reachable from some tag
+    return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
+
+
 def tags_to_spans(
     tags: np.ndarray,
     tag_probs: np.ndarray,
@@ -72,7 +107,8 @@ def tags_to_spans(
 ) -> list[dict]:
     """Entity dicts {start, end, type, text, score} from a valid BIO sequence over tokens.
 
-    `tag_probs` is the probability of each chosen tag; a span's score is their mean.
+    `tag_probs` is the probability of each chosen tag (see `Tagger.tag_confidences`); a span's
+    score is their mean.
     """
     if len(tags) == 0:
         return []

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import TorchBackend, make_backend
-from .decoding import constrained_viterbi, tags_to_spans
+from .decoding import constrained_viterbi, tag_marginals, tags_to_spans
 from .lexical import LexicalTopicModel, blend
 from .model import ModelMeta, NewsTaggerModel, load_model_folder
 from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token_budget_batches
@@ -64,12 +64,12 @@ class Tagger:
             return []
         topic_probs, tag_log_probs, encoded = self.score(texts, encoded)
         paths = self.best_paths(tag_log_probs)
+        confidences = self.tag_confidences(tag_log_probs, paths)
         if entity_types is not None:
             entity_types = set(entity_types)  # read once: it may be a one-shot iterator
         results = []
         for d, text in enumerate(texts):
-            tag_probs = np.exp(tag_log_probs[d][np.arange(len(paths[d])), paths[d]])
-            entities = tags_to_spans(paths[d], tag_probs, encoded[d].offsets, text, self.schema)
+            entities = tags_to_spans(paths[d], confidences[d], encoded[d].offsets, text, self.schema)
             scores = {topic: round(float(p), 4) for topic, p in zip(self.schema.topics, topic_probs[d])}
             results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types))
         return results
@@ -104,6 +104,16 @@ class Tagger:
         transitions = transitions[0][:num_tags, :num_tags], transitions[1][:num_tags]
         return _grouped_by_length(range(len(log_probs)), log_probs,
                                   lambda group: constrained_viterbi(group, transitions))
+
+    def tag_confidences(self, log_probs: list[np.ndarray], paths: list[np.ndarray]) -> list[np.ndarray]:
+        """The probability of each chosen tag: the token head's, or with a CRF the tag's marginal
+        probability given the whole document (the CRF's token scores alone are not calibrated)."""
+        transitions = self.model.decoding_transitions()
+        if transitions is None:
+            return [np.exp(lp[np.arange(len(path)), path]) for lp, path in zip(log_probs, paths)]
+        marginals = _grouped_by_length(range(len(log_probs)), log_probs,
+                                       lambda group: tag_marginals(group, transitions))
+        return [m[np.arange(len(path)), path] for m, path in zip(marginals, paths)]
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids and offsets of whole texts; separate so a caller can tokenize the next texts

@@ -10,7 +10,7 @@ import torch
 
 from newstagger import Tagger
 from newstagger.crf import BioCrf
-from newstagger.decoding import bio_transitions, constrained_viterbi
+from newstagger.decoding import bio_transitions, constrained_viterbi, tag_marginals
 from newstagger.export import export_onnx
 from newstagger.model import load_model_folder, save_model_folder
 from newstagger.schema import LabelSchema
@@ -86,10 +86,12 @@ def test_learned_transitions_change_what_the_tagger_decodes(tmp_path):
     folder = build_tiny_model_folder(tmp_path / "model")
     text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。"
     model, tokenizer, meta, _ = load_model_folder(folder)
-    plain = Tagger(model, tokenizer, meta).tag([text])[0]["entities"]
+    def spans(tagger):
+        return [(e["start"], e["end"], e["type"]) for e in tagger.tag([text])[0]["entities"]]
 
-    model.attach_crf()  # zero transitions: exactly the constrained Viterbi
-    assert Tagger(model, tokenizer, meta).tag([text])[0]["entities"] == plain
+    plain = spans(Tagger(model, tokenizer, meta))
+    model.attach_crf()  # zero transitions: the constrained Viterbi's spans (scored by marginals)
+    assert spans(Tagger(model, tokenizer, meta)) == plain
 
     with torch.no_grad():
         model.crf.start.fill_(-50.0)
@@ -143,3 +145,16 @@ def test_log_probs_of_an_older_schemas_tags_decode_with_the_transitions_cut_to_t
     (expected,) = constrained_viterbi(log_probs, (transitions[:older_tags, :older_tags], start[:older_tags]))
     (path,) = tagger.best_paths(log_probs)
     assert (path == expected).all() and path.max() < older_tags
+
+
+def test_tag_marginals_match_brute_force_over_the_valid_paths():
+    crf = random_crf(6)
+    emissions = torch.randn(2, 4, NUM_TAGS, generator=torch.Generator().manual_seed(7))
+    log_probs = [emissions[0].numpy(), emissions[1, :3].numpy()]  # two lengths in one batch
+    for lp, got in zip(log_probs, tag_marginals(log_probs, crf.decoding_scores())):
+        paths = list(valid_paths(len(lp)))
+        weights = np.exp([path_score(crf, torch.from_numpy(lp), p) for p in paths])
+        expected = np.zeros((len(lp), NUM_TAGS))
+        for path, weight in zip(paths, weights / weights.sum()):
+            expected[np.arange(len(lp)), list(path)] += weight
+        assert np.allclose(got, expected, atol=1e-5)
