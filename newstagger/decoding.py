@@ -66,36 +66,33 @@ def constrained_viterbi(log_probs: list[np.ndarray],
 def tag_marginals(log_probs: list[np.ndarray], transitions: tuple[np.ndarray, np.ndarray]) -> list[np.ndarray]:
     """P(token t has tag y | the whole sequence) under a CRF's scores, [n_i, num_tags] per document.
 
-    Forward-backward in log space over a batch of documents; with a CRF these are the calibrated
-    per-token probabilities (the token head's own softmax is not one: the transitions carry part of
-    the evidence).
+    With a CRF these are the calibrated per-token probabilities (the token head's own softmax is
+    not one: the transitions carry part of the evidence). Forward-backward over a batch of
+    documents in probability space, each step renormalised: a marginal is alpha x beta normalised
+    over the tags, so the per-step scales cancel, and a step is one small matrix product.
     """
     if not log_probs:
         return []
-    transition, start = transitions
+    transition, start = (np.exp(x.astype(np.float64)) for x in transitions)  # forbidden moves: 0
     lengths = np.array([len(lp) for lp in log_probs])
     batch, longest, num_tags = len(log_probs), max(int(lengths.max()), 1), log_probs[0].shape[1]
-    emissions = np.zeros((batch, longest, num_tags), dtype=np.float32)
+    likelihoods = np.ones((batch, longest, num_tags))  # 1 past a row's end keeps its steps finite
     for b, lp in enumerate(log_probs):
-        emissions[b, : len(lp)] = lp
+        likelihoods[b, : len(lp)] = np.exp(lp)
 
-    alpha = np.empty_like(emissions)
-    alpha[:, 0] = emissions[:, 0] + start
+    alpha = np.empty_like(likelihoods)
+    alpha[:, 0] = likelihoods[:, 0] * start
+    alpha[:, 0] /= alpha[:, 0].sum(axis=1, keepdims=True)
     for t in range(1, longest):
-        alpha[:, t] = _logsumexp(alpha[:, t - 1, :, None] + transition, axis=1) + emissions[:, t]
-    beta = np.zeros_like(emissions)  # 0 at each document's last token and past it
+        step = (alpha[:, t - 1] @ transition) * likelihoods[:, t]
+        alpha[:, t] = step / step.sum(axis=1, keepdims=True)
+    beta = np.ones_like(likelihoods)  # at each row's last token and past it
     for t in range(longest - 2, -1, -1):
-        step = _logsumexp(transition + (emissions[:, t + 1] + beta[:, t + 1])[:, None, :], axis=2)
-        beta[:, t] = np.where((t < lengths - 1)[:, None], step, 0.0)
-    rows = np.arange(batch)
-    log_z = _logsumexp(alpha[rows, np.maximum(lengths - 1, 0)], axis=1)
-    marginals = np.exp(alpha + beta - log_z[:, None, None])
+        step = (likelihoods[:, t + 1] * beta[:, t + 1]) @ transition.T
+        beta[:, t] = np.where((t < lengths - 1)[:, None], step / step.sum(axis=1, keepdims=True), 1.0)
+    marginals = alpha * beta
+    marginals /= marginals.sum(axis=2, keepdims=True)
     return [marginals[b, :n] for b, n in enumerate(lengths)]
-
-
-def _logsumexp(x: np.ndarray, axis: int) -> np.ndarray:
-    top = x.max(axis=axis, keepdims=True)  # finite: every tag is reachable from some tag
-    return np.squeeze(top, axis) + np.log(np.exp(x - top).sum(axis=axis))
 
 
 def tags_to_spans(
