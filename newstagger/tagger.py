@@ -92,28 +92,34 @@ class Tagger:
         return self.meta.threshold(topic)
 
     def best_paths(self, log_probs: list[np.ndarray]) -> list[np.ndarray]:
-        """The decoder's tag sequence for each document's token log-probabilities.
-
-        The log-probabilities may cover only the leading tags (an older schema that this model's
-        extends: labels are only ever appended); learned transitions are cut to match.
-        """
-        transitions = self.model.decoding_transitions()
-        if transitions is None or not log_probs:
+        """The decoder's tag sequence for each document's token log-probabilities."""
+        transitions = self._learned_transitions(log_probs)
+        if transitions is None:
             return _best_valid_paths(log_probs)
-        num_tags = log_probs[0].shape[1]
-        transitions = transitions[0][:num_tags, :num_tags], transitions[1][:num_tags]
         return _grouped_by_length(range(len(log_probs)), log_probs,
                                   lambda group: constrained_viterbi(group, transitions))
 
     def tag_confidences(self, log_probs: list[np.ndarray], paths: list[np.ndarray]) -> list[np.ndarray]:
         """The probability of each chosen tag: the token head's, or with a CRF the tag's marginal
         probability given the whole document (the CRF's token scores alone are not calibrated)."""
-        transitions = self.model.decoding_transitions()
+        transitions = self._learned_transitions(log_probs)
         if transitions is None:
             return [np.exp(lp[np.arange(len(path)), path]) for lp, path in zip(log_probs, paths)]
         marginals = _grouped_by_length(range(len(log_probs)), log_probs,
                                        lambda group: tag_marginals(group, transitions))
         return [m[np.arange(len(path)), path] for m, path in zip(marginals, paths)]
+
+    def _learned_transitions(self, log_probs: list[np.ndarray]) -> tuple | None:
+        """The CRF's decoding scores, if the model has one, for these log-probabilities' tags.
+
+        Those may be only the leading tags (an older schema that this model's extends: labels are
+        only ever appended); the transitions are cut to match.
+        """
+        transitions = self.model.decoding_transitions()
+        if transitions is None or not log_probs:
+            return None
+        num_tags = log_probs[0].shape[1]
+        return transitions[0][:num_tags, :num_tags], transitions[1][:num_tags]
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids and offsets of whole texts; separate so a caller can tokenize the next texts
@@ -176,12 +182,12 @@ def _grouped_by_length(documents, log_probs: list[np.ndarray], search, group_siz
     mixed chunk cost 3-4x the useful work."""
     documents = list(documents)
     order = sorted(range(len(documents)), key=lambda i: len(log_probs[documents[i]]))
-    paths: list = [None] * len(documents)
+    answers: list = [None] * len(documents)
     for start in range(0, len(order), group_size):
         group = order[start : start + group_size]
-        for i, path in zip(group, search([log_probs[documents[i]] for i in group])):
-            paths[i] = path
-    return paths
+        for i, answer in zip(group, search([log_probs[documents[i]] for i in group])):
+            answers[i] = answer
+    return answers
 
 
 def _is_valid_bio(tags: np.ndarray) -> bool:
