@@ -55,9 +55,7 @@ class TokenLexicon(nn.Module):
             return features.flatten(2)
         for n in range(2, min(self.max_word_tokens, length) + 1):
             starts = length - n + 1
-            query = torch.full((batch, starts), n, dtype=torch.long, device=input_ids.device) << (n * self.id_bits)
-            for k in range(n):
-                query = query | (input_ids[:, k : k + starts] << (k * self.id_bits))
+            query = word_keys(input_ids.unfold(1, n, 1), self.id_bits)  # every run of n tokens
             found = torch.searchsorted(self.keys, query).clamp(max=len(self.keys) - 1)
             hit = self.keys[found] == query
             marks = nn.functional.one_hot(self.categories[found], self.num_categories) * hit.unsqueeze(-1)
@@ -66,6 +64,13 @@ class TokenLexicon(nn.Module):
                 section = features[:, k : k + starts, role]
                 features[:, k : k + starts, role] = torch.maximum(section, marks.to(section.dtype))
         return features.flatten(2)
+
+
+def word_keys(token_ids: torch.Tensor, id_bits: int) -> torch.Tensor:
+    """The int64 key of each word of n token ids, [..., n] -> [...] (see the module's docstring)."""
+    n = token_ids.shape[-1]
+    shifts = torch.arange(n, device=token_ids.device) * id_bits
+    return (token_ids << shifts).sum(-1) | (n << (n * id_bits))
 
 
 def build_lexicon(words: Iterable[tuple[str, str]], tokenizer, source: str) -> TokenLexicon:
@@ -78,15 +83,17 @@ def build_lexicon(words: Iterable[tuple[str, str]], tokenizer, source: str) -> T
     id_bits = max(vocab.values()).bit_length()
     max_word_tokens = (KEY_BITS - 3) // id_bits
     category_ids = {name: i for i, name in enumerate(CATEGORIES)}
-    entries: dict[int, int] = {}
+    by_length: dict[int, tuple[list[list[int]], list[int]]] = {}
     for word, category in words:
         ids = [vocab.get(char) for char in word]
-        if not 2 <= len(ids) <= max_word_tokens or None in ids:
-            continue
-        key = len(ids) << (len(ids) * id_bits)
-        for k, token_id in enumerate(ids):
-            key |= token_id << (k * id_bits)
-        entries.setdefault(key, category_ids[category])
+        if 2 <= len(ids) <= max_word_tokens and None not in ids:
+            same_length = by_length.setdefault(len(ids), ([], []))
+            same_length[0].append(ids)
+            same_length[1].append(category_ids[category])
+    entries: dict[int, int] = {}
+    for ids, categories in by_length.values():
+        for key, category in zip(word_keys(torch.tensor(ids), id_bits).tolist(), categories):
+            entries.setdefault(key, category)
     config = {"source": source, "words": len(entries), "categories": list(CATEGORIES), "roles": list(ROLES),
               "id_bits": id_bits, "max_word_tokens": max_word_tokens}
     lexicon = TokenLexicon(config)
