@@ -73,8 +73,8 @@ class TrainConfig:
     max_steps: int = _option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
     batch_tokens: int = _option(4096, "padded tokens per batch (batches are length-bucketed)")
     learning_rate: float = _option(2e-4, "peak AdamW learning rate")
-    head_learning_rate: float = _option(1e-3, "learning rate of the freshly initialised layers: the two heads "
-                                               "and the lexicon projection")
+    head_learning_rate: float = _option(1e-3, "learning rate of the freshly initialised layers: the two heads, "
+                                               "the lexicon projection and the CRF's transitions")
     weight_decay: float = _option(0.01, "AdamW weight decay")
     warmup_ratio: float = _option(0.06, "share of steps spent warming the learning rate up")
     topic_loss_weight: float = _option(1.0, "weight of the topic loss in the joint loss")
