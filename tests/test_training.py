@@ -74,10 +74,19 @@ def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
-def test_bf16_autocast_training_saves_a_working_model(tiny_base, tmp_path):
+def test_bf16_autocast_training_saves_a_working_model(tiny_base, tmp_path, monkeypatch):
+    monkeypatch.setattr("training.train.cpu_has_bf16", lambda: True)  # emulated where it has none: slow, not wrong
     folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", bf16=True, max_steps=3))
+    assert json.loads((folder / "newstagger.json").read_text())["training"]["precision"] == "bf16 autocast"
     (result,) = Tagger.load(folder).tag(["王五住在北京"])
     assert set(result["topics"]) == set(tiny_schema().topics)
+
+
+def test_bf16_without_bf16_hardware_trains_in_fp32_and_says_so(tiny_base, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("training.train.cpu_has_bf16", lambda: False)
+    folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", bf16=True, max_steps=1))
+    assert json.loads((folder / "newstagger.json").read_text())["training"]["precision"] == "fp32"
+    assert any("no bf16 matrix instructions" in record.message for record in caplog.records)
 
 
 def test_lexicon_training_builds_jiebas_dictionary_into_the_model_folder(tiny_base, tmp_path):
