@@ -300,4 +300,8 @@ def _task_table(result: dict) -> list[str]:
         if average in result:
             row = result[average]
             lines.append(f"| **{average}** | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | |")
+    if "main_topic" in result:
+        main = result["main_topic"]
+        lines += ["", f"Highest-scoring topic is a gold topic: {main['correct']} of {main['documents']} "
+                      f"({main['accuracy']:.3f})."]
     return lines + [""]

@@ -13,6 +13,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 import training.train
 from newstagger import Tagger
+from newstagger.cli import main
 from newstagger.lexical import SETTINGS_FILE, WEIGHTS_FILE, LexicalTopicModel
 from newstagger.model import load_model_folder
 from training.data import read_documents
@@ -75,6 +76,23 @@ def test_blending_changes_only_topic_scores(tiny_model_dir, fitted, sample, tmp_
     assert not np.allclose(blended_probs, plain_probs)
     assert all(np.array_equal(a, b) for a, b in zip(plain_log_probs, blended_log_probs))
     assert [r["entities"] for r in plain.tag(texts)] == [r["entities"] for r in blended.tag(texts)]
+
+
+def test_evaluate_scores_topics_at_another_blend_weight(tiny_model_dir, fitted, tmp_path, capsys):
+    blended_dir = Path(shutil.copytree(tiny_model_dir, tmp_path / "blended"))
+    fitted.save(blended_dir)
+
+    def topic_f1(*flags: str) -> float:
+        assert main(["evaluate", "--model", str(blended_dir), "--data", str(SAMPLE), *flags]) == 0
+        return json.loads(capsys.readouterr().out)["topics"]["micro"]["f1"]
+
+    lexical_alone, head_alone = topic_f1("--topic-blend", "1"), topic_f1("--topic-blend", "0")
+    assert lexical_alone > 0.9 > head_alone  # fitted on these very stories; the tiny head is random
+    assert topic_f1() > head_alone  # the folder's own weight, 0.5
+
+    assert main(["evaluate", "--model", str(blended_dir), "--data", str(SAMPLE), "--topic-blend", "2"]) == 2
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(SAMPLE), "--topic-blend", "0"]) == 2
+    assert "no lexical topic model" in capsys.readouterr().err
 
 
 def test_a_folder_without_the_component_tags_as_before(tiny_model_dir, sample):

@@ -63,7 +63,7 @@ def test_round_trip_train_save_load_tag(trained):
     assert set(result) == {"topics", "labels", "entities"}
     assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
     card = (folder / "README.md").read_text()
-    assert "Metrics" in card and "9.9.9" in card
+    assert "Metrics" in card and "9.9.9" in card and "Highest-scoring topic is a gold topic" in card
 
 
 def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
@@ -256,12 +256,15 @@ def test_entity_metrics_on_a_hand_checked_example():
 
 def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     gold = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
-    predicted = np.array([[1, 0], [0, 1], [0, 1], [1, 0]])
-    metrics = topic_metrics(gold, predicted, ["economy", "ecology"])
+    probs = np.array([[0.9, 0.1], [0.35, 0.8], [0.2, 0.7], [0.6, 0.2]])  # predicts [1,0] [0,1] [0,1] [1,0]
+    metrics = topic_metrics(gold, probs, [0.5, 0.5], ["economy", "ecology"])
     assert metrics["per_label"]["economy"] == {"precision": 0.5, "recall": 0.5, "f1": 0.5, "support": 2}
     assert metrics["per_label"]["ecology"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
     assert metrics["micro"]["f1"] == 0.75
     assert metrics["macro"]["f1"] == 0.75
+    # the top topic of the three documents with a gold topic: economy, ecology, ecology -- all gold
+    assert metrics["main_topic"] == {"accuracy": 1.0, "correct": 3, "documents": 3}
+    assert topic_metrics(gold, probs[:, ::-1], [0.5, 0.5], ["economy", "ecology"])["main_topic"]["correct"] == 1
 
     probs = np.array([[0.9, 0.1], [0.35, 0.8], [0.2, 0.7], [0.3, 0.2]])
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])

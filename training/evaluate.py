@@ -17,6 +17,7 @@ from seqeval.scheme import IOB2
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
+from newstagger.cli import UsageError
 from newstagger.decoding import lenient_spans
 from newstagger.documents import Document
 from newstagger.schema import LabelSchema
@@ -49,8 +50,12 @@ def entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: list[list[
     }
 
 
-def topic_metrics(gold: np.ndarray, predicted: np.ndarray, topics: Sequence[str]) -> dict:
-    """Per-topic and micro/macro P/R/F1 for multi-label indicator arrays [docs, topics]."""
+def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], topics: Sequence[str]) -> dict:
+    """Per-topic and micro/macro P/R/F1 of the topics at or over their thresholds, for gold indicators
+    and probabilities [docs, topics]; and `main_topic`: how often a document's highest-scoring topic
+    is one of its gold topics (documents with at least one), the headline topic an editor sees first.
+    """
+    predicted = (probs >= np.asarray(thresholds)).astype(np.int64)
     p, r, f, s = precision_recall_fscore_support(gold, predicted, average=None, zero_division=0,
                                                  labels=list(range(len(topics))))
     per_label = {t: _row({"precision": p[i], "recall": r[i], "f1-score": f[i], "support": s[i]})
@@ -59,6 +64,10 @@ def topic_metrics(gold: np.ndarray, predicted: np.ndarray, topics: Sequence[str]
     for average in ("micro", "macro"):
         p, r, f, _ = precision_recall_fscore_support(gold, predicted, average=average, zero_division=0)
         out[average] = _row({"precision": p, "recall": r, "f1-score": f})
+    with_topic = gold.sum(1) > 0
+    correct = int(gold[with_topic, probs[with_topic].argmax(1)].sum()) if with_topic.any() else 0
+    out["main_topic"] = {"accuracy": round(correct / max(1, int(with_topic.sum())), 4), "correct": correct,
+                         "documents": int(with_topic.sum())}
     out["documents"] = int(len(gold))
     return out
 
@@ -144,7 +153,7 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
         gold = np.stack(topic_gold)
         probs = np.stack(topic_probs)
         cut = np.array([(thresholds or {}).get(t, tagger.meta.threshold(t)) for t in schema.topics])
-        metrics["topics"] = topic_metrics(gold, (probs >= cut).astype(np.int64), schema.topics)
+        metrics["topics"] = topic_metrics(gold, probs, cut, schema.topics)
         metrics["_topic_gold"], metrics["_topic_probs"] = gold, probs
     return metrics
 
@@ -161,6 +170,9 @@ def register(subparsers) -> None:
                         help="labelled data, any importer format; repeatable")
     parser.add_argument("--decoding", choices=DECODINGS, default="viterbi",
                         help="span decoding: constrained Viterbi (what tag and serve use) or naive argmax")
+    parser.add_argument("--topic-blend", type=float, metavar="W",
+                        help="score topics with the lexical topic model at this blend weight instead of the "
+                             "folder's (0: the topic head alone); the folder's thresholds stay")
     parser.add_argument("--output", "-o", help="write the metrics JSON here as well as to stdout")
     parser.set_defaults(handler=run)
 
@@ -170,6 +182,12 @@ def run(args) -> int:
 
     documents = [doc for spec in args.data for doc in read_documents(*parse_data_spec(spec))]
     tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
+    if args.topic_blend is not None:
+        if not 0.0 <= args.topic_blend <= 1.0:
+            raise UsageError(f"--topic-blend must be between 0 and 1, not {args.topic_blend}")
+        if tagger.topic_lexical is None:
+            raise UsageError("--topic-blend: this model folder has no lexical topic model")
+        tagger.topic_lexical.weight = args.topic_blend
     result = json.dumps(public(evaluate_tagger(tagger, documents, decoding=args.decoding)),
                         ensure_ascii=False, indent=2)
     print(result)

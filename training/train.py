@@ -338,8 +338,7 @@ BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 def tuned_topic_metrics(gold: np.ndarray, probs: np.ndarray, topics: list[str]) -> tuple[dict[str, float], dict]:
     """Per-topic thresholds tuned on these probabilities, and the topic metrics under them."""
     thresholds = tune_thresholds(gold, probs, topics)
-    cut = np.array([thresholds[t] for t in topics])
-    return thresholds, topic_metrics(gold, (probs >= cut).astype(int), topics)
+    return thresholds, topic_metrics(gold, probs, [thresholds[t] for t in topics], topics)
 
 
 def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np.ndarray, bert_probs: np.ndarray,
