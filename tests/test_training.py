@@ -265,6 +265,8 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     # the top topic of the three documents with a gold topic: economy, ecology, ecology -- all gold
     assert metrics["main_topic"] == {"accuracy": 1.0, "correct": 3, "documents": 3}
     assert topic_metrics(gold, probs[:, ::-1], [0.5, 0.5], ["economy", "ecology"])["main_topic"]["correct"] == 1
+    no_topics = topic_metrics(gold[3:], probs[3:], [0.5, 0.5], ["economy", "ecology"])["main_topic"]
+    assert no_topics == {"accuracy": 0.0, "correct": 0, "documents": 0}
 
     probs = np.array([[0.9, 0.1], [0.35, 0.8], [0.2, 0.7], [0.3, 0.2]])
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])

@@ -65,9 +65,9 @@ def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[floa
         p, r, f, _ = precision_recall_fscore_support(gold, predicted, average=average, zero_division=0)
         out[average] = _row({"precision": p, "recall": r, "f1-score": f})
     with_topic = gold.sum(1) > 0
-    correct = int(gold[with_topic, probs[with_topic].argmax(1)].sum()) if with_topic.any() else 0
-    out["main_topic"] = {"accuracy": round(correct / max(1, int(with_topic.sum())), 4), "correct": correct,
-                         "documents": int(with_topic.sum())}
+    documents, correct = int(with_topic.sum()), int(gold[with_topic, probs[with_topic].argmax(1)].sum())
+    out["main_topic"] = {"accuracy": round(correct / documents, 4) if documents else 0.0, "correct": correct,
+                         "documents": documents}
     out["documents"] = int(len(gold))
     return out
 
