@@ -18,7 +18,8 @@ from newstagger.windowing import encode_texts
 from newstagger.cli import main
 from training.data import read_documents, split_validation
 from training.evaluate import entity_metrics, evaluate_tagger, topic_metrics, tune_thresholds
-from training.train import JointLoss, TagTargets, TrainConfig, pack_documents, token_tags, train
+from training.train import (JointLoss, TagTargets, TrainConfig, build_examples, collate, pack_documents,
+                            token_tags, train)
 
 from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -139,6 +140,25 @@ def test_token_tags_label_first_token_begin_rest_inside():
     names = [schema.tags[t] for t in tags]
     assert names == ["B-name", "I-name", "O", "O", "B-address", "I-address"]
     assert (token_tags(Document("d", "王五", entities=None), encode_texts(tokenizer, ["王五"])[0], targets) == -100).all()
+
+
+@pytest.mark.parametrize(("entity_type", "coarse"), [("address", False), ("LOC", True)])
+def test_a_window_starting_inside_an_entity_opens_it_with_b(entity_type, coarse):
+    schema = tiny_schema()
+    targets = TagTargets.for_schema(schema)
+    text = "我" * 4 + "青澜市江北区" + "我" * 12  # 22 tokens; windows of 16 tokens from 0 and from 6
+    doc = Document("d", text, entities=[Span(4, 10, entity_type)])
+    examples = build_examples([doc], tiny_tokenizer(), schema, max_length=18, stride=10, coarse=coarse)
+    assert len(examples) == 2
+    first, second = ([targets.names[t] for t in e.tags] for e in examples)
+    assert first[4:11] == [f"B-{entity_type}"] + [f"I-{entity_type}"] * 5 + [first[0]]
+    assert second[:5] == [f"B-{entity_type}"] + [f"I-{entity_type}"] * 3 + [first[0]]  # 市江北区 opens anew
+
+    crf = BioCrf(len(schema.tags))
+    loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, targets, crf)
+    batch = collate(examples[1:], tiny_tokenizer(), len(schema.topics))
+    loss = loss_fn(None, torch.zeros(1, batch["tags"].shape[1], len(schema.tags)), batch)
+    assert loss < 5  # no forbidden move on the gold path (it would add 1e4 / 16 tokens)
 
 
 def test_coarse_spans_are_partial_labels_over_the_fine_types_they_roll_up():

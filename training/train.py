@@ -158,6 +158,12 @@ class TagTargets:
     def outside(self, coarse: bool) -> int:
         return self.names.index(COARSE_OUTSIDE) if coarse else 0
 
+    def opening(self, target: int) -> int:
+        """The target of a window's first token: an I- target there (an entity the window's start
+        cuts) becomes its B-, as tagging sees it. Left as I-, the learned transitions would have to
+        start on a move the BIO rules forbid, and the CRF loss would carry that penalty."""
+        return target - 1 if target >= 0 and self.names[target].startswith("I-") else target
+
 
 COARSE_OUTSIDE = "O|uncoarse"
 
@@ -225,7 +231,9 @@ def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, ma
         if doc.topics is not None:
             topics = [1.0 if t in doc.topics else 0.0 for t in schema.topics]
         for w in plan_windows(d, len(enc.ids), max_length, stride):
-            examples.append(Example(enc.ids[w.start : w.end], tags[w.start : w.end].tolist(), topics, entity_weight))
+            window_tags = tags[w.start : w.end].tolist()
+            window_tags[:1] = [targets.opening(t) for t in window_tags[:1]]
+            examples.append(Example(enc.ids[w.start : w.end], window_tags, topics, entity_weight))
     return examples
 
 
