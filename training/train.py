@@ -232,7 +232,8 @@ def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, ma
             topics = [1.0 if t in doc.topics else 0.0 for t in schema.topics]
         for w in plan_windows(d, len(enc.ids), max_length, stride):
             window_tags = tags[w.start : w.end].tolist()
-            window_tags[:1] = [targets.opening(t) for t in window_tags[:1]]
+            if w.start > 0:  # a later window of a long document: its start may cut an entity
+                window_tags[0] = targets.opening(window_tags[0])
             examples.append(Example(enc.ids[w.start : w.end], window_tags, topics, entity_weight))
     return examples
 
