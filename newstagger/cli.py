@@ -32,6 +32,13 @@ class UsageError(Exception):
     """The user asked for something that cannot be done as asked (exit code 2)."""
 
 
+def check_fraction(option: str, value: float | None) -> float | None:
+    """`value` when it is None or between 0 and 1; otherwise a UsageError naming the option."""
+    if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too
+        raise UsageError(f"{option} must be between 0 and 1, not {value}")
+    return value
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="newstagger",

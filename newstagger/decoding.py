@@ -105,7 +105,7 @@ def tags_to_spans(
     """Entity dicts {start, end, type, text, score} from a valid BIO sequence over tokens.
 
     `tag_probs` is the probability of each chosen tag (see `Tagger.tag_confidences`); a span's
-    score is their mean.
+    score is their mean (`span_score`).
     """
     if len(tags) == 0:
         return []
@@ -114,10 +114,8 @@ def tags_to_spans(
     begins = np.flatnonzero(is_begin)
     boundaries = np.append(not_inside, len(tags))
     ends = boundaries[np.searchsorted(boundaries, begins, side="right")]
-    cumulative = np.concatenate([[0.0], np.cumsum(tag_probs, dtype=np.float64)])
-    scores = (cumulative[ends] - cumulative[begins]) / (ends - begins)
     entities = []
-    for b, e, score in zip(begins.tolist(), ends.tolist(), scores.tolist()):
+    for b, e in zip(begins.tolist(), ends.tolist()):
         start, end = int(offsets[b, 0]), int(offsets[e - 1, 1])
         entities.append(
             {
@@ -125,10 +123,16 @@ def tags_to_spans(
                 "end": end,
                 "type": schema.entity_types[(int(tags[b]) - 1) // 2],
                 "text": text[start:end],
-                "score": round(score, 4),
+                "score": span_score(tag_probs, b, e),
             }
         )
     return entities
+
+
+def span_score(tag_probs: np.ndarray, begin: int, end: int) -> float:
+    """An entity's confidence: the mean probability of its tokens' tags, as reported and as cut by
+    the model's entity threshold."""
+    return round(float(np.mean(tag_probs[begin:end], dtype=np.float64)), 4)
 
 
 def lenient_spans(tags: np.ndarray) -> list[tuple[int, int, int]]:

@@ -130,6 +130,8 @@ class ModelMeta:
 
     schema: LabelSchema
     thresholds: dict[str, float] = field(default_factory=dict)
+    # Entities scoring below this are not reported; tuned on validation (0 in folders from before it).
+    entity_threshold: float = 0.0
     max_length: int = 256
     stride: int = 64
     name: str = "newstagger"
@@ -233,6 +235,7 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| coarse view | {', '.join(f'{k}->{v}' for k, v in schema.coarse.items()) or '-'} |",
         f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
         f"| span decoding | Viterbi over valid BIO sequences{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
+        f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their tags, is lower are dropped) |",
         "",
         "## Topics and thresholds",
         "",

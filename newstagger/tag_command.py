@@ -17,6 +17,7 @@ from typing import IO
 
 from tqdm import tqdm
 
+from .cli import check_fraction
 from .documents import DataError, json_object
 
 
@@ -30,6 +31,8 @@ def register(subparsers) -> None:
     parser.add_argument("--on-error", choices=("stop", "record"), default="stop",
                         help="on a bad line: stop with exit 2, or write {id, error} for it and go on")
     parser.add_argument("--types", help="comma-separated entity types to return (default: all)")
+    parser.add_argument("--entity-threshold", type=float, metavar="SCORE",
+                        help="lowest entity score to return (default: the model's, tuned on validation; 0: all)")
     add_backend_arguments(parser)
     parser.set_defaults(handler=run)
 
@@ -55,16 +58,19 @@ def _formatter(prog):
 def run(args) -> int:
     from .tagger import Tagger
 
+    entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
                          threads=args.threads)
     entity_types = args.types.split(",") if args.types else None
     with _open(args.input, "r") as source, _open(args.output, "w") as sink:
-        tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error, entity_types=entity_types)
+        tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error, entity_types=entity_types,
+                   entity_threshold=entity_threshold)
     return 0
 
 
 def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512, on_error: str = "stop",
-               entity_types: list[str] | None = None, progress_bar: bool = True) -> None:
+               entity_types: list[str] | None = None, entity_threshold: float | None = None,
+               progress_bar: bool = True) -> None:
     """Tag JSONL lines from `source` into `sink`, one chunk in memory at a time.
 
     On a GPU the next chunk is tokenized in a worker thread while the current one runs; on a CPU
@@ -77,7 +83,8 @@ def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512,
     with tqdm(unit="doc", desc="tagging", disable=None if progress_bar else True, file=sys.stderr) as progress:
         for chunk, encoded in _with_encodings(tagger, chunks, overlap):
             texts = [text for _, text, error in chunk if error is None]
-            results = iter(tagger.tag(texts, entity_types=entity_types, encoded=encoded))
+            results = iter(tagger.tag(texts, entity_types=entity_types, entity_threshold=entity_threshold,
+                                      encoded=encoded))
             for doc_id, _, error in chunk:
                 if error and on_error == "stop":
                     sink.flush()

@@ -54,11 +54,13 @@ class Tagger:
                    topic_lexical=LexicalTopicModel.load(folder))
 
     def tag(self, texts: Sequence[str], *, thresholds: dict[str, float] | None = None,
-            entity_types: Iterable[str] | None = None, encoded: list[EncodedText] | None = None) -> list[dict]:
+            entity_types: Iterable[str] | None = None, entity_threshold: float | None = None,
+            encoded: list[EncodedText] | None = None) -> list[dict]:
         """One result per text, in order: {"topics": {label: score}, "labels": [...], "entities": [...]}.
 
         `thresholds` overrides the model's per-topic thresholds; `entity_types` keeps only those
-        types (None keeps all); `encoded` is `encode(texts)` when the caller made it already.
+        types (None keeps all); `entity_threshold` overrides the model's minimum entity score;
+        `encoded` is `encode(texts)` when the caller made it already.
         """
         if not texts:
             return []
@@ -71,18 +73,22 @@ class Tagger:
         for d, text in enumerate(texts):
             entities = tags_to_spans(paths[d], confidences[d], encoded[d].offsets, text, self.schema)
             scores = {topic: round(float(p), 4) for topic, p in zip(self.schema.topics, topic_probs[d])}
-            results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types))
+            results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types,
+                                             entity_threshold))
         return results
 
     def with_options(self, result: dict, thresholds: dict[str, float] | None = None,
-                     entity_types: Iterable[str] | None = None) -> dict:
-        """A `tag` result relabelled under these thresholds and cut to these entity types.
+                     entity_types: Iterable[str] | None = None, entity_threshold: float | None = None) -> dict:
+        """A `tag` result relabelled under these thresholds and cut to these entity types and scores.
 
         Lets one forward pass serve callers that asked for different options (the server's
-        micro-batcher); applied to an unfiltered result it gives exactly what `tag` would have.
+        micro-batcher); applied to an unfiltered result (`entity_threshold=0`) it gives exactly what
+        `tag` would have.
         """
         wanted = set(entity_types) if entity_types is not None else None
-        entities = [e for e in result["entities"] if wanted is None or e["type"] in wanted]
+        min_score = self.meta.entity_threshold if entity_threshold is None else entity_threshold
+        entities = [e for e in result["entities"]
+                    if (wanted is None or e["type"] in wanted) and e["score"] >= min_score]
         labels = [t for t, p in result["topics"].items() if p >= self._threshold(t, thresholds)]
         return {"topics": result["topics"], "labels": labels, "entities": entities}
 

@@ -164,7 +164,8 @@ async def tag(body: TagRequest, request: Request, response: Response,
     batcher = service.ready_batcher()
     _check_options(body, batcher.tagger.meta)
     try:
-        future = batcher.submit([doc.text for doc in body.documents], body.thresholds, body.entity_types)
+        future = batcher.submit([doc.text for doc in body.documents], body.thresholds, body.entity_types,
+                                body.entity_threshold)
         outcome = await asyncio.wrap_future(future)
     except Overloaded as err:
         raise ApiError(429, f"the server is busy: {err}", kind="overloaded",
@@ -213,6 +214,7 @@ async def info(service: TaggingService = Depends(get_service)) -> Info:
                         max_length=meta.max_length, stride=meta.stride),
         labels=Labels(topics=meta.schema.topics, entity_types=meta.schema.entity_types, coarse=meta.schema.coarse),
         thresholds={topic: meta.threshold(topic) for topic in meta.schema.topics},
+        entity_threshold=meta.entity_threshold,
         limits=Limits(max_documents=settings.max_documents, max_text_chars=settings.max_text_chars,
                       max_body_bytes=settings.max_body_bytes, queue_max=settings.queue_max,
                       batch_wait_ms=settings.batch_wait_ms, batch_max_chars=settings.batch_max_chars),

@@ -44,6 +44,7 @@ class Job:
     texts: list[str]
     thresholds: dict[str, float] | None = None
     entity_types: list[str] | None = None
+    entity_threshold: float | None = None
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.perf_counter)
 
@@ -86,11 +87,11 @@ class MicroBatcher:
         self._thread.join()
 
     def submit(self, texts: list[str], thresholds: dict[str, float] | None = None,
-               entity_types: list[str] | None = None) -> Future:
+               entity_types: list[str] | None = None, entity_threshold: float | None = None) -> Future:
         """A future of the request's Outcome; raises Overloaded when the queue is full."""
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
-        job = Job(texts, thresholds, entity_types)
+        job = Job(texts, thresholds, entity_types, entity_threshold)
         try:
             self._queue.put_nowait(job)
         except queue.Full:
@@ -133,7 +134,9 @@ class MicroBatcher:
         started = time.perf_counter()
         texts = [text for job in batch for text in job.texts]
         try:
-            results = [result for part in _parts(texts, self.max_chars) for result in tagger.tag(part)]
+            # Every entity found: each request's own entity threshold is applied when it is finished.
+            results = [result for part in _parts(texts, self.max_chars)
+                       for result in tagger.tag(part, entity_threshold=0.0)]
         except Exception as err:
             if len(batch) == 1:
                 logger.exception("the model failed on a request of %d documents", len(batch[0].texts))
@@ -153,7 +156,8 @@ class MicroBatcher:
             mine = results[offset : offset + len(job.texts)]
             offset += len(job.texts)
             try:
-                finished = [tagger.with_options(r, job.thresholds, job.entity_types) for r in mine]
+                finished = [tagger.with_options(r, job.thresholds, job.entity_types, job.entity_threshold)
+                            for r in mine]
             except Exception as err:  # fail this request, never the worker thread
                 logger.exception("finishing the results of a request failed")
                 self.metrics.model_failures.inc()

@@ -54,6 +54,9 @@ class TagRequest(BaseModel):
     entity_types: list[Text] | None = Field(
         None, description="Entity types to return (default: all the model knows)."
     )
+    entity_threshold: Threshold | None = Field(
+        None, description="Lowest entity score to return, overriding the model's own (0 returns every entity found)."
+    )
 
 
 class Entity(BaseModel):
@@ -129,6 +132,7 @@ class Info(BaseModel):
     model: ModelInfo
     labels: Labels
     thresholds: dict[str, float] = Field(description="The label threshold in force for every topic.")
+    entity_threshold: float = Field(description="The lowest entity score returned.")
     limits: Limits
 
 

@@ -77,3 +77,10 @@ def test_missing_input_or_model_exits_2(tiny_model_dir, tmp_path, capsys):
     assert "nope.jsonl" in capsys.readouterr().err
     assert main(["tag", "--model", str(tmp_path), "-i", "-", "-o", "-"]) == 2
     assert "not a newstagger model folder" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("value", ["1.5", "-0.2", "nan"])
+def test_an_entity_threshold_outside_0_to_1_exits_2(tiny_model_dir, value, capsys):
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--entity-threshold", value]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--entity-threshold must be between 0 and 1" in line

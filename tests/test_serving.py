@@ -120,12 +120,14 @@ def test_results_are_the_tag_command_output_in_request_order(client, tiny_model_
 def test_thresholds_and_entity_types_apply_per_request(client, tiny_model_dir):
     thresholds = {"ecology": 0.0, "economy": 1.0}
     response = client.post("/v1/tag", json={**documents(*STORIES), "thresholds": thresholds,
-                                             "entity_types": ["name", "address"]})
+                                             "entity_types": ["name", "address"], "entity_threshold": 0.2})
 
     assert response.status_code == 200
     results = [{k: v for k, v in r.items() if k != "id"} for r in response.json()["results"]]
-    assert results == Tagger.load(tiny_model_dir).tag(STORIES, thresholds=thresholds, entity_types=["name", "address"])
+    assert results == Tagger.load(tiny_model_dir).tag(STORIES, thresholds=thresholds, entity_types=["name", "address"],
+                                                      entity_threshold=0.2)
     assert all("ecology" in r["labels"] and "economy" not in r["labels"] for r in results)
+    assert all(e["score"] >= 0.2 for r in results for e in r["entities"])
 
 
 def test_no_entity_types_means_no_entities(client):
@@ -156,6 +158,7 @@ def test_info_describes_model_labels_thresholds_and_limits(make_client):
     assert info["labels"]["topics"] == ["city_management", "ecology", "economy", "livelihood"]
     assert "name" in info["labels"]["entity_types"] and info["labels"]["coarse"]["name"] == "PER"
     assert info["thresholds"] == dict.fromkeys(info["labels"]["topics"], 0.5)
+    assert info["entity_threshold"] == 0.0
     assert info["limits"]["max_documents"] == 5
 
 
@@ -165,7 +168,7 @@ def test_openapi_documents_the_contract_and_its_errors(client):
     assert set(tag["responses"]) >= {"200", "413", "422", "429", "500", "503"}
     assert tag["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     request = spec["components"]["schemas"]["TagRequest"]
-    assert set(request["properties"]) == {"documents", "thresholds", "entity_types"}
+    assert set(request["properties"]) == {"documents", "thresholds", "entity_types", "entity_threshold"}
     assert all(field.get("description") for field in request["properties"].values())
 
 
@@ -198,6 +201,9 @@ BAD_BODIES = [
     (b'{"documents": [{"id": 1, "text": ""}], "entity_types": ["name", "weapon"]}', ["body", "entity_types", 1],
      "unknown_entity_type"),
     (b'{"documents": [{"id": 1, "text": ""}], "entity_types": "name"}', ["body", "entity_types"], "list_type"),
+    (b'{"documents": [{"id": 1, "text": ""}], "entity_threshold": -0.1}', ["body", "entity_threshold"],
+     "greater_than_equal"),
+    (b'{"documents": [{"id": 1, "text": ""}], "entity_threshold": "0.5"}', ["body", "entity_threshold"], "float_type"),
 ]
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
+
 import numpy as np
 import pytest
 
@@ -121,3 +123,17 @@ def test_thresholds_and_type_filter(tagger):
     assert everything["labels"] == tagger.schema.topics
     nothing = tagger.tag([text], thresholds={t: 1.01 for t in tagger.schema.topics}, entity_types=[])[0]
     assert nothing["labels"] == [] and nothing["entities"] == []
+
+
+def test_entities_below_the_models_entity_threshold_are_dropped(tagger):
+    text = MIXED_TEXTS[-1]
+    every = tagger.tag([text], entity_threshold=0.0)[0]["entities"]
+    assert len({e["score"] for e in every}) > 1, "the tiny model should find entities of different scores"
+    cut = float(np.median([e["score"] for e in every]))
+    kept = [e for e in every if e["score"] >= cut]
+
+    assert tagger.tag([text], entity_threshold=cut)[0]["entities"] == kept
+    picky = Tagger(tagger.model, tagger.tokenizer, replace(tagger.meta, entity_threshold=cut))
+    assert picky.tag([text])[0]["entities"] == kept  # the model's own threshold is the default
+    assert picky.tag([text], entity_threshold=0.0)[0]["entities"] == every
+    assert picky.with_options({"topics": {}, "entities": every})["entities"] == kept

@@ -17,7 +17,8 @@ from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
 from training.data import read_documents, split_validation
-from training.evaluate import entity_metrics, evaluate_tagger, topic_metrics, tune_thresholds
+from training.evaluate import (entity_metrics, evaluate_tagger, topic_metrics, tune_entity_threshold,
+                                tune_thresholds)
 from training.train import (JointLoss, TagTargets, TrainConfig, build_examples, collate, pack_documents,
                             token_tags, train)
 
@@ -59,12 +60,14 @@ def test_round_trip_train_save_load_tag(trained):
     assert tagger.meta.version == "9.9.9"
     assert sorted(tagger.schema.topics) == sorted(tiny_schema().topics)
     assert set(tagger.meta.thresholds) == set(tagger.schema.topics)
+    assert 0.0 <= tagger.meta.entity_threshold <= 0.8
     text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。" * 10
     (result,) = tagger.tag([text])
     assert set(result) == {"topics", "labels", "entities"}
     assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
     card = (folder / "README.md").read_text()
     assert "Metrics" in card and "9.9.9" in card and "Highest-scoring topic is a gold topic" in card
+    assert "| entity threshold |" in card
 
 
 def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
@@ -292,6 +295,23 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])
     assert 0.3 < thresholds["economy"] <= 0.35
     assert 0.2 < thresholds["ecology"] <= 0.7
+
+
+def test_entity_threshold_tuning_on_a_hand_checked_example():
+    schema = LabelSchema(entity_types=["address", "name"], coarse={"address": "LOC", "name": "PER"})
+    gold = [[(0, 2, "name"), (3, 5, "address")], [(0, 3, "address")]]
+    predicted = [[(0, 2, "name", 0.9), (3, 5, "address", 0.6), (6, 8, "name", 0.3)],
+                 [(0, 3, "address", 0.3)]]
+    # cut 0: 3 of 4 right, all 3 found (F1 0.857); over 0.3 the two 0.3s go: 2 of 2 right, 2 of 3
+    # found (F1 0.8); so a cut pays only for dropping more wrong spans than right ones
+    cut, metrics = tune_entity_threshold(gold, predicted, [10, 5], schema)
+    assert cut == 0.0 and metrics["entities"]["micro"]["f1"] == 0.8571
+
+    predicted[1] = []
+    cut, metrics = tune_entity_threshold(gold, predicted, [10, 5], schema)
+    assert cut == 0.35  # the lowest cut that drops the wrong 0.3 span; higher ties keep it
+    assert metrics["entities"]["micro"] == {"precision": 1.0, "recall": 0.6667, "f1": 0.8, "support": 3}
+    assert metrics["entities_coarse"]["micro"]["f1"] == 0.8
 
 
 def test_evaluate_counts_each_task_only_on_documents_labelled_for_it(tiny_model_dir):

@@ -263,6 +263,9 @@ class KnownLabelsView:
     def best_paths(self, log_probs):
         return self.tagger.best_paths(log_probs)
 
+    def tag_confidences(self, log_probs, paths):
+        return self.tagger.tag_confidences(log_probs, paths)
+
 
 def _extends(schema: LabelSchema, older: LabelSchema) -> bool:
     return (schema.topics[: len(older.topics)] == older.topics

@@ -4,8 +4,8 @@ A short, plain loop (nanoGPT-style) rather than `Trainer`: the joint, partially 
 need their own loss masking, and the loop stays readable. Per epoch: train, evaluate on the
 validation split, keep the best state; stop early when the selection score stops improving. At
 the end, the lexical topic model (newstagger.lexical) is fitted and blended into the topic head,
-per-topic thresholds are tuned on validation and the best state is saved with its metrics and
-model card.
+per-topic thresholds and the entity score threshold are tuned on validation, and the best state
+is saved with its metrics and model card.
 """
 
 from __future__ import annotations
@@ -39,7 +39,7 @@ from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, Window, encode_texts, plan_windows, token_budget_batches
 
-from .evaluate import evaluate_tagger, public, topic_metrics, tune_thresholds
+from .evaluate import evaluate_tagger, public, topic_metrics, tune_entity_threshold, tune_thresholds
 
 log = logging.getLogger("newstagger.train")
 IGNORE = -100
@@ -522,6 +522,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     model.eval()
     tagger = Tagger(model, tokenizer, meta)
     metrics = evaluate_tagger(tagger, valid_docs) if valid_docs else {}
+    if "_entity_spans" in metrics:
+        meta.entity_threshold, entity_metrics = tune_entity_threshold(*metrics["_entity_spans"], schema)
+        metrics.update(entity_metrics)
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
     if "topics" in metrics:
