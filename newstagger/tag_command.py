@@ -17,7 +17,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import check_fraction
+from .cli import UsageError, check_fraction
 from .documents import DataError, json_object
 
 
@@ -61,7 +61,10 @@ def run(args) -> int:
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
                          threads=args.threads)
-    entity_types = args.types.split(",") if args.types else None
+    entity_types = args.types.split(",") if args.types is not None else None
+    unknown = [t for t in entity_types or () if t not in tagger.schema.entity_types]
+    if unknown:  # as the API does: a misspelt type would otherwise just return nothing
+        raise UsageError(f"--types: unknown entity type(s) {unknown}; the model knows {tagger.schema.entity_types}")
     with _open(args.input, "r") as source, _open(args.output, "w") as sink:
         tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error, entity_types=entity_types,
                    entity_threshold=entity_threshold)

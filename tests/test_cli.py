@@ -84,3 +84,10 @@ def test_an_entity_threshold_outside_0_to_1_exits_2(tiny_model_dir, value, capsy
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--entity-threshold", value]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--entity-threshold must be between 0 and 1" in line
+
+
+@pytest.mark.parametrize("types", ["name,weapon", "name,", ""])
+def test_unknown_entity_types_exit_2_naming_them(tiny_model_dir, types, capsys):
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--types", types]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--types: unknown entity type(s)" in line and "the model knows" in line
