@@ -21,6 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bench import synthetic_stories
+from .cli import UsageError, positive_int
 from .documents import DataError, json_object
 from .model import CARD_FILE, META_FILE, METRICS_FILE, ModelMeta, render_model_card
 
@@ -37,7 +38,7 @@ def register(subparsers) -> None:
     parser.add_argument("--candidates", default=",".join(CANDIDATES),
                         help="comma-separated backend-precision pairs (default: %(default)s; those this "
                              "machine or folder cannot run are skipped)")
-    parser.add_argument("--documents", type=int, default=200, help="generated stories to compare on")
+    parser.add_argument("--documents", type=positive_int, default=200, help="generated stories to compare on")
     parser.add_argument("--texts", metavar="FILE",
                         help="compare on these texts instead: JSONL with a 'text' field per line (tag input, "
                              "CLUENER, the internal format)")
@@ -86,7 +87,6 @@ def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str
     """{"backend-precision": result} for each candidate, against PyTorch fp32 on the same texts
     (`corpus` names them in the record)."""
     from .backends import make_backend
-    from .cli import UsageError
     from .tagger import Tagger
 
     reference = Tagger.load(folder, backend="torch", precision="fp32", device="cpu")

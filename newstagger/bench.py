@@ -29,6 +29,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
+from .cli import positive_int
+
 CONFIGURATIONS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 
 
@@ -39,9 +41,9 @@ def register(subparsers) -> None:
     parser.add_argument("--configs", default=",".join(CONFIGURATIONS),
                         help="comma-separated backend-precision pairs (default: %(default)s; those the machine "
                              "or folder cannot run are reported and skipped)")
-    parser.add_argument("--documents", type=int, default=200, help="generated stories per run")
-    parser.add_argument("--repeats", type=int, default=2, help="timed runs per pair; the fastest counts")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores)")
+    parser.add_argument("--documents", type=positive_int, default=200, help="generated stories per run")
+    parser.add_argument("--repeats", type=positive_int, default=2, help="timed runs per pair; the fastest counts")
+    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores)")
     parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--write-corpus", metavar="FILE", help="write a generated JSONL corpus of --documents stories and exit")

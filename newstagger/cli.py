@@ -32,6 +32,17 @@ class UsageError(Exception):
     """The user asked for something that cannot be done as asked (exit code 2)."""
 
 
+def positive_int(text: str) -> int:
+    """argparse type of counts (stories, threads, repeats): a whole number of at least 1."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+    return value
+
+
 def check_fraction(option: str, value: float | None) -> float | None:
     """`value` when it is None or between 0 and 1; otherwise a UsageError naming the option."""
     if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too

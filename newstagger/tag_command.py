@@ -17,7 +17,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import UsageError, check_fraction
+from .cli import UsageError, check_fraction, positive_int
 from .documents import DataError, json_object
 
 
@@ -27,7 +27,7 @@ def register(subparsers) -> None:
     parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
     parser.add_argument("--input", "-i", required=True, help="JSONL file of {id, text}, or - for stdin")
     parser.add_argument("--output", "-o", required=True, help="JSONL file to write, or - for stdout")
-    parser.add_argument("--chunk", type=int, default=512, help="stories tagged together (memory bound)")
+    parser.add_argument("--chunk", type=positive_int, default=512, help="stories tagged together (memory bound)")
     parser.add_argument("--on-error", choices=("stop", "record"), default="stop",
                         help="on a bad line: stop with exit 2, or write {id, error} for it and go on")
     parser.add_argument("--types", help="comma-separated entity types to return (default: all)")
@@ -46,7 +46,7 @@ def add_backend_arguments(parser) -> None:
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="torch: fp32/bf16, onnx: fp32/int8 (int8 needs `newstagger export --quantize int8`)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
-    parser.add_argument("--threads", type=int, help="intra-op threads (default: all cores this process may use)")
+    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores this process may use)")
 
 
 def _formatter(prog):

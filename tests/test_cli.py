@@ -91,3 +91,13 @@ def test_unknown_entity_types_exit_2_naming_them(tiny_model_dir, types, capsys):
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--types", types]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--types: unknown entity type(s)" in line and "the model knows" in line
+
+
+@pytest.mark.parametrize("argv", [["tag", "-i", "-", "-o", "-", "--chunk", "0"],
+                                  ["tag", "-i", "-", "-o", "-", "--threads", "two"],
+                                  ["bench", "--repeats", "0"], ["check", "--documents", "-1"]])
+def test_counts_below_one_exit_2_naming_the_option(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    assert f"argument {argv[-2]}: must be" in capsys.readouterr().err.strip().splitlines()[-1]
