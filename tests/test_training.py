@@ -131,6 +131,16 @@ def test_train_command_rejects_a_config_with_unknown_settings(tmp_path, capsys):
     assert "learning_rat" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("flags, named", [(["--epochs", "0"], "epochs must be at least 1"),
+                                          (["--max-length", "64", "--stride", "64"], "stride must be"),
+                                          (["--inference-stride", "300"], "inference_stride must be"),
+                                          (["--learning-rate=-1e-4"], "learning_rate must be positive")])
+def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
+    assert main(["train", "--train", "x.jsonl", *flags]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert named in line
+
+
 def test_token_tags_label_first_token_begin_rest_inside():
     tokenizer = tiny_tokenizer()
     schema = tiny_schema()

@@ -100,6 +100,33 @@ class TrainConfig:
     version: str = _option("0.1.0", "version written into the model folder")
     name: str = _option("newstagger", "model name written into the model folder")
 
+    def __post_init__(self):
+        """Settings that cannot work fail here, naming themselves, not minutes into a run."""
+        problems = [f"{name} must be {rule}, not {getattr(self, name)}" for name, ok, rule in (
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("max_steps", self.max_steps >= 0, "0 or more"),
+            ("max_length", 8 <= self.max_length, "at least 8"),
+            ("stride", 0 <= self.stride < self.max_length - 2, "0 or more and under max_length - 2"),
+            ("inference_max_length", 8 <= self.inference_max_length, "at least 8"),
+            ("inference_stride", 0 <= self.inference_stride < self.inference_max_length - 2,
+             "0 or more and under inference_max_length - 2"),
+            ("batch_tokens", self.batch_tokens >= self.max_length, "at least max_length"),
+            ("learning_rate", self.learning_rate > 0, "positive"),
+            ("head_learning_rate", self.head_learning_rate > 0, "positive"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "from 0 to under 1"),
+            ("validation_fraction", 0 < self.validation_fraction < 1, "between 0 and 1"),
+            ("max_validation_documents", self.max_validation_documents >= 1, "at least 1"),
+            ("topic_loss_weight", self.topic_loss_weight >= 0, "0 or more"),
+            ("entity_loss_weight", self.entity_loss_weight >= 0, "0 or more"),
+            ("topic_oversample", self.topic_oversample > 0, "positive"),
+            ("train_weights", all(w >= 0 for w in self.train_weights), "0 or more each"),
+            ("patience", self.patience >= 1, "at least 1"),
+            ("threads", self.threads >= 0, "0 or more"),
+        ) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
     @classmethod
     def from_file(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
