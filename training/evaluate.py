@@ -125,14 +125,18 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
     for first in range(0, len(documents), batch_docs):
         batch = documents[first : first + batch_docs]
         probs, log_probs, encoded = tagger.score([doc.text for doc in batch])
-        paths = tagger.best_paths(log_probs) if decoding == "viterbi" else [lp.argmax(1) for lp in log_probs]
-        confidences = tagger.tag_confidences(log_probs, paths)
-        for doc, doc_probs, path, confidence, enc in zip(batch, probs, paths, confidences, encoded):
-            if doc.entities is not None:
-                predicted_spans.append([(int(enc.offsets[b, 0]), int(enc.offsets[e - 1, 1]), schema.entity_types[k],
-                                         span_score(confidence, b, e)) for b, e, k in lenient_spans(path)])
-                gold_spans.append([(s.start, s.end, s.type) for s in doc.entities])
-                lengths.append(len(doc.text))
+        # Only documents labelled for entities are decoded: topic-only ones are long report paragraphs.
+        labelled = [i for i, doc in enumerate(batch) if doc.entities is not None]
+        entity_log_probs = [log_probs[i] for i in labelled]
+        paths = (tagger.best_paths(entity_log_probs) if decoding == "viterbi"
+                 else [lp.argmax(1) for lp in entity_log_probs])
+        for i, path, confidence in zip(labelled, paths, tagger.tag_confidences(entity_log_probs, paths)):
+            doc, offsets = batch[i], encoded[i].offsets
+            predicted_spans.append([(int(offsets[b, 0]), int(offsets[e - 1, 1]), schema.entity_types[k],
+                                     span_score(confidence, b, e)) for b, e, k in lenient_spans(path)])
+            gold_spans.append([(s.start, s.end, s.type) for s in doc.entities])
+            lengths.append(len(doc.text))
+        for doc, doc_probs in zip(batch, probs):
             if doc.topics is not None:
                 row = np.zeros(len(schema.topics), dtype=np.int64)
                 row[[topic_index[t] for t in doc.topics if t in topic_index]] = 1
