@@ -91,6 +91,23 @@ class Document:
         )
 
 
+def unpaired_surrogate(value: str) -> int | None:
+    """Index of the first lone surrogate in `value`, or None. JSON may carry one (\\ud800), but
+    neither the tokenizer nor UTF-8 output can take it."""
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        return err.start
+    return None
+
+
+def check_encodable(value: object, field: str, where: str) -> None:
+    """DataError naming `field` when the string `value` has a lone surrogate."""
+    index = unpaired_surrogate(value) if isinstance(value, str) else None
+    if index is not None:
+        raise DataError(f"{where}: field {field!r} has an unpaired surrogate at index {index}")
+
+
 def validate(
     doc: Document,
     *,
@@ -106,6 +123,8 @@ def validate(
     out that text is caught.
     """
     where = where or f"document {doc.id!r}"
+    check_encodable(doc.id, "id", where)
+    check_encodable(doc.text, "text", where)
     if doc.topics is not None:
         if len(set(doc.topics)) != len(doc.topics):
             raise DataError(f"{where}: duplicate topic in {doc.topics}")

@@ -18,7 +18,7 @@ from typing import IO
 from tqdm import tqdm
 
 from .cli import UsageError, check_fraction, positive_int
-from .documents import DataError, json_object
+from .documents import DataError, check_encodable, json_object
 
 
 def register(subparsers) -> None:
@@ -129,6 +129,8 @@ def parse_request(line: str, where: str) -> tuple[object, str]:
         raise DataError(f"{where}: field 'id' must be a string or an integer")
     if not isinstance(obj.get("text"), str):
         raise DataError(f"{where}: field 'text' must be a string")
+    check_encodable(obj["id"], "id", where)
+    check_encodable(obj["text"], "text", where)
     return obj["id"], obj["text"]
 
 
@@ -149,8 +151,11 @@ def _read_requests(source: IO[str], stop_at_error: bool) -> Iterator[tuple[objec
 
 
 def _best_effort_id(line: str, number: int):
+    """The bad line's own id where it can be echoed (UnicodeEncodeError is a ValueError), else `line-N`."""
     with contextlib.suppress(ValueError, AttributeError):
-        return json.loads(line).get("id", f"line-{number}")
+        doc_id = json.loads(line).get("id", f"line-{number}")
+        json.dumps(doc_id, ensure_ascii=False).encode("utf-8")
+        return doc_id
     return f"line-{number}"
 
 

@@ -11,14 +11,14 @@ from typing import Annotated
 from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
 from pydantic_core import PydanticCustomError
 
+from newstagger.documents import unpaired_surrogate
+
 
 def _utf8_encodable(value: str) -> str:
-    """JSON may carry lone surrogates (\\ud800) that neither the tokenizer nor a UTF-8 response can."""
-    try:
-        value.encode("utf-8")
-    except UnicodeEncodeError as err:
+    index = unpaired_surrogate(value)
+    if index is not None:
         raise PydanticCustomError("unpaired_surrogate", "has an unpaired surrogate at index {index}",
-                                  {"index": err.start}) from None
+                                  {"index": index})
     return value
 
 

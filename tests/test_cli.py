@@ -43,6 +43,9 @@ def test_tag_writes_one_result_per_story_in_order(tiny_model_dir, tmp_path):
         ('{"text": "没有编号"}', "line 2: field 'id' is missing"),
         ('["a", "b"]', "line 2: expected a JSON object"),
         ('{"id": true, "text": "x"}', "line 2: field 'id' must be a string or an integer"),
+        # JSON can escape a lone surrogate; neither the tokenizer nor UTF-8 output can take one
+        ('{"id": "s", "text": "北\\ud800京"}', "line 2: field 'text' has an unpaired surrogate at index 1"),
+        ('{"id": "\\udfff", "text": "x"}', "line 2: field 'id' has an unpaired surrogate at index 0"),
     ],
 )
 def test_bad_line_exits_2_with_its_line_number_after_writing_earlier_lines(
@@ -63,6 +66,14 @@ def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path):
     results = read_results(target)
     assert [r["id"] for r in results] == ["ok", "bad", "z"]
     assert "field 'text'" in results[1]["error"]
+
+
+def test_record_mode_answers_an_unwritable_id_by_its_line_number(tiny_model_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "\\ud800", "text": "好的"}', '{"id": "z", "text": "后"}'])
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
+                 "--on-error", "record"]) == 0
+    assert [r["id"] for r in read_results(target)] == ["line-1", "z"]
 
 
 def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
