@@ -39,6 +39,7 @@ from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, Window, encode_texts, plan_windows, token_budget_batches
 
+from .data import corpus_stats, parse_data_spec, read_documents, split_validation
 from .evaluate import evaluate_tagger, public, topic_metrics, tune_entity_threshold, tune_thresholds
 
 log = logging.getLogger("newstagger.train")
@@ -409,8 +410,6 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     `sources` are training sets already in memory (retraining mixes new and replayed data), used
     like the files of `config.train`: each one is split for validation on its own.
     """
-    from training.data import corpus_stats, parse_data_spec, read_documents, split_validation
-
     if config.train_weights and len(config.train_weights) != len(config.train):  # before minutes of reading data
         raise ValueError(f"train_weights has {len(config.train_weights)} weights for {len(config.train)} train sources")
     started = time.time()
@@ -421,75 +420,24 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         torch.set_num_threads(config.threads)
     output = Path(config.output)
 
-    train_sets = [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]
-    valid_docs: list[Document] = []
-    for spec in config.validation:
-        valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
-    if not any(train_sets):
-        raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
-    weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
-
+    train_sets, weights, valid_docs = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, valid_docs] for doc in docs])
-    if config.init_model:
-        model, tokenizer, parent_meta, _ = load_model_folder(config.init_model)
-        schema = parent_meta.schema.merged_with(data_schema)
-        if schema != parent_meta.schema:
-            log.warning("new labels in the data: topics %s, entity types %s; growing the heads",
-                        sorted(set(schema.topics) - set(parent_meta.schema.topics)),
-                        sorted(set(schema.entity_types) - set(parent_meta.schema.entity_types)))
-            model.grow_labels(schema)
-        base_model, parent_version = parent_meta.base_model, parent_meta.version
-    else:
-        schema = data_schema
-        model = new_model(config.base_model, schema)
-        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-        base_model, parent_version = config.base_model, None
-    if config.lexicon and model.lexicon is None:
-        words, source = jieba_words()
-        model.attach_lexicon(build_lexicon(words, tokenizer, source))
-        log.info("lexicon: %s", model.lexicon.config)
-    if config.crf and model.crf is None:
-        model.attach_crf()
-    model.train()
+    model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
     bf16 = config.bf16 and cpu_has_bf16()
     if config.bf16 and not bf16:
         log.warning("bf16 asked for, but this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), where "
                     "bf16 autocast steps ran 11x slower than fp32 (AMD EPYC, AVX2: 38.5 vs 3.4 s); training in fp32")
-
-    train_docs: list[Document] = []
-    examples: list[Example] = []
-    for docs, weight in zip(train_sets, weights):
-        coarse = _labelled_coarse_only(docs, schema)
-        if not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
-            docs, held = split_validation(docs, config.validation_fraction, seed=config.seed)
-            valid_docs += held[: config.max_validation_documents]
-        train_docs += docs
-        if config.pack_entity_documents:
-            docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
-        examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse, weight)
+    train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, valid_docs, tokenizer, schema)
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
-
-    topic_examples = [e for e in examples if e.topics is not None]
-    extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
-    examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
 
     rng = random.Random(config.seed)
     steps_per_epoch = len(epoch_batches(examples, config.batch_tokens, random.Random(0)))
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    fresh_layers = [model.topic_head, model.entity_head, model.lexicon_projection, model.crf]
-    head_params = [p for layer in fresh_layers if layer is not None for p in layer.parameters()]
-    head_ids = {id(p) for p in head_params}
-    optimizer = torch.optim.AdamW(
-        [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
-         {"params": head_params, "lr": config.head_learning_rate}],
-        weight_decay=config.weight_decay)
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
+    optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps)
     loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight,
                         config.entity_loss_weight, TagTargets.for_schema(schema), model.crf)
 
@@ -497,18 +445,12 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     checkpoint = output / "checkpoint"
     best_state = None
     if config.resume and (checkpoint / "trainer_state.json").is_file():
-        state = json.loads((checkpoint / "trainer_state.json").read_text())
-        model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-        optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-        scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
-        if (checkpoint / "best.safetensors").is_file():
-            best_state = load_file(checkpoint / "best.safetensors")
-        rng.setstate(_rng_state_from_json(state["rng"]))
-        log.info("resumed from %s at epoch %d, step %d", checkpoint, state["epoch"], state["step"])
+        state, best_state = _resume(checkpoint, model, optimizer, scheduler, rng)
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
-                     name=config.name, version=config.version, base_model=base_model,
-                     parent_version=parent_version)
+                     name=config.name, version=config.version,
+                     base_model=parent_meta.base_model if parent_meta else config.base_model,
+                     parent_version=parent_meta.version if parent_meta else None)
     stale_epochs = len(state["history"]) - state["best_epoch"] if state["history"] else 0
     while state["epoch"] < config.epochs and state["step"] < total_steps and stale_epochs < config.patience:
         model.train()
@@ -547,21 +489,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 
     model.load_state_dict(best_state)
     model.eval()
-    tagger = Tagger(model, tokenizer, meta)
-    metrics = evaluate_tagger(tagger, valid_docs) if valid_docs else {}
-    if "_entity_spans" in metrics:
-        meta.entity_threshold, entity_metrics = tune_entity_threshold(*metrics["_entity_spans"], schema)
-        metrics.update(entity_metrics)
-    topic_lexical, topic_blend = None, {}
-    topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
-    if "topics" in metrics:
-        gold, topic_probs = metrics["_topic_gold"], metrics["_topic_probs"]
-        if config.topic_lexical and len(topic_train_docs) >= 2:  # its vocabulary keeps n-grams of 2+ documents
-            valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of gold
-            topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
-                                                         schema.topics)
-            topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
-        meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
+    metrics, topic_lexical, topic_blend = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
+                                                              config)
     meta.training = {
         "config": asdict(config),
         "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
@@ -582,6 +511,117 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         lexical.remove(output)  # a folder saved over must not keep an older run's component
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(final))
     return output, final
+
+
+def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
+    """(training sets: the files, then `sources`; each set's entity-loss weight; validation documents
+    read from files)."""
+    train_sets = [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]
+    valid_docs: list[Document] = []
+    for spec in config.validation:
+        valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
+    if not any(train_sets):
+        raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
+    weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
+    return train_sets, weights, valid_docs
+
+
+def _starting_model(config: TrainConfig, data_schema: LabelSchema):
+    """(model, tokenizer, label schema, the parent model's meta or None): the `init_model` folder with
+    its heads grown to the data's new labels, or a fresh model on `base_model`; then the lexicon and
+    the CRF attached where asked for and not there yet."""
+    parent_meta = None
+    if config.init_model:
+        model, tokenizer, parent_meta, _ = load_model_folder(config.init_model)
+        schema = parent_meta.schema.merged_with(data_schema)
+        if schema != parent_meta.schema:
+            log.warning("new labels in the data: topics %s, entity types %s; growing the heads",
+                        sorted(set(schema.topics) - set(parent_meta.schema.topics)),
+                        sorted(set(schema.entity_types) - set(parent_meta.schema.entity_types)))
+            model.grow_labels(schema)
+    else:
+        schema = data_schema
+        model = new_model(config.base_model, schema)
+        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+    if config.lexicon and model.lexicon is None:
+        words, source = jieba_words()
+        model.attach_lexicon(build_lexicon(words, tokenizer, source))
+        log.info("lexicon: %s", model.lexicon.config)
+    if config.crf and model.crf is None:
+        model.attach_crf()
+    return model, tokenizer, schema, parent_meta
+
+
+def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
+                       valid_docs: list[Document], tokenizer, schema: LabelSchema):
+    """(training documents, their windows as examples with topic rows oversampled, validation documents
+    with each set's held-out share added)."""
+    train_docs: list[Document] = []
+    examples: list[Example] = []
+    for docs, weight in zip(train_sets, weights):
+        coarse = _labelled_coarse_only(docs, schema)
+        if not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
+            docs, held = split_validation(docs, config.validation_fraction, seed=config.seed)
+            valid_docs = valid_docs + held[: config.max_validation_documents]
+        train_docs += docs
+        if config.pack_entity_documents:
+            docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
+        examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse, weight)
+    topic_examples = [e for e in examples if e.topics is not None]
+    extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
+    examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
+    return train_docs, examples, valid_docs
+
+
+def _optimizer_and_schedule(model: NewsTaggerModel, config: TrainConfig, total_steps: int):
+    """AdamW, the freshly started layers at the head learning rate; linear warm-up, then linear decay."""
+    fresh_layers = [model.topic_head, model.entity_head, model.lexicon_projection, model.crf]
+    head_params = [p for layer in fresh_layers if layer is not None for p in layer.parameters()]
+    head_ids = {id(p) for p in head_params}
+    optimizer = torch.optim.AdamW(
+        [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
+         {"params": head_params, "lr": config.head_learning_rate}],
+        weight_decay=config.weight_decay)
+    warmup = max(1, int(config.warmup_ratio * total_steps))
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
+    return optimizer, scheduler
+
+
+def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -> tuple[dict, dict | None]:
+    """Restore a `_save_checkpoint` folder into the model, optimizer, scheduler and rng; returns the
+    trainer state and the best state so far."""
+    state = json.loads((checkpoint / "trainer_state.json").read_text())
+    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
+    rng.setstate(_rng_state_from_json(state["rng"]))
+    log.info("resumed from %s at epoch %d, step %d", checkpoint, state["epoch"], state["step"])
+    return state, best_state
+
+
+def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: list[Document],
+                        config: TrainConfig) -> tuple[dict, lexical.LexicalTopicModel | None, dict]:
+    """The trained model's final validation metrics, with the entity threshold, the topic blend and the
+    topic thresholds chosen on them (set in `tagger.meta`); returns (metrics, lexical topic model or
+    None, blend report)."""
+    meta, schema = tagger.meta, tagger.schema
+    metrics = evaluate_tagger(tagger, valid_docs) if valid_docs else {}
+    if "_entity_spans" in metrics:
+        meta.entity_threshold, entity_metrics = tune_entity_threshold(*metrics["_entity_spans"], schema)
+        metrics.update(entity_metrics)
+    topic_lexical, topic_blend = None, {}
+    topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
+    if "topics" in metrics:
+        gold, topic_probs = metrics["_topic_gold"], metrics["_topic_probs"]
+        if config.topic_lexical and len(topic_train_docs) >= 2:  # its vocabulary keeps n-grams of 2+ documents
+            valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of gold
+            topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
+                                                         schema.topics)
+            topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
+        meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
+    return metrics, topic_lexical, topic_blend
 
 
 def _labelled_coarse_only(documents: list[Document], schema: LabelSchema) -> bool:
