@@ -197,6 +197,12 @@ def test_parse_data_spec(spec, expected):
     assert expected[1] is None or expected[1] in FORMATS
 
 
+def test_a_misspelt_format_is_named_rather_than_read_as_part_of_the_path(tmp_path):
+    path = write(tmp_path, "news.json", "[]")
+    with pytest.raises(DataError, match=r"news.json:clunear: unknown data format 'clunear'; FORMAT is one of internal"):
+        parse_data_spec(f"{path}:clunear")
+
+
 def grouped_docs() -> list[Document]:
     docs = [Document(f"g{g}-{i}", "文", topics=[], group=f"report-{g}") for g in range(20) for i in range(5)]
     return docs + [Document(f"loose-{i}", "文", topics=[]) for i in range(10)]

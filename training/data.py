@@ -185,6 +185,8 @@ def parse_data_spec(spec: str) -> tuple[Path, str | None]:
     path, colon, suffix = spec.rpartition(":")
     if colon and path and suffix in FORMATS:
         return Path(path), suffix
+    if colon and path and Path(path).exists() and not Path(spec).exists():  # a misspelt format
+        raise DataError(f"{spec}: unknown data format {suffix!r}; FORMAT is one of {', '.join(FORMATS)}")
     return Path(spec), None
 
 
