@@ -136,7 +136,7 @@ class Tagger:
         """Per-document topic probabilities [docs, topics], token tag log-probs, and encodings.
 
         Topic probabilities are the topic head's, blended with the lexical topic model's where the
-        model folder has one (see newstagger.lexical).
+        model folder has one (see newstagger.lexical); 0 for a text with no tokens.
         """
         encoded = encoded if encoded is not None else self.encode(texts)
         windows = [w for d, enc in enumerate(encoded)
@@ -165,6 +165,9 @@ class Tagger:
         doc_topic_probs = topic_sums / weights[:, None]
         if self.topic_lexical is not None:
             doc_topic_probs = blend(doc_topic_probs, self.topic_lexical.predict(texts), self.topic_lexical.weight)
+        # A text without tokens (empty, whitespace) is no evidence for any topic; the heads would answer
+        # a bare [CLS] [SEP] with their learned priors, labelling an empty story.
+        doc_topic_probs[[len(enc.ids) == 0 for enc in encoded]] = 0.0
         return doc_topic_probs, doc_log_probs, encoded
 
 

@@ -106,6 +106,12 @@ def test_tag_offsets_are_exact_on_long_mixed_and_emoji_text(tagger):
     assert results[0]["entities"] == [] and results[1]["entities"] == []
 
 
+def test_a_text_without_tokens_scores_no_topic(tagger):
+    """An empty or blank story is no evidence: the heads' answer to a bare [CLS] [SEP] is their prior."""
+    for result in tagger.tag(["", "   \n\t ", "\u200b"]):
+        assert result == {"topics": {topic: 0.0 for topic in tagger.schema.topics}, "labels": [], "entities": []}
+
+
 def test_batch_neighbours_do_not_change_a_document_result(tagger):
     """Bucketing and padding with other documents leave a long text's spans and scores as they were."""
     long_text = MIXED_TEXTS[-1]
