@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet_library_chatter()
     try:
         return args.handler(args)
-    except (UsageError, DataError, FileNotFoundError) as err:
+    except (UsageError, DataError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:
         print(f"newstagger {args.command}: error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -134,20 +134,32 @@ def parse_request(line: str, where: str) -> tuple[object, str]:
     return obj["id"], obj["text"]
 
 
-def _read_requests(source: IO[str], stop_at_error: bool) -> Iterator[tuple[object, str, str | None]]:
+def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator[tuple[object, str, str | None]]:
     """(id, text, None) per good line, (id, "", reason) per bad one; the first bad one ends the
     stream when stopping, so every line before it is still tagged and written."""
     for number, line in enumerate(source, start=1):
         if not line.strip():
             continue
         try:
-            doc_id, text = parse_request(line, f"line {number}")
+            doc_id, text = parse_request(_decoded(line, number), f"line {number}")
         except DataError as err:
             yield _best_effort_id(line, number), "", str(err)
             if stop_at_error:
                 return
             continue
         yield doc_id, text, None
+
+
+def _decoded(line: str | bytes, number: int) -> str:
+    """The line as text. Files are read as bytes so that a line that is not UTF-8 is an error of that
+    line alone; a byte-order mark (Windows tools write one) before the first line is dropped."""
+    if isinstance(line, bytes):
+        try:
+            line = line.decode("utf-8")
+        except UnicodeDecodeError as err:
+            raise DataError(f"line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the "
+                            f"line); convert the input, e.g. iconv -f GBK -t UTF-8") from None
+    return line.removeprefix("\ufeff") if number == 1 else line
 
 
 def _best_effort_id(line: str, number: int):
@@ -173,7 +185,10 @@ def _chunks(items, size: int):
 @contextlib.contextmanager
 def _open(path: str, mode: str):
     if path == "-":
-        yield sys.stdin if mode == "r" else sys.stdout
+        yield getattr(sys.stdin, "buffer", sys.stdin) if mode == "r" else sys.stdout
+    elif mode == "r":
+        with open(path, "rb") as handle:
+            yield handle
     else:
         with open(path, mode, encoding="utf-8") as handle:
             yield handle

@@ -76,6 +76,20 @@ def test_record_mode_answers_an_unwritable_id_by_its_line_number(tiny_model_dir,
     assert [r["id"] for r in read_results(target)] == ["line-1", "z"]
 
 
+def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_model_dir, tmp_path, capsys):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes("\ufeff".encode() + '{"id": "ok", "text": "好的"}\n'.encode()
+                      + '{"id": "gbk", "text": "市民政局"}\n'.encode("gbk") + '{"id": "z", "text": "后"}\n'.encode())
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "line 2: not UTF-8" in line and "iconv" in line
+    assert [r["id"] for r in read_results(target)] == ["ok"]
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
+                 "--on-error", "record"]) == 0
+    assert [r.get("error", "")[:17] for r in read_results(target)] == ["", "line 2: not UTF-8", ""]
+
+
 def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO('{"id": 1, "text": "市民政局"}\n'))
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-"]) == 0
@@ -86,6 +100,8 @@ def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
 def test_missing_input_or_model_exits_2(tiny_model_dir, tmp_path, capsys):
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(tmp_path / "nope.jsonl"), "-o", "-"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(tmp_path), "-o", "-"]) == 2
+    assert "Is a directory" in capsys.readouterr().err
     assert main(["tag", "--model", str(tmp_path), "-i", "-", "-o", "-"]) == 2
     assert "not a newstagger model folder" in capsys.readouterr().err
 

@@ -197,6 +197,15 @@ def test_parse_data_spec(spec, expected):
     assert expected[1] is None or expected[1] in FORMATS
 
 
+@pytest.mark.parametrize("name, format", [("gbk.jsonl", "internal"), ("gbk.json", None), ("gbk.bio", "columns")])
+def test_a_file_that_is_not_utf8_is_named(tmp_path, name, format):
+    path = tmp_path / name
+    text = "王\tB-PER\n芳\tI-PER\n" if name.endswith(".bio") else '{"text": "青澜市", "label": {}}\n'
+    path.write_bytes(text.encode("gbk"))
+    with pytest.raises(DataError, match=rf"{name}: not UTF-8 .*iconv"):
+        read_documents(path, format)
+
+
 def test_a_misspelt_format_is_named_rather_than_read_as_part_of_the_path(tmp_path):
     path = write(tmp_path, "news.json", "[]")
     with pytest.raises(DataError, match=r"news.json:clunear: unknown data format 'clunear'; FORMAT is one of internal"):

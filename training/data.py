@@ -154,10 +154,14 @@ def read_documents(
 ) -> list[Document]:
     """Documents of a file in any of FORMATS (guessed when `format` is None). `topic_labels` and
     `entity_types`, when given, are the allowed label sets; other labels are errors."""
-    format = format or guess_format(path)
-    if format not in _READERS:
-        raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
-    return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
+    try:
+        format = format or guess_format(path)
+        if format not in _READERS:
+            raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
+        return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
+    except UnicodeDecodeError as err:
+        raise DataError(f"{path}: not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); convert it, "
+                        f"e.g. iconv -f GBK -t UTF-8") from None
 
 
 def guess_format(path: str | Path) -> str:
