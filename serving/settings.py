@@ -7,10 +7,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field, SecretStr
+from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from training.feedback import DEFAULT_URL as DEFAULT_FEEDBACK_URL
+from training.feedback import check_store_url
 
 
 class ServeSettings(BaseSettings):
@@ -53,3 +54,9 @@ class ServeSettings(BaseSettings):
         DEFAULT_FEEDBACK_URL, description="SQLAlchemy URL of the store POST /v1/feedback writes to: a SQLite file "
                                           "by default, or e.g. postgresql+psycopg://user@host/newstagger."
     )
+
+    @field_validator("feedback_url")
+    @classmethod
+    def _usable_store_url(cls, url: str) -> str:
+        check_store_url(url)
+        return url

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -80,10 +81,31 @@ def test_the_database_is_in_wal_mode(url):
         assert connection.exec_driver_sql("PRAGMA journal_mode").scalar() == "wal"
 
 
-def test_export_of_a_missing_database_is_a_usage_error(tmp_path, capsys):
-    code = main(["feedback", "export", "--store", f"sqlite:///{tmp_path / 'nope.db'}", "-o", str(tmp_path / "x")])
+NO_PYMYSQL = pytest.mark.skipif(importlib.util.find_spec("pymysql") is not None,
+                                reason="checks a driver that is not installed, and pymysql is")
+
+
+@pytest.mark.parametrize("store, message", [
+    ("sqlite:///{tmp}/nope.db", "no feedback database"),
+    ("sqlite:///{tmp}/broken.db", "cannot open sqlite:///"),
+    ("postgresql+nosuchdriver://localhost/x", "Can't load plugin"),
+    pytest.param("mysql+pymysql://localhost/x",
+                 "the database driver for mysql+pymysql is not installed (no module 'pymysql')", marks=NO_PYMYSQL),
+    ("not a url", "Could not parse SQLAlchemy URL"),
+])
+def test_export_from_an_unusable_store_is_a_usage_error(tmp_path, capsys, store, message):
+    (tmp_path / "broken.db").write_text("not a database")
+    code = main(["feedback", "export", "--store", store.format(tmp=tmp_path), "-o", str(tmp_path / "x")])
     assert code == 2
-    assert "no feedback database" in capsys.readouterr().err
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert line.startswith("newstagger feedback: error: --store: ") and message in line
+
+
+@pytest.mark.parametrize("url", ["postgresql+nosuchdriver://localhost/x",
+                                 pytest.param("mysql+pymysql://localhost/x", marks=NO_PYMYSQL), "not a url"])
+def test_the_server_refuses_a_store_url_it_could_never_open(url):
+    with pytest.raises(ValueError, match="feedback_url"):
+        ServeSettings(feedback_url=url)
 
 
 # --- POST /v1/feedback ------------------------------------------------------------------------------
@@ -154,8 +176,10 @@ def test_a_text_over_the_limit_is_413(client):
     assert response.json()["errors"][0]["loc"] == ["body", "text"]
 
 
-def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir):
-    settings = ServeSettings(model=tiny_model_dir, feedback_url="postgresql+nosuchdriver://localhost/x")
+def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, tmp_path):
+    broken = tmp_path / "broken.db"
+    broken.write_text("not a database")
+    settings = ServeSettings(model=tiny_model_dir, feedback_url=f"sqlite:///{broken}")
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/feedback", json=CORRECTION)
         assert response.status_code == 503

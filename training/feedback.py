@@ -24,7 +24,7 @@ from sqlalchemy import (
     select,
 )
 from sqlalchemy.engine import make_url
-from sqlalchemy.exc import ArgumentError, IntegrityError
+from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.schema import CreateTable
 
 from newstagger.documents import Document, Span, write_jsonl
@@ -64,6 +64,19 @@ class Correction:
 
 def default_url() -> str:
     return os.environ.get(URL_VARIABLE) or DEFAULT_URL
+
+
+def check_store_url(url: str) -> None:
+    """ValueError saying why `url` cannot name a store: not an SQLAlchemy URL, or its database driver
+    is not installed (found at start-up rather than at the first correction)."""
+    try:
+        parsed = make_url(url)
+        parsed.get_dialect().import_dbapi()
+    except ArgumentError as err:
+        raise ValueError(str(err)) from None
+    except ImportError as err:
+        raise ValueError(f"the database driver for {parsed.drivername} is not installed "
+                         f"(no module {err.name!r})") from None
 
 
 class FeedbackStore:
@@ -153,12 +166,16 @@ def run_export(args) -> int:
 
     url = args.store or default_url()
     try:
-        parsed = make_url(url)
-    except ArgumentError as err:
+        check_store_url(url)
+    except ValueError as err:
         raise UsageError(f"--store: {err}") from None
+    parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
         raise UsageError(f"--store: no feedback database at {parsed.database or 'an in-memory URL'}")
-    store = FeedbackStore(url)
+    try:
+        store = FeedbackStore(url)
+    except DatabaseError as err:  # unreachable server, a file that is not a database, ...
+        raise UsageError(f"--store: cannot open {parsed.render_as_string()}: {err.orig}") from None
     written = write_jsonl(store.latest_documents(), args.output)
     print(f"wrote {written} documents ({store.count()} corrections stored) to {args.output}")
     return 0
