@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bench import synthetic_stories
-from .cli import UsageError, positive_int
+from .cli import UsageError, names_from, positive_int
 from .documents import DataError, json_object
 from .model import CARD_FILE, META_FILE, METRICS_FILE, ModelMeta, render_model_card
 
@@ -35,7 +35,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("check", help="check fast backends against PyTorch fp32 and record the result",
                                    description=__doc__)
     parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
-    parser.add_argument("--candidates", default=",".join(CANDIDATES),
+    parser.add_argument("--candidates", type=names_from(CANDIDATES), default=",".join(CANDIDATES),
                         help="comma-separated backend-precision pairs (default: %(default)s; those this "
                              "machine or folder cannot run are skipped)")
     parser.add_argument("--documents", type=positive_int, default=200, help="generated stories to compare on")
@@ -56,7 +56,7 @@ def run(args) -> int:
     else:
         texts = synthetic_stories(args.documents, seed=CHECK_SEED)
         corpus = f"generated stories (seed {CHECK_SEED})"
-    results = check_agreement(folder, args.candidates.split(","), texts, corpus)
+    results = check_agreement(folder, args.candidates, texts, corpus)
     for name, result in results.items():
         if "skipped" in result:
             print(f"{name}: skipped ({result['skipped']})")

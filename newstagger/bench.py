@@ -29,7 +29,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .cli import positive_int
+from .cli import names_from, positive_int
 
 CONFIGURATIONS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 
@@ -38,7 +38,7 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure tagging speed per backend and precision",
                                    description=__doc__)
     parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
-    parser.add_argument("--configs", default=",".join(CONFIGURATIONS),
+    parser.add_argument("--configs", type=names_from(CONFIGURATIONS), default=",".join(CONFIGURATIONS),
                         help="comma-separated backend-precision pairs (default: %(default)s; those the machine "
                              "or folder cannot run are reported and skipped)")
     parser.add_argument("--documents", type=positive_int, default=200, help="generated stories per run")
@@ -66,7 +66,7 @@ def run(args) -> int:
           f"{'peak RSS MB':>13}{'load avg':>14}")
     results = {}
     spawn = multiprocessing.get_context("spawn")
-    for name in args.configs.split(","):
+    for name in args.configs:
         with ProcessPoolExecutor(max_workers=1, mp_context=spawn) as child:
             result = child.submit(measure, folder, name, args.documents, args.repeats, args.threads, args.device).result()
         results[name] = result

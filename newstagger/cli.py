@@ -43,6 +43,19 @@ def positive_int(text: str) -> int:
     return value
 
 
+def names_from(known: tuple[str, ...]):
+    """argparse type of a comma-separated choice (`--configs torch-fp32,onnx-int8`): a misspelt name is
+    an error, not a silently skipped entry."""
+    def parse(text: str) -> list[str]:
+        names = text.split(",")
+        unknown = [name for name in names if name not in known]
+        if unknown:
+            raise argparse.ArgumentTypeError(f"unknown {', '.join(map(repr, unknown))}; choose from {', '.join(known)}")
+        return names
+
+    return parse
+
+
 def check_fraction(option: str, value: float | None) -> float | None:
     """`value` when it is None or between 0 and 1; otherwise a UsageError naming the option."""
     if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too

@@ -128,3 +128,13 @@ def test_counts_below_one_exit_2_naming_the_option(argv, capsys):
         main(argv)
     assert exit_info.value.code == 2
     assert f"argument {argv[-2]}: must be" in capsys.readouterr().err.strip().splitlines()[-1]
+
+
+@pytest.mark.parametrize("argv", [["bench", "--configs", "torch-fp32,torch-fp64"], ["check", "--candidates", "bf16"],
+                                  ["check", "--candidates", "onnx-int8,"]])
+def test_a_misspelt_backend_pair_exits_2_naming_it_and_the_known_ones(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        main(argv)
+    assert exit_info.value.code == 2
+    line = capsys.readouterr().err.strip().splitlines()[-1]
+    assert f"argument {argv[-2]}: unknown '{argv[-1].split(',')[-1]}'; choose from " in line and "onnx-fp32" in line
