@@ -141,6 +141,24 @@ def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert named in line
 
 
+@pytest.mark.parametrize("base, named", [("{tmp}/missing", "base_model '{tmp}/missing' cannot be loaded"),
+                                         ("{tmp}", "base_model '{tmp}' cannot be loaded")])
+def test_a_base_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, base, named):
+    data = tmp_path / "news.jsonl"
+    data.write_text('{"id": "a", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
+    argv = ["train", "--train", f"{data}:internal", "--base-model", base.format(tmp=tmp_path), "--output", str(tmp_path / "m")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert named.format(tmp=tmp_path) in line
+
+
+def test_training_data_without_documents_exits_2(tmp_path, capsys):
+    empty = tmp_path / "empty.jsonl"
+    empty.write_text("")
+    assert main(["train", "--train", f"{empty}:internal", "--output", str(tmp_path / "m")]) == 2
+    assert "no training documents" in capsys.readouterr().err
+
+
 def test_token_tags_label_first_token_begin_rest_inside():
     tokenizer = tiny_tokenizer()
     schema = tiny_schema()

@@ -31,8 +31,9 @@ from transformers import AutoTokenizer
 
 from newstagger import lexical
 from newstagger.backends import cpu_has_bf16
+from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
-from newstagger.documents import Document, Span
+from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
 from newstagger.schema import LabelSchema
@@ -521,7 +522,7 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
     for spec in config.validation:
         valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
     if not any(train_sets):
-        raise ValueError("no training documents: give at least one --train PATH[:FORMAT]")
+        raise DataError("no training documents: give at least one --train PATH[:FORMAT] with documents in it")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
     return train_sets, weights, valid_docs
 
@@ -541,8 +542,12 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
             model.grow_labels(schema)
     else:
         schema = data_schema
-        model = new_model(config.base_model, schema)
-        tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        try:
+            model = new_model(config.base_model, schema)
+            tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        # transformers' ways of saying "no such folder or hub model" and "not a model folder"
+        except (OSError, ValueError) as err:
+            raise UsageError(f"base_model {config.base_model!r} cannot be loaded: {err}") from None
     if config.lexicon and model.lexicon is None:
         words, source = jieba_words()
         model.attach_lexicon(build_lexicon(words, tokenizer, source))
@@ -705,8 +710,6 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from newstagger.cli import UsageError
-
     try:
         config = config_from_args(args)
     except (ValueError, TypeError) as err:
