@@ -155,6 +155,16 @@ def test_a_refused_candidate_stays_in_the_registry_as_rejected(registry, sample,
     assert not (registry.root / "1.0.1" / "checkpoint").exists()
 
 
+@pytest.mark.parametrize("empty, option", [("data", "--data"), ("gold", "--gold")])
+def test_empty_new_data_or_gold_set_is_refused_naming_it(registry, gold, tmp_path, empty, option):
+    (tmp_path / "empty.jsonl").write_text("")
+    (tmp_path / "new.jsonl").write_text('{"id": "n1", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
+    data, gold = (tmp_path / "empty.jsonl", gold) if empty == "data" else (tmp_path / "new.jsonl", tmp_path / "empty.jsonl")
+    with pytest.raises(DataError, match=f"{option}: no documents in .*empty.jsonl:internal"):
+        retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal"))
+    assert registry.manifest().current == "1.0.0" and len(registry.manifest().models) == 1
+
+
 def test_the_gold_set_is_never_trained_on_and_earlier_data_is_replayed(registry, sample, gold, tmp_path):
     write_jsonl(sample[:29], tmp_path / "first.jsonl")  # includes no gold story ...
     write_jsonl(sample[20:], tmp_path / "second.jsonl")  # ... this one is mostly gold
