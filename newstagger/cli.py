@@ -10,7 +10,10 @@ from __future__ import annotations
 import argparse
 import importlib
 import logging
+import os
 import sys
+from collections.abc import Iterable
+from pathlib import Path
 
 from .documents import DataError
 
@@ -54,6 +57,16 @@ def names_from(known: tuple[str, ...]):
         return names
 
     return parse
+
+
+def refuse_overwriting(output: str | None, inputs: Iterable[str | Path]) -> None:
+    """UsageError when `output` is an existing file that is also an input: opening it for writing would
+    empty what is still to be read, or replace labelled data with results."""
+    if not output or output == "-" or not os.path.exists(output):
+        return
+    for source in inputs:
+        if str(source) != "-" and os.path.exists(source) and os.path.samefile(output, source):
+            raise UsageError(f"--output {output} is also an input ({source}); writing it would destroy that input")
 
 
 def check_fraction(option: str, value: float | None) -> float | None:

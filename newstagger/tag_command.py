@@ -17,7 +17,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import UsageError, check_fraction, positive_int
+from .cli import UsageError, check_fraction, positive_int, refuse_overwriting
 from .documents import DataError, check_encodable, json_object
 
 
@@ -58,6 +58,7 @@ def _formatter(prog):
 def run(args) -> int:
     from .tagger import Tagger
 
+    refuse_overwriting(args.output, [args.input])
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
                          threads=args.threads)

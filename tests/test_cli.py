@@ -97,6 +97,18 @@ def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
     assert json.loads(line)["id"] == 1
 
 
+def test_an_output_that_is_the_input_is_refused_before_it_is_emptied(tiny_model_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}'])
+    (tmp_path / "link.jsonl").symlink_to(source)
+    before = source.read_bytes()
+    for output in (source, tmp_path / "link.jsonl"):
+        assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(output)]) == 2
+        assert "is also an input" in capsys.readouterr().err
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", f"{source}:internal", "-o", str(source)]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert source.read_bytes() == before
+
+
 def test_missing_input_or_model_exits_2(tiny_model_dir, tmp_path, capsys):
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(tmp_path / "nope.jsonl"), "-o", "-"]) == 2
     assert "nope.jsonl" in capsys.readouterr().err

@@ -101,6 +101,13 @@ def test_export_from_an_unusable_store_is_a_usage_error(tmp_path, capsys, store,
     assert line.startswith("newstagger feedback: error: --store: ") and message in line
 
 
+def test_export_over_its_own_database_is_refused(url, tmp_path, capsys):
+    FeedbackStore(url).add(Correction(Document("a", "滨江市", topics=["economy"]), sender="t"))
+    assert main(["feedback", "export", "--store", url, "-o", url.removeprefix("sqlite:///")]) == 2
+    assert "is also an input" in capsys.readouterr().err
+    assert FeedbackStore(url).count() == 1
+
+
 @pytest.mark.parametrize("url", ["postgresql+nosuchdriver://localhost/x",
                                  pytest.param("mysql+pymysql://localhost/x", marks=NO_PYMYSQL), "not a url"])
 def test_the_server_refuses_a_store_url_it_could_never_open(url):

@@ -17,7 +17,7 @@ from seqeval.scheme import IOB2
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
-from newstagger.cli import UsageError, check_fraction
+from newstagger.cli import UsageError, check_fraction, refuse_overwriting
 from newstagger.decoding import lenient_spans, span_score
 from newstagger.documents import Document
 from newstagger.schema import LabelSchema
@@ -220,6 +220,7 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from training.data import parse_data_spec, read_documents
 
+    refuse_overwriting(args.output, [parse_data_spec(spec)[0] for spec in args.data])
     documents = [doc for spec in args.data for doc in read_documents(*parse_data_spec(spec))]
     tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)

@@ -162,7 +162,7 @@ def register(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    from newstagger.cli import UsageError
+    from newstagger.cli import UsageError, refuse_overwriting
 
     url = args.store or default_url()
     try:
@@ -170,8 +170,10 @@ def run_export(args) -> int:
     except ValueError as err:
         raise UsageError(f"--store: {err}") from None
     parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and not Path(parsed.database or "").is_file():
-        raise UsageError(f"--store: no feedback database at {parsed.database or 'an in-memory URL'}")
+    if parsed.get_backend_name() == "sqlite":
+        if not Path(parsed.database or "").is_file():
+            raise UsageError(f"--store: no feedback database at {parsed.database or 'an in-memory URL'}")
+        refuse_overwriting(args.output, [parsed.database])
     try:
         store = FeedbackStore(url)
     except DatabaseError as err:  # unreachable server, a file that is not a database, ...
