@@ -101,6 +101,12 @@ def unpaired_surrogate(value: str) -> int | None:
     return None
 
 
+def not_utf8(where: str, err: UnicodeDecodeError) -> DataError:
+    """The error for input that is not UTF-8 (newsroom files are often GBK), naming the first bad byte."""
+    return DataError(f"{where}: not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); convert it, "
+                     f"e.g. iconv -f GBK -t UTF-8")
+
+
 def check_encodable(value: object, field: str, where: str) -> None:
     """DataError naming `field` when the string `value` has a lone surrogate."""
     index = unpaired_surrogate(value) if isinstance(value, str) else None

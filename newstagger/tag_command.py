@@ -18,7 +18,7 @@ from typing import IO
 from tqdm import tqdm
 
 from .cli import UsageError, check_fraction, positive_int, refuse_overwriting
-from .documents import DataError, check_encodable, json_object
+from .documents import DataError, check_encodable, json_object, not_utf8
 
 
 def register(subparsers) -> None:
@@ -158,8 +158,7 @@ def _decoded(line: str | bytes, number: int) -> str:
         try:
             line = line.decode("utf-8")
         except UnicodeDecodeError as err:
-            raise DataError(f"line {number}: not UTF-8 (byte 0x{line[err.start]:02x} at byte {err.start + 1} of the "
-                            f"line); convert the input, e.g. iconv -f GBK -t UTF-8") from None
+            raise not_utf8(f"line {number}", err) from None
     return line.removeprefix("\ufeff") if number == 1 else line
 
 

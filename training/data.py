@@ -30,7 +30,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from newstagger.documents import DataError, Document, Span, json_object, validate
+from newstagger.documents import DataError, Document, Span, json_object, not_utf8, validate
 
 if TYPE_CHECKING:
     import datasets
@@ -160,8 +160,7 @@ def read_documents(
             raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
         return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
     except UnicodeDecodeError as err:
-        raise DataError(f"{path}: not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); convert it, "
-                        f"e.g. iconv -f GBK -t UTF-8") from None
+        raise not_utf8(str(path), err) from None
 
 
 def guess_format(path: str | Path) -> str:

@@ -220,8 +220,9 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from training.data import parse_data_spec, read_documents
 
-    refuse_overwriting(args.output, [parse_data_spec(spec)[0] for spec in args.data])
-    documents = [doc for spec in args.data for doc in read_documents(*parse_data_spec(spec))]
+    sources = [parse_data_spec(spec) for spec in args.data]
+    refuse_overwriting(args.output, [path for path, _ in sources])
+    documents = [doc for source in sources for doc in read_documents(*source)]
     tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:

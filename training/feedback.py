@@ -23,7 +23,7 @@ from sqlalchemy import (
     JSON, Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event, func,
     select,
 )
-from sqlalchemy.engine import make_url
+from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.schema import CreateTable
 
@@ -66,9 +66,9 @@ def default_url() -> str:
     return os.environ.get(URL_VARIABLE) or DEFAULT_URL
 
 
-def check_store_url(url: str) -> None:
-    """ValueError saying why `url` cannot name a store: not an SQLAlchemy URL, or its database driver
-    is not installed (found at start-up rather than at the first correction)."""
+def check_store_url(url: str) -> URL:
+    """`url` parsed, or ValueError saying why it cannot name a store: not an SQLAlchemy URL, or its
+    database driver is not installed (found at start-up rather than at the first correction)."""
     try:
         parsed = make_url(url)
         parsed.get_dialect().import_dbapi()
@@ -77,6 +77,7 @@ def check_store_url(url: str) -> None:
     except ImportError as err:
         raise ValueError(f"the database driver for {parsed.drivername} is not installed "
                          f"(no module {err.name!r})") from None
+    return parsed
 
 
 class FeedbackStore:
@@ -166,10 +167,9 @@ def run_export(args) -> int:
 
     url = args.store or default_url()
     try:
-        check_store_url(url)
+        parsed = check_store_url(url)
     except ValueError as err:
         raise UsageError(f"--store: {err}") from None
-    parsed = make_url(url)
     if parsed.get_backend_name() == "sqlite":
         if not Path(parsed.database or "").is_file():
             raise UsageError(f"--store: no feedback database at {parsed.database or 'an in-memory URL'}")

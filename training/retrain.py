@@ -138,10 +138,10 @@ def retrain(config: RetrainConfig) -> dict:
 
     new_sources = _read_sources(config.data)
     gold = [doc for _, docs in _read_sources(config.gold) for doc in docs]
-    for option, specs, found in (("--data", config.data, any(docs for _, docs in new_sources)),
-                                 ("--gold", config.gold, bool(gold))):
-        if not found:
-            raise DataError(f"{option}: no documents in {', '.join(specs)}")
+    if not any(docs for _, docs in new_sources):
+        raise DataError(f"--data: no documents in {', '.join(config.data)}")
+    if not gold:
+        raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
     replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
     gold_texts = {doc.text for doc in gold}
     new_docs = _without(gold_texts, [doc for _, docs in new_sources for doc in docs])
