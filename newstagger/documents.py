@@ -8,7 +8,7 @@ is then labelled for the other task only, and training masks the missing task's 
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -51,14 +51,7 @@ class Document:
         """Build a document from its JSON form, raising DataError that names the bad field."""
         if not isinstance(obj, dict):
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
-        text = obj.get("text")
-        if not isinstance(text, str):
-            raise DataError(f"{where}: field 'text' must be a string")
-        doc_id = obj.get("id")
-        if doc_id is None:
-            raise DataError(f"{where}: field 'id' is missing")
-        if not isinstance(doc_id, (str, int)) or isinstance(doc_id, bool):
-            raise DataError(f"{where}: field 'id' must be a string or an integer")
+        doc_id, text = id_and_text(obj, where)
         topics = obj.get("topics")
         if topics is not None and (
             not isinstance(topics, list) or not all(isinstance(t, str) for t in topics)
@@ -73,8 +66,8 @@ class Document:
             for k, ent in enumerate(entities):
                 if (
                     not isinstance(ent, dict)
-                    or not isinstance(ent.get("start"), int)
-                    or not isinstance(ent.get("end"), int)
+                    or not _is_integer(ent.get("start"))
+                    or not _is_integer(ent.get("end"))
                     or not isinstance(ent.get("type"), str)
                 ):
                     raise DataError(
@@ -89,6 +82,21 @@ class Document:
             entities=spans,
             group=str(group) if group is not None else None,
         )
+
+
+def id_and_text(obj: dict, where: str) -> tuple[str | int, str]:
+    """A JSON document's `id` (a string or an integer, as given) and `text`, or DataError naming the field."""
+    if "id" not in obj:
+        raise DataError(f"{where}: field 'id' is missing")
+    if not (isinstance(obj["id"], str) or _is_integer(obj["id"])):
+        raise DataError(f"{where}: field 'id' must be a string or an integer")
+    if not isinstance(obj.get("text"), str):
+        raise DataError(f"{where}: field 'text' must be a string")
+    return obj["id"], obj["text"]
+
+
+def _is_integer(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no offset or id
 
 
 def unpaired_surrogate(value: str) -> int | None:
@@ -163,22 +171,16 @@ def validate(
     return doc
 
 
-def read_jsonl(path: str | Path) -> Iterator[Document]:
-    """Documents of a JSONL file in the internal format; DataError names the line of a bad one."""
-    with open(path, encoding="utf-8") as handle:
-        for number, line in enumerate(handle, start=1):
-            if not line.strip():
-                continue
-            where = f"{path}:{number}"
-            yield validate(Document.from_dict(json_object(line, where), where), where=where)
-
-
 def json_object(line: str, where: str) -> dict:
     """One JSON line as an object, or DataError naming `where` and what is wrong."""
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
         raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+    except ValueError as err:  # e.g. an integer of more digits than Python converts
+        raise DataError(f"{where}: not valid JSON ({err})") from None
+    except RecursionError:
+        raise DataError(f"{where}: not valid JSON (nested too deeply)") from None
     if not isinstance(obj, dict):
         raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
     return obj

@@ -18,7 +18,7 @@ from typing import IO
 from tqdm import tqdm
 
 from .cli import UsageError, check_fraction, positive_int, refuse_overwriting
-from .documents import DataError, check_encodable, json_object, not_utf8
+from .documents import DataError, check_encodable, id_and_text, json_object, not_utf8
 
 
 def register(subparsers) -> None:
@@ -123,16 +123,10 @@ def _with_encodings(tagger, chunks, overlap: bool):
 
 def parse_request(line: str, where: str) -> tuple[object, str]:
     """(id, text) of one input line, or DataError naming the line and the field."""
-    obj = json_object(line, where)
-    if "id" not in obj:
-        raise DataError(f"{where}: field 'id' is missing")
-    if not isinstance(obj["id"], (str, int)) or isinstance(obj["id"], bool):
-        raise DataError(f"{where}: field 'id' must be a string or an integer")
-    if not isinstance(obj.get("text"), str):
-        raise DataError(f"{where}: field 'text' must be a string")
-    check_encodable(obj["id"], "id", where)
-    check_encodable(obj["text"], "text", where)
-    return obj["id"], obj["text"]
+    doc_id, text = id_and_text(json_object(line, where), where)
+    check_encodable(doc_id, "id", where)
+    check_encodable(text, "text", where)
+    return doc_id, text
 
 
 def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator[tuple[object, str, str | None]]:
@@ -164,7 +158,7 @@ def _decoded(line: str | bytes, number: int) -> str:
 
 def _best_effort_id(line: str, number: int):
     """The bad line's own id where it can be echoed (UnicodeEncodeError is a ValueError), else `line-N`."""
-    with contextlib.suppress(ValueError, AttributeError):
+    with contextlib.suppress(ValueError, AttributeError, RecursionError):
         doc_id = json.loads(line).get("id", f"line-{number}")
         json.dumps(doc_id, ensure_ascii=False).encode("utf-8")
         return doc_id

@@ -46,6 +46,9 @@ def test_tag_writes_one_result_per_story_in_order(tiny_model_dir, tmp_path):
         # JSON can escape a lone surrogate; neither the tokenizer nor UTF-8 output can take one
         ('{"id": "s", "text": "北\\ud800京"}', "line 2: field 'text' has an unpaired surrogate at index 1"),
         ('{"id": "\\udfff", "text": "x"}', "line 2: field 'id' has an unpaired surrogate at index 0"),
+        # json.loads itself fails on these with RecursionError / a plain ValueError, not JSONDecodeError
+        ("[" * 100_000, "line 2: not valid JSON (nested too deeply)"),
+        ('{"id": ' + "9" * 5000 + ', "text": "x"}', "line 2: not valid JSON (Exceeds the limit"),
     ],
 )
 def test_bad_line_exits_2_with_its_line_number_after_writing_earlier_lines(
@@ -69,11 +72,12 @@ def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path):
 
 
 def test_record_mode_answers_an_unwritable_id_by_its_line_number(tiny_model_dir, tmp_path):
-    source = write_lines(tmp_path / "in.jsonl", ['{"id": "\\ud800", "text": "好的"}', '{"id": "z", "text": "后"}'])
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "\\ud800", "text": "好的"}', "[" * 100_000,
+                                                 '{"id": "z", "text": "后"}'])
     target = tmp_path / "out.jsonl"
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
                  "--on-error", "record"]) == 0
-    assert [r["id"] for r in read_results(target)] == ["line-1", "z"]
+    assert [r["id"] for r in read_results(target)] == ["line-1", "line-2", "z"]
 
 
 def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_model_dir, tmp_path, capsys):

@@ -119,6 +119,8 @@ def test_internal_jsonl():
          r"dup.jsonl:2: duplicate id 'x'"),
         ("broken.jsonl", "internal", '{"id": "x", "text": \n', {},
          r"broken.jsonl:1: not valid JSON"),
+        ("bool.jsonl", "internal", '{"id": "x", "text": "青澜", "entities": [{"start": false, "end": true, "type": "address"}]}\n', {},
+         r"bool.jsonl:1: entities\[0\] must be"),
         ("surrogate.jsonl", "internal", '{"id": "x", "text": "青\\ud800澜", "topics": []}\n', {},
          r"surrogate.jsonl:1: field 'text' has an unpaired surrogate at index 1"),
         ("surrogate.json", "cluener", '{"text": "\\udfff青澜市", "label": {"address": {"青澜市": [[1, 3]]}}}\n', {},

@@ -7,8 +7,8 @@ import json
 import pytest
 
 from newstagger import Tagger
-from newstagger.documents import read_jsonl
 from newstagger.tagger import DEFAULT_MODEL_DIR
+from training.data import read_internal
 from training.evaluate import evaluate_tagger
 
 from conftest import SAMPLE, SHARED, needs_shared
@@ -35,7 +35,7 @@ def test_the_default_model_folder_is_self_describing_and_small():
 
 
 def test_sample_stories_get_exact_offsets_and_sensible_labels(tagger):
-    documents = list(read_jsonl(SAMPLE))
+    documents = read_internal(SAMPLE)
     results = tagger.tag([doc.text for doc in documents])
     for doc, result in zip(documents, results):
         assert all(doc.text[e["start"] : e["end"]] == e["text"] for e in result["entities"])

@@ -10,9 +10,10 @@ import pytest
 from fastapi.testclient import TestClient
 
 from newstagger.cli import main
-from newstagger.documents import Document, Span, read_jsonl
+from newstagger.documents import Document, Span
 from serving.app import create_app
 from serving.settings import ServeSettings
+from training.data import read_internal
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
 CLIENTS = 8
@@ -39,7 +40,7 @@ def test_export_round_trips_the_latest_revision_of_each_document(url, tmp_path):
     assert store.add(Correction(document("b", topics=["ecology"], entities=[]), sender="li", revision=2))
 
     assert main(["feedback", "export", "--store", url, "--output", str(tmp_path / "out.jsonl")]) == 0
-    exported = list(read_jsonl(tmp_path / "out.jsonl"))
+    exported = read_internal(tmp_path / "out.jsonl")
     assert [doc.to_dict() for doc in exported] == [
         # [] (labelled, no topic) and absent (not labelled) survive the trip; spans come out sorted
         {"id": "a", "text": TEXT, "topics": [], "entities": [{"start": 0, "end": 2, "type": "name"},
