@@ -71,6 +71,14 @@ def test_versions_cannot_be_registered_twice_or_promoted_when_unknown(registry):
     assert registry.next_version("1.0.0") == "1.0.2"
 
 
+@pytest.mark.parametrize("version", [".", "..", "../x", "a/b", "current", "manifest.json", ".hidden", ""])
+def test_a_version_that_cannot_name_a_folder_is_refused_and_the_registry_kept(registry, version):
+    with pytest.raises(RegistryError, match="cannot name a registry folder"):
+        add_model(registry, version)
+    assert served_version(registry) == "1.0.0"
+    assert set(statuses(registry)) >= {"1.0.0", "1.0.1"}
+
+
 def test_a_failed_manifest_write_leaves_the_old_manifest_and_link(registry, monkeypatch):
     before = (registry.root / "manifest.json").read_bytes()
 

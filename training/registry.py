@@ -25,6 +25,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
@@ -48,10 +49,22 @@ TOKEN_VARIABLE = "NEWSTAGGER_ADMIN_TOKEN"
 HEADLINE_SCORES = [f"{task}.{average}.f1" for task in ("entities", "entities_coarse", "topics")
                    for average in ("micro", "macro")]
 RELOAD_TIMEOUT_S = 300  # loading a model on a busy server can take a while
+# A version names a folder in the registry: no path separators, no leading dot ("." or ".." would be
+# the registry itself or its parent), and not one of the registry's own entries.
+VERSION_PATTERN = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]*")
+RESERVED_NAMES = (MANIFEST, CURRENT_LINK)
 
 
 class RegistryError(ValueError):
     """A registry operation that cannot be done as asked; the message says why."""
+
+
+def check_version(version: str) -> str:
+    """`version` when it can name a registry folder; RegistryError otherwise."""
+    if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version) or version in RESERVED_NAMES:
+        raise RegistryError(f"version {version!r} cannot name a registry folder: use letters, digits and "
+                            f"'.', '_', '+', '-', starting with a letter or digit (not {', '.join(RESERVED_NAMES)})")
+    return version
 
 
 @dataclass
@@ -154,6 +167,7 @@ class Registry:
 
     def register(self, staged: Path, entry: Entry) -> Entry:
         """Move a complete model folder from staging into the registry under `entry.version`."""
+        check_version(entry.version)
         if entry.status not in STATUSES:
             raise RegistryError(f"status must be one of {STATUSES}, not {entry.status!r}")
         with self._writing() as manifest:

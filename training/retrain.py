@@ -36,7 +36,8 @@ from newstagger.tagger import Tagger
 
 from .evaluate import evaluate_tagger, public
 from .registry import (
-    DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, deploy, fingerprint, metric, scores,
+    DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
+    scores,
 )
 from .train import TrainConfig, _option, add_config_arguments, train
 
@@ -132,7 +133,7 @@ def retrain(config: RetrainConfig) -> dict:
                             f"FOLDER --promote` or name a version with --start")
     start_entry = manifest.entry(start)
     baseline = manifest.current or start
-    version = config.version or registry.next_version(start)
+    version = check_version(config.version or registry.next_version(start))
     if any(entry.version == version for entry in manifest.models):
         raise RegistryError(f"version {version} is already in the registry; name another with --version")
 
