@@ -136,6 +136,12 @@ def test_unknown_entity_types_exit_2_naming_them(tiny_model_dir, types, capsys):
     assert "--types: unknown entity type(s)" in line and "the model knows" in line
 
 
+def test_evaluate_refuses_a_gold_topic_the_model_does_not_know(tiny_model_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "招商引资", "topics": ["economics"]}'])
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(source)]) == 2
+    assert "unknown topic 'economics'" in capsys.readouterr().err
+
+
 @pytest.mark.parametrize("argv", [["tag", "-i", "-", "-o", "-", "--chunk", "0"],
                                   ["tag", "-i", "-", "-o", "-", "--threads", "two"],
                                   ["bench", "--repeats", "0"], ["check", "--documents", "-1"]])

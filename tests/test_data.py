@@ -229,6 +229,13 @@ def test_grouped_split_keeps_groups_whole_and_is_deterministic():
     assert split_validation(docs, fraction=0.2, seed=14) != (train, validation)
 
 
+def test_a_set_of_one_document_or_one_group_is_all_training():
+    one = [Document("a", "一")]
+    assert split_validation(one, fraction=0.2) == (one, [])
+    grouped = [Document(str(i), "文", group="report-1") for i in range(5)]
+    assert split_validation(grouped, fraction=0.2) == (grouped, [])
+
+
 def test_plain_split_without_groups():
     docs = [Document(str(i), "文", topics=[]) for i in range(50)]
     train, validation = split_validation(docs, fraction=0.1)

@@ -25,7 +25,8 @@ from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
 from training.registry import Entry, Registry
-from training.retrain import RetrainConfig, _new_labels, decide, gate_tolerances, replay_sample, retrain, score_on_gold
+from training.retrain import (RetrainConfig, _new_labels, _only_labels_of, _training_config, decide, gate_tolerances,
+                              replay_sample, retrain, score_on_gold)
 
 WAIT_S = 60  # generous upper bound for a tiny model to load
 TINY_TRAINING = ["--max-steps", "2", "--threads", "1"]
@@ -103,6 +104,22 @@ def test_coarse_people_places_organisations_are_not_new_labels_for_a_fine_model(
     assert _new_labels(known, coarse) == {"topics": [], "entity_types": []}
     assert _new_labels(known, LabelSchema(topics=["culture"], entity_types=["event"])) == {
         "topics": ["culture"], "entity_types": ["event"]}
+
+
+def test_the_gate_keeps_coarse_gold_entities_when_the_candidate_grew_labels(tiny_model_dir):
+    old = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
+    gold = [Document("m", "李四在上海", entities=[Span(0, 2, "PER"), Span(3, 5, "event")])]
+    assert _only_labels_of(old.schema, gold)[0].entities == [Span(0, 2, "PER")]
+
+
+def test_a_recipe_with_per_file_weights_can_be_retrained(tiny_model_dir, tmp_path):
+    """Retraining pools new and replayed documents into two sets, so the recipe's weights per file
+    are dropped rather than left to mismatch."""
+    tagger = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
+    recipe = {"train": ["a.json:cluener", "b.bio:columns"], "train_weights": [1.0, 0.4]}
+    tagger.meta = replace(tagger.meta, training={"config": recipe})
+    config = _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2")
+    assert config.train == [] and config.train_weights == []
 
 
 def test_the_replay_sample_takes_an_equal_share_of_each_source():

@@ -17,8 +17,8 @@ from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
 from training.data import read_documents, split_validation
-from training.evaluate import (entity_metrics, evaluate_tagger, topic_metrics, tune_entity_threshold,
-                                tune_thresholds)
+from training.evaluate import (entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
+                                tune_entity_threshold, tune_thresholds)
 from training.train import (JointLoss, TagTargets, TrainConfig, build_examples, collate, pack_documents,
                             token_tags, train)
 
@@ -266,8 +266,8 @@ def test_crf_training_round_trip_and_a_retrained_model_keeps_its_crf(tiny_base, 
 
 
 def test_train_weights_must_match_the_train_sources(tiny_base, tmp_path):
-    with pytest.raises(ValueError, match="1 train sources"):
-        train(tiny_train_config(tiny_base, tmp_path / "model", train_weights=[1.0, 0.5]))
+    with pytest.raises(ValueError, match=r"train_weights must be one weight per train source \(1\)"):
+        tiny_train_config(tiny_base, tmp_path / "model", train_weights=[1.0, 0.5])
 
 
 def test_schema_keeps_coarse_types_out_of_the_head_when_fine_types_are_there():
@@ -291,6 +291,25 @@ def test_training_mixes_fine_data_with_coarse_only_data(tiny_base, tmp_path):
     data = saved["training"]["data"]
     assert data["validation"]["documents"] == len(sample_held)  # the coarse-only set is not split
     assert data["train"]["documents"] == len(sample_fit) + len(coarse)
+
+
+def test_without_validation_every_epoch_runs_and_the_last_is_kept(trained, tiny_base, tmp_path):
+    """Coarse-only data for a model with fine types is not split, so validation measures nothing:
+    a tie at no score must not stop training after one epoch and keep that one."""
+    coarse = [Document(f"m{i}", "李四在上海工作。", entities=[Span(0, 2, "PER"), Span(3, 5, "LOC")]) for i in range(8)]
+    config = tiny_train_config(tiny_base, tmp_path / "model", train=[], init_model=str(trained[0]), epochs=3,
+                               patience=1)
+    folder, _ = train(config, sources=[coarse])
+    training = json.loads((folder / "newstagger.json").read_text())["training"]
+    assert [epoch["score"] for epoch in training["history"]] == [None, None, None]
+    assert training["best_epoch"] == 3
+
+
+def test_a_validation_cap_holds_out_a_smaller_share_and_nothing_is_lost(tiny_base, tmp_path):
+    folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", max_validation_documents=4, max_steps=1))
+    data = json.loads((folder / "newstagger.json").read_text())["training"]["data"]
+    assert data["validation"]["documents"] == 4  # not the 11 a 0.25 share would hold out
+    assert data["train"]["documents"] + data["validation"]["documents"] == len(read_documents(SAMPLE))
 
 
 def test_entity_metrics_on_a_hand_checked_example():
@@ -323,6 +342,25 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])
     assert 0.3 < thresholds["economy"] <= 0.35
     assert 0.2 < thresholds["ecology"] <= 0.7
+
+
+def test_topic_averages_leave_out_topics_neither_in_the_gold_set_nor_predicted():
+    gold = np.array([[1, 0], [0, 0]])
+    metrics = topic_metrics(gold, gold.astype(float), [0.5, 0.5], ["economy", "city_management"])
+    assert metrics["macro"]["f1"] == metrics["micro"]["f1"] == 1.0
+    assert metrics["per_label"]["city_management"]["support"] == 0
+
+
+def test_mixed_fine_and_coarse_gold_is_scored_per_document():
+    """CLUENER-style and MSRA-style documents in one set (a validation or gold file of each): each
+    counts in the views its labels can be scored in."""
+    schema = LabelSchema(entity_types=["address", "name"], coarse={"address": "LOC", "name": "PER"})
+    gold = [[(0, 2, "name")], [(0, 2, "PER")], []]
+    predicted = [[(0, 2, "name", 0.9)], [(0, 2, "name", 0.9)], []]
+    metrics = scored_entity_metrics(gold, predicted, [5, 5, 5], schema, 0.0)
+    assert metrics["entities"]["micro"]["f1"] == 1.0 and metrics["entities"]["documents"] == 2
+    assert set(metrics["entities"]["per_label"]) == {"name"}
+    assert metrics["entities_coarse"]["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
 
 
 def test_entity_threshold_tuning_on_a_hand_checked_example():

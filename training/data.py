@@ -200,19 +200,22 @@ def split_validation(
 
     When any document has a `group`, whole groups go to one side (GroupShuffleSplit, so
     `fraction` is a fraction of groups) and documents without a group form groups of their own.
-    Otherwise documents are shuffled and split individually.
+    Otherwise documents are shuffled and split individually. A set of one document or one group
+    cannot be split and is all training (a retrain on a single correction is one).
     """
     from sklearn.model_selection import GroupShuffleSplit, ShuffleSplit  # slow to import; only splits need it
 
     if not 0 < fraction < 1:
         raise ValueError(f"fraction must be between 0 and 1, got {fraction}")
-    if len(docs) < 2:
-        raise ValueError(f"need at least 2 documents to split, got {len(docs)}")
     if any(doc.group is not None for doc in docs):
         # Prefixes keep a singleton's name from ever equalling a real group's.
         groups = [f"group:{doc.group}" if doc.group is not None else f"doc:{i}" for i, doc in enumerate(docs)]
+        if len(set(groups)) < 2:
+            return list(docs), []
         splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         train_index, validation_index = next(splitter.split(docs, groups=groups))
+    elif len(docs) < 2:
+        return list(docs), []
     else:
         splitter = ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
         train_index, validation_index = next(splitter.split(docs))

@@ -51,8 +51,9 @@ def entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: list[list[
 
 
 def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[float], topics: Sequence[str]) -> dict:
-    """Per-topic and micro/macro P/R/F1 of the topics at or over their thresholds, for gold indicators
-    and probabilities [docs, topics]; and `main_topic`: how often a document's highest-scoring topic
+    """Per-topic and micro/macro P/R/F1 of the topics at or over their thresholds (macro over the
+    topics that occur in the gold set or the predictions), for gold indicators and probabilities
+    [docs, topics]; and `main_topic`: how often a document's highest-scoring topic
     is one of its gold topics (documents with at least one), the headline topic an editor sees first.
     """
     predicted = (probs >= np.asarray(thresholds)).astype(np.int64)
@@ -61,8 +62,11 @@ def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[floa
     per_label = {t: _row({"precision": p[i], "recall": r[i], "f1-score": f[i], "support": s[i]})
                  for i, t in enumerate(topics)}
     out: dict = {"per_label": per_label}
+    # As seqeval does for entity types: a topic neither in the gold set nor predicted has no F1 to average.
+    occurring = [k for k in range(len(topics)) if gold[:, k].any() or predicted[:, k].any()]
     for average in ("micro", "macro"):
-        p, r, f, _ = precision_recall_fscore_support(gold, predicted, average=average, zero_division=0)
+        p, r, f, _ = (precision_recall_fscore_support(gold, predicted, average=average, zero_division=0,
+                                                      labels=occurring) if occurring else (0.0, 0.0, 0.0, None))
         out[average] = _row({"precision": p, "recall": r, "f1-score": f})
     with_topic = gold.sum(1) > 0
     documents, correct = int(with_topic.sum()), int(gold[with_topic, probs[with_topic].argmax(1)].sum())
@@ -103,7 +107,9 @@ def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str]) 
 
 
 def coarse_spans(spans: list[tuple[int, int, str]], schema: LabelSchema) -> list[tuple[int, int, str]]:
-    return [(s, e, schema.coarse[t]) for s, e, t in spans if t in schema.coarse]
+    """The spans in the coarse view: fine types rolled up, coarse ones (MSRA's PER) as they are."""
+    return [(s, e, schema.coarse.get(t, t)) for s, e, t in spans
+            if t in schema.coarse or t in schema.coarse_only_types]
 
 
 def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: str = "viterbi",
@@ -162,18 +168,20 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
 def scored_entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: list[list[tuple[int, int, str, float]]],
                           lengths: list[int], schema: LabelSchema, entity_threshold: float) -> dict:
     """`entities` (the model's types) and `entities_coarse` metrics of the predicted spans scoring
-    at least `entity_threshold`. Data labelled only with coarse types (MSRA-style PER/LOC/ORG) is
-    scored in that view alone."""
+    at least `entity_threshold`. Documents labelled with coarse types (MSRA-style PER/LOC/ORG) are
+    scored in that view alone; so is one without entities in a set where the others are all coarse."""
     kept = [[(s, e, t) for s, e, t, score in spans if score >= entity_threshold] for spans in predicted]
-    gold_types = {t for spans in gold for _, _, t in spans}
-    coarse_gold = bool(gold_types) and gold_types <= schema.coarse_only_types
+    coarse_labelled = [any(t in schema.coarse_only_types for _, _, t in spans) for spans in gold]
+    all_coarse = any(coarse_labelled) and not any(spans and not coarse for spans, coarse in zip(gold, coarse_labelled))
+    fine = [i for i, (spans, coarse) in enumerate(zip(gold, coarse_labelled))
+            if not (coarse or (all_coarse and not spans))]
     metrics = {}
-    if not coarse_gold:
-        metrics["entities"] = entity_metrics(gold, kept, lengths)
+    if fine:
+        metrics["entities"] = entity_metrics([gold[i] for i in fine], [kept[i] for i in fine],
+                                             [lengths[i] for i in fine])
     if schema.coarse:
-        metrics["entities_coarse"] = entity_metrics(
-            gold if coarse_gold else [coarse_spans(s, schema) for s in gold],
-            [coarse_spans(s, schema) for s in kept], lengths)
+        metrics["entities_coarse"] = entity_metrics([coarse_spans(s, schema) for s in gold],
+                                                     [coarse_spans(s, schema) for s in kept], lengths)
     return metrics
 
 
@@ -222,8 +230,10 @@ def run(args) -> int:
 
     sources = [parse_data_spec(spec) for spec in args.data]
     refuse_overwriting(args.output, [path for path, _ in sources])
-    documents = [doc for source in sources for doc in read_documents(*source)]
     tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
+    # A gold topic the model does not know would silently count as no topic; an unknown entity type
+    # is simply never found, so it stays and is scored.
+    documents = [doc for source in sources for doc in read_documents(*source, topic_labels=tagger.schema.topics)]
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:
         if tagger.topic_lexical is None:

@@ -278,9 +278,10 @@ def _extends(schema: LabelSchema, older: LabelSchema) -> bool:
 
 
 def _only_labels_of(schema: LabelSchema, docs: list[Document]) -> list[Document]:
+    """The documents with only the labels `schema` can be scored on (coarse PER/LOC/ORG spans included)."""
+    types = set(schema.entity_types) | schema.coarse_only_types
     return [replace(doc, topics=None if doc.topics is None else [t for t in doc.topics if t in schema.topics],
-                    entities=None if doc.entities is None else [s for s in doc.entities
-                                                                if s.type in schema.entity_types])
+                    entities=None if doc.entities is None else [s for s in doc.entities if s.type in types])
             for doc in docs]
 
 
@@ -310,7 +311,9 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
     recipe = TrainConfig(**recorded) if recorded else TrainConfig(max_length=meta.max_length, stride=meta.stride)
     overrides = {name: getattr(config, name) for name in ("epochs", "max_steps", "learning_rate", "threads")
                  if getattr(config, name) is not None}
-    return replace(recipe, **overrides, train=[], validation=[], output=str(output), init_model=str(start_folder),
+    # The new and replayed documents come as two pooled sets, so per-file weights of the recipe do not apply.
+    return replace(recipe, **overrides, train=[], train_weights=[], validation=[], output=str(output),
+                   init_model=str(start_folder),
                    version=version, name=meta.name, seed=config.seed, resume=False,
                    inference_max_length=meta.max_length, inference_stride=meta.stride)
 

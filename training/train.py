@@ -67,7 +67,9 @@ class TrainConfig:
     init_model: str | None = _option(None, "start from this newstagger model folder instead of base_model")
     validation: list[str] = _option(list, "validation data; empty = hold out validation_fraction of each training set")
     validation_fraction: float = _option(0.1, "share of each training set held out (grouped by 'group' where given)")
-    max_validation_documents: int = _option(2000, "cap per validation set, to keep per-epoch evaluation quick")
+    max_validation_documents: int = _option(2000, "most documents per validation set, to keep per-epoch evaluation "
+                                                  "quick: a training set holds out a smaller share where "
+                                                  "validation_fraction would pass it (whole groups, so about this many)")
     max_length: int = _option(128, "encoder window for training, positions including [CLS]/[SEP]")
     stride: int = _option(32, "tokens of overlap between windows of a long text")
     inference_max_length: int = _option(256, "window the saved model uses when tagging")
@@ -123,6 +125,8 @@ class TrainConfig:
             ("entity_loss_weight", self.entity_loss_weight >= 0, "0 or more"),
             ("topic_oversample", self.topic_oversample > 0, "positive"),
             ("train_weights", all(w >= 0 for w in self.train_weights), "0 or more each"),
+            ("train_weights", not self.train_weights or len(self.train_weights) == len(self.train),
+             f"one weight per train source ({len(self.train)})"),
             ("patience", self.patience >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
         ) if not ok]
@@ -363,10 +367,13 @@ def topic_pos_weight(documents: list[Document], topics: list[str]) -> torch.Tens
     return torch.tensor(weights)
 
 
-def selection_score(metrics: dict) -> float:
-    """Mean of the micro-F1s of the tasks validation covers: what 'best epoch' means."""
-    scores = [metrics[task]["micro"]["f1"] for task in ("entities", "topics") if task in metrics]
-    return float(np.mean(scores)) if scores else 0.0
+def selection_score(metrics: dict) -> float | None:
+    """Mean of the micro-F1s of the tasks validation covers (entities in the model's own types, or in
+    the coarse view where validation has only coarse labels): what 'best epoch' means. None when
+    validation measures nothing."""
+    entities = "entities" if "entities" in metrics else "entities_coarse"
+    scores = [metrics[task]["micro"]["f1"] for task in (entities, "topics") if task in metrics]
+    return float(np.mean(scores)) if scores else None
 
 
 # Blend weights of the lexical topic model tried on validation; 0 keeps the topic head alone.
@@ -411,8 +418,6 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     `sources` are training sets already in memory (retraining mixes new and replayed data), used
     like the files of `config.train`: each one is split for validation on its own.
     """
-    if config.train_weights and len(config.train_weights) != len(config.train):  # before minutes of reading data
-        raise ValueError(f"train_weights has {len(config.train_weights)} weights for {len(config.train)} train sources")
     started = time.time()
     random.seed(config.seed)
     np.random.seed(config.seed)
@@ -432,6 +437,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
+    if not valid_docs:
+        log.warning("no validation documents (coarse-only or too-small training sets are not split): every "
+                    "epoch runs and the last is kept; topic thresholds stay at 0.5")
 
     rng = random.Random(config.seed)
     steps_per_epoch = len(epoch_batches(examples, config.batch_tokens, random.Random(0)))
@@ -478,11 +486,12 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 
         metrics = _validate(model, tokenizer, meta, valid_docs)
         score = selection_score(metrics)
-        state["history"].append({"epoch": state["epoch"], "step": state["step"], "score": round(score, 4),
+        state["history"].append({"epoch": state["epoch"], "step": state["step"],
+                                 "score": None if score is None else round(score, 4),
                                  "loss": round(running or 0.0, 4), **_summary(metrics)})
         log.info("epoch %d: %s", state["epoch"], state["history"][-1])
-        if score > state["best_score"] or best_state is None:
-            state["best_score"], state["best_epoch"] = score, state["epoch"]
+        if score is None or best_state is None or score > state["best_score"]:  # unmeasured: keep the latest
+            state["best_score"], state["best_epoch"] = -1.0 if score is None else score, state["epoch"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         stale_epochs = state["epoch"] - state["best_epoch"]
         state["rng"] = _rng_state_to_json(rng.getstate())
@@ -565,9 +574,11 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
     examples: list[Example] = []
     for docs, weight in zip(train_sets, weights):
         coarse = _labelled_coarse_only(docs, schema)
-        if not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
-            docs, held = split_validation(docs, config.validation_fraction, seed=config.seed)
-            valid_docs = valid_docs + held[: config.max_validation_documents]
+        if docs and not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
+            # a smaller share where the usual one would pass the cap, so nothing held out goes unused
+            fraction = min(config.validation_fraction, config.max_validation_documents / len(docs))
+            docs, held = split_validation(docs, fraction, seed=config.seed)
+            valid_docs = valid_docs + held
         train_docs += docs
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
