@@ -178,6 +178,31 @@ def test_format_guessing(name, format):
     assert read_documents(FIXTURES / name) == read_documents(FIXTURES / name, format)
 
 
+def test_an_empty_entities_list_does_not_decide_the_format(tmp_path):
+    relations = write(tmp_path, "relations.jsonl", '{"id": 1, "text": "无", "entities": [], "relations": []}\n'
+                      '{"id": 2, "text": "青澜市", "entities": [{"id": 7, "label": "address", "start_offset": 0, '
+                      '"end_offset": 3}], "relations": []}\n')
+    assert guess_format(relations) == "doccano"
+    later = write(tmp_path, "later.jsonl", '{"id": 1, "text": "无", "entities": []}\n'
+                  '{"id": 2, "text": "青澜市", "entities": [{"id": 7, "label": "address", "start_offset": 0, '
+                  '"end_offset": 3}]}\n')
+    assert guess_format(later) == "doccano"
+    assert guess_format(write(tmp_path, "none.jsonl", '{"id": "x", "text": "无", "entities": []}\n')) == "internal"
+
+
+def test_label_studio_annotations_with_mixed_id_and_timestamp_types(tmp_path):
+    annotation = '{{"id": {id}, "updated_at": {at}, "result": [{{"type": "labels", "value": {{"start": 0, "end": {end}, "labels": ["address"]}}}}]}}'
+    def task(first: str, second: str) -> str:
+        return f'[{{"id": 1, "data": {{"text": "青澜市"}}, "annotations": [{first}, {second}]}}]'
+
+    same_time = task(annotation.format(id='"a"', at='"2024-05-01"', end=2),
+                     annotation.format(id=3, at='"2024-05-01"', end=3))
+    (doc,) = read_documents(write(tmp_path, "ls.json", same_time), "labelstudio")
+    assert doc.entities == [Span(0, 3, "address")]  # the integer id breaks the tie
+    number_and_text = task(annotation.format(id=1, at=5, end=2), annotation.format(id=2, at='"2024-05-01"', end=3))
+    assert len(read_documents(write(tmp_path, "ls2.json", number_and_text), "labelstudio")) == 1
+
+
 def test_format_guessing_gives_up_with_advice(tmp_path):
     path = write(tmp_path, "plain.jsonl", '{"id": "x", "text": "只有正文"}\n')
     with pytest.raises(DataError, match=r"plain.jsonl: cannot guess the data format; name it as .*plain.jsonl:FORMAT"):
@@ -206,6 +231,8 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, name, format):
     path.write_bytes(text.encode("gbk"))
     with pytest.raises(DataError, match=rf"{name}: not UTF-8 .*iconv"):
         read_documents(path, format)
+    with pytest.raises(DataError, match=rf"{name}: not UTF-8 .*iconv"):
+        read_documents(path)  # when the format is guessed, the guess says so
 
 
 def test_a_misspelt_format_is_named_rather_than_read_as_part_of_the_path(tmp_path):

@@ -78,6 +78,17 @@ def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
     assert [h["epoch"] for h in history] == [1, 2]
 
 
+def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_base, tmp_path):
+    """Only `checkpoint.old` is left: resume from it, and the next save is not blocked by it."""
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=1))
+    (output / "checkpoint").rename(output / "checkpoint.old")
+    train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
+    history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
+    assert [h["epoch"] for h in history] == [1, 2]
+    assert not (output / "checkpoint.old").exists()
+
+
 def test_bf16_autocast_training_saves_a_working_model(tiny_base, tmp_path, monkeypatch):
     monkeypatch.setattr("training.train.cpu_has_bf16", lambda: True)  # emulated where it has none: slow, not wrong
     folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", bf16=True, max_steps=3))

@@ -25,6 +25,7 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -154,29 +155,44 @@ def read_documents(
 ) -> list[Document]:
     """Documents of a file in any of FORMATS (guessed when `format` is None). `topic_labels` and
     `entity_types`, when given, are the allowed label sets; other labels are errors."""
-    try:
-        format = format or guess_format(path)
-        if format not in _READERS:
-            raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
+    format = format or guess_format(path)
+    if format not in _READERS:
+        raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
+    with _utf8_only(path):
         return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
+
+
+@contextmanager
+def _utf8_only(path):
+    """A file that is not UTF-8 is a DataError naming it (newsroom files are often GBK)."""
+    try:
+        yield
     except UnicodeDecodeError as err:
         raise not_utf8(str(path), err) from None
 
 
 def guess_format(path: str | Path) -> str:
-    """The format of a data file, from its suffix (column files) or its first records."""
+    """The format of a data file, from its suffix (column files) or its first records. Records with
+    an empty `entities` list and nothing else telling fit both doccano and the internal format: a
+    later record decides, and the internal format is the answer when none does."""
     if Path(path).suffix.lower() in COLUMN_SUFFIXES:
         return "columns"
-    for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
-        if index == 0 and line.lstrip().startswith("["):
-            return "labelstudio"
-        try:
-            obj = json.loads(line)
-        except json.JSONDecodeError:
-            break
-        format = _format_of_record(obj)
-        if format:
-            return format
+    undecided = None
+    with _utf8_only(path):
+        for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
+            if index == 0 and line.lstrip().startswith("["):
+                return "labelstudio"
+            try:
+                obj = json.loads(line)
+            except (ValueError, RecursionError):
+                break
+            format = _format_of_record(obj)
+            if format:
+                return format
+            if isinstance(obj, dict) and "entities" in obj:
+                undecided = "internal"
+    if undecided:
+        return undecided
     raise DataError(
         f"{path}: cannot guess the data format; name it as {path}:FORMAT, FORMAT one of {', '.join(FORMATS)}"
     )
@@ -430,8 +446,9 @@ def _latest_annotation(task) -> dict | None:
     usable = [a for a in annotations or () if isinstance(a, dict) and not a.get("was_cancelled")]
     if not usable:
         return None
-    # ISO timestamps compare correctly as strings; the id breaks ties between equal timestamps.
-    return max(usable, key=lambda a: (a.get("updated_at") or a.get("created_at") or "", a.get("id") or 0))
+    # ISO timestamps compare correctly as strings; the id (an integer in Label Studio) breaks ties.
+    return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
+                                      a["id"] if isinstance(a.get("id"), int) else -1))
 
 
 def _has_spans(annotation: dict) -> bool:
@@ -551,9 +568,11 @@ def _format_of_record(obj) -> str | None:
         return "cluener"
     if isinstance(label, list) or "cats" in obj:
         return "doccano"
+    if "relations" in obj:  # doccano's export of spans with relations
+        return "doccano"
     entities = obj.get("entities")
     if isinstance(entities, list) and entities and isinstance(entities[0], dict):
         return "doccano" if "start_offset" in entities[0] else "internal"
-    if "topics" in obj or "entities" in obj:
+    if "topics" in obj:
         return "internal"
     return None

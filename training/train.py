@@ -15,6 +15,7 @@ import json
 import logging
 import math
 import random
+import shutil
 import sys
 import time
 import tomllib
@@ -453,8 +454,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / "checkpoint"
     best_state = None
-    if config.resume and (checkpoint / "trainer_state.json").is_file():
-        state, best_state = _resume(checkpoint, model, optimizer, scheduler, rng)
+    saved = _saved_checkpoint(checkpoint) if config.resume else None
+    if saved:
+        state, best_state = _resume(saved, model, optimizer, scheduler, rng)
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
                      name=config.name, version=config.version,
@@ -666,15 +668,26 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, stat
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
+    previous = _previous(folder)
+    shutil.rmtree(previous, ignore_errors=True)
     if folder.exists():
-        old = folder.with_name(folder.name + ".old")
-        folder.rename(old)
-        staging.rename(folder)
-        for path in old.iterdir():
-            path.unlink()
-        old.rmdir()
-    else:
-        staging.rename(folder)
+        folder.rename(previous)
+    staging.rename(folder)
+    shutil.rmtree(previous, ignore_errors=True)
+
+
+def _previous(folder: Path) -> Path:
+    """Where the last checkpoint waits while its successor is renamed into place."""
+    return folder.with_name(folder.name + ".old")
+
+
+def _saved_checkpoint(folder: Path) -> Path | None:
+    """The checkpoint to resume from: `folder`, or the previous one where a crash between
+    `_save_checkpoint`'s two renames left only that."""
+    for candidate in (folder, _previous(folder)):
+        if (candidate / "trainer_state.json").is_file():
+            return candidate
+    return None
 
 
 def _rng_state_to_json(rng_state) -> list:
