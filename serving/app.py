@@ -14,7 +14,6 @@ import asyncio
 import hmac
 import json
 import logging
-import os
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -28,6 +27,7 @@ from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newstagger import __version__
+from newstagger.backends import available_cores
 from newstagger.model import ModelMeta
 from newstagger.tagger import Tagger, default_model_dir
 
@@ -70,57 +70,65 @@ class TaggingService:
         loading.cancel()
         if self.batcher is not None:
             await asyncio.to_thread(self.batcher.stop)
+        if getattr(app.state, "feedback_store", None) is not None:
+            app.state.feedback_store.close()
 
     async def _load_first_model(self) -> None:
         try:
             tagger = await asyncio.to_thread(self._load_tagger, self.settings.model)
         except Exception as err:
-            self.load_error = f"the model failed to load: {err}"
+            self.load_error = f"the model failed to load: {err}; fix it and restart, or load one with " \
+                              f"POST /v1/admin/reload"
             logger.exception("could not load the model from %s", self.settings.model or "the default folder")
             return
+        self._start_serving(tagger)
+
+    def _start_serving(self, tagger: Tagger) -> None:
         batcher = MicroBatcher(tagger, self.metrics, max_wait_s=self.settings.batch_wait_ms / 1000,
                                max_chars=self.settings.batch_max_chars, queue_max=self.settings.queue_max)
         batcher.start()
         self.metrics.serving_model(tagger.meta)
-        self.batcher = batcher
+        self.batcher, self.load_error = batcher, None
         logger.info("serving model %s %s", tagger.meta.name, tagger.meta.version)
 
     def _load_tagger(self, folder: str | Path | None) -> Tagger:
         tagger = Tagger.load(folder)
-        # Set after loading, which may choose a count of its own.
-        torch.set_num_threads(self.settings.torch_threads or _cores_but_one())
+        # Set after loading, which may choose a count of its own. One core is left to the event loop:
+        # on 2 shared cores, 16 clients reached 0.64-0.83 of one big request's throughput with 2 torch
+        # threads, 1.0 with one (loadtest.py).
+        torch.set_num_threads(self.settings.torch_threads or max(1, available_cores() - 1))
         return tagger
 
     def ready_batcher(self) -> MicroBatcher:
         if self.batcher is None:
+            # Retrying helps while the model loads, not once loading has failed.
             raise ApiError(503, self.load_error or "the model is still loading", kind="not_ready",
-                           headers={"Retry-After": str(RETRY_AFTER_S)})
+                           headers=None if self.load_error else {"Retry-After": str(RETRY_AFTER_S)})
         return self.batcher
 
-    async def reload(self, folder: str | Path | None) -> tuple[ModelMeta, ModelMeta]:
-        """Load `folder` beside the serving model, then swap; on failure the old one keeps serving."""
-        batcher = self.ready_batcher()
+    async def reload(self, folder: str | Path | None) -> tuple[ModelMeta | None, ModelMeta]:
+        """Load `folder` beside the serving model, then swap; on failure the old one keeps serving.
+        Where the first model failed to load, the loaded one starts serving (no previous model)."""
+        if self.load_error is None:
+            self.ready_batcher()  # 503 while the first model is still loading
         folder = folder or self.settings.model or default_model_dir()
         async with self._reload_lock:
-            serving = batcher.tagger.meta
+            serving = self.batcher.tagger.meta if self.batcher is not None else None
             try:
                 tagger = await asyncio.to_thread(self._load_tagger, folder)
             except Exception as err:
                 logger.warning("reload from %s failed: %s", folder, err)
-                raise ApiError(422, f"could not load a model from {folder}: {err}; still serving "
-                                    f"{serving.name} {serving.version}", ("body", "model"), "model_load_failed")
-            previous = batcher.swap(tagger)
+                still = f"still serving {serving.name} {serving.version}" if serving else "still serving no model"
+                raise ApiError(422, f"could not load a model from {folder}: {err}; {still}", ("body", "model"),
+                               "model_load_failed")
+            if self.batcher is None:
+                self._start_serving(tagger)
+                return None, tagger.meta
+            previous = self.batcher.swap(tagger)
             self.metrics.serving_model(tagger.meta)
             logger.info("reloaded: now serving %s %s (was %s)", tagger.meta.name, tagger.meta.version,
                         previous.meta.version)
             return previous.meta, tagger.meta
-
-
-def _cores_but_one() -> int:
-    """Torch threads that leave a core to the event loop. On 2 shared cores, 16 clients reached
-    0.64-0.83 of one big request's throughput with 2 torch threads, 1.0 with one (loadtest.py)."""
-    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-    return max(1, cores - 1)
 
 
 def get_service(request: Request) -> TaggingService:
@@ -240,7 +248,7 @@ def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bea
             dependencies=[Depends(require_admin)], summary="Swap in a model folder without downtime")
 async def reload(body: ReloadRequest | None = None, service: TaggingService = Depends(get_service)) -> ReloadResponse:
     previous, current = await service.reload(body.model if body else None)
-    return ReloadResponse(model=_model_ref(current), previous=_model_ref(previous))
+    return ReloadResponse(model=_model_ref(current), previous=previous and _model_ref(previous))
 
 
 class AsciiJSONResponse(JSONResponse):
@@ -280,17 +288,39 @@ def _install_error_handlers(app: FastAPI) -> None:
                                          "type": "json_invalid"}])
         return error_response(err.status_code, [], err.headers, detail=str(err.detail))
 
-    @app.exception_handler(Exception)
-    async def unexpected(request: Request, err: Exception) -> JSONResponse:
-        logger.exception("unexpected error on %s %s", request.method, request.url.path)
-        return error_response(500, [], detail="internal error; the server keeps serving")
-
 
 def _validation_item(error: dict) -> dict:
     if error["type"] == "json_invalid":  # FastAPI puts the character offset where a field name would be
         return {"loc": ["body"], "msg": f"not valid JSON: {error['ctx']['error']} at character {error['loc'][-1]}",
                 "type": "json_invalid"}
     return {"loc": list(error["loc"]), "msg": error["msg"], "type": error["type"]}
+
+
+class UnexpectedErrors:
+    """The 500 for an error nothing else handled. Answered here, inside ObservedRequests, so that it
+    carries X-Request-ID and Server-Timing like every other answer: Starlette's own handler for
+    Exception runs outside all middleware."""
+
+    def __init__(self, app: ASGIApp):
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        answered = False
+
+        async def noting_send(message: Message) -> None:
+            nonlocal answered
+            answered = answered or message["type"] == "http.response.start"
+            await send(message)
+
+        try:
+            await self.app(scope, receive, noting_send)
+        except Exception:
+            logger.exception("unexpected error on %s %s", scope["method"], scope["path"])
+            if answered:  # too late for a 500: the server drops the connection
+                raise
+            await error_response(500, [], detail="internal error; the server keeps serving")(scope, receive, send)
 
 
 class BodySizeLimit:
@@ -350,6 +380,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.include_router(admin)
     app.include_router(feedback.router)
     _install_error_handlers(app)
+    app.add_middleware(UnexpectedErrors)
     app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
     app.add_middleware(ObservedRequests, metrics=service.metrics)  # added last: outermost, sees every answer
     return app

@@ -82,7 +82,8 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
         stored = await asyncio.to_thread(_save, request.app.state, correction)
     except CorrectionConflict as err:
         raise ApiError(409, str(err), ("body", "revision"), "revision_conflict") from None
-    except SQLAlchemyError as err:  # the URL was checked at start-up; the database may still be down or broken
+    # The URL was checked at start-up; the database may still be down or broken, or its folder not creatable.
+    except (SQLAlchemyError, OSError) as err:
         raise ApiError(503, f"the feedback store is unavailable: {err}", kind="feedback_store_unavailable",
                        headers={"Retry-After": "1"}) from None
     if not stored:

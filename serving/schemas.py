@@ -146,4 +146,5 @@ class ReloadRequest(BaseModel):
 
 class ReloadResponse(BaseModel):
     model: ModelRef = Field(description="Now serving.")
-    previous: ModelRef = Field(description="Served until now; requests already running finish on it.")
+    previous: ModelRef | None = Field(description="Served until now; requests already running finish on it. "
+                                                  "None where the first model had failed to load.")

@@ -55,9 +55,12 @@ def test_a_resent_correction_is_stored_once_and_a_changed_one_is_a_conflict(url)
     correction = Correction(document("a", topics=["ecology"]), sender="li")
     assert store.add(correction) is True
     assert store.add(correction) is False
+    both = Correction(document("b", topics=["ecology", "economy"]), sender="li")
+    assert store.add(both) is True
+    assert store.add(Correction(document("b", topics=["economy", "ecology"]), sender="li")) is False  # same labels
     with pytest.raises(CorrectionConflict, match="higher revision"):
         store.add(Correction(document("a", topics=["economy"]), sender="li"))
-    assert store.count() == 1
+    assert store.count() == 2
 
 
 def test_concurrent_writers_store_every_correction_exactly_once(url):
@@ -184,15 +187,24 @@ def test_a_text_over_the_limit_is_413(client):
     assert response.json()["errors"][0]["loc"] == ["body", "text"]
 
 
-def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, tmp_path):
-    broken = tmp_path / "broken.db"
-    broken.write_text("not a database")
-    settings = ServeSettings(model=tiny_model_dir, feedback_url=f"sqlite:///{broken}")
+@pytest.mark.parametrize("database", ["broken.db", "a-file/feedback.db"])  # not a database; a folder it cannot make
+def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, tmp_path, database):
+    (tmp_path / "broken.db").write_text("not a database")
+    (tmp_path / "a-file").write_text("")
+    settings = ServeSettings(model=tiny_model_dir, feedback_url=f"sqlite:///{tmp_path / database}")
     with TestClient(create_app(settings)) as client:
         response = client.post("/v1/feedback", json=CORRECTION)
         assert response.status_code == 503
         assert "feedback store is unavailable" in response.json()["detail"]
         assert client.get("/healthz").status_code == 200
+
+
+def test_the_store_is_closed_when_the_server_stops(tiny_model_dir, url):
+    with TestClient(create_app(ServeSettings(model=tiny_model_dir, feedback_url=url))) as client:
+        assert client.post("/v1/feedback", json=CORRECTION).status_code == 201
+        store = client.app.state.feedback_store
+        assert store.engine.pool.checkedin() == 1
+    assert store.engine.pool.checkedin() == 0
 
 
 def test_eight_concurrent_clients_have_every_correction_stored_exactly_once(client, url):

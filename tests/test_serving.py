@@ -387,11 +387,30 @@ def test_readyz_is_503_until_the_model_has_loaded(tiny_model_dir, monkeypatch):
         assert client.get("/readyz").json() == {"status": "ready", "model": {"name": "tiny", "version": "0.0.1"}}
 
 
-def test_readyz_reports_a_model_that_failed_to_load(tmp_path):
-    with TestClient(create_app(ServeSettings(model=tmp_path / "missing"))) as client:
+def test_readyz_reports_a_model_that_failed_to_load_and_a_reload_recovers(tmp_path, tiny_model_dir):
+    settings = ServeSettings(model=tmp_path / "missing", admin_token="secret")
+    with TestClient(create_app(settings)) as client:
         wait_for(lambda: client.app.state.service.load_error, "the load to fail")
         response = client.get("/readyz")
-    assert response.status_code == 503 and "failed to load" in response.json()["detail"]
+        assert response.status_code == 503 and "failed to load" in response.json()["detail"]
+        assert "retry-after" not in response.headers  # retrying cannot help now
+        reload = client.post("/v1/admin/reload", json={"model": str(tiny_model_dir)},
+                             headers={"Authorization": "Bearer secret"})
+        assert reload.status_code == 200
+        assert reload.json() == {"model": {"name": "tiny", "version": "0.0.1"}, "previous": None}
+        assert client.get("/readyz").status_code == 200
+        assert client.post("/v1/tag", json=documents("青澜市")).status_code == 200
+
+
+def test_an_unexpected_error_is_a_500_with_the_request_id_and_the_server_keeps_serving(client):
+    @client.app.get("/boom")
+    async def boom():
+        raise RuntimeError("a bug")
+
+    response = client.get("/boom", headers={"X-Request-ID": "abc"})
+    assert response.status_code == 500 and response.json()["detail"] == "internal error; the server keeps serving"
+    assert response.headers["x-request-id"] == "abc" and "app;dur=" in response.headers["server-timing"]
+    assert client.get("/healthz").status_code == 200
 
 
 def test_metrics_cover_requests_latency_batches_documents_and_queue(client):

@@ -117,6 +117,10 @@ class FeedbackStore:
                 f"content; send the new content as a higher revision")
         return False
 
+    def close(self) -> None:
+        """Close the pooled connections (a server shutting down)."""
+        self.engine.dispose()
+
     def count(self) -> int:
         """Stored corrections, every revision counted."""
         with self.engine.connect() as connection:
@@ -138,8 +142,10 @@ class FeedbackStore:
 
 
 def _row(document: Document) -> dict:
+    """The stored form: labels in a fixed order, so a resent correction matches whatever order it lists them in."""
+    topics = None if document.topics is None else sorted(document.topics)
     entities = None if document.entities is None else [span.to_dict() for span in sorted(document.entities)]
-    return {"doc_id": document.id, "text": document.text, "topics": document.topics, "entities": entities}
+    return {"doc_id": document.id, "text": document.text, "topics": topics, "entities": entities}
 
 
 def _sqlite_pragmas(dbapi_connection, connection_record) -> None:
