@@ -22,8 +22,8 @@ from pathlib import Path
 
 from .bench import synthetic_stories
 from .cli import UsageError, names_from, positive_int
-from .documents import DataError, json_object
-from .model import CARD_FILE, META_FILE, METRICS_FILE, ModelMeta, render_model_card
+from .documents import DataError, check_encodable, json_object, not_utf8
+from .model import CARD_FILE, METRICS_FILE, read_meta, render_model_card
 
 SPAN_AGREEMENT_MIN = 0.99
 CHECK_SEED = 20261
@@ -73,13 +73,17 @@ def run(args) -> int:
 def _read_texts(path: str) -> list[str]:
     """The 'text' of each line of a JSONL file; DataError names the line of a bad one."""
     texts = []
-    with open(path, encoding="utf-8") as lines:
-        for number, line in enumerate(lines, start=1):
-            if line.strip():
-                text = json_object(line, f"{path}:{number}").get("text")
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: field 'text' must be a string")
-                texts.append(text)
+    with open(path, encoding="utf-8-sig") as lines:
+        try:
+            for number, line in enumerate(lines, start=1):
+                if line.strip():
+                    text = json_object(line, f"{path}:{number}").get("text")
+                    if not isinstance(text, str):
+                        raise DataError(f"{path}:{number}: field 'text' must be a string")
+                    check_encodable(text, "text", f"{path}:{number}")
+                    texts.append(text)
+        except UnicodeDecodeError as err:
+            raise not_utf8(path, err) from None
     return texts
 
 
@@ -150,5 +154,4 @@ def _update_agreement(folder: Path, change) -> None:
     else:
         metrics.pop("agreement", None)
     metrics_path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    meta = ModelMeta.from_dict(json.loads((folder / META_FILE).read_text(encoding="utf-8")))
-    (folder / CARD_FILE).write_text(render_model_card(meta, metrics), encoding="utf-8")
+    (folder / CARD_FILE).write_text(render_model_card(read_meta(folder), metrics), encoding="utf-8")

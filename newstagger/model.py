@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
 from .crf import BioCrf
+from .documents import DataError
 from .lexicon import TokenLexicon
 from .schema import LabelSchema
 
@@ -203,14 +204,26 @@ def save_model_folder(
     return folder
 
 
+def read_meta(folder: str | Path) -> ModelMeta:
+    """A model folder's description, or an error (FileNotFoundError, DataError) saying why there is none."""
+    path = Path(folder) / META_FILE
+    if not path.is_file():
+        raise FileNotFoundError(f"{folder} is not a newstagger model folder (no {META_FILE})")
+    try:
+        return ModelMeta.from_dict(json.loads(path.read_text(encoding="utf-8")))
+    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not the fields of a ModelMeta
+        raise DataError(f"{path} cannot be read as a model description: {err!r}") from None
+
+
 def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, meta, metrics) from a folder written by save_model_folder."""
     folder = Path(folder)
-    if not (folder / META_FILE).is_file():
-        raise FileNotFoundError(f"{folder} is not a newstagger model folder (no {META_FILE})")
-    meta = ModelMeta.from_dict(json.loads((folder / META_FILE).read_text(encoding="utf-8")))
-    model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    meta = read_meta(folder)
+    try:
+        model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device).eval()
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+    except (OSError, ValueError) as err:  # transformers' ways of saying a file is missing or broken
+        raise DataError(f"{folder} is not a complete model folder: {err}") from None
     metrics_path = folder / METRICS_FILE
     metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
     return model, tokenizer, meta, metrics

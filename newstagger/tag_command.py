@@ -8,6 +8,7 @@ the run with its line number (exit 2) after every earlier line has been written,
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import sys
@@ -23,7 +24,7 @@ from .documents import DataError, check_encodable, id_and_text, json_object, not
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("tag", help="tag a JSONL file of stories", description=__doc__,
-                                   formatter_class=lambda prog: _formatter(prog))
+                                   formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
     parser.add_argument("--input", "-i", required=True, help="JSONL file of {id, text}, or - for stdin")
     parser.add_argument("--output", "-o", required=True, help="JSONL file to write, or - for stdout")
@@ -47,12 +48,6 @@ def add_backend_arguments(parser) -> None:
                         help="torch: fp32/bf16, onnx: fp32/int8 (int8 needs `newstagger export --quantize int8`)")
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores this process may use)")
-
-
-def _formatter(prog):
-    import argparse
-
-    return argparse.RawDescriptionHelpFormatter(prog)
 
 
 def run(args) -> int:

@@ -4,8 +4,13 @@ from __future__ import annotations
 
 import io
 import json
+import shutil
+import subprocess
+import sys
 
 import pytest
+
+from conftest import SAMPLE
 
 from newstagger.cli import main
 
@@ -134,6 +139,39 @@ def test_unknown_entity_types_exit_2_naming_them(tiny_model_dir, types, capsys):
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--types", types]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--types: unknown entity type(s)" in line and "the model knows" in line
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda folder: (folder / "model.safetensors").unlink(), "is not a complete model folder"),
+    (lambda folder: (folder / "newstagger.json").write_text("{"), "cannot be read as a model description"),
+    (lambda folder: (folder / "newstagger.json").write_text("{}"), "cannot be read as a model description"),
+])
+def test_a_broken_model_folder_exits_2_saying_what_is_wrong(tiny_model_dir, tmp_path, capsys, damage, reason):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    damage(folder)
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "a", "text": "好的"}'])
+    assert main(["tag", "--model", str(folder), "-i", str(source), "-o", str(tmp_path / "out.jsonl")]) == 2
+    error = capsys.readouterr().err.strip()
+    assert reason in error and len(error.splitlines()) == 1
+
+
+def test_check_names_a_texts_file_that_is_not_utf8(tiny_model_dir, tmp_path, capsys):
+    texts = tmp_path / "gbk.jsonl"
+    texts.write_bytes('{"text": "青澜市"}\n'.encode("gbk"))
+    assert main(["check", "--model", str(tiny_model_dir), "--texts", str(texts), "--candidates", "torch-bf16",
+                 "--no-record"]) == 2
+    assert "gbk.jsonl: not UTF-8" in capsys.readouterr().err
+
+
+def test_a_reader_that_goes_away_ends_the_run_quietly(tiny_model_dir):
+    """`newstagger tag ... -o - | head`: exit as a program killed by SIGPIPE would, no traceback."""
+    tagging = subprocess.Popen([sys.executable, "-m", "newstagger.cli", "tag", "--model", str(tiny_model_dir),
+                                "-i", str(SAMPLE), "-o", "-", "--chunk", "1"],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    tagging.stdout.read(10)
+    tagging.stdout.close()
+    assert tagging.wait(timeout=120) == 141
+    assert b"Traceback" not in tagging.stderr.read()
 
 
 def test_evaluate_refuses_a_gold_topic_the_model_does_not_know(tiny_model_dir, tmp_path, capsys):

@@ -385,13 +385,11 @@ def metrics_summary(metrics: dict) -> str:
 
 def run_add(args) -> int:
     from newstagger.cli import UsageError
-    from newstagger.model import META_FILE, METRICS_FILE, ModelMeta
+    from newstagger.model import METRICS_FILE, read_meta
     from training.data import guess_format, parse_data_spec
 
     source = Path(args.folder)
-    if not (source / META_FILE).is_file():
-        raise UsageError(f"{source} is not a newstagger model folder (no {META_FILE})")
-    meta = ModelMeta.from_dict(json.loads((source / META_FILE).read_text(encoding="utf-8")))
+    meta = read_meta(source)
     specs = args.data or meta.training.get("config", {}).get("train", [])
     data = []
     for spec in specs:
