@@ -3,6 +3,7 @@ import logging
 import time
 from pathlib import Path
 
+import datasets
 import pytest
 
 from newstagger.documents import DataError, Document, Span
@@ -10,7 +11,6 @@ from newstagger.schema import CLUENER_TYPES
 from training.data import (
     FORMATS,
     corpus_stats,
-    from_hf_dataset,
     guess_format,
     parse_data_spec,
     read_documents,
@@ -271,13 +271,30 @@ def test_plain_split_without_groups():
     assert split_validation(docs, fraction=0.1) == (train, validation)
 
 
-def test_hf_dataset_round_trip_keeps_missing_tasks_apart_from_empty_ones():
+def test_a_saved_hf_dataset_round_trips_keeping_missing_tasks_apart_from_empty_ones(tmp_path):
     docs = read_documents(FIXTURES / "internal.jsonl") + read_documents(FIXTURES / "doccano_cats.jsonl")
     dataset = to_hf_dataset(docs)
     assert dataset.column_names == ["id", "text", "topics", "entities", "group"]
     assert dataset[1]["entities"] is None and dataset[2]["entities"] == []
-    assert from_hf_dataset(dataset) == docs
+    dataset.save_to_disk(tmp_path / "saved")
+    assert guess_format(tmp_path / "saved") == "hf"
+    assert read_documents(tmp_path / "saved") == docs
     assert len(to_hf_dataset([])) == 0
+
+
+def test_a_saved_hf_dataset_is_validated_row_by_row(tmp_path):
+    bad = Document("x", "青澜", entities=[Span(0, 9, "address")])
+    to_hf_dataset([Document("ok", "好"), bad]).save_to_disk(tmp_path / "saved")
+    with pytest.raises(DataError, match=r"saved\[1\]: .*outside the text"):
+        read_documents(tmp_path / "saved", "hf")
+    splits = datasets.DatasetDict({"train": to_hf_dataset([Document("ok", "好")])})
+    splits.save_to_disk(tmp_path / "splits")
+    with pytest.raises(DataError, match=r"holds the splits train; name one, e\.g\. .*splits/train"):
+        read_documents(tmp_path / "splits")
+    assert read_documents(tmp_path / "splits" / "train") == [Document("ok", "好")]
+    (tmp_path / "plain").mkdir()
+    with pytest.raises(DataError, match="is a folder, not a data file"):
+        read_documents(tmp_path / "plain")
 
 
 def test_corpus_stats():

@@ -10,9 +10,11 @@ import pytest
 from conftest import REPO, build_tiny_model_folder
 
 from newstagger.cli import main
+from newstagger.documents import Document
 from newstagger.tagger import Tagger
 from training import registry as registry_module
-from training.registry import STAGING, Entry, Registry, RegistryError
+from training.data import to_hf_dataset
+from training.registry import STAGING, Entry, Registry, RegistryError, fingerprint
 
 
 def add_model(registry: Registry, version: str, parent: str | None = None) -> Entry:
@@ -69,6 +71,15 @@ def test_versions_cannot_be_registered_twice_or_promoted_when_unknown(registry):
     with pytest.raises(RegistryError, match="already in production"):
         registry.promote("1.0.0")
     assert registry.next_version("1.0.0") == "1.0.2"
+
+
+def test_a_saved_datasets_folder_is_fingerprinted_by_its_files(tmp_path):
+    folder = tmp_path / "saved"
+    to_hf_dataset([Document("a", "青澜市")]).save_to_disk(folder)
+    before = fingerprint(folder, "hf")
+    assert fingerprint(folder, "hf") == before and before["format"] == "hf"
+    to_hf_dataset([Document("a", "青澜县")]).save_to_disk(tmp_path / "other")
+    assert fingerprint(tmp_path / "other", "hf")["sha256"] != before["sha256"]
 
 
 @pytest.mark.parametrize("version", [".", "..", "../x", "a/b", "current", "manifest.json", ".hidden", ""])

@@ -13,6 +13,8 @@ Formats (names as used by `read_documents` and `PATH:FORMAT` data specs):
 - `labelstudio`: a Label Studio JSON export (an array of tasks with `labels` and `choices` results).
 - `doccano`: doccano JSONL, spans as `"label": [[start, end, type]]` or `"entities": [...]`,
   categories as `"cats"` or `"label": [str, ...]`.
+- `hf`: a Hugging Face `datasets` folder (`Dataset.save_to_disk`) with the internal format's
+  columns, read through `datasets` (memory-mapped Arrow); `to_hf_dataset` writes one.
 
 The tagger gives each character one tag, so importers of span formats collapse exact duplicate
 spans and drop a span nested inside a longer one (logged); crossing spans, and one stretch of text
@@ -135,12 +137,29 @@ def read_doccano(
     return _load(path, records, on_error, topic_labels, entity_types)
 
 
+def read_hf(
+    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
+) -> list[Document]:
+    """A `datasets.Dataset` saved to disk, one row per document in the internal format's columns."""
+    import datasets  # takes seconds to import; only this format needs it
+
+    try:
+        dataset = datasets.load_from_disk(str(path))
+    except FileNotFoundError as err:
+        raise DataError(f"{path}: not a saved Hugging Face dataset ({err})") from None
+    if isinstance(dataset, datasets.DatasetDict):
+        raise DataError(f"{path} holds the splits {', '.join(dataset)}; name one, e.g. {Path(path) / next(iter(dataset))}")
+    records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]")) for i, row in enumerate(dataset))
+    return _load(path, records, on_error, topic_labels, entity_types)
+
+
 _READERS = {
     "internal": read_internal,
     "cluener": read_cluener,
     "columns": read_columns,
     "labelstudio": read_label_studio,
     "doccano": read_doccano,
+    "hf": read_hf,
 }
 FORMATS = tuple(_READERS)
 
@@ -177,6 +196,10 @@ def guess_format(path: str | Path) -> str:
     later record decides, and the internal format is the answer when none does."""
     if Path(path).suffix.lower() in COLUMN_SUFFIXES:
         return "columns"
+    if Path(path).is_dir():  # what `save_to_disk` writes: a Dataset's state, or a DatasetDict's split list
+        if (Path(path) / "state.json").is_file() or (Path(path) / "dataset_dict.json").is_file():
+            return "hf"
+        raise DataError(f"{path} is a folder, not a data file or a saved Hugging Face dataset")
     undecided = None
     with _utf8_only(path):
         for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
@@ -266,9 +289,10 @@ def corpus_stats(docs: Iterable[Document]) -> dict:
 
 
 def to_hf_dataset(docs: Iterable[Document]) -> "datasets.Dataset":
-    """A `datasets.Dataset` with columns id, text, topics, entities, group. A task the document
-    is not labelled for stays None (Arrow lists are nullable), distinct from [] = labelled, none."""
-    import datasets  # takes seconds to import; only the training path needs it
+    """A `datasets.Dataset` with columns id, text, topics, entities, group (`save_to_disk` it for the
+    `hf` format). A task the document is not labelled for stays None (Arrow lists are nullable),
+    distinct from [] = labelled, none."""
+    import datasets  # takes seconds to import
 
     features = datasets.Features({
         "id": datasets.Value("string"),
@@ -284,10 +308,6 @@ def to_hf_dataset(docs: Iterable[Document]) -> "datasets.Dataset":
     })
     rows = [doc.to_dict() for doc in docs]
     return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in features}, features=features)
-
-
-def from_hf_dataset(dataset: "datasets.Dataset") -> list[Document]:
-    return [Document.from_dict(row, where=f"dataset row {i}") for i, row in enumerate(dataset)]
 
 
 def _load(
@@ -330,7 +350,11 @@ def _json_lines(path) -> Iterator[tuple[int, str, str]]:
 
 
 def _internal_document(line: str, where: str):
-    return Document.from_dict(json_object(line, where), where), None
+    return _row_document(json_object(line, where), where)
+
+
+def _row_document(row: dict, where: str):
+    return Document.from_dict(row, where), None
 
 
 def _text(obj: dict, where: str) -> str:

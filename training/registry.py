@@ -116,12 +116,18 @@ def scores(metrics: dict) -> dict[str, float]:
 
 
 def fingerprint(path: str | Path, format: str | None = None) -> dict:
-    """What a data file was when a model was trained on it: where, how it was read, its sha256."""
+    """What a data file (or a saved dataset's folder) was when a model was trained on it: where, how
+    it was read, the sha256 of its bytes (of a folder: of each file's name and bytes, in name order)."""
+    path = Path(path)
     digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for block in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(block)
-    return {"path": str(Path(path).resolve()), "format": format, "sha256": digest.hexdigest()}
+    files = sorted(p for p in path.rglob("*") if p.is_file()) if path.is_dir() else [path]
+    for file in files:
+        if file != path:
+            digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with open(file, "rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return {"path": str(path.resolve()), "format": format, "sha256": digest.hexdigest()}
 
 
 class Registry:
@@ -394,7 +400,7 @@ def run_add(args) -> int:
     data = []
     for spec in specs:
         path, format = parse_data_spec(spec)
-        if path.is_file():
+        if path.exists():
             data.append(fingerprint(path, format or guess_format(path)))
         elif args.data:
             raise UsageError(f"--data: no file {path}")

@@ -217,7 +217,7 @@ def _recorded_sources(entry: Entry) -> list[tuple[dict, list[Document]]]:
     sources = []
     for recorded in entry.data:
         path = Path(recorded["path"])
-        if not path.is_file():
+        if not path.exists():
             raise DataError(f"{path}, which {entry.version} was trained on, is gone; name the earlier data "
                             f"with --replay PATH[:FORMAT]")
         now = fingerprint(path, recorded["format"])
