@@ -28,15 +28,14 @@ def default_model_dir() -> Path:
 
 
 class Tagger:
-    def __init__(self, model: NewsTaggerModel, tokenizer, meta: ModelMeta, metrics: dict | None = None,
-                 backend=None, max_batch_tokens: int | None = None, topic_lexical: LexicalTopicModel | None = None):
+    def __init__(self, model: NewsTaggerModel, tokenizer, meta: ModelMeta, backend=None,
+                 max_batch_tokens: int | None = None, topic_lexical: LexicalTopicModel | None = None):
         if topic_lexical is not None and topic_lexical.topics != meta.schema.topics:
             raise ValueError(f"the lexical topic model's topics {topic_lexical.topics} are not the model's "
                              f"{meta.schema.topics}")
         self.model = model
         self.tokenizer = tokenizer
         self.meta = meta
-        self.metrics = metrics or {}
         self.schema = meta.schema
         self.backend = backend or TorchBackend(model, device=model.device)
         self.max_batch_tokens = max_batch_tokens or self.backend.batch_tokens
@@ -48,9 +47,9 @@ class Tagger:
         """A tagger on the folder's model; `auto` takes the fastest backend that is exact or has
         passed `newstagger check` (see backends.make_backend)."""
         folder = Path(folder or default_model_dir())
-        model, tokenizer, meta, metrics = load_model_folder(folder)
+        model, tokenizer, meta, _ = load_model_folder(folder)
         scorer = make_backend(folder, model, backend, precision, device, threads)
-        return cls(model, tokenizer, meta, metrics, backend=scorer, max_batch_tokens=max_batch_tokens,
+        return cls(model, tokenizer, meta, backend=scorer, max_batch_tokens=max_batch_tokens,
                    topic_lexical=LexicalTopicModel.load(folder))
 
     def tag(self, texts: Sequence[str], *, thresholds: dict[str, float] | None = None,

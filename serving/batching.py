@@ -143,9 +143,8 @@ class MicroBatcher:
                 self.metrics.model_failures.inc()
                 batch[0].future.set_exception(err)
                 return
+            # One bad request must not fail the others gathered with it.
             logger.warning("a batch of %d requests failed (%r); running them one by one", len(batch), err)
-            results = None
-        if results is None:  # one bad request must not fail the others gathered with it
             for job in batch:
                 self._serve(tagger, [job])
             return

@@ -102,7 +102,7 @@ def _checked_document(body: FeedbackRequest) -> Document:
     for field, labelled in (("topics", Document(document.id, document.text, topics=document.topics)),
                             ("entities", Document(document.id, document.text, entities=document.entities))):
         try:
-            validate(labelled, where=field)
+            validate(labelled)  # the message names the document; `loc` names the field
         except DataError as err:
             error = {"loc": ("body", field), "msg": str(err), "type": "invalid_labels"}
             raise RequestValidationError([error]) from None

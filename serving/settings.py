@@ -15,7 +15,9 @@ from training.feedback import check_store_url
 
 
 class ServeSettings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="NEWSTAGGER_", extra="ignore")
+    # A variable set to "" counts as unset, as `newstagger tag` reads NEWSTAGGER_MODEL: not the folder "."
+    # and not an empty admin token.
+    model_config = SettingsConfigDict(env_prefix="NEWSTAGGER_", extra="ignore", env_ignore_empty=True)
 
     model: Path | None = Field(
         None, description="Model folder to serve; unset means the shipped model (models/default)."

@@ -529,6 +529,13 @@ def test_settings_come_from_newstagger_environment_variables(monkeypatch):
     assert all(field.description for field in ServeSettings.model_fields.values())
 
 
+def test_an_empty_variable_counts_as_unset(monkeypatch):
+    monkeypatch.setenv("NEWSTAGGER_MODEL", "")
+    monkeypatch.setenv("NEWSTAGGER_ADMIN_TOKEN", "")
+    settings = ServeSettings()
+    assert settings.model is None and settings.admin_token is None  # the shipped model; admin off
+
+
 def serve_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser()
     command.register(parser.add_subparsers())

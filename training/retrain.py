@@ -30,6 +30,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -39,7 +40,7 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
 )
-from .train import TrainConfig, _option, add_config_arguments, train
+from .train import TrainConfig, add_config_arguments, config_option, train
 
 log = logging.getLogger("newstagger.retrain")
 
@@ -49,26 +50,29 @@ GATEABLE = re.compile(r"(entities|entities_coarse|topics)\.(micro|macro)\.(preci
 
 @dataclass
 class RetrainConfig:
-    data: list[str] = _option(list, "new labelled data, PATH[:FORMAT], any format the importers read")
-    gold: list[str] = _option(list, "fixed gold set both models are scored on, PATH[:FORMAT]; never trained on")
-    registry: str = _option(DEFAULT_REGISTRY, "registry folder")
-    start: str | None = _option(None, "registry version to start from (default: the production model)")
-    version: str | None = _option(None, "version of the new model (default: the starting version, patch + 1)")
-    replay: list[str] = _option(list, "earlier data to replay (default: the data the registry records for "
-                                      "the starting model)")
-    replay_ratio: float = _option(1.0, "replayed earlier documents per new document")
-    gate: list[str] = _option(list, "gated metric, optionally with its own tolerance "
-                                    f"(default: {', '.join(DEFAULT_GATE)})",
-                              metavar="METRIC[=TOLERANCE]")
-    tolerance: float = _option(0.01, "largest drop of a gated metric that still lets the candidate through "
-                                     "(negative: demand an improvement)")
-    allow_new_labels: bool = _option(False, "grow the model for labels the new data adds, instead of stopping")
-    promote: bool = _option(True, "promote a candidate that passes the gate (--no-promote: only register it)")
-    epochs: int | None = _option(None, "passes over the mix (default: as the starting model was trained)")
-    max_steps: int | None = _option(None, "stop after this many optimizer steps (for smoke tests)")
-    learning_rate: float | None = _option(None, "peak learning rate (default: as the starting model was trained)")
-    threads: int | None = _option(None, "torch CPU threads (default: as the starting model was trained)")
-    seed: int = _option(13, "seed of the replay sample and of training")
+    data: list[str] = config_option(list, "new labelled data, PATH[:FORMAT], any format the importers read")
+    gold: list[str] = config_option(list, "fixed gold set both models are scored on, PATH[:FORMAT]; never trained on")
+    registry: str = config_option(DEFAULT_REGISTRY, "registry folder")
+    start: str | None = config_option(None, "registry version to start from (default: the production model)")
+    version: str | None = config_option(None, "version of the new model (default: the starting version, patch + 1)")
+    replay: list[str] = config_option(list, "earlier data to replay (default: the data the registry records for "
+                                            "the starting model)")
+    replay_ratio: float = config_option(1.0, "replayed earlier documents per new document")
+    gate: list[str] = config_option(list, "gated metric, optionally with its own tolerance "
+                                          f"(default: {', '.join(DEFAULT_GATE)})",
+                                    metavar="METRIC[=TOLERANCE]")
+    tolerance: float = config_option(0.01, "largest drop of a gated metric that still lets the candidate through "
+                                           "(negative: demand an improvement)")
+    allow_new_labels: bool = config_option(False, "grow the model for labels the new data adds, instead of stopping")
+    promote: bool = config_option(True, "promote a candidate that passes the gate (--no-promote: only register it)")
+    epochs: int | None = config_option(None, "passes over the mix (default: as the starting model was trained)")
+    max_steps: int | None = config_option(None, "stop after this many optimizer steps (for smoke tests)")
+    learning_rate: float | None = config_option(None, "peak learning rate (default: as the starting model was trained)")
+    threads: int | None = config_option(None, "torch CPU threads (default: as the starting model was trained)")
+    seed: int = config_option(13, "seed of the replay sample and of training")
+
+    def __post_init__(self):
+        gate_tolerances(self)  # a misspelt --gate fails here, before minutes of training
 
 
 def gate_tolerances(config: RetrainConfig) -> dict[str, float]:
@@ -121,9 +125,9 @@ def retrain(config: RetrainConfig) -> dict:
     """Train, score and gate a candidate as configured; returns the verdict (see the module doc)."""
     started = time.time()
     if not config.data:
-        raise ValueError("no new data: give --data PATH[:FORMAT]")
+        raise UsageError("no new data: give --data PATH[:FORMAT]")
     if not config.gold:
-        raise ValueError("no gold set: give --gold PATH[:FORMAT]; the gate compares both models on it")
+        raise UsageError("no gold set: give --gold PATH[:FORMAT]; the gate compares both models on it")
     tolerances = gate_tolerances(config)
     registry = Registry(config.registry)
     manifest = registry.manifest()
@@ -335,14 +339,14 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from newstagger.cli import UsageError
-
     values = {f.name: getattr(args, f.name) for f in fields(RetrainConfig) if getattr(args, f.name) is not None}
     try:
-        verdict = retrain(RetrainConfig(**values))
-    except DataError:
-        raise
-    except ValueError as err:  # RegistryError included
+        config = RetrainConfig(**values)
+    except ValueError as err:  # a bad --gate
+        raise UsageError(str(err)) from None
+    try:
+        verdict = retrain(config)
+    except RegistryError as err:
         raise UsageError(str(err)) from None
     print(json.dumps(verdict, ensure_ascii=False, indent=2))
     if verdict["decision"] != "promoted":

@@ -48,7 +48,8 @@ log = logging.getLogger("newstagger.train")
 IGNORE = -100
 
 
-def _option(default, help: str, metavar: str | None = None):
+def config_option(default, help: str, metavar: str | None = None):
+    """A config dataclass field with its help text (shown by --help); `list` as default: an empty list."""
     metadata = {"help": help, "metavar": metavar}
     if default is list:
         return field(default_factory=list, metadata=metadata)
@@ -59,51 +60,51 @@ def _option(default, help: str, metavar: str | None = None):
 class TrainConfig:
     """Everything a training run depends on; saved into the model folder for reproducibility."""
 
-    train: list[str] = _option(list, "training data, PATH[:FORMAT] (formats: see training.data.FORMATS)")
-    train_weights: list[float] = _option(list, "entity-loss weight of each training source, in the order of "
-                                               "`train` (empty: 1.0 each); below 1 lets a big corpus with other "
-                                               "conventions teach without outvoting the rest", "WEIGHT")
-    output: str = _option("runs/model", "model folder to write")
-    base_model: str = _option("bert-base-chinese", "Hugging Face BERT checkpoint: hub name or local folder")
-    init_model: str | None = _option(None, "start from this newstagger model folder instead of base_model")
-    validation: list[str] = _option(list, "validation data; empty = hold out validation_fraction of each training set")
-    validation_fraction: float = _option(0.1, "share of each training set held out (grouped by 'group' where given)")
-    max_validation_documents: int = _option(2000, "most documents per validation set, to keep per-epoch evaluation "
-                                                  "quick: a training set holds out a smaller share where "
-                                                  "validation_fraction would pass it (whole groups, so about this many)")
-    max_length: int = _option(128, "encoder window for training, positions including [CLS]/[SEP]")
-    stride: int = _option(32, "tokens of overlap between windows of a long text")
-    inference_max_length: int = _option(256, "window the saved model uses when tagging")
-    inference_stride: int = _option(64, "overlap the saved model uses when tagging")
-    epochs: int = _option(3, "passes over the training data")
-    max_steps: int = _option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
-    batch_tokens: int = _option(4096, "padded tokens per batch (batches are length-bucketed)")
-    learning_rate: float = _option(2e-4, "peak AdamW learning rate")
-    head_learning_rate: float = _option(1e-3, "learning rate of the freshly initialised layers: the two heads, "
-                                               "the lexicon projection and the CRF's transitions")
-    weight_decay: float = _option(0.01, "AdamW weight decay")
-    warmup_ratio: float = _option(0.06, "share of steps spent warming the learning rate up")
-    topic_loss_weight: float = _option(1.0, "weight of the topic loss in the joint loss")
-    entity_loss_weight: float = _option(1.0, "weight of the entity loss in the joint loss")
-    topic_oversample: float = _option(1.0, "repeat topic-labelled windows this many times per epoch (topic data is small)")
-    pack_entity_documents: bool = _option(True, "join short entity-only documents (e.g. CLUENER sentences) into "
-                                                "training windows of random length up to max_length, so the entity "
-                                                "head learns every position it meets when tagging long stories")
-    bf16: bool = _option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
-                                "CPUs with AMX (Sapphire Rapids and later). Where the CPU has no bf16 matrix "
-                                "instructions, training stays fp32 with a warning: emulated bf16 is ~10x slower")
-    lexicon: bool = _option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
-                                   "that has them keeps them")
-    crf: bool = _option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
-                               "head with its sequence likelihood; a model that has one keeps it")
-    patience: int = _option(2, "epochs without improvement before stopping early")
-    topic_lexical: bool = _option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
-                                        "blend it into the topic head, with a weight chosen on validation")
-    seed: int = _option(13, "random seed")
-    threads: int = _option(0, "torch CPU threads (0 = torch's default)")
-    resume: bool = _option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
-    version: str = _option("0.1.0", "version written into the model folder")
-    name: str = _option("newstagger", "model name written into the model folder")
+    train: list[str] = config_option(list, "training data, PATH[:FORMAT] (formats: see training.data.FORMATS)")
+    train_weights: list[float] = config_option(list, "entity-loss weight of each training source, in the order of "
+                                                     "`train` (empty: 1.0 each); below 1 lets a big corpus with other "
+                                                     "conventions teach without outvoting the rest", "WEIGHT")
+    output: str = config_option("runs/model", "model folder to write")
+    base_model: str = config_option("bert-base-chinese", "Hugging Face BERT checkpoint: hub name or local folder")
+    init_model: str | None = config_option(None, "start from this newstagger model folder instead of base_model")
+    validation: list[str] = config_option(list, "validation data; empty = hold out validation_fraction of each training set")
+    validation_fraction: float = config_option(0.1, "share of each training set held out (grouped by 'group' where given)")
+    max_validation_documents: int = config_option(2000, "most documents per validation set, to keep per-epoch evaluation "
+                                                        "quick: a training set holds out a smaller share where "
+                                                        "validation_fraction would pass it (whole groups, so about this many)")
+    max_length: int = config_option(128, "encoder window for training, positions including [CLS]/[SEP]")
+    stride: int = config_option(32, "tokens of overlap between windows of a long text")
+    inference_max_length: int = config_option(256, "window the saved model uses when tagging")
+    inference_stride: int = config_option(64, "overlap the saved model uses when tagging")
+    epochs: int = config_option(3, "passes over the training data")
+    max_steps: int = config_option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
+    batch_tokens: int = config_option(4096, "padded tokens per batch (batches are length-bucketed)")
+    learning_rate: float = config_option(2e-4, "peak AdamW learning rate")
+    head_learning_rate: float = config_option(1e-3, "learning rate of the freshly initialised layers: the two heads, "
+                                                     "the lexicon projection and the CRF's transitions")
+    weight_decay: float = config_option(0.01, "AdamW weight decay")
+    warmup_ratio: float = config_option(0.06, "share of steps spent warming the learning rate up")
+    topic_loss_weight: float = config_option(1.0, "weight of the topic loss in the joint loss")
+    entity_loss_weight: float = config_option(1.0, "weight of the entity loss in the joint loss")
+    topic_oversample: float = config_option(1.0, "repeat topic-labelled windows this many times per epoch (topic data is small)")
+    pack_entity_documents: bool = config_option(True, "join short entity-only documents (e.g. CLUENER sentences) into "
+                                                      "training windows of random length up to max_length, so the entity "
+                                                      "head learns every position it meets when tagging long stories")
+    bf16: bool = config_option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
+                                      "CPUs with AMX (Sapphire Rapids and later). Where the CPU has no bf16 matrix "
+                                      "instructions, training stays fp32 with a warning: emulated bf16 is ~10x slower")
+    lexicon: bool = config_option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
+                                         "that has them keeps them")
+    crf: bool = config_option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
+                                     "head with its sequence likelihood; a model that has one keeps it")
+    patience: int = config_option(2, "epochs without improvement before stopping early")
+    topic_lexical: bool = config_option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
+                                              "blend it into the topic head, with a weight chosen on validation")
+    seed: int = config_option(13, "random seed")
+    threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
+    resume: bool = config_option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
+    version: str = config_option("0.1.0", "version written into the model folder")
+    name: str = config_option("newstagger", "model name written into the model folder")
 
     def __post_init__(self):
         """Settings that cannot work fail here, naming themselves, not minutes into a run."""
@@ -427,14 +428,15 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         torch.set_num_threads(config.threads)
     output = Path(config.output)
 
-    train_sets, weights, valid_docs = _read_data(config, sources)
-    data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, valid_docs] for doc in docs])
+    train_sets, weights, validation_files = _read_data(config, sources)
+    data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
     model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
     bf16 = config.bf16 and cpu_has_bf16()
     if config.bf16 and not bf16:
         log.warning("bf16 asked for, but this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), where "
                     "bf16 autocast steps ran 11x slower than fp32 (AMD EPYC, AVX2: 38.5 vs 3.4 s); training in fp32")
-    train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, valid_docs, tokenizer, schema)
+    train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, validation_files, tokenizer,
+                                                          schema)
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
@@ -529,13 +531,13 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
     """(training sets: the files, then `sources`; each set's entity-loss weight; validation documents
     read from files)."""
     train_sets = [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]
-    valid_docs: list[Document] = []
+    validation_files: list[Document] = []
     for spec in config.validation:
-        valid_docs += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
+        validation_files += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
     if not any(train_sets):
         raise DataError("no training documents: give at least one --train PATH[:FORMAT] with documents in it")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
-    return train_sets, weights, valid_docs
+    return train_sets, weights, validation_files
 
 
 def _starting_model(config: TrainConfig, data_schema: LabelSchema):
@@ -569,10 +571,11 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
 
 
 def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
-                       valid_docs: list[Document], tokenizer, schema: LabelSchema):
+                       validation_files: list[Document], tokenizer, schema: LabelSchema):
     """(training documents, their windows as examples with topic rows oversampled, validation documents
     with each set's held-out share added)."""
     train_docs: list[Document] = []
+    valid_docs = list(validation_files)
     examples: list[Example] = []
     for docs, weight in zip(train_sets, weights):
         coarse = _labelled_coarse_only(docs, schema)
@@ -580,7 +583,7 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
             # a smaller share where the usual one would pass the cap, so nothing held out goes unused
             fraction = min(config.validation_fraction, config.max_validation_documents / len(docs))
             docs, held = split_validation(docs, fraction, seed=config.seed)
-            valid_docs = valid_docs + held
+            valid_docs += held
         train_docs += docs
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
