@@ -7,7 +7,9 @@ is then labelled for the other task only, and training masks the missing task's 
 
 from __future__ import annotations
 
+import contextlib
 import json
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -187,8 +189,9 @@ def json_object(line: str, where: str) -> dict:
 
 
 def write_jsonl(documents: Iterable[Document], path: str | Path) -> int:
+    """Write documents in the internal format to `path` ('-': standard output); returns how many."""
     count = 0
-    with open(path, "w", encoding="utf-8") as handle:
+    with contextlib.nullcontext(sys.stdout) if str(path) == "-" else open(path, "w", encoding="utf-8") as handle:
         for doc in documents:
             handle.write(json.dumps(doc.to_dict(), ensure_ascii=False) + "\n")
             count += 1

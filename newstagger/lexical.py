@@ -117,6 +117,7 @@ class LexicalTopicModel:
     def save(self, folder: str | Path) -> None:
         folder = Path(folder)
         save_file({"idf": self.idf, "coef": self.coef, "intercept": self.intercept}, folder / WEIGHTS_FILE)
+        (folder / WEIGHTS_FILE).chmod(0o644)  # safetensors writes 0600 (see model.save_model_folder)
         settings = {
             "topics": self.topics,
             "blend_weight": self.weight,

@@ -196,6 +196,8 @@ def save_model_folder(
     shutil.rmtree(folder / ONNX_DIR, ignore_errors=True)
     state = {k: v.detach().to(weights_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
+    # safetensors writes 0600, which would hide the weights from a server run as another user
+    (folder / "model.safetensors").chmod(0o644)
     tokenizer.save_pretrained(folder)
     (folder / META_FILE).write_text(json.dumps(meta.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     metrics = metrics or {}

@@ -3,7 +3,8 @@
 Input lines are `{"id", "text"}`; output lines `{"id", "topics", "labels", "entities"}`. The file
 is read and written in chunks, so memory stays flat however large the input is. A bad line stops
 the run with its line number (exit 2) after every earlier line has been written, or, with
-`--on-error record`, is answered in place by `{"id", "error"}` so output stays line-aligned.
+`--on-error record`, is answered in place by `{"id", "error"}` so output stays aligned with the
+non-blank input lines (blank lines hold no story and are skipped).
 """
 
 from __future__ import annotations

@@ -17,7 +17,6 @@ import logging
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
@@ -92,12 +91,9 @@ class TaggingService:
         logger.info("serving model %s %s", tagger.meta.name, tagger.meta.version)
 
     def _load_tagger(self, folder: str | Path | None) -> Tagger:
-        tagger = Tagger.load(folder)
-        # Set after loading, which may choose a count of its own. One core is left to the event loop:
-        # on 2 shared cores, 16 clients reached 0.64-0.83 of one big request's throughput with 2 torch
-        # threads, 1.0 with one (loadtest.py).
-        torch.set_num_threads(self.settings.torch_threads or max(1, available_cores() - 1))
-        return tagger
+        # One core is left to the event loop: on 2 shared cores, 16 clients reached 0.64-0.83 of one
+        # big request's throughput with 2 torch threads, 1.0 with one (loadtest.py).
+        return Tagger.load(folder, threads=self.settings.torch_threads or max(1, available_cores() - 1))
 
     def ready_batcher(self) -> MicroBatcher:
         if self.batcher is None:

@@ -13,7 +13,6 @@ import time
 import uuid
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
-from starlette.routing import Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newstagger.model import ModelMeta
@@ -106,11 +105,14 @@ def _request_id(scope: Scope) -> str:
 def _route_label(scope: Scope) -> str:
     """The route's path template (bounded label values, whatever paths clients invent)."""
     route = scope.get("route")
-    if route is None:  # answered before routing, e.g. a body over the size limit
-        app = scope.get("app")
-        routes = getattr(app, "routes", [])
-        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
-    return getattr(route, "path", None) or "unmatched"
+    if route is not None:
+        return route.path
+    # Answered before routing (a body over the size limit). FastAPI's included routers do not say
+    # which route of theirs matches, so the path is looked up among the API's own (none has
+    # parameters, so a path is its template).
+    app = scope.get("app")
+    paths = app.openapi()["paths"] if hasattr(app, "openapi") else {}
+    return scope["path"] if scope["path"] in paths else "unmatched"
 
 
 class JsonLogFormatter(logging.Formatter):

@@ -32,7 +32,7 @@ def document(doc_id: str, text: str = TEXT, **labels) -> Document:
     return Document(id=doc_id, text=text, **labels)
 
 
-def test_export_round_trips_the_latest_revision_of_each_document(url, tmp_path):
+def test_export_round_trips_the_latest_revision_of_each_document(url, tmp_path, capsys):
     store = FeedbackStore(url)
     assert store.add(Correction(document("b", topics=["economy"]), sender="li"))
     assert store.add(Correction(document("a", topics=[], entities=[Span(3, 8, "government"), Span(0, 2, "name")]),
@@ -48,6 +48,11 @@ def test_export_round_trips_the_latest_revision_of_each_document(url, tmp_path):
         {"id": "b", "text": TEXT, "topics": ["ecology"], "entities": []},
     ]
     assert store.count() == 3
+
+    capsys.readouterr()
+    assert main(["feedback", "export", "--store", url, "--output", "-"]) == 0
+    printed = capsys.readouterr()
+    assert printed.out == (tmp_path / "out.jsonl").read_text(encoding="utf-8") and "wrote 2 documents" in printed.err
 
 
 def test_a_resent_correction_is_stored_once_and_a_changed_one_is_a_conflict(url):

@@ -242,13 +242,14 @@ def test_feedback_export_retrain_promote_serve_and_roll_back(registry, sample, g
         exported = tmp_path / "corrections.jsonl"
         assert main(["feedback", "export", "--store", feedback_url, "-o", str(exported)]) == 0
         server_flags = ["--server", url, "--token", "secret"]
+        capsys.readouterr()
         code = main(["retrain", "--registry", str(registry.root), "--data", str(exported), "--gold", str(gold),
                      "--tolerance", "1", *TINY_TRAINING, *server_flags])
-        out = capsys.readouterr().out
-        verdict = json.loads(out[out.index("{"):out.rindex("}") + 1])
+        printed = capsys.readouterr()
+        verdict = json.loads(printed.out)  # stdout is the verdict alone
         assert code == 0 and verdict["decision"] == "promoted"
         assert set(verdict["deltas"]) >= {"entities.micro.f1", "topics.micro.f1", "topics.macro.f1"}
-        assert f"{url} now serves tiny 1.0.1 (was 1.0.0)" in out
+        assert f"{url} now serves tiny 1.0.1 (was 1.0.0)" in printed.err
         assert version() == "1.0.1"
 
         assert main(["models", "rollback", "--registry", str(registry.root), *server_flags]) == 0

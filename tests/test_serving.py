@@ -271,6 +271,8 @@ def test_a_body_over_the_limit_is_413_before_parsing(make_client):
         assert response.json()["errors"][0] == {"loc": ["body"], "msg": "the request body is larger than 100 bytes",
                                                 "type": "body_too_large"}
     assert client.post("/v1/tag", json=documents("ok")).status_code == 200
+    # counted under the route, though answered before routing
+    assert 'newstagger_http_requests_total{method="POST",route="/v1/tag",status="413"} 3.0' in client.get("/metrics").text
 
 
 def test_a_full_queue_is_429_with_retry_after(make_client):
@@ -371,9 +373,9 @@ def test_readyz_is_503_until_the_model_has_loaded(tiny_model_dir, monkeypatch):
     may_load = threading.Event()
     load = Tagger.load
 
-    def slow_load(folder):
+    def slow_load(folder, **options):
         assert may_load.wait(WAIT_S)
-        return load(folder)
+        return load(folder, **options)
 
     monkeypatch.setattr(app_module.Tagger, "load", slow_load)
     with TestClient(create_app(ServeSettings(model=tiny_model_dir))) as client:

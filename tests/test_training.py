@@ -52,6 +52,8 @@ def test_round_trip_train_save_load_tag(trained):
     assert {"config.json", "model.safetensors", "tokenizer.json", "newstagger.json", "metrics.json",
             "README.md"} <= {p.name for p in folder.iterdir()}
     assert not list(folder.glob("*.bin")), "weights must be safetensors only"
+    # readable by a server run as another user (safetensors itself writes 0600)
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in folder.glob("*.safetensors"))
     assert "entities" in metrics and "topics" in metrics
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["validation"]["topics"]["micro"] == metrics["topics"]["micro"]

@@ -211,7 +211,7 @@ def public(metrics: dict) -> dict:
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score a model on labelled data (JSON out)")
-    parser.add_argument("--model", help="model folder (default: the shipped model)")
+    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
     parser.add_argument("--data", action="append", required=True, metavar="PATH[:FORMAT]",
                         help="labelled data, any importer format; repeatable")
     parser.add_argument("--decoding", choices=DECODINGS, default="viterbi",

@@ -15,6 +15,7 @@ for `newstagger retrain`.
 from __future__ import annotations
 
 import os
+import sys
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -164,7 +165,7 @@ def register(subparsers) -> None:
     export = actions.add_parser("export", help="write the latest revision of each corrected story as training JSONL")
     export.add_argument("--store", default=None,
                         help=f"database URL (default: ${URL_VARIABLE}, else {DEFAULT_URL})")
-    export.add_argument("--output", "-o", required=True, help="JSONL file to write (internal format)")
+    export.add_argument("--output", "-o", required=True, help="JSONL file to write (internal format), or - for stdout")
     export.set_defaults(handler=run_export)
 
 
@@ -185,5 +186,6 @@ def run_export(args) -> int:
     except DatabaseError as err:  # unreachable server, a file that is not a database, ...
         raise UsageError(f"--store: cannot open {parsed.render_as_string()}: {err.orig}") from None
     written = write_jsonl(store.latest_documents(), args.output)
-    print(f"wrote {written} documents ({store.count()} corrections stored) to {args.output}")
+    print(f"wrote {written} documents ({store.count()} corrections stored) to {args.output}",
+          file=sys.stderr if args.output == "-" else sys.stdout)
     return 0

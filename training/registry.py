@@ -323,8 +323,10 @@ def deploy(args, folder: Path) -> int:
     except DeployError as err:
         print(f"newstagger {args.command}: the registry is updated but the server is not: {err}", file=sys.stderr)
         return 1
-    print(f"{args.server} now serves {answer['model']['name']} {answer['model']['version']} "
-          f"(was {answer['previous']['version']})")
+    previous = answer["previous"]["version"] if answer["previous"] else "no model"
+    # stderr: retrain's stdout is its JSON verdict alone
+    print(f"{args.server} now serves {answer['model']['name']} {answer['model']['version']} (was {previous})",
+          file=sys.stderr)
     return 0
 
 
