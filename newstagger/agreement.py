@@ -23,7 +23,7 @@ from pathlib import Path
 from .bench import synthetic_stories
 from .cli import UsageError, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, not_utf8
-from .model import CARD_FILE, METRICS_FILE, read_meta, render_model_card
+from .model import CARD_FILE, METRICS_FILE, read_meta, read_metrics, render_model_card
 
 SPAN_AGREEMENT_MIN = 0.99
 CHECK_SEED = 20261
@@ -52,6 +52,8 @@ def run(args) -> int:
     folder = Path(args.model or default_model_dir())
     if args.texts:
         texts = _read_texts(args.texts)
+        if not texts:  # agreement on nothing would be recorded as a pass
+            raise DataError(f"--texts: no texts in {args.texts}")
         corpus = f"{Path(args.texts).name} ({len(texts)} texts)"
     else:
         texts = synthetic_stories(args.documents, seed=CHECK_SEED)
@@ -143,8 +145,7 @@ def drop_agreement(folder: Path, names: Iterable[str]) -> None:
 
 
 def _update_agreement(folder: Path, change) -> None:
-    metrics_path = folder / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
+    metrics = read_metrics(folder)
     before = metrics.get("agreement", {})
     after = change(before)
     if after == before:
@@ -153,5 +154,5 @@ def _update_agreement(folder: Path, change) -> None:
         metrics["agreement"] = after
     else:
         metrics.pop("agreement", None)
-    metrics_path.write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
+    (folder / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (folder / CARD_FILE).write_text(render_model_card(read_meta(folder), metrics), encoding="utf-8")

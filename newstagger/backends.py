@@ -17,7 +17,6 @@ with fp32 on this model, so an approximation is never switched on silently.
 from __future__ import annotations
 
 import copy
-import json
 import logging
 import os
 from pathlib import Path
@@ -28,7 +27,7 @@ from torch import nn
 
 from .cli import UsageError
 from .lexicon import TokenLexicon
-from .model import METRICS_FILE, ONNX_DIR, NewsTaggerModel
+from .model import ONNX_DIR, NewsTaggerModel, read_metrics
 
 logger = logging.getLogger(__name__)
 
@@ -185,10 +184,7 @@ def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str
 
 def agreement_passed(folder: Path, backend: str, precision: str) -> bool:
     """Whether `newstagger check` recorded that this backend agrees with fp32 on this model."""
-    metrics_path = folder / METRICS_FILE
-    if not metrics_path.is_file():
-        return False
-    record = json.loads(metrics_path.read_text(encoding="utf-8")).get("agreement", {})
+    record = read_metrics(folder).get("agreement", {})
     return bool(record.get(f"{backend}-{precision}", {}).get("passed"))
 
 

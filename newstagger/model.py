@@ -15,6 +15,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
@@ -26,6 +27,7 @@ from .schema import LabelSchema
 META_FILE = "newstagger.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 ONNX_DIR = "onnx"  # written by `newstagger export` (newstagger.export)
 
 
@@ -142,6 +144,22 @@ class ModelMeta:
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     training: dict = field(default_factory=dict)
 
+    def __post_init__(self):
+        """Settings tagging cannot work with (a hand-edited newstagger.json) fail here, naming themselves."""
+        def fraction(value) -> bool:
+            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
+
+        problems = [f"{name} must be {rule}" for name, ok, rule in (
+            ("thresholds", isinstance(self.thresholds, dict) and all(map(fraction, self.thresholds.values())),
+             "an object of numbers from 0 to 1"),
+            ("entity_threshold", fraction(self.entity_threshold), "a number from 0 to 1"),
+            ("max_length", isinstance(self.max_length, int) and self.max_length >= 8, "an integer of at least 8"),
+            ("stride", isinstance(self.stride, int) and 0 <= self.stride < self.max_length - 2,
+             "an integer from 0 to under max_length - 2"),
+        ) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+
     def threshold(self, topic: str) -> float:
         return self.thresholds.get(topic, 0.5)
 
@@ -213,7 +231,7 @@ def read_meta(folder: str | Path) -> ModelMeta:
         raise FileNotFoundError(f"{folder} is not a newstagger model folder (no {META_FILE})")
     try:
         return ModelMeta.from_dict(json.loads(path.read_text(encoding="utf-8")))
-    except (ValueError, KeyError, TypeError) as err:  # not JSON, or not the fields of a ModelMeta
+    except (ValueError, KeyError, TypeError, AttributeError) as err:  # not JSON, or not the fields of a ModelMeta
         raise DataError(f"{path} cannot be read as a model description: {err!r}") from None
 
 
@@ -221,14 +239,24 @@ def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"):
     """(model in eval mode, tokenizer, meta, metrics) from a folder written by save_model_folder."""
     folder = Path(folder)
     meta = read_meta(folder)
+    if not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would quietly make a tokenizer that knows five tokens
+        raise DataError(f"{folder} is not a complete model folder: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     try:
         model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
-    except (OSError, ValueError) as err:  # transformers' ways of saying a file is missing or broken
+    except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
-    metrics_path = folder / METRICS_FILE
-    metrics = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    return model, tokenizer, meta, metrics
+    return model, tokenizer, meta, read_metrics(folder)
+
+
+def read_metrics(folder: str | Path) -> dict:
+    """A model folder's recorded metrics ({} where it has none), or DataError when they cannot be read."""
+    path = Path(folder) / METRICS_FILE
+    try:
+        return json.loads(path.read_text(encoding="utf-8")) if path.is_file() else {}
+    except ValueError as err:
+        raise DataError(f"{path} is not valid JSON: {err}") from None
 
 
 def render_model_card(meta: ModelMeta, metrics: dict) -> str:

@@ -82,6 +82,13 @@ class LabelSchema:
 
     @classmethod
     def from_dict(cls, obj: dict) -> "LabelSchema":
+        def strings(value) -> bool:
+            return isinstance(value, list) and all(isinstance(label, str) for label in value)
+
+        if not isinstance(obj, dict) or not strings(obj.get("topics", [])) or not strings(obj.get("entity_types", [])) \
+                or not isinstance(obj.get("coarse", {}), dict):
+            raise ValueError("schema must be an object with lists of strings 'topics' and 'entity_types' "
+                             "and an object 'coarse'")
         return cls(
             topics=list(obj.get("topics", [])),
             entity_types=list(obj.get("entity_types", [])),

@@ -33,7 +33,8 @@ class ServeSettings(BaseSettings):
         4_000_000, ge=1, description="Largest request body accepted, in bytes, checked before parsing (larger: 413)."
     )
     batch_wait_ms: float = Field(
-        5.0, ge=0, description="How long the batcher waits for more requests after the first one arrives."
+        5.0, ge=0, le=10_000, allow_inf_nan=False,
+        description="How long the batcher waits for more requests after the first one arrives.",
     )
     batch_max_chars: int = Field(
         16_384, ge=1,

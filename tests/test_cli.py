@@ -141,10 +141,24 @@ def test_unknown_entity_types_exit_2_naming_them(tiny_model_dir, types, capsys):
     assert "--types: unknown entity type(s)" in line and "the model knows" in line
 
 
+def edit_meta(**changes):
+    def edit(folder):
+        meta = json.loads((folder / "newstagger.json").read_text())
+        (folder / "newstagger.json").write_text(json.dumps({**meta, **changes}))
+    return edit
+
+
 @pytest.mark.parametrize(("damage", "reason"), [
     (lambda folder: (folder / "model.safetensors").unlink(), "is not a complete model folder"),
+    (lambda folder: (folder / "model.safetensors").write_bytes(b"\xff" * 64), "is not a complete model folder"),
+    (lambda folder: (folder / "tokenizer.json").unlink(), "no tokenizer"),
+    (lambda folder: (folder / "metrics.json").write_text("{"), "metrics.json is not valid JSON"),
     (lambda folder: (folder / "newstagger.json").write_text("{"), "cannot be read as a model description"),
     (lambda folder: (folder / "newstagger.json").write_text("{}"), "cannot be read as a model description"),
+    (edit_meta(stride=64), "stride must be an integer from 0 to under max_length - 2"),
+    (edit_meta(thresholds={"economy": "high"}), "thresholds must be an object of numbers from 0 to 1"),
+    (edit_meta(entity_threshold=None), "entity_threshold must be a number from 0 to 1"),
+    (edit_meta(schema="x"), "schema must be an object"),
 ])
 def test_a_broken_model_folder_exits_2_saying_what_is_wrong(tiny_model_dir, tmp_path, capsys, damage, reason):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
@@ -153,6 +167,13 @@ def test_a_broken_model_folder_exits_2_saying_what_is_wrong(tiny_model_dir, tmp_
     assert main(["tag", "--model", str(folder), "-i", str(source), "-o", str(tmp_path / "out.jsonl")]) == 2
     error = capsys.readouterr().err.strip()
     assert reason in error and len(error.splitlines()) == 1
+
+
+def test_check_refuses_an_empty_texts_file_rather_than_pass_on_nothing(tiny_model_dir, tmp_path, capsys):
+    (tmp_path / "empty.jsonl").write_text("\n\n")
+    assert main(["check", "--model", str(tiny_model_dir), "--texts", str(tmp_path / "empty.jsonl"),
+                 "--candidates", "torch-bf16", "--no-record"]) == 2
+    assert "--texts: no texts in" in capsys.readouterr().err
 
 
 def test_check_names_a_texts_file_that_is_not_utf8(tiny_model_dir, tmp_path, capsys):

@@ -14,7 +14,7 @@ from newstagger.documents import Document
 from newstagger.tagger import Tagger
 from training import registry as registry_module
 from training.data import to_hf_dataset
-from training.registry import STAGING, Entry, Registry, RegistryError, fingerprint
+from training.registry import STAGING, DeployError, Entry, Registry, RegistryError, fingerprint, reload_server
 
 
 def add_model(registry: Registry, version: str, parent: str | None = None) -> Entry:
@@ -71,6 +71,20 @@ def test_versions_cannot_be_registered_twice_or_promoted_when_unknown(registry):
     with pytest.raises(RegistryError, match="already in production"):
         registry.promote("1.0.0")
     assert registry.next_version("1.0.0") == "1.0.2"
+
+
+def test_an_unreadable_manifest_or_a_file_for_a_registry_is_a_registry_error(registry, tmp_path):
+    (registry.root / "manifest.json").write_text("{")
+    with pytest.raises(RegistryError, match="cannot be read as a registry manifest"):
+        registry.manifest()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RegistryError, match="is a file, not a registry folder"):
+        Registry(tmp_path / "file")
+
+
+def test_a_server_address_that_is_no_url_is_a_deploy_error(tmp_path):
+    with pytest.raises(DeployError, match="could not reach"):
+        reload_server("http://[::1", tmp_path, None)
 
 
 def test_a_saved_datasets_folder_is_fingerprinted_by_its_files(tmp_path):

@@ -68,10 +68,18 @@ def test_per_metric_tolerances_and_custom_gates():
     assert not decide(scores(0.70, 0.79, 0.60), CURRENT, gate)["passed"]
 
 
-@pytest.mark.parametrize("gate", [["entity.micro.f1"], ["topics.micro.f1=lots"]])
+@pytest.mark.parametrize("gate", [["entity.micro.f1"], ["topics.micro.f1=lots"], ["topics.micro.f1=nan"]])
 def test_a_bad_gate_is_refused_before_anything_runs(gate):
     with pytest.raises(ValueError, match="--gate"):
         RetrainConfig(gate=gate)
+
+
+@pytest.mark.parametrize(("setting", "message"), [({"tolerance": float("nan")}, "tolerance must be a finite number"),
+                                                  ({"replay_ratio": -1.0}, "replay_ratio must be 0 or more"),
+                                                  ({"epochs": 0}, "epochs must be at least 1")])
+def test_retrain_settings_that_cannot_work_are_refused(setting, message):
+    with pytest.raises(ValueError, match=message):
+        RetrainConfig(**setting)
 
 
 def test_metrics_the_gold_set_cannot_measure_are_skipped_but_one_must_be_measured():

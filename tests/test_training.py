@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import random
 from pathlib import Path
 
@@ -276,6 +277,26 @@ def test_crf_training_round_trip_and_a_retrained_model_keeps_its_crf(tiny_base, 
 
     retrained, _ = train(tiny_train_config(tiny_base, tmp_path / "retrained", init_model=str(folder), max_steps=2))
     assert Tagger.load(retrained).model.crf is not None
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ({"epochs": "3"}, "epochs must be an integer, not '3'"),
+    ({"learning_rate": float("inf")}, "learning_rate must be a finite number, not inf"),
+    ({"crf": "no"}, "crf must be true or false, not 'no'"),
+    ({"train": "a.jsonl"}, "train must be a list of strings, not 'a.jsonl'"),
+])
+def test_settings_of_the_wrong_type_are_named(setting, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        TrainConfig(**setting)
+
+
+def test_a_config_file_that_does_not_parse_is_named(tmp_path):
+    (tmp_path / "bad.toml").write_text("train = [")
+    with pytest.raises(ValueError, match=r"bad.toml: not valid TOML"):
+        TrainConfig.from_file(tmp_path / "bad.toml")
+    (tmp_path / "list.json").write_text('["a.jsonl"]')
+    with pytest.raises(ValueError, match=r"list.json: expected a table of settings, got list"):
+        TrainConfig.from_file(tmp_path / "list.json")
 
 
 def test_train_weights_must_match_the_train_sources(tiny_base, tmp_path):

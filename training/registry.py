@@ -37,6 +37,8 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
+from newstagger.cli import UsageError
+
 log = logging.getLogger("newstagger.registry")
 
 MANIFEST = "manifest.json"
@@ -55,8 +57,8 @@ VERSION_PATTERN = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]*")
 RESERVED_NAMES = (MANIFEST, CURRENT_LINK)
 
 
-class RegistryError(ValueError):
-    """A registry operation that cannot be done as asked; the message says why."""
+class RegistryError(UsageError):
+    """A registry operation that cannot be done as asked; the message says why (exit code 2)."""
 
 
 def check_version(version: str) -> str:
@@ -133,6 +135,8 @@ def fingerprint(path: str | Path, format: str | None = None) -> dict:
 class Registry:
     def __init__(self, root: str | Path):
         self.root = Path(root)
+        if self.root.exists() and not self.root.is_dir():
+            raise RegistryError(f"{self.root} is a file, not a registry folder")
 
     # ------------------------------------------------------------------ reading
 
@@ -140,7 +144,11 @@ class Registry:
         path = self.root / MANIFEST
         if not path.is_file():
             return Manifest()
-        return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        try:
+            return Manifest.from_dict(json.loads(path.read_text(encoding="utf-8")))
+        except (ValueError, TypeError, KeyError, AttributeError) as err:  # not JSON, or not a manifest's fields
+            raise RegistryError(f"{path} cannot be read as a registry manifest ({err!r}); restore it from a "
+                                f"backup or fix it by hand") from None
 
     def folder(self, version: str) -> Path:
         """The model folder of a registered version (absolute: it is handed to servers)."""
@@ -284,16 +292,16 @@ def reload_server(server: str, folder: Path, token: str | None) -> dict:
 
     The folder path must mean the same on the server, as it does when both share the registry.
     """
-    request = urllib.request.Request(
-        server.rstrip("/") + "/v1/admin/reload", method="POST",
-        data=json.dumps({"model": str(folder)}).encode(),
-        headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
     try:
+        request = urllib.request.Request(
+            server.rstrip("/") + "/v1/admin/reload", method="POST",
+            data=json.dumps({"model": str(folder)}).encode(),
+            headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
         with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT_S) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
         raise DeployError(f"{server} refused the reload ({err.code}): {err.read().decode(errors='replace')}") from None
-    except (urllib.error.URLError, OSError) as err:
+    except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
         raise DeployError(f"could not reach {server}: {err}") from None
 
 
@@ -392,8 +400,7 @@ def metrics_summary(metrics: dict) -> str:
 
 
 def run_add(args) -> int:
-    from newstagger.cli import UsageError
-    from newstagger.model import METRICS_FILE, read_meta
+    from newstagger.model import read_meta, read_metrics
     from training.data import guess_format, parse_data_spec
 
     source = Path(args.folder)
@@ -408,44 +415,29 @@ def run_add(args) -> int:
             raise UsageError(f"--data: no file {path}")
         else:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
-    metrics_path = source / METRICS_FILE
-    recorded = json.loads(metrics_path.read_text(encoding="utf-8")) if metrics_path.is_file() else {}
-    metrics = {where: scores(result) for where, result in recorded.items()}
+    metrics = {where: scores(result) for where, result in read_metrics(source).items()}
     registry = Registry(args.registry)
-    try:
-        with registry.staging() as staged:
-            # Only what serving needs: a training checkpoint holds optimizer pickles.
-            shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
-            entry = registry.register(staged, Entry(version=meta.version, parent=meta.parent_version,
-                                                    data=data, metrics=metrics))
-        print(f"added {entry.version} to {args.registry}")
-        if args.promote:
-            registry.promote(entry.version)
-            print(f"{entry.version} is now in production")
-    except RegistryError as err:
-        raise UsageError(str(err)) from None
+    with registry.staging() as staged:
+        # Only what serving needs: a training checkpoint holds optimizer pickles.
+        shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
+        entry = registry.register(staged, Entry(version=meta.version, parent=meta.parent_version,
+                                                data=data, metrics=metrics))
+    print(f"added {entry.version} to {args.registry}")
+    if args.promote:
+        registry.promote(entry.version)
+        print(f"{entry.version} is now in production")
     return deploy(args, registry.folder(entry.version)) if args.promote else 0
 
 
 def run_promote(args) -> int:
-    from newstagger.cli import UsageError
-
     registry = Registry(args.registry)
-    try:
-        entry = registry.promote(args.version)
-    except RegistryError as err:
-        raise UsageError(str(err)) from None
+    entry = registry.promote(args.version)
     print(f"{entry.version} is now in production")
     return deploy(args, registry.folder(entry.version))
 
 
 def run_rollback(args) -> int:
-    from newstagger.cli import UsageError
-
     registry = Registry(args.registry)
-    try:
-        restored, retired = registry.rollback()
-    except RegistryError as err:
-        raise UsageError(str(err)) from None
+    restored, retired = registry.rollback()
     print(f"rolled back: {restored.version} is in production again ({retired.version} retired)")
     return deploy(args, registry.folder(restored.version))

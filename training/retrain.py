@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import random
 import re
 import shutil
@@ -40,7 +41,7 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
 )
-from .train import TrainConfig, add_config_arguments, config_option, train
+from .train import TrainConfig, add_config_arguments, check_field_types, config_option, train
 
 log = logging.getLogger("newstagger.retrain")
 
@@ -72,7 +73,18 @@ class RetrainConfig:
     seed: int = config_option(13, "seed of the replay sample and of training")
 
     def __post_init__(self):
-        gate_tolerances(self)  # a misspelt --gate fails here, before minutes of training
+        """Settings that cannot work fail here, before minutes of training."""
+        check_field_types(self)
+        problems = [f"{name} must be {rule}, not {getattr(self, name)}" for name, ok, rule in (
+            ("replay_ratio", self.replay_ratio >= 0, "0 or more"),
+            ("epochs", self.epochs is None or self.epochs >= 1, "at least 1"),
+            ("max_steps", self.max_steps is None or self.max_steps >= 0, "0 or more"),
+            ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "positive"),
+            ("threads", self.threads is None or self.threads >= 0, "0 or more"),
+        ) if not ok]
+        if problems:
+            raise ValueError("; ".join(problems))
+        gate_tolerances(self)  # a misspelt --gate too
 
 
 def gate_tolerances(config: RetrainConfig) -> dict[str, float]:
@@ -85,9 +97,12 @@ def gate_tolerances(config: RetrainConfig) -> dict[str, float]:
                              "entities, entities_coarse, topics, AVERAGE micro or macro, SCORE precision, recall "
                              "or f1")
         try:
-            tolerances[metric] = float(tolerance) if tolerance else config.tolerance
+            value = float(tolerance) if tolerance else config.tolerance
         except ValueError:
-            raise ValueError(f"--gate: tolerance of {metric} must be a number, not {tolerance!r}") from None
+            value = math.nan
+        if not math.isfinite(value):  # a NaN tolerance would pass every candidate
+            raise ValueError(f"--gate: tolerance of {metric} must be a finite number, not {tolerance!r}")
+        tolerances[metric] = value
     return tolerances
 
 
@@ -344,10 +359,7 @@ def run(args) -> int:
         config = RetrainConfig(**values)
     except ValueError as err:  # a bad --gate
         raise UsageError(str(err)) from None
-    try:
-        verdict = retrain(config)
-    except RegistryError as err:
-        raise UsageError(str(err)) from None
+    verdict = retrain(config)
     print(json.dumps(verdict, ensure_ascii=False, indent=2))
     if verdict["decision"] != "promoted":
         return 0 if verdict["passed"] else 1

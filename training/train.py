@@ -36,7 +36,7 @@ from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
-from newstagger.model import ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
+from newstagger.model import META_FILE, ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, Window, encode_texts, plan_windows, token_budget_batches
@@ -46,6 +46,34 @@ from .evaluate import evaluate_tagger, public, topic_metrics, tune_entity_thresh
 
 log = logging.getLogger("newstagger.train")
 IGNORE = -100
+
+
+def _finite_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+# What a config field's declared type admits; a config file can say anything.
+FIELD_TYPES = {
+    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a finite number", _finite_number),
+    "bool": ("true or false", lambda v: isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
+    "list[float]": ("a list of finite numbers", lambda v: isinstance(v, list) and all(map(_finite_number, v))),
+}
+
+
+def check_field_types(config) -> None:
+    """ValueError naming each field of a config dataclass whose value is not of its declared type."""
+    problems = []
+    for f in fields(config):
+        declared, optional = f.type.removesuffix(" | None"), f.type.endswith(" | None")
+        words, admits = FIELD_TYPES[declared]
+        value = getattr(config, f.name)
+        if not (admits(value) or (optional and value is None)):
+            problems.append(f"{f.name} must be {words}{' or unset' if optional else ''}, not {value!r}")
+    if problems:
+        raise ValueError("; ".join(problems))
 
 
 def config_option(default, help: str, metavar: str | None = None):
@@ -108,6 +136,7 @@ class TrainConfig:
 
     def __post_init__(self):
         """Settings that cannot work fail here, naming themselves, not minutes into a run."""
+        check_field_types(self)
         problems = [f"{name} must be {rule}, not {getattr(self, name)}" for name, ok, rule in (
             ("epochs", self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
@@ -139,7 +168,13 @@ class TrainConfig:
     def from_file(cls, path: str | Path) -> "TrainConfig":
         path = Path(path)
         raw = path.read_text(encoding="utf-8")
-        values = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
+        try:
+            values = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
+        except ValueError as err:  # TOMLDecodeError and JSONDecodeError both are
+            raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err}); "
+                             f"a config file is .toml or .json") from None
+        if not isinstance(values, dict):
+            raise ValueError(f"{path}: expected a table of settings, got {type(values).__name__}")
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(values) - known)
         if unknown:
@@ -561,6 +596,10 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         # transformers' ways of saying "no such folder or hub model" and "not a model folder"
         except (OSError, ValueError) as err:
             raise UsageError(f"base_model {config.base_model!r} cannot be loaded: {err}") from None
+        except RuntimeError:  # weights of other shapes: a newstagger folder's heads
+            hint = " (a newstagger model folder: continue it with --init-model)" if (
+                Path(config.base_model) / META_FILE).is_file() else ""
+            raise UsageError(f"base_model {config.base_model!r} is not a plain BERT checkpoint{hint}") from None
     if config.lexicon and model.lexicon is None:
         words, source = jieba_words()
         model.attach_lexicon(build_lexicon(words, tokenizer, source))
