@@ -156,7 +156,7 @@ def _best_effort_id(line: str, number: int):
     """The bad line's own id where it can be echoed (UnicodeEncodeError is a ValueError), else `line-N`."""
     with contextlib.suppress(ValueError, AttributeError, RecursionError):
         doc_id = json.loads(line).get("id", f"line-{number}")
-        json.dumps(doc_id, ensure_ascii=False).encode("utf-8")
+        json.dumps(doc_id, ensure_ascii=False, allow_nan=False).encode("utf-8")  # NaN would make the line not JSON
         return doc_id
     return f"line-{number}"
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import threading
+from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
@@ -45,7 +46,7 @@ class FeedbackRequest(BaseModel):
 
     id: DocumentId = Field(description="The story's identifier (string or integer).")
     text: Text = Field(min_length=1, description="The story, exactly as tagged.")
-    topics: list[Text] | None = Field(
+    topics: list[Annotated[Text, Field(min_length=1)]] | None = Field(
         None, description="All topics that apply ([] for none); absent or null: topics not corrected.")
     entities: list[EntityIn] | None = Field(
         None, description="All entity spans, non-overlapping ([] for none); absent or null: entities not corrected.")

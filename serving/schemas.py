@@ -140,7 +140,7 @@ class ReloadRequest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     model: Text | None = Field(
-        None, description="Model folder on the server; default: the folder the server was started with."
+        None, min_length=1, description="Model folder on the server; default: the folder the server was started with."
     )
 
 

@@ -78,11 +78,11 @@ def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path):
 
 def test_record_mode_answers_an_unwritable_id_by_its_line_number(tiny_model_dir, tmp_path):
     source = write_lines(tmp_path / "in.jsonl", ['{"id": "\\ud800", "text": "好的"}', "[" * 100_000,
-                                                 '{"id": "z", "text": "后"}'])
+                                                 '{"id": NaN, "text": "好"}', '{"id": "z", "text": "后"}'])
     target = tmp_path / "out.jsonl"
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
                  "--on-error", "record"]) == 0
-    assert [r["id"] for r in read_results(target)] == ["line-1", "line-2", "z"]
+    assert [r["id"] for r in read_results(target)] == ["line-1", "line-2", "line-3", "z"]
 
 
 def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_model_dir, tmp_path, capsys):
@@ -193,6 +193,12 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tiny_model_dir):
     tagging.stdout.close()
     assert tagging.wait(timeout=120) == 141
     assert b"Traceback" not in tagging.stderr.read()
+
+
+def test_evaluate_refuses_data_without_labels(tiny_model_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "plain.jsonl", ['{"id": "a", "text": "招商引资"}'])
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", f"{source}:internal"]) == 2
+    assert "--data: no labelled documents in" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_a_gold_topic_the_model_does_not_know(tiny_model_dir, tmp_path, capsys):

@@ -167,6 +167,7 @@ def test_the_same_revision_with_other_labels_is_409(client):
     ({"entities": [{"start": 0, "end": 2}]}, ["body", "entities", 0, "type"]),
     ({"topics": ["ecology", "ecology"]}, ["body", "topics"]),
     ({"topics": "ecology"}, ["body", "topics"]),
+    ({"topics": [""]}, ["body", "topics", 0]),
     ({"topics": None, "entities": None}, ["body"]),
     ({"sender": ""}, ["body", "sender"]),
     ({"revision": 0}, ["body", "revision"]),

@@ -475,6 +475,12 @@ def test_reload_swaps_the_model(make_client, second_model_dir):
     assert 'newstagger_model_info{name="tiny",version="0.0.2"} 1.0' in client.get("/metrics").text
 
 
+def test_an_empty_folder_name_is_422_not_a_reload_of_the_default(make_client):
+    client = make_client(admin_token="secret")
+    response = client.post("/v1/admin/reload", json={"model": ""}, headers={"Authorization": "Bearer secret"})
+    assert response.status_code == 422 and response.json()["errors"][0]["loc"] == ["body", "model"]
+
+
 def test_a_folder_that_fails_to_load_leaves_the_old_model_serving(make_client, tmp_path):
     client = make_client(admin_token="secret")
     response = client.post("/v1/admin/reload", json={"model": str(tmp_path)}, headers={"Authorization": "Bearer secret"})

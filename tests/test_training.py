@@ -14,6 +14,7 @@ from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
 from newstagger.crf import BioCrf
+from newstagger.documents import DataError
 from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
@@ -79,6 +80,14 @@ def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
     train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
     history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_a_damaged_checkpoint_is_named_rather_than_a_traceback(tiny_base, tmp_path):
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=1))
+    (output / "checkpoint" / "trainer_state.json").write_text("{")
+    with pytest.raises(DataError, match="cannot be resumed from .*delete it to train afresh"):
+        train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
 
 
 def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_base, tmp_path):

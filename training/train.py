@@ -25,6 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from torch import nn
 from tqdm import tqdm
@@ -462,6 +463,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     if config.threads:
         torch.set_num_threads(config.threads)
     output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file; name a folder for the model")
 
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
@@ -493,7 +496,10 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     best_state = None
     saved = _saved_checkpoint(checkpoint) if config.resume else None
     if saved:
-        state, best_state = _resume(saved, model, optimizer, scheduler, rng)
+        try:
+            state, best_state = _resume(saved, model, optimizer, scheduler, rng)
+        except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged or another run's
+            raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
                      name=config.name, version=config.version,
