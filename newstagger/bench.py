@@ -15,6 +15,7 @@ RSS and how far it has read as it goes.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
 import math
@@ -25,6 +26,7 @@ import random
 import resource
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
@@ -165,7 +167,8 @@ def watch_tag(folder: Path, corpus: Path, seconds: float, threads: int | None) -
 
     command = [sys.executable, "-m", "newstagger.cli", "tag", "--model", str(folder), "-i", str(corpus),
                "-o", os.devnull, *(["--threads", str(threads)] if threads else [])]
-    child = subprocess.Popen(command, stderr=subprocess.DEVNULL)
+    errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child can never block on it
+    child = subprocess.Popen(command, stderr=errors)
     process = psutil.Process(child.pid)
     started = time.monotonic()
     print(f"`newstagger tag` on {corpus} ({corpus.stat().st_size / 1e6:,.0f} MB)")
@@ -173,13 +176,20 @@ def watch_tag(folder: Path, corpus: Path, seconds: float, threads: int | None) -
     try:
         while child.poll() is None and time.monotonic() - started < seconds:
             time.sleep(min(10, seconds / 12))
-            read = next((f.position for f in process.open_files() if f.path == str(corpus.resolve())), 0)
-            peak = _peak_rss_kb(child.pid) / 1024
-            print(f"{time.monotonic() - started:>8.0f}{read / 1e6:>10.1f}{process.memory_info().rss / 2**20:>9.0f}"
-                  f"{peak:>13.0f}", flush=True)
+            with contextlib.suppress(psutil.NoSuchProcess):  # it may end between the checks
+                read = next((f.position for f in process.open_files() if f.path == str(corpus.resolve())), 0)
+                peak = _peak_rss_kb(child.pid) / 1024
+                print(f"{time.monotonic() - started:>8.0f}{read / 1e6:>10.1f}"
+                      f"{process.memory_info().rss / 2**20:>9.0f}{peak:>13.0f}", flush=True)
     finally:
+        ended_by_itself = child.poll() is not None
         child.terminate()
         child.wait()
+    if ended_by_itself and child.returncode:
+        errors.seek(0)
+        last = errors.read().decode(errors="replace").strip().splitlines()[-1:]
+        print(f"`newstagger tag` failed (exit {child.returncode}): {' '.join(last)}", file=sys.stderr)
+        return child.returncode
     return 0
 
 

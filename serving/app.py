@@ -273,7 +273,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        return error_response(422, [_validation_item(e) for e in err.errors()])
+        items = [_validation_item(e) for e in err.errors()]
+        content_type = request.headers.get("content-type", "")
+        if "json" not in content_type and any(item["loc"] == ["body"] for item in items):
+            # FastAPI reads only a JSON body as JSON (curl -d sends a form): say so, not "not an object"
+            items = [{"loc": ["header", "Content-Type"], "type": "content_type",
+                      "msg": f"send the body as JSON with Content-Type: application/json, not {content_type or 'none'}"}]
+        return error_response(422, items)
 
     @app.exception_handler(HTTPException)
     async def http_error(request: Request, err: HTTPException) -> JSONResponse:

@@ -8,6 +8,7 @@ same settings.
 from __future__ import annotations
 
 import os
+import socket
 from pathlib import Path
 
 from newstagger.cli import UsageError
@@ -48,6 +49,19 @@ def run(args) -> int:
     model = settings.model or default_model_dir()
     if not (model / META_FILE).is_file():
         raise UsageError(f"{model} is not a model folder (no {META_FILE}); pass --model or set NEWSTAGGER_MODEL")
+    check_can_listen(settings.host, settings.port)
     uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, log_config=None, access_log=False)
     return 0
+
+
+def check_can_listen(host: str, port: int) -> None:
+    """UsageError when the address cannot be listened on (a port in use, no such interface), said in
+    one line before uvicorn would say it in a log record amid its start-up and shutdown lines."""
+    try:
+        family, kind, protocol, _, address = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0]
+        with socket.socket(family, kind, protocol) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as uvicorn binds
+            probe.bind(address)
+    except OSError as err:
+        raise UsageError(f"cannot listen on {host}:{port}: {err.strerror or err}") from None

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
 
@@ -101,9 +102,14 @@ NO_PYMYSQL = pytest.mark.skipif(importlib.util.find_spec("pymysql") is not None,
     pytest.param("mysql+pymysql://localhost/x",
                  "the database driver for mysql+pymysql is not installed (no module 'pymysql')", marks=NO_PYMYSQL),
     ("not a url", "Could not parse SQLAlchemy URL"),
+    ("sqlite:///{tmp}/other.db", "its 'corrections' table has no created, doc_id"),
+    ("sqlite:///{tmp}/empty.db", "no 'corrections' table: not a newstagger feedback store"),
 ])
 def test_export_from_an_unusable_store_is_a_usage_error(tmp_path, capsys, store, message):
     (tmp_path / "broken.db").write_text("not a database")
+    with sqlite3.connect(tmp_path / "other.db") as other:  # another tool's database
+        other.execute("CREATE TABLE corrections (id INTEGER, note TEXT)")
+    sqlite3.connect(tmp_path / "empty.db").close()
     code = main(["feedback", "export", "--store", store.format(tmp=tmp_path), "-o", str(tmp_path / "x")])
     assert code == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import socket
 import os
 import threading
 import time
@@ -224,9 +225,10 @@ def test_undecodable_json_is_422(client, body):
     assert response.json()["errors"][0]["loc"] == ["body"] and response.json()["detail"].startswith("body: not valid JSON")
 
 
-def test_a_body_that_is_not_json_is_422(client):
+def test_a_body_that_is_not_json_is_422_naming_the_content_type(client):
     response = client.post("/v1/tag", content=b"documents=1", headers={"content-type": "application/x-www-form-urlencoded"})
-    assert response.status_code == 422 and response.json()["errors"][0]["loc"] == ["body"]
+    assert response.status_code == 422 and response.json()["errors"][0]["loc"] == ["header", "Content-Type"]
+    assert "send the body as JSON with Content-Type: application/json" in response.json()["detail"]
 
 
 def test_the_server_answers_normally_after_every_bad_input(client):
@@ -553,12 +555,24 @@ def serve_parser() -> argparse.ArgumentParser:
 def test_serve_passes_flags_to_uvicorn_and_its_workers(tiny_model_dir, monkeypatch):
     ran = {}
     monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: ran.update(app=app, **kwargs))
+    monkeypatch.setattr(command, "check_can_listen", lambda host, port: None)  # port 9123 may be taken here
     args = serve_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--port", "9123", "--workers", "2"])
 
     assert args.handler(args) == 0
     assert ran["app"] == "serving.app:app_from_environment" and ran["factory"] is True
     assert (ran["host"], ran["port"], ran["workers"]) == ("127.0.0.1", 9123, 2)
     assert ServeSettings().model == tiny_model_dir.resolve()  # what each worker process will read
+
+
+def test_serve_refuses_a_port_in_use_in_one_line(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: pytest.fail("uvicorn was started"))
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = serve_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--port", str(port)])
+        with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
+            args.handler(args)
 
 
 def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):

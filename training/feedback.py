@@ -22,7 +22,7 @@ from pathlib import Path
 
 from sqlalchemy import (
     JSON, Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event, func,
-    select,
+    inspect, select,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
@@ -82,16 +82,30 @@ def check_store_url(url: str) -> URL:
 
 
 class FeedbackStore:
-    def __init__(self, url: str = DEFAULT_URL):
+    def __init__(self, url: str = DEFAULT_URL, *, create: bool = True):
+        """Open the store, creating its table where there is none; with `create=False` (reading
+        someone's database) a missing or different `corrections` table is a ValueError instead."""
         self.engine = create_engine(url)
         if self.engine.dialect.name == "sqlite":
             database = self.engine.url.database
-            if database and database != ":memory:":
+            if create and database and database != ":memory:":
                 Path(database).parent.mkdir(parents=True, exist_ok=True)
             event.listen(self.engine, "connect", _sqlite_pragmas)
+        if not create:
+            self._check_table()
+            return
         with self.engine.begin() as connection:
             # IF NOT EXISTS: several server workers may open the same new database at once.
             connection.execute(CreateTable(corrections, if_not_exists=True))
+
+    def _check_table(self) -> None:
+        inspector = inspect(self.engine)
+        if not inspector.has_table(corrections.name):
+            raise ValueError(f"no '{corrections.name}' table: not a newstagger feedback store")
+        missing = set(corrections.columns.keys()) - {c["name"] for c in inspector.get_columns(corrections.name)}
+        if missing:
+            raise ValueError(f"its '{corrections.name}' table has no {', '.join(sorted(missing))}: not a newstagger "
+                             f"feedback store")
 
     def add(self, correction: Correction) -> bool:
         """Store a correction: True if stored now, False if this exact one was stored before.
@@ -182,9 +196,11 @@ def run_export(args) -> int:
             raise UsageError(f"--store: no feedback database at {parsed.database or 'an in-memory URL'}")
         refuse_overwriting(args.output, [parsed.database])
     try:
-        store = FeedbackStore(url)
+        store = FeedbackStore(url, create=False)
     except DatabaseError as err:  # unreachable server, a file that is not a database, ...
         raise UsageError(f"--store: cannot open {parsed.render_as_string()}: {err.orig}") from None
+    except ValueError as err:
+        raise UsageError(f"--store: {parsed.render_as_string()}: {err}") from None
     written = write_jsonl(store.latest_documents(), args.output)
     print(f"wrote {written} documents ({store.count()} corrections stored) to {args.output}",
           file=sys.stderr if args.output == "-" else sys.stdout)
