@@ -76,8 +76,8 @@ class TaggingService:
         try:
             tagger = await asyncio.to_thread(self._load_tagger, self.settings.model)
         except Exception as err:
-            self.load_error = f"the model failed to load: {err}; fix it and restart, or load one with " \
-                              f"POST /v1/admin/reload"
+            self.load_error = (f"the model failed to load: {err}; fix it and restart, or load one with "
+                               f"POST /v1/admin/reload")
             logger.exception("could not load the model from %s", self.settings.model or "the default folder")
             return
         self._start_serving(tagger)
