@@ -308,6 +308,12 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path):
         TrainConfig.from_file(tmp_path / "list.json")
 
 
+def test_a_config_files_train_weights_may_count_the_sources_flags_give(tmp_path):
+    (tmp_path / "weights.toml").write_text("train_weights = [1.0, 0.5]\n")
+    config = TrainConfig.from_file(tmp_path / "weights.toml", train=["a.jsonl", "b.bio"])
+    assert config.train_weights == [1.0, 0.5]
+
+
 def test_train_weights_must_match_the_train_sources(tiny_base, tmp_path):
     with pytest.raises(ValueError, match=r"train_weights must be one weight per train source \(1\)"):
         tiny_train_config(tiny_base, tmp_path / "model", train_weights=[1.0, 0.5])

@@ -122,11 +122,13 @@ class FeedbackStore:
         except IntegrityError:
             pass  # the unique (doc_id, revision) pair: stored before, by this client or another
         with self.engine.connect() as connection:
-            stored = connection.execute(
+            stored = dict(connection.execute(
                 select(corrections.c.text, corrections.c.topics, corrections.c.entities).where(
                     corrections.c.doc_id == row["doc_id"], corrections.c.revision == correction.revision)
-            ).one()
-        if dict(stored._mapping) != {k: row[k] for k in ("text", "topics", "entities")}:
+            ).one()._mapping)
+        if stored["topics"] is not None:  # rows stored before topics were kept sorted
+            stored["topics"] = sorted(stored["topics"])
+        if stored != {k: row[k] for k in ("text", "topics", "entities")}:
             raise CorrectionConflict(
                 f"document {row['doc_id']!r} revision {correction.revision} is already stored with other "
                 f"content; send the new content as a higher revision")

@@ -327,7 +327,10 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
     meta = start.meta
     known = {f.name for f in fields(TrainConfig)}
     recorded = {k: v for k, v in meta.training.get("config", {}).items() if k in known}
-    recipe = TrainConfig(**recorded) if recorded else TrainConfig(max_length=meta.max_length, stride=meta.stride)
+    try:
+        recipe = TrainConfig(**recorded) if recorded else TrainConfig(max_length=meta.max_length, stride=meta.stride)
+    except ValueError as err:  # a hand-edited newstagger.json
+        raise DataError(f"{start_folder}: its recorded training settings cannot be used: {err}") from None
     overrides = {name: getattr(config, name) for name in ("epochs", "max_steps", "learning_rate", "threads")
                  if getattr(config, name) is not None}
     # The new and replayed documents come as two pooled sets, so per-file weights of the recipe do not apply.

@@ -166,7 +166,9 @@ class TrainConfig:
             raise ValueError("; ".join(problems))
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "TrainConfig":
+    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
+        """The settings of a TOML or JSON file with `overrides` (command-line flags) over them, checked
+        once merged: the file's train_weights may count sources that flags give."""
         path = Path(path)
         raw = path.read_text(encoding="utf-8")
         try:
@@ -180,7 +182,7 @@ class TrainConfig:
         unknown = sorted(set(values) - known)
         if unknown:
             raise ValueError(f"{path}: unknown setting(s) {unknown}")
-        return cls(**values)
+        return cls(**{**values, **overrides})
 
 
 # --------------------------------------------------------------------------- data to tensors
@@ -768,9 +770,8 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class=TrainConf
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    config = TrainConfig.from_file(args.config) if args.config else TrainConfig()
     overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    return TrainConfig(**{**asdict(config), **overrides})
+    return TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
 
 
 def register(subparsers) -> None:
