@@ -12,6 +12,8 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import shutil
+import sys
 import warnings
 from datetime import datetime, timezone
 from pathlib import Path
@@ -44,36 +46,59 @@ def register(subparsers) -> None:
 def run(args) -> int:
     from .tagger import default_model_dir
 
-    record = export_onnx(Path(args.model or default_model_dir()), quantize=args.quantize)
+    try:
+        record = export_onnx(Path(args.model or default_model_dir()), quantize=args.quantize)
+    except ExportError as err:
+        print(f"newstagger export: error: {err}", file=sys.stderr)
+        return 1
     for precision, entry in record["files"].items():
         print(f"{precision}: {entry['path']} ({entry['bytes'] / 1e6:.1f} MB)")
     print(f"next: `newstagger check --model {args.model or default_model_dir()}` records how far they agree with fp32")
     return 0
 
 
+class ExportError(RuntimeError):
+    """The exported graph cannot be used; the folder keeps what it had."""
+
+
 def export_onnx(folder: Path, quantize: str | None = None) -> dict:
-    """Export, optimize, verify and optionally quantize; returns (and writes) the export record."""
+    """Export, optimize, verify and optionally quantize; returns (and writes) the export record.
+
+    Everything is written into a staging folder that replaces `onnx/` only once the graphs passed
+    verification, so a failed or interrupted export never leaves graphs for `--backend onnx` to use.
+    """
     model, _, _, _ = load_model_folder(folder)
     # ORT's BERT optimizer recognises (and fuses) attention only in the eager formulation.
     model.set_attn_implementation("eager")
-    out = folder / ONNX_DIR
-    out.mkdir(exist_ok=True)
-    fp32_path, int8_path = onnx_path(folder, "fp32"), onnx_path(folder, "int8")
-    raw_path = out / "model.unoptimized.onnx"
+    # Checks recorded for an earlier export say nothing about the graphs written from here on.
+    drop_agreement(folder, [f"onnx-{p}" for p in ("fp32", "int8")])
+    out, staging = folder / ONNX_DIR, folder / f"{ONNX_DIR}.partial"
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
     try:
+        precisions = ["fp32", "int8"] if quantize == "int8" else ["fp32"]
+        files = {p: staging / onnx_path(folder, p).name for p in precisions}
+        raw_path = staging / "model.unoptimized.onnx"
         inputs = _trace(model, raw_path)
-        fused = _optimize(raw_path, fp32_path, model.config)
+        fused = _optimize(raw_path, files["fp32"], model.config)
+        raw_path.unlink()
+        max_difference = _verify(model, files["fp32"])
+        if quantize == "int8":
+            _quantize(files["fp32"], files["int8"])
+        written = {p: {"path": str(onnx_path(folder, p).relative_to(folder)), "bytes": f.stat().st_size}
+                   for p, f in files.items()}
+        record = _export_record(written, inputs, fused, max_difference)
+        (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
+        shutil.rmtree(out, ignore_errors=True)
+        staging.rename(out)
     finally:
-        raw_path.unlink(missing_ok=True)
-    max_difference = _verify(model, fp32_path)
-    files = {"fp32": fp32_path}
-    if quantize == "int8":
-        _quantize(fp32_path, int8_path)
-        files["int8"] = int8_path
-    else:
-        int8_path.unlink(missing_ok=True)  # made from an earlier export: no longer what export.json describes
+        shutil.rmtree(staging, ignore_errors=True)
+    logger.info("exported %s", ", ".join(str(onnx_path(folder, p)) for p in precisions))
+    return record
 
-    record = {
+
+def _export_record(files: dict[str, dict], inputs: list[str], fused: dict[str, int], max_difference: float) -> dict:
+    return {
         "exported": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "format": "onnx",
         "opset": OPSET,
@@ -81,15 +106,10 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
         "outputs": ["topic_logits float32 [batch, topics]", "tag_log_probs float32 [batch, sequence, tags]"],
         "fused_operators": fused,
         "fp32_max_abs_difference_vs_torch": max_difference,
-        "files": {p: {"path": str(f.relative_to(folder)), "bytes": f.stat().st_size} for p, f in files.items()},
+        "files": files,
         "torch": torch.__version__,
         "onnxruntime": _ort_version(),
     }
-    (out / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
-    # Checks recorded for an earlier export say nothing about these graphs.
-    drop_agreement(folder, [f"onnx-{p}" for p in ("fp32", "int8")])
-    logger.info("exported %s", ", ".join(str(f) for f in files.values()))
-    return record
 
 
 def _example_inputs(model) -> tuple[torch.Tensor, ...]:
@@ -132,8 +152,8 @@ def _optimize(source: Path, target: Path, config) -> dict[str, int]:
     with _quiet_logging():
         optimized = optimizer.optimize_model(str(source), model_type="bert", num_heads=config.num_attention_heads,
                                              hidden_size=config.hidden_size, opt_level=0)
-    optimized.save_model_to_file(str(target))
-    return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
+        optimized.save_model_to_file(str(target))
+        return {op: count for op, count in optimized.get_fused_operator_statistics().items() if count}
 
 
 def _verify(model, path: Path) -> float:
@@ -147,7 +167,8 @@ def _verify(model, path: Path) -> float:
     got = OnnxBackend(path, "fp32", threads=1, lexicon=model.lexicon)(*arrays)
     difference = max(float(np.abs(e - g).max()) for e, g in zip(expected, got))
     if difference > EXPORT_TOLERANCE:
-        raise RuntimeError(f"the exported graph disagrees with PyTorch by {difference:.2e}; not using it")
+        raise ExportError(f"the exported graph disagrees with PyTorch by {difference:.2e}; not using it "
+                          f"(the folder keeps what it had)")
     return difference
 
 

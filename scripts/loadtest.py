@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import math
 import os
 import random
 import socket
@@ -68,7 +69,7 @@ class Run:
         if not self.latencies:
             return float("nan")
         ordered = sorted(self.latencies)
-        return 1000 * ordered[min(len(ordered) - 1, max(0, round(q / 100 * len(ordered)) - 1))]
+        return 1000 * ordered[min(len(ordered) - 1, max(0, math.ceil(q / 100 * len(ordered)) - 1))]
 
 
 def make_stories(count: int, chars: int, seed: int = 7) -> list[str]:

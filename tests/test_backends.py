@@ -104,6 +104,16 @@ def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir
     assert "onnx-int8" not in json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["agreement"]
 
 
+def test_a_failed_export_leaves_the_folder_as_it_was(exported_dir, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    before = {path.name: path.read_bytes() for path in (folder / "onnx").iterdir()}
+    monkeypatch.setattr("newstagger.export.EXPORT_TOLERANCE", -1.0)  # as if the trace had gone wrong
+    assert main(["export", "--model", str(folder), "--quantize", "int8"]) == 1
+    assert "disagrees with PyTorch" in capsys.readouterr().err
+    assert {path.name: path.read_bytes() for path in (folder / "onnx").iterdir()} == before
+    assert not (folder / "onnx.partial").exists()
+
+
 def test_auto_falls_back_to_torch_when_there_is_no_export(model_copy):
     model = load_model_folder(model_copy)[0]
     backend = make_backend(model_copy, model, device="cpu")
