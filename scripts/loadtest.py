@@ -35,6 +35,8 @@ from urllib.parse import urlsplit
 
 import httpx
 
+from newstagger.cli import positive_int
+
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SENTENCES = [
     "杭州市西湖区今天上午召开垃圾分类工作推进会，区城管局负责人介绍了下一阶段的工作安排。",
@@ -176,10 +178,10 @@ def free_loopback_port() -> int:
         return probe.getsockname()[1]
 
 
-def start_server(model: Path, port: int, env_overrides: list[str]) -> subprocess.Popen:
+def start_server(model: Path, port: int, env_overrides: list[tuple[str, str]]) -> subprocess.Popen:
     """What `newstagger serve` runs (the same uvicorn app factory), bound to loopback."""
     env = {**os.environ, "NEWSTAGGER_MODEL": str(model.resolve()), "NEWSTAGGER_LOG_FORMAT": "json",
-           **dict(item.split("=", 1) for item in env_overrides)}
+           **dict(env_overrides)}
     command = [sys.executable, "-m", "uvicorn", "serving.app:app_from_environment", "--factory",
                "--host", "127.0.0.1", "--port", str(port), "--no-access-log", "--log-level", "warning"]
     return subprocess.Popen(command, env=env, cwd=Path(__file__).resolve().parents[1],
@@ -200,24 +202,34 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float) -> None:
     sys.exit(f"the server was not ready within {seconds:.0f} s")
 
 
+def setting(text: str) -> tuple[str, str]:
+    """argparse type of --server-env: NAME=VALUE."""
+    name, equals, value = text.partition("=")
+    if not (name and equals):
+        raise argparse.ArgumentTypeError(f"expected NAME=VALUE, not {text!r}")
+    return name, value
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     target = parser.add_mutually_exclusive_group(required=True)
     target.add_argument("--model", type=Path, help="start a server on loopback for this model folder")
     target.add_argument("--url", help="a running server, on loopback")
     parser.add_argument("--mode", choices=("compare", "batch", "clients"), default="compare")
-    parser.add_argument("--clients", type=int, default=16, help="concurrent clients (default: 16)")
-    parser.add_argument("--stories", type=int, default=64, help="distinct stories (default: 64)")
-    parser.add_argument("--story-chars", type=int, default=600, help="characters per story (default: 600)")
+    parser.add_argument("--clients", type=positive_int, default=16, help="concurrent clients (default: 16)")
+    parser.add_argument("--stories", type=positive_int, default=64, help="distinct stories (default: 64)")
+    parser.add_argument("--story-chars", type=positive_int, default=600, help="characters per story (default: 600)")
     parser.add_argument("--stories-file", type=Path, help="JSONL of {\"text\"} to use instead")
-    parser.add_argument("--rounds", type=int, default=3, help="times each mode sends every story (default: 3)")
+    parser.add_argument("--rounds", type=positive_int, default=3, help="times each mode sends every story (default: 3)")
     parser.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long (default: 300)")
-    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE",
+    parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", type=setting,
                         help="setting for the started server, e.g. NEWSTAGGER_BATCH_WAIT_MS=2 (repeatable)")
     args = parser.parse_args()
 
     stories = (read_stories(args.stories_file, args.stories) if args.stories_file
                else make_stories(args.stories, args.story_chars))
+    if not stories:
+        sys.exit(f"no stories in {args.stories_file}")
     server = None
     if args.model:
         port = free_loopback_port()
