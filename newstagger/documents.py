@@ -111,10 +111,15 @@ def unpaired_surrogate(value: str) -> int | None:
     return None
 
 
-def not_utf8(where: str, err: UnicodeDecodeError) -> DataError:
-    """The error for input that is not UTF-8 (newsroom files are often GBK), naming the first bad byte."""
-    return DataError(f"{where}: not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); convert it, "
-                     f"e.g. iconv -f GBK -t UTF-8")
+@contextlib.contextmanager
+def utf8_only(where: str):
+    """Reading inside this block: input that is not UTF-8 (newsroom files are often GBK) is a
+    DataError naming `where` and the first bad byte."""
+    try:
+        yield
+    except UnicodeDecodeError as err:
+        raise DataError(f"{where}: not UTF-8 (byte 0x{err.object[err.start]:02x} cannot be decoded); convert it, "
+                        f"e.g. iconv -f GBK -t UTF-8") from None
 
 
 def check_encodable(value: object, field: str, where: str) -> None:

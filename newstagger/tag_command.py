@@ -20,7 +20,7 @@ from typing import IO
 from tqdm import tqdm
 
 from .cli import UsageError, check_fraction, positive_int, refuse_overwriting
-from .documents import DataError, check_encodable, id_and_text, json_object, not_utf8
+from .documents import DataError, check_encodable, id_and_text, json_object, utf8_only
 
 
 def register(subparsers) -> None:
@@ -145,10 +145,8 @@ def _decoded(line: str | bytes, number: int) -> str:
     """The line as text. Files are read as bytes so that a line that is not UTF-8 is an error of that
     line alone; a byte-order mark (Windows tools write one) before the first line is dropped."""
     if isinstance(line, bytes):
-        try:
+        with utf8_only(f"line {number}"):
             line = line.decode("utf-8")
-        except UnicodeDecodeError as err:
-            raise not_utf8(f"line {number}", err) from None
     return line.removeprefix("\ufeff") if number == 1 else line
 
 

@@ -27,13 +27,12 @@ import json
 import logging
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator
-from contextlib import contextmanager
 from functools import partial
 from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
-from newstagger.documents import DataError, Document, Span, json_object, not_utf8, validate
+from newstagger.documents import DataError, Document, Span, json_object, utf8_only, validate
 
 if TYPE_CHECKING:
     import datasets
@@ -177,17 +176,8 @@ def read_documents(
     format = format or guess_format(path)
     if format not in _READERS:
         raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
-    with _utf8_only(path):
+    with utf8_only(str(path)):
         return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
-
-
-@contextmanager
-def _utf8_only(path):
-    """A file that is not UTF-8 is a DataError naming it (newsroom files are often GBK)."""
-    try:
-        yield
-    except UnicodeDecodeError as err:
-        raise not_utf8(str(path), err) from None
 
 
 def guess_format(path: str | Path) -> str:
@@ -201,7 +191,7 @@ def guess_format(path: str | Path) -> str:
             return "hf"
         raise DataError(f"{path} is a folder, not a data file or a saved Hugging Face dataset")
     undecided = None
-    with _utf8_only(path):
+    with utf8_only(str(path)):
         for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
             if index == 0 and line.lstrip().startswith("["):
                 return "labelstudio"
