@@ -41,7 +41,7 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
 )
-from .train import TrainConfig, add_config_arguments, check_field_types, config_option, train
+from .train import TrainConfig, add_config_arguments, check_field_types, check_rules, config_option, train
 
 log = logging.getLogger("newstagger.retrain")
 
@@ -75,15 +75,13 @@ class RetrainConfig:
     def __post_init__(self):
         """Settings that cannot work fail here, before minutes of training."""
         check_field_types(self)
-        problems = [f"{name} must be {rule}, not {getattr(self, name)}" for name, ok, rule in (
+        check_rules(self, (
             ("replay_ratio", self.replay_ratio >= 0, "0 or more"),
             ("epochs", self.epochs is None or self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps is None or self.max_steps >= 0, "0 or more"),
             ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "positive"),
             ("threads", self.threads is None or self.threads >= 0, "0 or more"),
-        ) if not ok]
-        if problems:
-            raise ValueError("; ".join(problems))
+        ))
         gate_tolerances(self)  # a misspelt --gate too
 
 

@@ -77,6 +77,13 @@ def check_field_types(config) -> None:
         raise ValueError("; ".join(problems))
 
 
+def check_rules(config, rules) -> None:
+    """ValueError naming each (field, holds, rule) of a config dataclass whose rule does not hold."""
+    problems = [f"{name} must be {rule}, not {getattr(config, name)}" for name, holds, rule in rules if not holds]
+    if problems:
+        raise ValueError("; ".join(problems))
+
+
 def config_option(default, help: str, metavar: str | None = None):
     """A config dataclass field with its help text (shown by --help); `list` as default: an empty list."""
     metadata = {"help": help, "metavar": metavar}
@@ -138,7 +145,7 @@ class TrainConfig:
     def __post_init__(self):
         """Settings that cannot work fail here, naming themselves, not minutes into a run."""
         check_field_types(self)
-        problems = [f"{name} must be {rule}, not {getattr(self, name)}" for name, ok, rule in (
+        check_rules(self, (
             ("epochs", self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
             ("max_length", 8 <= self.max_length, "at least 8"),
@@ -161,9 +168,7 @@ class TrainConfig:
              f"one weight per train source ({len(self.train)})"),
             ("patience", self.patience >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
-        ) if not ok]
-        if problems:
-            raise ValueError("; ".join(problems))
+        ))
 
     @classmethod
     def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
