@@ -102,31 +102,20 @@ def tags_to_spans(
     text: str,
     schema: LabelSchema,
 ) -> list[dict]:
-    """Entity dicts {start, end, type, text, score} from a valid BIO sequence over tokens.
+    """Entity dicts {start, end, type, text, score} from a BIO sequence over tokens.
 
     `tag_probs` is the probability of each chosen tag (see `Tagger.tag_confidences`); a span's
     score is their mean (`span_score`).
     """
-    if len(tags) == 0:
-        return []
-    is_begin = tags % 2 == 1
-    not_inside = np.flatnonzero((tags == 0) | is_begin)
-    begins = np.flatnonzero(is_begin)
-    boundaries = np.append(not_inside, len(tags))
-    ends = boundaries[np.searchsorted(boundaries, begins, side="right")]
-    entities = []
-    for b, e in zip(begins.tolist(), ends.tolist()):
-        start, end = int(offsets[b, 0]), int(offsets[e - 1, 1])
-        entities.append(
-            {
-                "start": start,
-                "end": end,
-                "type": schema.entity_types[(int(tags[b]) - 1) // 2],
-                "text": text[start:end],
-                "score": span_score(tag_probs, b, e),
-            }
-        )
-    return entities
+    return [{"start": start, "end": end, "type": schema.entity_types[kind], "text": text[start:end], "score": score}
+            for start, end, kind, score in char_spans(tags, tag_probs, offsets)]
+
+
+def char_spans(tags: np.ndarray, tag_probs: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int, int, float]]:
+    """(start, end, type index, score) in characters of each span of a BIO sequence over tokens
+    (`lenient_spans`); `offsets` are the tokens' character offsets."""
+    return [(int(offsets[b, 0]), int(offsets[e - 1, 1]), kind, span_score(tag_probs, b, e))
+            for b, e, kind in lenient_spans(tags)]
 
 
 def span_score(tag_probs: np.ndarray, begin: int, end: int) -> float:
@@ -136,11 +125,11 @@ def span_score(tag_probs: np.ndarray, begin: int, end: int) -> float:
 
 
 def lenient_spans(tags: np.ndarray) -> list[tuple[int, int, int]]:
-    """(begin, end, type index) token spans of a possibly invalid BIO sequence.
+    """(begin, end, type index) token spans of a BIO sequence, valid or not.
 
-    Evaluation reads both decoders' paths with it, so the constrained decoder can be compared
-    with naive argmax decoding: an I- tag that does not continue a span of its type opens a new
-    span, as naive decoders do; a valid path is read exactly.
+    A valid path (the Viterbi decoders' output) is read exactly; on an invalid one (naive argmax
+    decoding, which evaluation compares against) an I- tag that does not continue a span of its
+    type opens a new span, as naive decoders do.
     """
     spans: list[tuple[int, int, int]] = []
     for t, tag in enumerate(tags.tolist()):

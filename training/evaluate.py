@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
+from dataclasses import dataclass, field
 
 import numpy as np
 from seqeval.metrics import classification_report
@@ -18,12 +19,13 @@ from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
 from newstagger.cli import UsageError, check_fraction, refuse_overwriting
-from newstagger.decoding import lenient_spans, span_score
+from newstagger.decoding import char_spans
 from newstagger.documents import DataError, Document
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 
 DECODINGS = ("viterbi", "argmax")
+BATCH_DOCUMENTS = 256  # per tagger call: bounds the memory of the window batches
 
 
 def char_iob2(length: int, spans: Sequence[tuple[int, int, str]]) -> list[str]:
@@ -112,24 +114,29 @@ def coarse_spans(spans: list[tuple[int, int, str]], schema: LabelSchema) -> list
             if t in schema.coarse or t in schema.coarse_only_types]
 
 
-def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: str = "viterbi",
-                    thresholds: dict[str, float] | None = None, entity_threshold: float | None = None,
-                    batch_docs: int = 256, show_progress: bool = True) -> dict:
-    """Metrics of a tagger on labelled documents; also returns the raw scores behind them.
+@dataclass
+class Predictions:
+    """A tagger's uncut predictions on labelled documents, what their metrics and the tuning of
+    cuts are computed from: for the documents labelled for entities, gold spans, predicted spans
+    with their scores and text lengths; for those labelled for topics, gold rows and probabilities."""
 
-    Documents labelled for one task only count for that task only. Entities are cut at
-    `entity_threshold` (default: the model's) as `tag` cuts them. The result's `_topic_probs` and
-    `_topic_gold` (arrays) and `_entity_spans` (gold, scored predictions, lengths) are not JSON;
-    they let the caller tune thresholds without a second pass.
-    """
+    gold_spans: list[list[tuple[int, int, str]]] = field(default_factory=list)
+    predicted_spans: list[list[tuple[int, int, str, float]]] = field(default_factory=list)
+    lengths: list[int] = field(default_factory=list)
+    topic_gold: np.ndarray | None = None
+    topic_probs: np.ndarray | None = None
+
+
+def predict_documents(tagger: Tagger, documents: Sequence[Document], decoding: str = "viterbi",
+                      show_progress: bool = True) -> Predictions:
+    """Run the tagger over labelled documents; one labelled for one task only counts for that task only."""
     schema = tagger.schema
     topic_index = {t: k for k, t in enumerate(schema.topics)}
-    gold_spans, predicted_spans, lengths = [], [], []
-    topic_gold, topic_probs = [], []
+    predictions, topic_gold, topic_probs = Predictions(), [], []
     progress = tqdm(total=len(documents), desc=f"evaluating ({decoding})", unit="doc",
                     disable=not show_progress, file=sys.stderr)
-    for first in range(0, len(documents), batch_docs):
-        batch = documents[first : first + batch_docs]
+    for first in range(0, len(documents), BATCH_DOCUMENTS):
+        batch = documents[first : first + BATCH_DOCUMENTS]
         probs, log_probs, encoded = tagger.score([doc.text for doc in batch])
         # Only documents labelled for entities are decoded: topic-only ones are long report paragraphs.
         labelled = [i for i, doc in enumerate(batch) if doc.entities is not None]
@@ -137,11 +144,11 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
         paths = (tagger.best_paths(entity_log_probs) if decoding == "viterbi"
                  else [lp.argmax(1) for lp in entity_log_probs])
         for i, path, confidence in zip(labelled, paths, tagger.tag_confidences(entity_log_probs, paths)):
-            doc, offsets = batch[i], encoded[i].offsets
-            predicted_spans.append([(int(offsets[b, 0]), int(offsets[e - 1, 1]), schema.entity_types[k],
-                                     span_score(confidence, b, e)) for b, e, k in lenient_spans(path)])
-            gold_spans.append([(s.start, s.end, s.type) for s in doc.entities])
-            lengths.append(len(doc.text))
+            doc = batch[i]
+            predictions.predicted_spans.append([(s, e, schema.entity_types[k], score)
+                                                for s, e, k, score in char_spans(path, confidence, encoded[i].offsets)])
+            predictions.gold_spans.append([(s.start, s.end, s.type) for s in doc.entities])
+            predictions.lengths.append(len(doc.text))
         for doc, doc_probs in zip(batch, probs):
             if doc.topics is not None:
                 row = np.zeros(len(schema.topics), dtype=np.int64)
@@ -150,19 +157,32 @@ def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: 
                 topic_probs.append(doc_probs)
         progress.update(len(batch))
     progress.close()
-
-    metrics: dict = {"decoding": decoding}
-    if gold_spans:
-        cut = tagger.meta.entity_threshold if entity_threshold is None else entity_threshold
-        metrics.update(scored_entity_metrics(gold_spans, predicted_spans, lengths, schema, cut))
-        metrics["_entity_spans"] = gold_spans, predicted_spans, lengths
     if topic_gold:
-        gold = np.stack(topic_gold)
-        probs = np.stack(topic_probs)
-        cut = np.array([(thresholds or {}).get(t, tagger.meta.threshold(t)) for t in schema.topics])
-        metrics["topics"] = topic_metrics(gold, probs, cut, schema.topics)
-        metrics["_topic_gold"], metrics["_topic_probs"] = gold, probs
+        predictions.topic_gold, predictions.topic_probs = np.stack(topic_gold), np.stack(topic_probs)
+    return predictions
+
+
+def prediction_metrics(predictions: Predictions, tagger: Tagger, decoding: str = "viterbi",
+                       entity_threshold: float | None = None) -> dict:
+    """The metrics JSON of the tagger's predictions, in its labels: entities cut at `entity_threshold`
+    (default: the model's, as `tag` cuts them), topics at the model's thresholds."""
+    schema, meta = tagger.schema, tagger.meta
+    metrics: dict = {"decoding": decoding}
+    if predictions.gold_spans:
+        cut = meta.entity_threshold if entity_threshold is None else entity_threshold
+        metrics.update(scored_entity_metrics(predictions.gold_spans, predictions.predicted_spans,
+                                             predictions.lengths, schema, cut))
+    if predictions.topic_gold is not None:
+        cuts = [meta.threshold(t) for t in schema.topics]
+        metrics["topics"] = topic_metrics(predictions.topic_gold, predictions.topic_probs, cuts, schema.topics)
     return metrics
+
+
+def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: str = "viterbi",
+                    entity_threshold: float | None = None, show_progress: bool = True) -> dict:
+    """Metrics of a tagger on labelled documents (see `predict_documents` and `prediction_metrics`)."""
+    return prediction_metrics(predict_documents(tagger, documents, decoding, show_progress), tagger, decoding,
+                              entity_threshold)
 
 
 def scored_entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: list[list[tuple[int, int, str, float]]],
@@ -204,11 +224,6 @@ def tune_entity_threshold(gold: list[list[tuple[int, int, str]]], predicted: lis
     return best
 
 
-def public(metrics: dict) -> dict:
-    """The JSON-safe part of evaluate_tagger's result."""
-    return {k: v for k, v in metrics.items() if not k.startswith("_")}
-
-
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score a model on labelled data (JSON out)")
     parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
@@ -241,8 +256,7 @@ def run(args) -> int:
         if tagger.topic_lexical is None:
             raise UsageError("--topic-blend: this model folder has no lexical topic model")
         tagger.topic_lexical.weight = args.topic_blend
-    result = json.dumps(public(evaluate_tagger(tagger, documents, decoding=args.decoding,
-                                                       entity_threshold=entity_threshold)),
+    result = json.dumps(evaluate_tagger(tagger, documents, decoding=args.decoding, entity_threshold=entity_threshold),
                         ensure_ascii=False, indent=2)
     print(result)
     if args.output:

@@ -36,7 +36,7 @@ from newstagger.documents import DataError, Document
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 
-from .evaluate import evaluate_tagger, public
+from .evaluate import evaluate_tagger
 from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
@@ -260,12 +260,12 @@ def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[Document]) -> 
     A candidate that grew new labels is seen through the baseline's schema, so that a new label,
     hard to learn from a few examples, neither sinks the comparison nor lifts it.
     """
-    candidate_all_labels = public(evaluate_tagger(candidate, gold))
+    candidate_all_labels = evaluate_tagger(candidate, gold)
     if candidate.schema == baseline.schema or not _extends(candidate.schema, baseline.schema):
-        return candidate_all_labels, public(evaluate_tagger(baseline, gold)), candidate_all_labels
+        return candidate_all_labels, evaluate_tagger(baseline, gold), candidate_all_labels
     shared = _only_labels_of(baseline.schema, gold)
-    return (public(evaluate_tagger(KnownLabelsView(candidate, baseline.schema), shared)),
-            public(evaluate_tagger(baseline, shared)), candidate_all_labels)
+    return (evaluate_tagger(KnownLabelsView(candidate, baseline.schema), shared),
+            evaluate_tagger(baseline, shared), candidate_all_labels)
 
 
 class KnownLabelsView:

@@ -43,7 +43,8 @@ from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, Window, encode_texts, plan_windows, token_budget_batches
 
 from .data import corpus_stats, parse_data_spec, read_documents, split_validation
-from .evaluate import evaluate_tagger, public, topic_metrics, tune_entity_threshold, tune_thresholds
+from .evaluate import (evaluate_tagger, predict_documents, prediction_metrics, topic_metrics, tune_entity_threshold,
+                       tune_thresholds)
 
 log = logging.getLogger("newstagger.train")
 IGNORE = -100
@@ -565,14 +566,13 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "crf": model.crf is not None,
         **({"topic_blend": topic_blend} if topic_blend else {}),
     }
-    final = public(metrics)
-    save_model_folder(output, model, tokenizer, meta, metrics={"validation": final})
+    save_model_folder(output, model, tokenizer, meta, metrics={"validation": metrics})
     if topic_lexical is not None and topic_lexical.weight > 0:
         topic_lexical.save(output)
     else:
         lexical.remove(output)  # a folder saved over must not keep an older run's component
-    log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(final))
-    return output, final
+    log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
+    return output, metrics
 
 
 def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
@@ -680,14 +680,18 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     topic thresholds chosen on them (set in `tagger.meta`); returns (metrics, lexical topic model or
     None, blend report)."""
     meta, schema = tagger.meta, tagger.schema
-    metrics = evaluate_tagger(tagger, valid_docs) if valid_docs else {}
-    if "_entity_spans" in metrics:
-        meta.entity_threshold, entity_metrics = tune_entity_threshold(*metrics["_entity_spans"], schema)
+    if not valid_docs:
+        return {}, None, {}
+    predictions = predict_documents(tagger, valid_docs)
+    metrics = prediction_metrics(predictions, tagger)
+    if predictions.gold_spans:
+        meta.entity_threshold, entity_metrics = tune_entity_threshold(
+            predictions.gold_spans, predictions.predicted_spans, predictions.lengths, schema)
         metrics.update(entity_metrics)
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
-    if "topics" in metrics:
-        gold, topic_probs = metrics["_topic_gold"], metrics["_topic_probs"]
+    if predictions.topic_gold is not None:
+        gold, topic_probs = predictions.topic_gold, predictions.topic_probs
         if config.topic_lexical and len(topic_train_docs) >= 2:  # its vocabulary keeps n-grams of 2+ documents
             valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of gold
             topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
