@@ -36,7 +36,6 @@ class Document:
     topics: list[str] | None = None
     entities: list[Span] | None = None
     group: str | None = None
-    extra: dict = field(default_factory=dict, compare=False)
 
     def to_dict(self) -> dict:
         out: dict = {"id": self.id, "text": self.text}

@@ -67,7 +67,7 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
     Everything is written into a staging folder that replaces `onnx/` only once the graphs passed
     verification, so a failed or interrupted export never leaves graphs for `--backend onnx` to use.
     """
-    model, _, _, _ = load_model_folder(folder)
+    model = load_model_folder(folder)[0]
     # ORT's BERT optimizer recognises (and fuses) attention only in the eager formulation.
     model.set_attn_implementation("eager")
     # Checks recorded for an earlier export say nothing about the graphs written from here on.

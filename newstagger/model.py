@@ -175,9 +175,9 @@ class ModelMeta:
         return cls(**obj)
 
 
-def new_model(base: str, schema: LabelSchema, **config_overrides) -> NewsTaggerModel:
+def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     """A tagger on a pretrained BERT (hub name or local folder); the heads start untrained."""
-    config = AutoConfig.from_pretrained(base, **config_overrides)
+    config = AutoConfig.from_pretrained(base)
     _attach_schema(config, schema)
     return NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32)
 
@@ -235,19 +235,19 @@ def read_meta(folder: str | Path) -> ModelMeta:
         raise DataError(f"{path} cannot be read as a model description: {err!r}") from None
 
 
-def load_model_folder(folder: str | Path, device: str | torch.device = "cpu"):
-    """(model in eval mode, tokenizer, meta, metrics) from a folder written by save_model_folder."""
+def load_model_folder(folder: str | Path):
+    """(model in eval mode on the CPU, tokenizer, meta) from a folder written by save_model_folder."""
     folder = Path(folder)
     meta = read_meta(folder)
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # transformers would quietly make a tokenizer that knows five tokens
         raise DataError(f"{folder} is not a complete model folder: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
     try:
-        model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).to(device).eval()
+        model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
-    return model, tokenizer, meta, read_metrics(folder)
+    return model, tokenizer, meta
 
 
 def read_metrics(folder: str | Path) -> dict:

@@ -1,7 +1,7 @@
 """Label schema: which topics and entity types a model knows, and how its BIO tags are laid out.
 
-The label sets come from the training data, never from code; CLUENER's ten types and the coarse
-PER/LOC/ORG view of them are only defaults for data that does not say otherwise.
+The label sets come from the training data, never from code; the one default is the coarse
+PER/LOC/ORG view of CLUENER's types (DEFAULT_COARSE), for data that does not say otherwise.
 """
 
 from __future__ import annotations
@@ -11,10 +11,6 @@ from dataclasses import dataclass, field
 
 from .documents import Document
 
-CLUENER_TYPES = (
-    "address", "book", "company", "game", "government",
-    "movie", "name", "organization", "position", "scene",
-)
 # How the fine types roll up into the coarse view editors and MSRA-style data use.
 DEFAULT_COARSE = {
     "name": "PER",
@@ -42,9 +38,6 @@ class LabelSchema:
         for entity_type in self.entity_types:
             tags += [f"B-{entity_type}", f"I-{entity_type}"]
         return tags
-
-    def begin_tag(self, entity_type: str) -> int:
-        return 1 + 2 * self.entity_types.index(entity_type)
 
     @property
     def coarse_only_types(self) -> set[str]:

@@ -47,7 +47,7 @@ class Tagger:
         """A tagger on the folder's model; `auto` takes the fastest backend that is exact or has
         passed `newstagger check` (see backends.make_backend)."""
         folder = Path(folder or default_model_dir())
-        model, tokenizer, meta, _ = load_model_folder(folder)
+        model, tokenizer, meta = load_model_folder(folder)
         scorer = make_backend(folder, model, backend, precision, device, threads)
         return cls(model, tokenizer, meta, backend=scorer, max_batch_tokens=max_batch_tokens,
                    topic_lexical=LexicalTopicModel.load(folder))

@@ -136,7 +136,7 @@ def test_asking_for_missing_onnx_on_the_command_line_exits_2(model_copy, tmp_pat
 
 def test_saving_a_model_over_a_folder_drops_its_export_of_the_old_weights(exported_dir, tmp_path):
     folder = shutil.copytree(exported_dir, tmp_path / "model")
-    model, tokenizer, meta, _ = load_model_folder(folder)
+    model, tokenizer, meta = load_model_folder(folder)
     save_model_folder(folder, model, tokenizer, meta)
     assert not (folder / "onnx").exists()
     with pytest.raises(UsageError, match="newstagger export"):

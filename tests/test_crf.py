@@ -85,7 +85,7 @@ def test_viterbi_with_the_crfs_scores_finds_the_best_valid_path():
 def test_learned_transitions_change_what_the_tagger_decodes(tmp_path):
     folder = build_tiny_model_folder(tmp_path / "model")
     text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。"
-    model, tokenizer, meta, _ = load_model_folder(folder)
+    model, tokenizer, meta = load_model_folder(folder)
     def spans(tagger):
         return [(e["start"], e["end"], e["type"]) for e in tagger.tag([text])[0]["entities"]]
 
@@ -110,7 +110,7 @@ def test_learned_transitions_change_what_the_tagger_decodes(tmp_path):
 
 def test_a_loaded_crf_scores_like_the_one_that_was_saved(tmp_path):
     folder = build_tiny_model_folder(tmp_path / "model")
-    model, tokenizer, meta, _ = load_model_folder(folder)
+    model, tokenizer, meta = load_model_folder(folder)
     model.attach_crf()
     with torch.no_grad():
         model.crf.transitions.normal_()
@@ -121,7 +121,7 @@ def test_a_loaded_crf_scores_like_the_one_that_was_saved(tmp_path):
 
 
 def test_growing_the_labels_keeps_the_learned_transitions(tmp_path):
-    model, _, meta, _ = load_model_folder(build_tiny_model_folder(tmp_path / "model"))
+    model, _, meta = load_model_folder(build_tiny_model_folder(tmp_path / "model"))
     model.attach_crf()
     with torch.no_grad():
         model.crf.transitions.fill_(0.5)
@@ -134,7 +134,7 @@ def test_growing_the_labels_keeps_the_learned_transitions(tmp_path):
 
 
 def test_log_probs_of_an_older_schemas_tags_decode_with_the_transitions_cut_to_them(tmp_path):
-    model, tokenizer, meta, _ = load_model_folder(build_tiny_model_folder(tmp_path / "model"))
+    model, tokenizer, meta = load_model_folder(build_tiny_model_folder(tmp_path / "model"))
     model.attach_crf()
     with torch.no_grad():
         model.crf.transitions.normal_()

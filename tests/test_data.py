@@ -7,7 +7,7 @@ import datasets
 import pytest
 
 from newstagger.documents import DataError, Document, Span
-from newstagger.schema import CLUENER_TYPES
+from conftest import CLUENER_TYPES, SAMPLE, SHARED, TOPICS, needs_shared
 from training.data import (
     FORMATS,
     corpus_stats,
@@ -19,10 +19,7 @@ from training.data import (
 )
 
 FIXTURES = Path(__file__).parent / "fixtures"
-REPO = Path(__file__).resolve().parents[1]
-SHARED_DATA = Path(__file__).resolve().parents[2] / "shared" / "data"
-needs_shared = pytest.mark.skipif(not SHARED_DATA.is_dir(), reason=f"{SHARED_DATA} is not on this machine")
-TOPICS = ("economy", "ecology", "city_management", "livelihood")
+SHARED_DATA = SHARED / "data"
 
 
 def mentions(doc: Document) -> list[tuple[str, str]]:
@@ -307,7 +304,7 @@ def test_corpus_stats():
 
 
 def test_sample_corpus_is_complete_and_valid():
-    docs = read_documents(REPO / "data" / "sample" / "news.jsonl", topic_labels=TOPICS, entity_types=CLUENER_TYPES)
+    docs = read_documents(SAMPLE, topic_labels=TOPICS, entity_types=CLUENER_TYPES)
     stats = corpus_stats(docs)
     assert len(docs) >= 40
     assert set(stats["topics"]) == set(TOPICS) and stats["without_topic"] > 0

@@ -96,14 +96,14 @@ def test_evaluate_scores_topics_at_another_blend_weight(tiny_model_dir, fitted, 
 
 
 def test_a_folder_without_the_component_tags_as_before(tiny_model_dir, sample):
-    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    model, tokenizer, meta = load_model_folder(tiny_model_dir)
     texts = [doc.text for doc in sample[:8]]
     assert Tagger.load(tiny_model_dir, backend="torch", precision="fp32").tag(texts) == \
         Tagger(model, tokenizer, meta).tag(texts)
 
 
 def test_a_component_for_other_topics_is_refused(tiny_model_dir, fitted):
-    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    model, tokenizer, meta = load_model_folder(tiny_model_dir)
     other = LexicalTopicModel(TOPICS[::-1], fitted.vocabulary, fitted.idf, fitted.coef, fitted.intercept, 0.5)
     with pytest.raises(ValueError, match="topics"):
         Tagger(model, tokenizer, meta, topic_lexical=other)

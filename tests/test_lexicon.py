@@ -53,7 +53,7 @@ def test_a_word_matches_only_a_run_of_exactly_its_tokens():
 
 
 def test_an_attached_lexicon_changes_nothing_until_trained_and_travels_with_the_folder(tiny_model_dir, tmp_path):
-    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    model, tokenizer, meta = load_model_folder(tiny_model_dir)
     input_ids = torch.tensor([tokenizer.convert_tokens_to_ids(list("[北京人民政府]"))] * 2).numpy()
     attention_mask = np.ones_like(input_ids)
     attention_mask[1, 5:] = 0

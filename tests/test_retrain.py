@@ -93,7 +93,7 @@ def test_a_grown_model_is_compared_on_the_labels_the_older_one_knows(tiny_model_
     """Growing the heads keeps the trained rows, so before any training the grown model, seen
     through the old schema, scores exactly as the old one: a new label does not move the gate."""
     old = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
-    model, tokenizer, meta, _ = load_model_folder(tiny_model_dir)
+    model, tokenizer, meta = load_model_folder(tiny_model_dir)
     schema = old.schema.merged_with(LabelSchema(topics=["culture"], entity_types=["event"]))
     model.grow_labels(schema)
     grown = Tagger(model, tokenizer, replace(meta, schema=schema))

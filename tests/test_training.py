@@ -237,12 +237,12 @@ def test_joint_loss_is_cross_entropy_for_exact_tags_and_a_marginal_for_partial_o
     targets = TagTargets.for_schema(schema)
     loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, targets)
     tag_logits = torch.randn(1, 3, len(schema.tags))
-    batch = {"tags": torch.tensor([[-100, schema.begin_tag("name"), targets.begin("LOC")]]),
+    batch = {"tags": torch.tensor([[-100, schema.tags.index("B-name"), targets.begin("LOC")]]),
              "has_topics": torch.tensor([False]), "topics": torch.zeros(1, len(schema.topics)),
              "entity_weight": torch.tensor([1.0])}
     log_probs = tag_logits[0].log_softmax(-1)
-    loc = [schema.begin_tag("address"), schema.begin_tag("scene")]
-    expected = -(log_probs[1, schema.begin_tag("name")] + log_probs[2, loc].logsumexp(0)) / 2
+    loc = [schema.tags.index("B-address"), schema.tags.index("B-scene")]
+    expected = -(log_probs[1, schema.tags.index("B-name")] + log_probs[2, loc].logsumexp(0)) / 2
     assert torch.allclose(loss_fn(None, tag_logits, batch), expected)
 
     # A second row from a source weighted 0.25: its token counts a quarter in the mean.
@@ -260,7 +260,7 @@ def test_crf_joint_loss_is_the_weighted_sequence_likelihood_per_labelled_token()
     with torch.no_grad():
         crf.transitions.normal_()
     loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, targets, crf)
-    name, loc = schema.begin_tag("name"), targets.begin("LOC")
+    name, loc = schema.tags.index("B-name"), targets.begin("LOC")
     # [CLS], then each row's tagged text: "B-name I-name" (2 tokens) and "O B-LOC I-LOC" (3 tokens)
     tags = torch.tensor([[-100, name, name + 1, -100, -100], [-100, 0, loc, loc + 1, -100]])
     tag_logits = torch.randn(2, 5, len(schema.tags))

@@ -41,7 +41,8 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
 )
-from .train import TrainConfig, add_config_arguments, check_field_types, check_rules, config_option, train
+from .train import (TrainConfig, add_config_arguments, check_field_types, check_rules, config_from_args, config_option,
+                    train)
 
 log = logging.getLogger("newstagger.retrain")
 
@@ -355,12 +356,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    values = {f.name: getattr(args, f.name) for f in fields(RetrainConfig) if getattr(args, f.name) is not None}
-    try:
-        config = RetrainConfig(**values)
-    except ValueError as err:  # a bad --gate
-        raise UsageError(str(err)) from None
-    verdict = retrain(config)
+    verdict = retrain(config_from_args(args, RetrainConfig))
     print(json.dumps(verdict, ensure_ascii=False, indent=2))
     if verdict["decision"] != "promoted":
         return 0 if verdict["passed"] else 1

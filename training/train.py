@@ -594,7 +594,7 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
     the CRF attached where asked for and not there yet."""
     parent_meta = None
     if config.init_model:
-        model, tokenizer, parent_meta, _ = load_model_folder(config.init_model)
+        model, tokenizer, parent_meta = load_model_folder(config.init_model)
         schema = parent_meta.schema.merged_with(data_schema)
         if schema != parent_meta.schema:
             log.warning("new labels in the data: topics %s, entity types %s; growing the heads",
@@ -778,9 +778,15 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class=TrainConf
                                 metavar=f.metadata["metavar"], help=help_text)
 
 
-def config_from_args(args: argparse.Namespace) -> TrainConfig:
-    overrides = {f.name: getattr(args, f.name) for f in fields(TrainConfig) if getattr(args, f.name) is not None}
-    return TrainConfig.from_file(args.config, **overrides) if args.config else TrainConfig(**overrides)
+def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
+    """A command's config from its flags, over its --config file where it has one; UsageError naming
+    each setting that cannot work."""
+    overrides = {f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name) is not None}
+    config_file = getattr(args, "config", None)
+    try:
+        return config_class.from_file(config_file, **overrides) if config_file else config_class(**overrides)
+    except (ValueError, TypeError) as err:
+        raise UsageError(str(err)) from None
 
 
 def register(subparsers) -> None:
@@ -792,10 +798,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    try:
-        config = config_from_args(args)
-    except (ValueError, TypeError) as err:
-        raise UsageError(str(err)) from None
+    config = config_from_args(args)
     if not config.train:
         raise UsageError("no training data: give --train PATH[:FORMAT] or 'train' in --config")
     folder, metrics = train(config)
