@@ -11,8 +11,10 @@ import contextlib
 import json
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
+
+from .checks import is_integer, is_string_list
 
 
 class DataError(ValueError):
@@ -54,9 +56,7 @@ class Document:
             raise DataError(f"{where}: expected a JSON object, got {type(obj).__name__}")
         doc_id, text = id_and_text(obj, where)
         topics = obj.get("topics")
-        if topics is not None and (
-            not isinstance(topics, list) or not all(isinstance(t, str) for t in topics)
-        ):
+        if topics is not None and not is_string_list(topics):
             raise DataError(f"{where}: field 'topics' must be a list of strings")
         entities = obj.get("entities")
         spans = None
@@ -67,8 +67,8 @@ class Document:
             for k, ent in enumerate(entities):
                 if (
                     not isinstance(ent, dict)
-                    or not _is_integer(ent.get("start"))
-                    or not _is_integer(ent.get("end"))
+                    or not is_integer(ent.get("start"))
+                    or not is_integer(ent.get("end"))
                     or not isinstance(ent.get("type"), str)
                 ):
                     raise DataError(
@@ -89,15 +89,11 @@ def id_and_text(obj: dict, where: str) -> tuple[str | int, str]:
     """A JSON document's `id` (a string or an integer, as given) and `text`, or DataError naming the field."""
     if "id" not in obj:
         raise DataError(f"{where}: field 'id' is missing")
-    if not (isinstance(obj["id"], str) or _is_integer(obj["id"])):
+    if not (isinstance(obj["id"], str) or is_integer(obj["id"])):
         raise DataError(f"{where}: field 'id' must be a string or an integer")
     if not isinstance(obj.get("text"), str):
         raise DataError(f"{where}: field 'text' must be a string")
     return obj["id"], obj["text"]
-
-
-def _is_integer(value: object) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)  # JSON's true is no offset or id
 
 
 def unpaired_surrogate(value: str) -> int | None:

@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
+from .checks import check_rules, is_fraction, window_rules
 from .crf import BioCrf
 from .documents import DataError
 from .lexicon import TokenLexicon
@@ -146,19 +147,12 @@ class ModelMeta:
 
     def __post_init__(self):
         """Settings tagging cannot work with (a hand-edited newstagger.json) fail here, naming themselves."""
-        def fraction(value) -> bool:
-            return isinstance(value, (int, float)) and not isinstance(value, bool) and 0 <= value <= 1
-
-        problems = [f"{name} must be {rule}" for name, ok, rule in (
-            ("thresholds", isinstance(self.thresholds, dict) and all(map(fraction, self.thresholds.values())),
+        check_rules(self, (
+            ("thresholds", isinstance(self.thresholds, dict) and all(map(is_fraction, self.thresholds.values())),
              "an object of numbers from 0 to 1"),
-            ("entity_threshold", fraction(self.entity_threshold), "a number from 0 to 1"),
-            ("max_length", isinstance(self.max_length, int) and self.max_length >= 8, "an integer of at least 8"),
-            ("stride", isinstance(self.stride, int) and 0 <= self.stride < self.max_length - 2,
-             "an integer from 0 to under max_length - 2"),
-        ) if not ok]
-        if problems:
-            raise ValueError("; ".join(problems))
+            ("entity_threshold", is_fraction(self.entity_threshold), "a number from 0 to 1"),
+            *window_rules("max_length", self.max_length, "stride", self.stride),
+        ))
 
     def threshold(self, topic: str) -> float:
         return self.thresholds.get(topic, 0.5)
@@ -239,6 +233,7 @@ def load_model_folder(folder: str | Path):
     """(model in eval mode on the CPU, tokenizer, meta) from a folder written by save_model_folder."""
     folder = Path(folder)
     meta = read_meta(folder)
+    read_metrics(folder)  # a damaged metrics.json fails here on every machine, not only where a backend choice reads it
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # transformers would quietly make a tokenizer that knows five tokens
         raise DataError(f"{folder} is not a complete model folder: no tokenizer ({' or '.join(TOKENIZER_FILES)})")

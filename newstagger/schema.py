@@ -9,6 +9,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from .checks import is_string_list
 from .documents import Document
 
 # How the fine types roll up into the coarse view editors and MSRA-style data use.
@@ -75,10 +76,8 @@ class LabelSchema:
 
     @classmethod
     def from_dict(cls, obj: dict) -> "LabelSchema":
-        def strings(value) -> bool:
-            return isinstance(value, list) and all(isinstance(label, str) for label in value)
-
-        if not isinstance(obj, dict) or not strings(obj.get("topics", [])) or not strings(obj.get("entity_types", [])) \
+        if not isinstance(obj, dict) or not is_string_list(obj.get("topics", [])) \
+                or not is_string_list(obj.get("entity_types", [])) \
                 or not isinstance(obj.get("coarse", {}), dict):
             raise ValueError("schema must be an object with lists of strings 'topics' and 'entity_types' "
                              "and an object 'coarse'")

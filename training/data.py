@@ -32,6 +32,7 @@ from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
+from newstagger.checks import is_integer, is_string_list
 from newstagger.documents import DataError, Document, Span, json_object, utf8_only, validate
 
 if TYPE_CHECKING:
@@ -355,14 +356,13 @@ def _text(obj: dict, where: str) -> str:
 
 
 def _string_list(value, field: str, where: str) -> list[str]:
-    if not isinstance(value, list) or not all(isinstance(item, str) for item in value):
+    if not is_string_list(value):
         raise DataError(f"{where}: {field} must be a list of strings, got {value!r}")
     return list(value)
 
 
 def _span(start, end, entity_type, where: str) -> Span:
-    offsets_ok = all(isinstance(x, int) and not isinstance(x, bool) for x in (start, end))
-    if not offsets_ok or not isinstance(entity_type, str):
+    if not (is_integer(start) and is_integer(end) and isinstance(entity_type, str)):
         raise DataError(f"{where}: a span needs integer offsets and a string type, got {[start, end, entity_type]!r}")
     return Span(start, end, entity_type)
 

@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from newstagger.checks import check_rules
 from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
 from newstagger.schema import LabelSchema
@@ -41,8 +42,7 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
 )
-from .train import (TrainConfig, add_config_arguments, check_field_types, check_rules, config_from_args, config_option,
-                    train)
+from .train import TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option, train
 
 log = logging.getLogger("newstagger.retrain")
 

@@ -33,6 +33,7 @@ from transformers import AutoTokenizer
 
 from newstagger import lexical
 from newstagger.backends import cpu_has_bf16
+from newstagger.checks import check_rules, is_finite_number, is_integer, is_string_list, window_rules
 from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
@@ -50,18 +51,14 @@ log = logging.getLogger("newstagger.train")
 IGNORE = -100
 
 
-def _finite_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
-
-
 # What a config field's declared type admits; a config file can say anything.
 FIELD_TYPES = {
-    "int": ("an integer", lambda v: isinstance(v, int) and not isinstance(v, bool)),
-    "float": ("a finite number", _finite_number),
+    "int": ("an integer", is_integer),
+    "float": ("a finite number", is_finite_number),
     "bool": ("true or false", lambda v: isinstance(v, bool)),
     "str": ("a string", lambda v: isinstance(v, str)),
-    "list[str]": ("a list of strings", lambda v: isinstance(v, list) and all(isinstance(x, str) for x in v)),
-    "list[float]": ("a list of finite numbers", lambda v: isinstance(v, list) and all(map(_finite_number, v))),
+    "list[str]": ("a list of strings", is_string_list),
+    "list[float]": ("a list of finite numbers", lambda v: isinstance(v, list) and all(map(is_finite_number, v))),
 }
 
 
@@ -74,13 +71,6 @@ def check_field_types(config) -> None:
         value = getattr(config, f.name)
         if not (admits(value) or (optional and value is None)):
             problems.append(f"{f.name} must be {words}{' or unset' if optional else ''}, not {value!r}")
-    if problems:
-        raise ValueError("; ".join(problems))
-
-
-def check_rules(config, rules) -> None:
-    """ValueError naming each (field, holds, rule) of a config dataclass whose rule does not hold."""
-    problems = [f"{name} must be {rule}, not {getattr(config, name)}" for name, holds, rule in rules if not holds]
     if problems:
         raise ValueError("; ".join(problems))
 
@@ -149,11 +139,8 @@ class TrainConfig:
         check_rules(self, (
             ("epochs", self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
-            ("max_length", 8 <= self.max_length, "at least 8"),
-            ("stride", 0 <= self.stride < self.max_length - 2, "0 or more and under max_length - 2"),
-            ("inference_max_length", 8 <= self.inference_max_length, "at least 8"),
-            ("inference_stride", 0 <= self.inference_stride < self.inference_max_length - 2,
-             "0 or more and under inference_max_length - 2"),
+            *window_rules("max_length", self.max_length, "stride", self.stride),
+            *window_rules("inference_max_length", self.inference_max_length, "inference_stride", self.inference_stride),
             ("batch_tokens", self.batch_tokens >= self.max_length, "at least max_length"),
             ("learning_rate", self.learning_rate > 0, "positive"),
             ("head_learning_rate", self.head_learning_rate > 0, "positive"),
