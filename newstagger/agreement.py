@@ -22,7 +22,7 @@ from pathlib import Path
 
 from .bench import synthetic_stories
 from .cli import UsageError, names_from, positive_int
-from .documents import DataError, check_encodable, json_object, utf8_only
+from .documents import DataError, check_encodable, json_object, text_field, utf8_only
 from .model import CARD_FILE, METRICS_FILE, read_meta, read_metrics, render_model_card
 
 SPAN_AGREEMENT_MIN = 0.99
@@ -78,9 +78,7 @@ def _read_texts(path: str) -> list[str]:
     with open(path, encoding="utf-8-sig") as lines, utf8_only(path):
         for number, line in enumerate(lines, start=1):
             if line.strip():
-                text = json_object(line, f"{path}:{number}").get("text")
-                if not isinstance(text, str):
-                    raise DataError(f"{path}:{number}: field 'text' must be a string")
+                text = text_field(json_object(line, f"{path}:{number}"), f"{path}:{number}")
                 check_encodable(text, "text", f"{path}:{number}")
                 texts.append(text)
     return texts

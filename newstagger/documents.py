@@ -91,9 +91,14 @@ def id_and_text(obj: dict, where: str) -> tuple[str | int, str]:
         raise DataError(f"{where}: field 'id' is missing")
     if not (isinstance(obj["id"], str) or is_integer(obj["id"])):
         raise DataError(f"{where}: field 'id' must be a string or an integer")
+    return obj["id"], text_field(obj, where)
+
+
+def text_field(obj: dict, where: str) -> str:
+    """A JSON document's `text`, or DataError naming the field."""
     if not isinstance(obj.get("text"), str):
         raise DataError(f"{where}: field 'text' must be a string")
-    return obj["id"], obj["text"]
+    return obj["text"]
 
 
 def unpaired_surrogate(value: str) -> int | None:

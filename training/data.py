@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Literal
 
 from newstagger.checks import is_integer, is_string_list
-from newstagger.documents import DataError, Document, Span, json_object, utf8_only, validate
+from newstagger.documents import DataError, Document, Span, json_object, text_field, utf8_only, validate
 
 if TYPE_CHECKING:
     import datasets
@@ -348,13 +348,6 @@ def _row_document(row: dict, where: str):
     return Document.from_dict(row, where), None
 
 
-def _text(obj: dict, where: str) -> str:
-    text = obj.get("text")
-    if not isinstance(text, str):
-        raise DataError(f"{where}: field 'text' must be a string")
-    return text
-
-
 def _string_list(value, field: str, where: str) -> list[str]:
     if not is_string_list(value):
         raise DataError(f"{where}: {field} must be a list of strings, got {value!r}")
@@ -386,7 +379,7 @@ def _flat_spans(spans: Iterable[Span], where: str) -> list[Span]:
 
 def _cluener_document(line: str, doc_id: str, where: str):
     obj = json_object(line, where)
-    text = _text(obj, where)
+    text = text_field(obj, where)
     label = obj.get("label")
     if not isinstance(label, dict):
         raise DataError(f"{where}: field 'label' must be an object {{type: {{mention: [[start, end]]}}}}")
@@ -474,7 +467,7 @@ def _label_studio_document(task, annotation: dict, fallback_id: str, labels_enti
     data = task.get("data")
     if not isinstance(data, dict):
         raise DataError(f"{where}: task has no 'data' object")
-    text = _text(data, where)
+    text = text_field(data, where)
     result = annotation.get("result")
     if not isinstance(result, list):
         raise DataError(f"{where}: annotation 'result' must be a list")
@@ -539,7 +532,7 @@ def _doccano_file_label_kind(path) -> str | None:
 
 def _doccano_document(line: str, fallback_id: str, file_label_kind: str | None, where: str):
     obj = json_object(line, where)
-    text = _text(obj, where)
+    text = text_field(obj, where)
     spans: list[Span] | None = None
     topics: list[str] | None = None
     if "entities" in obj:
