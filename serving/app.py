@@ -1,9 +1,9 @@
 """The HTTP service: `create_app(settings)` builds it; `newstagger serve` runs it under uvicorn.
 
 The model loads in the background once the app starts (lifespan), so /healthz answers at once
-and /readyz says 503 until the model is in. Routers are grouped by audience; a new one (say
-/v1/feedback) is its own module with an APIRouter, included by one line in `create_app`, and
-reaches the model through the `get_service` dependency.
+and /readyz says 503 until the model is in. Routers are grouped by audience; a new one (like
+/v1/feedback) is its own module with an APIRouter, included by one line in `create_app`, that
+reaches the service as `request.app.state.service` and answers errors by raising ApiError.
 
 Every error is a JSON ErrorBody naming what was wrong and where; bad input never gets a 5xx.
 """
@@ -34,23 +34,12 @@ from . import feedback
 from .batching import MicroBatcher, Overloaded, ShuttingDown
 from .observability import ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
-    ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest, ReloadResponse, Status,
-    TagRequest, TagResponse,
+    RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
+    ReloadResponse, Status, TagRequest, TagResponse,
 )
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
-
-RETRY_AFTER_S = 1
-
-
-class ApiError(Exception):
-    """An answer other than 200, with where the problem is (loc) and why (msg)."""
-
-    def __init__(self, status: int, msg: str, loc: tuple = (), kind: str = "error", headers: dict | None = None):
-        super().__init__(msg)
-        self.status, self.msg, self.loc, self.kind, self.headers = status, msg, loc, kind, headers
-
 
 class TaggingService:
     """The model being served (through its batcher), the settings, and the metrics."""

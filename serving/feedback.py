@@ -19,7 +19,7 @@ from sqlalchemy.exc import SQLAlchemyError
 from newstagger.documents import DataError, Document, Span, validate
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import DocumentId, ErrorBody, Text
+from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 MAX_REVISION = 2**63 - 1  # the store's integer column (SQLite INTEGER, PostgreSQL BIGINT)
@@ -69,8 +69,6 @@ class FeedbackResponse(BaseModel):
                         **{status: {"model": ErrorBody} for status in (409, 413, 422, 503)}},
              summary="Store a corrected story for retraining")
 async def feedback(body: FeedbackRequest, request: Request, response: Response) -> FeedbackResponse:
-    from .app import ApiError  # app.py includes this router, so it cannot be imported at load time
-
     service = request.app.state.service
     if len(body.text) > service.settings.max_text_chars:
         raise ApiError(413, f"text is {len(body.text)} characters; at most {service.settings.max_text_chars}",
@@ -86,7 +84,7 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
     # The URL was checked at start-up; the database may still be down or broken, or its folder not creatable.
     except (SQLAlchemyError, OSError) as err:
         raise ApiError(503, f"the feedback store is unavailable: {err}", kind="feedback_store_unavailable",
-                       headers={"Retry-After": "1"}) from None
+                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if not stored:
         response.status_code = 200
     return FeedbackResponse(id=document.id, revision=body.revision, stored=stored,

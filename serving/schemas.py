@@ -1,7 +1,7 @@
 """Request and response bodies of the HTTP API; FastAPI builds the OpenAPI schema (/docs) from them.
 
 Documents follow `newstagger tag`'s input rules (id: string or integer, text: string) and each
-result is exactly one line of its output.
+result is exactly one line of its output. An answer other than 200 is an ErrorBody, raised as ApiError.
 """
 
 from __future__ import annotations
@@ -12,6 +12,16 @@ from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fie
 from pydantic_core import PydanticCustomError
 
 from newstagger.documents import unpaired_surrogate
+
+RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying again
+
+
+class ApiError(Exception):
+    """An answer other than 200, with where the problem is (loc) and why (msg)."""
+
+    def __init__(self, status: int, msg: str, loc: tuple = (), kind: str = "error", headers: dict | None = None):
+        super().__init__(msg)
+        self.status, self.msg, self.loc, self.kind, self.headers = status, msg, loc, kind, headers
 
 
 def _utf8_encodable(value: str) -> str:
