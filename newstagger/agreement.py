@@ -21,7 +21,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bench import synthetic_stories
-from .cli import UsageError, names_from, positive_int
+from .cli import UsageError, add_model_argument, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, text_field, utf8_only
 from .model import CARD_FILE, METRICS_FILE, read_meta, read_metrics, render_model_card
 
@@ -34,7 +34,7 @@ CANDIDATES = ("torch-bf16", "onnx-fp32", "onnx-int8")
 def register(subparsers) -> None:
     parser = subparsers.add_parser("check", help="check fast backends against PyTorch fp32 and record the result",
                                    description=__doc__)
-    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    add_model_argument(parser)
     parser.add_argument("--candidates", type=names_from(CANDIDATES), default=",".join(CANDIDATES),
                         help="comma-separated backend-precision pairs (default: %(default)s; those this "
                              "machine or folder cannot run are skipped)")

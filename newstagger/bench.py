@@ -31,7 +31,8 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .cli import names_from, positive_int
+from .cli import add_model_argument, names_from, positive_int
+from .tag_command import add_runtime_arguments
 
 CONFIGURATIONS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 
@@ -39,14 +40,13 @@ CONFIGURATIONS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
 def register(subparsers) -> None:
     parser = subparsers.add_parser("bench", help="measure tagging speed per backend and precision",
                                    description=__doc__)
-    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    add_model_argument(parser)
     parser.add_argument("--configs", type=names_from(CONFIGURATIONS), default=",".join(CONFIGURATIONS),
                         help="comma-separated backend-precision pairs (default: %(default)s; those the machine "
                              "or folder cannot run are reported and skipped)")
     parser.add_argument("--documents", type=positive_int, default=200, help="generated stories per run")
     parser.add_argument("--repeats", type=positive_int, default=2, help="timed runs per pair; the fastest counts")
-    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores)")
-    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default="auto")
+    add_runtime_arguments(parser)
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--write-corpus", metavar="FILE", help="write a generated JSONL corpus of --documents stories and exit")
     parser.add_argument("--watch-tag", metavar="FILE", help="run `newstagger tag` on FILE and print its RSS as it goes")

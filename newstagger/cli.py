@@ -36,6 +36,10 @@ class UsageError(Exception):
     """The user asked for something that cannot be done as asked (exit code 2)."""
 
 
+def add_model_argument(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model", help="model folder (default: $NEWSTAGGER_MODEL, else the shipped model)")
+
+
 def positive_int(text: str) -> int:
     """argparse type of counts (stories, threads, repeats): a whole number of at least 1."""
     try:

@@ -23,6 +23,7 @@ import torch
 
 from .agreement import drop_agreement
 from .backends import OnnxBackend, ScoringModule, TorchBackend, onnx_path
+from .cli import add_model_argument
 from .model import ONNX_DIR, load_model_folder
 
 logger = logging.getLogger(__name__)
@@ -37,7 +38,7 @@ EXPORT_TOLERANCE = 1e-3
 def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write an ONNX graph (optionally int8) into a model folder",
                                    description=__doc__)
-    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    add_model_argument(parser)
     parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx so far)")
     parser.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 graph")
     parser.set_defaults(handler=run)

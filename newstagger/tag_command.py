@@ -19,14 +19,14 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import UsageError, check_fraction, positive_int, refuse_overwriting
+from .cli import UsageError, add_model_argument, check_fraction, positive_int, refuse_overwriting
 from .documents import DataError, check_encodable, id_and_text, json_object, utf8_only
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("tag", help="tag a JSONL file of stories", description=__doc__,
                                    formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    add_model_argument(parser)
     parser.add_argument("--input", "-i", required=True, help="JSONL file of {id, text}, or - for stdin")
     parser.add_argument("--output", "-o", required=True, help="JSONL file to write, or - for stdout")
     parser.add_argument("--chunk", type=positive_int, default=512, help="stories tagged together (memory bound)")
@@ -40,13 +40,20 @@ def register(subparsers) -> None:
 
 
 def add_backend_arguments(parser) -> None:
-    """--backend, --precision, --device and --threads, shared by the commands that tag."""
-    from .backends import BACKENDS, DEVICES, PRECISIONS
+    """--backend and --precision, then add_runtime_arguments."""
+    from .backends import BACKENDS, PRECISIONS
 
     parser.add_argument("--backend", choices=BACKENDS, default="auto",
                         help="runtime; auto: the fastest one that is exact or passed `newstagger check`")
     parser.add_argument("--precision", choices=PRECISIONS, default="auto",
                         help="torch: fp32/bf16, onnx: fp32/int8 (int8 needs `newstagger export --quantize int8`)")
+    add_runtime_arguments(parser)
+
+
+def add_runtime_arguments(parser) -> None:
+    """--device and --threads, shared by the commands that tag (tag, bench)."""
+    from .backends import DEVICES
+
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
     parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores this process may use)")
 

@@ -11,14 +11,14 @@ import os
 import socket
 from pathlib import Path
 
-from newstagger.cli import UsageError
+from newstagger.cli import UsageError, add_model_argument
 
 FLAGS = ("model", "host", "port", "workers")
 
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("serve", help="serve the tagger over HTTP", description=__doc__)
-    parser.add_argument("--model", help="model folder (default: $NEWSTAGGER_MODEL, else the shipped model)")
+    add_model_argument(parser)
     parser.add_argument("--host", help="interface to listen on (default: 127.0.0.1; 0.0.0.0 for all)")
     parser.add_argument("--port", type=int, help="TCP port (default: 8000)")
     parser.add_argument("--workers", type=int, help="server processes, each with its own model (default: 1)")

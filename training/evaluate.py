@@ -18,7 +18,7 @@ from seqeval.scheme import IOB2
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
-from newstagger.cli import UsageError, check_fraction, refuse_overwriting
+from newstagger.cli import UsageError, add_model_argument, check_fraction, refuse_overwriting
 from newstagger.decoding import char_spans
 from newstagger.documents import DataError, Document
 from newstagger.schema import LabelSchema
@@ -226,7 +226,7 @@ def tune_entity_threshold(gold: list[list[tuple[int, int, str]]], predicted: lis
 
 def register(subparsers) -> None:
     parser = subparsers.add_parser("evaluate", help="score a model on labelled data (JSON out)")
-    parser.add_argument("--model", help="model folder (default: the shipped model, or $NEWSTAGGER_MODEL)")
+    add_model_argument(parser)
     parser.add_argument("--data", action="append", required=True, metavar="PATH[:FORMAT]",
                         help="labelled data, any importer format; repeatable")
     parser.add_argument("--decoding", choices=DECODINGS, default="viterbi",
