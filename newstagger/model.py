@@ -106,8 +106,7 @@ class NewsTaggerModel(BertPreTrainedModel):
         New rows start from the usual initialisation; existing topics and tags keep their ids
         because `LabelSchema.merged_with` only appends.
         """
-        old = self.schema
-        if schema.topics[: len(old.topics)] != old.topics or schema.entity_types[: len(old.entity_types)] != old.entity_types:
+        if not schema.extends(self.schema):
             raise ValueError("the new schema must keep the existing labels, in order, and append new ones")
         self.topic_head = _grown(self.topic_head, len(schema.topics), self.config.initializer_range)
         self.entity_head = _grown(self.entity_head, len(schema.tags), self.config.initializer_range)

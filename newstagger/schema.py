@@ -40,6 +40,12 @@ class LabelSchema:
             tags += [f"B-{entity_type}", f"I-{entity_type}"]
         return tags
 
+    def extends(self, older: "LabelSchema") -> bool:
+        """Whether this schema keeps the older one's labels, in order, and only appends: a model on
+        it can be compared with (and grown from) one on the older schema, label ids unchanged."""
+        return (self.topics[: len(older.topics)] == older.topics
+                and self.entity_types[: len(older.entity_types)] == older.entity_types)
+
     @property
     def coarse_only_types(self) -> set[str]:
         """Coarse types (PER) that finer head types (name) roll up to: spans of these types are

@@ -148,7 +148,7 @@ class Tagger:
         topic_sums = np.zeros((len(texts), len(self.schema.topics)), dtype=np.float64)
         weights = np.zeros(len(texts), dtype=np.float64)
         special = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
-        for batch in token_budget_batches(windows, self.max_batch_tokens):
+        for batch in token_budget_batches([w.length for w in windows], self.max_batch_tokens):
             batch_windows = [windows[i] for i in batch]
             input_ids, attention_mask = pad_batch(encoded, batch_windows, *special)
             topic_logits, tag_log_probs = self.backend(input_ids, attention_mask)

@@ -76,19 +76,18 @@ def plan_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> list[
     return windows
 
 
-def token_budget_batches(
-    windows: list[Window], max_tokens: int, max_windows: int = 256
-) -> list[list[int]]:
-    """Group window indices into batches of similar length whose padded size fits the budget.
+def token_budget_batches(lengths: list[int], max_tokens: int, max_rows: int = 256) -> list[list[int]]:
+    """Group row indices into batches of similar length (positions, specials included) whose padded
+    size fits the budget.
 
     Sorting by length keeps padding (which costs more than its share on CPU) to a minimum.
     """
-    order = sorted(range(len(windows)), key=lambda i: windows[i].length)
+    order = sorted(range(len(lengths)), key=lengths.__getitem__)
     batches: list[list[int]] = []
     current: list[int] = []
     for i in order:
-        longest = windows[i].length  # sorted ascending: the newest window is the longest
-        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_windows):
+        longest = lengths[i]  # sorted ascending: the newest row is the longest
+        if current and (longest * (len(current) + 1) > max_tokens or len(current) >= max_rows):
             batches.append(current)
             current = []
         current.append(i)

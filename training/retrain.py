@@ -262,7 +262,7 @@ def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[Document]) -> 
     hard to learn from a few examples, neither sinks the comparison nor lifts it.
     """
     candidate_all_labels = evaluate_tagger(candidate, gold)
-    if candidate.schema == baseline.schema or not _extends(candidate.schema, baseline.schema):
+    if candidate.schema == baseline.schema or not candidate.schema.extends(baseline.schema):
         return candidate_all_labels, evaluate_tagger(baseline, gold), candidate_all_labels
     shared = _only_labels_of(baseline.schema, gold)
     return (evaluate_tagger(KnownLabelsView(candidate, baseline.schema), shared),
@@ -288,11 +288,6 @@ class KnownLabelsView:
 
     def tag_confidences(self, log_probs, paths):
         return self.tagger.tag_confidences(log_probs, paths)
-
-
-def _extends(schema: LabelSchema, older: LabelSchema) -> bool:
-    return (schema.topics[: len(older.topics)] == older.topics
-            and schema.entity_types[: len(older.entity_types)] == older.entity_types)
 
 
 def _only_labels_of(schema: LabelSchema, docs: list[Document]) -> list[Document]:

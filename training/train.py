@@ -41,7 +41,7 @@ from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import META_FILE, ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
-from newstagger.windowing import EncodedText, Window, encode_texts, plan_windows, token_budget_batches
+from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
 
 from .data import corpus_stats, parse_data_spec, read_documents, split_validation
 from .evaluate import (evaluate_tagger, predict_documents, prediction_metrics, topic_metrics, tune_entity_threshold,
@@ -329,12 +329,14 @@ def epoch_batches(examples: list[Example], batch_tokens: int, rng: random.Random
     """Length-bucketed batches in random order: shuffle, sort within pools, shuffle batches."""
     order = list(range(len(examples)))
     rng.shuffle(order)
+    # Examples sorted by length together: about as many as a batch holds tokens, enough to bucket
+    # lengths, few enough that which examples share a batch stays random.
     pool = 64 * max(1, batch_tokens // 64)
     batches: list[list[int]] = []
     for first in range(0, len(order), pool):
         chunk = order[first : first + pool]
-        windows = [Window(0, 0, len(examples[i].ids), 0, 0) for i in chunk]
-        batches += [[chunk[j] for j in b] for b in token_budget_batches(windows, batch_tokens)]
+        lengths = [len(examples[i].ids) + 2 for i in chunk]  # [CLS] ... [SEP]
+        batches += [[chunk[j] for j in b] for b in token_budget_batches(lengths, batch_tokens)]
     rng.shuffle(batches)
     return batches
 
