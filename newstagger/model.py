@@ -19,6 +19,7 @@ from safetensors import SafetensorError
 from torch import nn
 from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
+from . import lexical
 from .checks import check_rules, is_fraction, window_rules
 from .crf import BioCrf
 from .documents import DataError
@@ -194,17 +195,23 @@ def save_model_folder(
     tokenizer,
     meta: ModelMeta,
     metrics: dict | None = None,
+    topic_lexical: lexical.LexicalTopicModel | None = None,
     weights_dtype: torch.dtype = torch.float16,
 ) -> Path:
-    """Write a complete, self-describing model folder.
+    """Write a complete, self-describing model folder, with the lexical topic model where it blends in.
 
     Weights are stored in fp16 by default, which halves the folder (the shipped model must stay
     small) and changes predictions far less than the bf16 or int8 fast paths do; they are loaded
-    back as fp32. Saving over a folder drops its ONNX export: those graphs hold the old weights.
+    back as fp32. Saving over a folder drops what belonged to the old weights: its ONNX export and
+    its lexical topic model.
     """
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     shutil.rmtree(folder / ONNX_DIR, ignore_errors=True)
+    if topic_lexical is not None and topic_lexical.weight > 0:
+        topic_lexical.save(folder)
+    else:
+        lexical.remove(folder)
     state = {k: v.detach().to(weights_dtype) if v.is_floating_point() else v for k, v in model.state_dict().items()}
     model.save_pretrained(folder, state_dict=state)
     # safetensors writes 0600, which would hide the weights from a server run as another user

@@ -454,11 +454,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     like the files of `config.train`: each one is split for validation on its own.
     """
     started = time.time()
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+    _seed_everything(config)
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the model")
@@ -466,10 +462,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
     model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
-    bf16 = config.bf16 and cpu_has_bf16()
-    if config.bf16 and not bf16:
-        log.warning("bf16 asked for, but this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), where "
-                    "bf16 autocast steps ran 11x slower than fp32 (AMD EPYC, AVX2: 38.5 vs 3.4 s); training in fp32")
+    bf16 = _use_bf16(config)
     train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, validation_files, tokenizer,
                                                           schema)
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
@@ -504,33 +497,18 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
                      parent_version=parent_meta.version if parent_meta else None)
     stale_epochs = len(state["history"]) - state["best_epoch"] if state["history"] else 0
     while state["epoch"] < config.epochs and state["step"] < total_steps and stale_epochs < config.patience:
-        model.train()
-        batches = epoch_batches(examples, config.batch_tokens, rng)
-        bar = tqdm(batches, desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch", file=sys.stderr)
-        running = None
-        for batch_ids in bar:
-            batch = collate([examples[i] for i in batch_ids], tokenizer, len(schema.topics))
-            with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
-                topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
-            loss = loss_fn(topic_logits.float(), tag_logits.float(), batch)
-            optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            scheduler.step()
-            state["step"] += 1
-            running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-            bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
-            if state["step"] >= total_steps:
-                break
-        bar.close()
+        batch_ids = epoch_batches(examples, config.batch_tokens, rng)
+        bar = tqdm((collate([examples[i] for i in ids], tokenizer, len(schema.topics)) for ids in batch_ids),
+                   total=len(batch_ids), desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+                   file=sys.stderr)
+        loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16)
         state["epoch"] += 1
 
         metrics = _validate(model, tokenizer, meta, valid_docs)
         score = selection_score(metrics)
         state["history"].append({"epoch": state["epoch"], "step": state["step"],
                                  "score": None if score is None else round(score, 4),
-                                 "loss": round(running or 0.0, 4), **_summary(metrics)})
+                                 "loss": round(loss, 4), **_summary(metrics)})
         log.info("epoch %d: %s", state["epoch"], state["history"][-1])
         if score is None or best_state is None or score > state["best_score"]:  # unmeasured: keep the latest
             state["best_score"], state["best_epoch"] = -1.0 if score is None else score, state["epoch"]
@@ -555,13 +533,50 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "crf": model.crf is not None,
         **({"topic_blend": topic_blend} if topic_blend else {}),
     }
-    save_model_folder(output, model, tokenizer, meta, metrics={"validation": metrics})
-    if topic_lexical is not None and topic_lexical.weight > 0:
-        topic_lexical.save(output)
-    else:
-        lexical.remove(output)  # a folder saved over must not keep an older run's component
+    save_model_folder(output, model, tokenizer, meta, metrics={"validation": metrics}, topic_lexical=topic_lexical)
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
     return output, metrics
+
+
+def _seed_everything(config: TrainConfig) -> None:
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+
+
+def _use_bf16(config: TrainConfig) -> bool:
+    """Whether to train under bf16 autocast: where asked for and the CPU has bf16 matrix instructions."""
+    bf16 = config.bf16 and cpu_has_bf16()
+    if config.bf16 and not bf16:
+        log.warning("bf16 asked for, but this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), where "
+                    "bf16 autocast steps ran 11x slower than fp32 (AMD EPYC, AVX2: 38.5 vs 3.4 s); training in fp32")
+    return bf16
+
+
+def _train_epoch(model: NewsTaggerModel, bar: tqdm, loss_fn: JointLoss, optimizer, scheduler, state: dict,
+                 total_steps: int, bf16: bool) -> float:
+    """One pass over the collated batches of a progress bar (stopping at `total_steps`), counting steps
+    in `state`; returns the smoothed loss."""
+    model.train()
+    running = None
+    for batch in bar:
+        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+            topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
+        loss = loss_fn(topic_logits.float(), tag_logits.float(), batch)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        state["step"] += 1
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+        if state["step"] >= total_steps:
+            break
+    bar.close()
+    return running or 0.0
 
 
 def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
