@@ -144,16 +144,8 @@ def retrain(config: RetrainConfig) -> dict:
         raise UsageError("no gold set: give --gold PATH[:FORMAT]; the gate compares both models on it")
     tolerances = gate_tolerances(config)
     registry = Registry(config.registry)
-    manifest = registry.manifest()
-    start = config.start or manifest.current
-    if start is None:
-        raise RegistryError(f"{config.registry} has no production model; add one with `newstagger models add "
-                            f"FOLDER --promote` or name a version with --start")
-    start_entry = manifest.entry(start)
-    baseline = manifest.current or start
-    version = check_version(config.version or registry.next_version(start))
-    if any(entry.version == version for entry in manifest.models):
-        raise RegistryError(f"version {version} is already in the registry; name another with --version")
+    start_entry, baseline, version = _versions(config, registry)
+    start = start_entry.version
 
     new_sources = _read_sources(config.data)
     gold = [doc for _, docs in _read_sources(config.gold) for doc in docs]
@@ -193,16 +185,8 @@ def retrain(config: RetrainConfig) -> dict:
         registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
             "gold": scores(candidate_all_labels), "validation": scores(validation)}))
 
-    if gate["passed"] and config.promote:
-        registry.promote(version)
-        decision = "promoted"
-    elif gate["passed"]:
-        decision = "passed, not promoted (--no-promote)"
-    else:
-        registry.set_status(version, "rejected")
-        decision = "rejected"
     return {
-        "decision": decision,
+        "decision": _settle(registry, version, gate["passed"], config.promote),
         "passed": gate["passed"],
         "reasons": gate["reasons"],
         "candidate": {"version": version, "parent": start, "gold": scores(candidate_gold),
@@ -215,6 +199,31 @@ def retrain(config: RetrainConfig) -> dict:
                       "gold": len(gold)},
         "seconds": round(time.time() - started, 1),
     }
+
+
+def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str, str]:
+    """(the registry entry to start from, the version to compare with, the new version)."""
+    manifest = registry.manifest()
+    start = config.start or manifest.current
+    if start is None:
+        raise RegistryError(f"{config.registry} has no production model; add one with `newstagger models add "
+                            f"FOLDER --promote` or name a version with --start")
+    start_entry = manifest.entry(start)
+    version = check_version(config.version or registry.next_version(start))
+    if any(entry.version == version for entry in manifest.models):
+        raise RegistryError(f"version {version} is already in the registry; name another with --version")
+    return start_entry, manifest.current or start, version
+
+
+def _settle(registry: Registry, version: str, passed: bool, promote: bool) -> str:
+    """Promote a candidate that passed the gate (unless told not to) or mark it rejected; the decision."""
+    if not passed:
+        registry.set_status(version, "rejected")
+        return "rejected"
+    if not promote:
+        return "passed, not promoted (--no-promote)"
+    registry.promote(version)
+    return "promoted"
 
 
 def _read_sources(specs: list[str]) -> list[tuple[dict, list[Document]]]:
