@@ -101,6 +101,10 @@ def main(argv: list[str] | None = None) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     _quiet_library_chatter()
+    # JSONL and JSON out are UTF-8 whatever the locale says (a Chinese-locale Windows pipe is GBK,
+    # which cannot encode every character a story may hold).
+    if hasattr(sys.stdout, "reconfigure"):
+        sys.stdout.reconfigure(encoding="utf-8")
     try:
         return args.handler(args)
     except (UsageError, DataError, FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError) as err:

@@ -136,10 +136,11 @@ def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator
     """(id, text, None) per good line, (id, "", reason) per bad one; the first bad one ends the
     stream when stopping, so every line before it is still tagged and written."""
     for number, line in enumerate(source, start=1):
-        if not line.strip():
-            continue
         try:
-            doc_id, text = parse_request(_decoded(line, number), f"line {number}")
+            line = _decoded(line, number)
+            if not line.strip():  # after decoding: a BOM or a full-width space alone is blank too
+                continue
+            doc_id, text = parse_request(line, f"line {number}")
         except DataError as err:
             yield _best_effort_id(line, number), "", str(err)
             if stop_at_error:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import shutil
 import subprocess
 import sys
@@ -97,6 +98,24 @@ def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_m
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
                  "--on-error", "record"]) == 0
     assert [r.get("error", "")[:17] for r in read_results(target)] == ["", "line 2: not UTF-8", ""]
+
+
+def test_a_line_blank_once_decoded_is_skipped(tiny_model_dir, tmp_path):
+    """A byte-order mark alone on the first line, or a line of full-width spaces, is a blank line."""
+    source = tmp_path / "in.jsonl"
+    source.write_bytes("\ufeff\r\n".encode() + '{"id": "a", "text": "好的"}\r\n'.encode() + "\u3000\r\n".encode()
+                       + '{"id": "b", "text": "后"}\n'.encode())
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 0
+    assert [r["id"] for r in read_results(target)] == ["a", "b"]
+
+
+def test_stdout_is_utf8_whatever_the_locale(tiny_model_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "😀-1", "text": "张伟在北京"}'])
+    done = subprocess.run([sys.executable, "-m", "newstagger.cli", "tag", "--model", str(tiny_model_dir),
+                           "-i", str(source), "-o", "-"], capture_output=True, env={**os.environ, "PYTHONIOENCODING": "gbk"})
+    assert done.returncode == 0, done.stderr.decode(errors="replace")
+    assert json.loads(done.stdout.decode("utf-8"))["id"] == "😀-1"
 
 
 def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):

@@ -68,7 +68,7 @@ class RetrainConfig:
     allow_new_labels: bool = config_option(False, "grow the model for labels the new data adds, instead of stopping")
     promote: bool = config_option(True, "promote a candidate that passes the gate (--no-promote: only register it)")
     epochs: int | None = config_option(None, "passes over the mix (default: as the starting model was trained)")
-    max_steps: int | None = config_option(None, "stop after this many optimizer steps (for smoke tests)")
+    max_steps: int | None = config_option(None, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
     learning_rate: float | None = config_option(None, "peak learning rate (default: as the starting model was trained)")
     threads: int | None = config_option(None, "torch CPU threads (default: as the starting model was trained)")
     seed: int = config_option(13, "seed of the replay sample and of training")
