@@ -248,6 +248,9 @@ def load_model_folder(folder: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
+    if meta.max_length > model.config.max_position_embeddings:
+        raise DataError(f"{folder / META_FILE}: max_length {meta.max_length} is more than the encoder's "
+                        f"{model.config.max_position_embeddings} positions")
     return model, tokenizer, meta
 
 

@@ -164,6 +164,17 @@ def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert named in line
 
 
+def test_windows_longer_than_the_encoder_exit_2_before_training(tiny_model_dir, tmp_path, capsys):
+    data = tmp_path / "news.jsonl"
+    data.write_text('{"id": "a", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
+    argv = ["train", "--train", f"{data}:internal", "--init-model", str(tiny_model_dir), "--max-length", "64",
+            "--inference-max-length", "256", "--output", str(tmp_path / "m")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "inference_max_length 256: more than the encoder's 128 positions" in line
+    assert not (tmp_path / "m").exists()
+
+
 @pytest.mark.parametrize("base, named", [("{tmp}/missing", "base_model '{tmp}/missing' cannot be loaded"),
                                          ("{tmp}", "base_model '{tmp}' cannot be loaded")])
 def test_a_base_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, base, named):

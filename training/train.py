@@ -623,6 +623,11 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         log.info("lexicon: %s", model.lexicon.config)
     if config.crf and model.crf is None:
         model.attach_crf()
+    positions = model.config.max_position_embeddings
+    too_long = [f"{name} {getattr(config, name)}" for name in ("max_length", "inference_max_length")
+                if getattr(config, name) > positions]
+    if too_long:
+        raise UsageError(f"{' and '.join(too_long)}: more than the encoder's {positions} positions")
     return model, tokenizer, schema, parent_meta
 
 
