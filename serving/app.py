@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -32,7 +33,7 @@ from newstagger.tagger import Tagger, default_model_dir
 
 from . import feedback
 from .batching import MicroBatcher, Overloaded, ShuttingDown
-from .observability import ObservedRequests, ServingMetrics, configure_logging
+from .observability import CLIENT_CLOSED_REQUEST, ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
     RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
     ReloadResponse, Status, TagRequest, TagResponse,
@@ -159,7 +160,10 @@ async def tag(body: TagRequest, request: Request, response: Response,
     try:
         future = batcher.submit([doc.text for doc in body.documents], body.thresholds, body.entity_types,
                                 body.entity_threshold)
-        outcome = await asyncio.wrap_future(future)
+        outcome = await outcome_unless_client_leaves(request, future)
+    except ClientLeft:
+        raise ApiError(CLIENT_CLOSED_REQUEST, "the client closed the connection before the answer",
+                       kind="client_closed_request") from None
     except Overloaded as err:
         raise ApiError(429, f"the server is busy: {err}", kind="overloaded",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
@@ -174,6 +178,33 @@ async def tag(body: TagRequest, request: Request, response: Response,
     # Plain dicts: the response model still validates them, and they keep `tag`'s exact output shape.
     return {"model": _model_ref(outcome.model),
             "results": [{"id": doc.id, **result} for doc, result in zip(body.documents, outcome.results)]}
+
+
+class ClientLeft(Exception):
+    """The client disconnected while its request waited for the model."""
+
+
+async def outcome_unless_client_leaves(request: Request, future: Future):
+    """The batcher's outcome for `future`; if the client disconnects first, the job is cancelled
+    (the batcher drops it unrun when it has not started) and ClientLeft raised. Clients that time out
+    and retry would otherwise queue work nobody receives, and an overload would feed itself."""
+    outcome = asyncio.wrap_future(future)
+    left = asyncio.ensure_future(_disconnect(request))
+    try:
+        done, _ = await asyncio.wait({outcome, left}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        left.cancel()
+    if outcome not in done:
+        future.cancel()
+        outcome.cancel()
+        raise ClientLeft
+    return outcome.result()
+
+
+async def _disconnect(request: Request) -> None:
+    """Returns when the client disconnects: the body is read, so the server's next message is that."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
 
 
 def _check_sizes(body: TagRequest, settings: ServeSettings) -> None:

@@ -17,6 +17,9 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from newstagger.model import ModelMeta
 
+# nginx's status for a request whose client went away before the answer: logged and counted, never sent.
+CLIENT_CLOSED_REQUEST = 499
+
 access_logger = logging.getLogger("newstagger.access")
 
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
@@ -62,7 +65,7 @@ class ObservedRequests:
             return await self.app(scope, receive, send)
         started = time.perf_counter()
         request_id = _request_id(scope)
-        status = 500  # what the client gets if the app raises before answering
+        status = None
 
         async def send_with_headers(message: Message) -> None:
             nonlocal status
@@ -79,8 +82,12 @@ class ObservedRequests:
 
         try:
             await self.app(scope, receive, send_with_headers)
+        except Exception:
+            status = status or 500  # what the client gets if the app raises before answering
+            raise
         finally:
-            self._record(scope, status, time.perf_counter() - started, request_id)
+            # An app that ends without answering saw the client leave first.
+            self._record(scope, status or CLIENT_CLOSED_REQUEST, time.perf_counter() - started, request_id)
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
         route = _route_label(scope)

@@ -7,6 +7,7 @@ queued, batched or refused is decided by the test, never by timing.
 from __future__ import annotations
 
 import argparse
+import asyncio
 import json
 import socket
 import os
@@ -586,3 +587,49 @@ def test_serve_reports_a_bad_setting_by_its_variable(monkeypatch):
     args = serve_parser().parse_args(["serve"])
     with pytest.raises(UsageError, match="NEWSTAGGER_MAX_DOCUMENTS"):
         args.handler(args)
+
+
+def call_directly(app, messages: list[dict], headers: list[tuple[bytes, bytes]]) -> list[dict]:
+    """Run one POST /v1/tag through the ASGI app with these client messages (a disconnect where a
+    real client goes away); returns what the app sent, which a real server would drop."""
+    sent = []
+
+    async def call():
+        pending = list(messages)
+
+        async def receive():
+            return pending.pop(0) if pending else {"type": "http.disconnect"}
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST",
+                 "scheme": "http", "path": "/v1/tag", "raw_path": b"/v1/tag", "query_string": b"", "root_path": "",
+                 "headers": [(b"content-type", b"application/json"), *headers], "client": ("127.0.0.1", 1),
+                 "server": ("testserver", 80)}
+        await app(scope, receive, send)
+
+    asyncio.run(call())
+    return sent
+
+
+def test_a_client_that_leaves_mid_upload_is_counted_as_499_not_500(make_client):
+    client = make_client()
+    call_directly(client.app, [{"type": "http.request", "body": b'{"documents": [', "more_body": True},
+                               {"type": "http.disconnect"}], [(b"content-length", b"1000")])
+    metrics = client.get("/metrics").text
+    assert 'newstagger_http_requests_total{method="POST",route="/v1/tag",status="499"} 1.0' in metrics
+    assert 'status="500"' not in metrics
+
+
+def test_a_client_that_leaves_while_queued_is_dropped_unrun(make_client):
+    """A client that times out must not leave its stories to be tagged for nobody."""
+    client = make_client(batch_wait_ms=2000)  # the job waits in the batcher long enough for the client to go
+    body = json.dumps(documents("市民政局", "滨江区")).encode()
+    sent = call_directly(client.app, [{"type": "http.request", "body": body, "more_body": False}], [])
+    assert sent[0]["status"] == 499
+    time.sleep(2.5)  # past the batch window, where the cancelled job is dropped
+    metrics = client.get("/metrics").text
+    assert 'newstagger_http_requests_total{method="POST",route="/v1/tag",status="499"} 1.0' in metrics
+    assert "newstagger_documents_tagged_total 0.0" in metrics
+    assert client.post("/v1/tag", json=documents("好的")).status_code == 200
