@@ -131,3 +131,22 @@ def test_training_fits_weights_and_saves_the_component_and_a_zero_weight_removes
 
     train(tiny_train_config(tiny_base, output, resume=True, topic_lexical=False))
     assert "topic_blend" not in json.loads((output / "newstagger.json").read_text())["training"]
+
+
+def test_a_continued_model_keeps_its_parents_cuts_where_validation_is_too_small(tiny_base, tmp_path, monkeypatch):
+    """Retraining on a few corrections holds out a few stories: no cut is chosen on those."""
+    parent = tmp_path / "parent"
+    monkeypatch.setattr(training.train, "BLEND_WEIGHTS", (0.5,))
+    train(tiny_train_config(tiny_base, parent))
+    parent_meta = json.loads((parent / "newstagger.json").read_text())
+    parent_meta.update(thresholds={"economy": 0.27, "ecology": 0.35, "city_management": 0.62}, entity_threshold=0.4)
+    (parent / "newstagger.json").write_text(json.dumps(parent_meta))
+
+    child = tmp_path / "child"
+    train(tiny_train_config(tiny_base, child, init_model=str(parent), min_tuning_documents=50, max_steps=1))
+    meta = json.loads((child / "newstagger.json").read_text())
+    assert meta["thresholds"] == {"economy": 0.27, "ecology": 0.35, "city_management": 0.62, "livelihood": 0.5}
+    assert meta["entity_threshold"] == 0.4
+    assert meta["training"]["topic_blend"] == {"weight": 0.5, "kept_from": parent_meta["version"]}
+    assert Tagger.load(child).topic_lexical.weight == 0.5
+

@@ -40,7 +40,7 @@ def tiny_base(tmp_path_factory) -> Path:
 def tiny_train_config(tiny_base: Path, output: Path, **overrides) -> TrainConfig:
     settings = dict(train=[f"{SAMPLE}:internal"], base_model=str(tiny_base), output=str(output), max_length=32,
                     stride=8, inference_max_length=32, inference_stride=8, epochs=1, batch_tokens=512,
-                    validation_fraction=0.25, version="9.9.9")
+                    validation_fraction=0.25, version="9.9.9", min_tuning_documents=1)
     return TrainConfig(**{**settings, **overrides})
 
 

@@ -44,8 +44,8 @@ from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
 
 from .data import corpus_stats, parse_data_spec, read_documents, split_validation
-from .evaluate import (evaluate_tagger, predict_documents, prediction_metrics, topic_metrics, tune_entity_threshold,
-                       tune_thresholds)
+from .evaluate import (Predictions, evaluate_tagger, predict_documents, prediction_metrics, topic_metrics,
+                       tune_entity_threshold, tune_thresholds)
 
 log = logging.getLogger("newstagger.train")
 IGNORE = -100
@@ -127,6 +127,11 @@ class TrainConfig:
     patience: int = config_option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = config_option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                               "blend it into the topic head, with a weight chosen on validation")
+    # Cuts chosen on a handful of stories are noise: retraining on 29 corrections held 3 out, which set
+    # every topic threshold to 0.5 and dropped the lexical topic model, and the gate rejected a better model.
+    min_tuning_documents: int = config_option(50, "validation documents a task (entities, topics) needs for its cuts "
+                                                  "(entity threshold, topic thresholds and blend) to be chosen on them; "
+                                                  "with fewer, an --init-model keeps its own, a new model the defaults")
     seed: int = config_option(13, "random seed")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
     resume: bool = config_option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
@@ -155,6 +160,7 @@ class TrainConfig:
             ("train_weights", not self.train_weights or len(self.train_weights) == len(self.train),
              f"one weight per train source ({len(self.train)})"),
             ("patience", self.patience >= 1, "at least 1"),
+            ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
         ))
 
@@ -520,7 +526,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     model.load_state_dict(best_state)
     model.eval()
     metrics, topic_lexical, topic_blend = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
-                                                              config)
+                                                              config, parent_meta)
     meta.training = {
         "config": asdict(config),
         "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
@@ -683,30 +689,48 @@ def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -
     return state, best_state
 
 
-def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: list[Document],
-                        config: TrainConfig) -> tuple[dict, lexical.LexicalTopicModel | None, dict]:
-    """The trained model's final validation metrics, with the entity threshold, the topic blend and the
-    topic thresholds chosen on them (set in `tagger.meta`); returns (metrics, lexical topic model or
-    None, blend report)."""
+def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: list[Document], config: TrainConfig,
+                        parent_meta: ModelMeta | None) -> tuple[dict, lexical.LexicalTopicModel | None, dict]:
+    """The trained model's final validation metrics, with its cuts (entity threshold, topic blend, topic
+    thresholds) chosen on them and set in `tagger.meta`; where validation has too few documents of a
+    task to choose them, the parent model's are kept (the defaults without one). Returns (metrics,
+    lexical topic model or None, blend report)."""
     meta, schema = tagger.meta, tagger.schema
-    if not valid_docs:
-        return {}, None, {}
-    predictions = predict_documents(tagger, valid_docs)
-    metrics = prediction_metrics(predictions, tagger)
-    if predictions.gold_spans:
+    if parent_meta is not None:
+        meta.entity_threshold = parent_meta.entity_threshold
+        meta.thresholds = {t: parent_meta.threshold(t) for t in schema.topics if t in parent_meta.schema.topics}
+    predictions = predict_documents(tagger, valid_docs) if valid_docs else Predictions()
+    metrics = prediction_metrics(predictions, tagger) if valid_docs else {}
+    if len(predictions.gold_spans) >= config.min_tuning_documents:
         meta.entity_threshold, entity_metrics = tune_entity_threshold(
             predictions.gold_spans, predictions.predicted_spans, predictions.lengths, schema)
         metrics.update(entity_metrics)
+    elif parent_meta is not None:
+        log.info("%d entity-labelled validation documents: keeping the parent's entity threshold %.2f",
+                 len(predictions.gold_spans), meta.entity_threshold)
+
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
-    if predictions.topic_gold is not None:
-        gold, topic_probs = predictions.topic_gold, predictions.topic_probs
+    valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of topic_gold
+    gold, topic_probs = predictions.topic_gold, predictions.topic_probs
+    if len(valid_texts) >= config.min_tuning_documents:
         if config.topic_lexical and len(topic_train_docs) >= 2:  # its vocabulary keeps n-grams of 2+ documents
-            valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of gold
             topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
                                                          schema.topics)
             topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
         meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
+        return metrics, topic_lexical, topic_blend
+    if parent_meta is not None and parent_meta.schema.topics == schema.topics:
+        topic_lexical = lexical.LexicalTopicModel.load(config.init_model)
+    if topic_lexical is not None:
+        topic_blend = {"weight": topic_lexical.weight, "kept_from": parent_meta.version}
+    if parent_meta is not None:
+        log.info("%d topic-labelled validation documents: keeping the parent's topic thresholds and blend",
+                 len(valid_texts))
+    if gold is not None:
+        if topic_lexical is not None:
+            topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
+        metrics["topics"] = topic_metrics(gold, topic_probs, [meta.threshold(t) for t in schema.topics], schema.topics)
     return metrics, topic_lexical, topic_blend
 
 
