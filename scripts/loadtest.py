@@ -86,8 +86,15 @@ def make_stories(count: int, chars: int, seed: int = 7) -> list[str]:
 
 
 def read_stories(path: Path, count: int) -> list[str]:
+    """`count` texts from a JSONL file of {"text"} (repeated as needed); ValueError names a line without one."""
+    texts = []
     with path.open(encoding="utf-8") as lines:
-        texts = [json.loads(line)["text"] for line in lines if line.strip()]
+        for number, line in enumerate(lines, start=1):
+            if line.strip():
+                try:
+                    texts.append(str(json.loads(line)["text"]))
+                except (ValueError, KeyError, TypeError):
+                    raise ValueError(f"{path}:{number}: not a JSON object with a 'text'") from None
     return (texts * (count // max(len(texts), 1) + 1))[:count]
 
 
@@ -226,10 +233,13 @@ def main() -> None:
                         help="setting for the started server, e.g. NEWSTAGGER_BATCH_WAIT_MS=2 (repeatable)")
     args = parser.parse_args()
 
-    stories = (read_stories(args.stories_file, args.stories) if args.stories_file
-               else make_stories(args.stories, args.story_chars))
+    try:
+        stories = (read_stories(args.stories_file, args.stories) if args.stories_file
+                   else make_stories(args.stories, args.story_chars))
+    except (OSError, ValueError) as err:
+        parser.error(f"--stories-file: {err}")
     if not stories:
-        sys.exit(f"no stories in {args.stories_file}")
+        parser.error(f"--stories-file: no stories in {args.stories_file}")
     server = None
     if args.model:
         port = free_loopback_port()
@@ -242,7 +252,10 @@ def main() -> None:
     try:
         if server:
             wait_ready(url, server, args.max_seconds)
-        report(asyncio.run(measure(url, args, stories)))
+        try:
+            report(asyncio.run(measure(url, args, stories)))
+        except httpx.HTTPError as err:
+            sys.exit(f"no answer from {url}: {err!r}")
         if server:
             print(server_memory(server))
     finally:

@@ -19,3 +19,21 @@ spec.loader.exec_module(loadtest)
 def test_percentiles_are_nearest_rank(count, q, expected_ms):
     run = loadtest.Run("x", latencies=[i / 1000 for i in range(1, count + 1)])
     assert run.percentile(q) == pytest.approx(expected_ms)
+
+
+@pytest.mark.parametrize(("content", "reason"), [("", "no stories in"), ('{"text": "好"}\n[1]\n', ":2: not a JSON object")])
+def test_a_stories_file_without_stories_is_an_argument_error(tmp_path, monkeypatch, capsys, content, reason):
+    stories = tmp_path / "stories.jsonl"
+    stories.write_text(content, encoding="utf-8")
+    monkeypatch.setattr(sys, "argv", ["loadtest", "--url", "http://127.0.0.1:1", "--stories-file", str(stories)])
+    with pytest.raises(SystemExit) as exit_:
+        loadtest.main()
+    assert exit_.value.code == 2 and reason in capsys.readouterr().err
+
+
+def test_a_server_that_does_not_answer_is_one_line(monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["loadtest", "--url", "http://127.0.0.1:1", "--stories", "2", "--rounds", "1"])
+    with pytest.raises(SystemExit) as exit_:
+        loadtest.main()
+    assert str(exit_.value.code).startswith("no answer from http://127.0.0.1:1")
+
