@@ -77,6 +77,12 @@ class LabelSchema:
             coarse={**{t: c for t, c in other.coarse.items() if t not in self.coarse_only_types}, **self.coarse},
         )
 
+    def new_labels(self, data: "LabelSchema") -> dict[str, list[str]]:
+        """The topics and entity types training on `data` would add to a model on this schema (coarse
+        PER/LOC/ORG data adds nothing to a model with finer types: it trains them as partial labels)."""
+        grown = self.merged_with(data)
+        return {"topics": grown.topics[len(self.topics):], "entity_types": grown.entity_types[len(self.entity_types):]}
+
     def to_dict(self) -> dict:
         return {"topics": self.topics, "entity_types": self.entity_types, "coarse": self.coarse}
 

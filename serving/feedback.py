@@ -13,10 +13,11 @@ from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictInt
+from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from sqlalchemy.exc import SQLAlchemyError
 
 from newstagger.documents import DataError, Document, Span, validate
+from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
 from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text
@@ -55,6 +56,9 @@ class FeedbackRequest(BaseModel):
     model_version: Text | None = Field(
         None, description="Version of the model whose output was corrected (the `model.version` of its "
                           "/v1/tag answer); default: the version serving now.")
+    new_labels: StrictBool = Field(
+        False, description="True when a topic or entity type the serving model does not know is meant as a new "
+                           "label; otherwise one is a 422, so that a typo is caught now, not at retraining.")
 
 
 class FeedbackResponse(BaseModel):
@@ -74,6 +78,8 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
         raise ApiError(413, f"text is {len(body.text)} characters; at most {service.settings.max_text_chars}",
                        ("body", "text"), "text_too_long")
     document = _checked_document(body)
+    if not body.new_labels and service.batcher is not None:
+        _check_known_labels(body, document, service.batcher.tagger.schema)
     serving = service.batcher.tagger.meta.version if service.batcher is not None else None
     correction = Correction(document, sender=body.sender, revision=body.revision,
                             model_version=body.model_version or serving)
@@ -106,6 +112,19 @@ def _checked_document(body: FeedbackRequest) -> Document:
             error = {"loc": ("body", field), "msg": str(err), "type": "invalid_labels"}
             raise RequestValidationError([error]) from None
     return document
+
+
+def _check_known_labels(body: FeedbackRequest, document: Document, known: LabelSchema) -> None:
+    """A 422 naming each topic and entity type the serving model does not know."""
+    new = known.new_labels(LabelSchema.from_documents([document]))
+    errors = [{"loc": ("body", "topics", i), "msg": f"unknown topic; the model knows {known.topics} (a new label: "
+               f"set new_labels)", "type": "unknown_topic"}
+              for i, topic in enumerate(body.topics or []) if topic in new["topics"]]
+    errors += [{"loc": ("body", "entities", i, "type"), "msg": f"unknown entity type; the model knows "
+                f"{known.entity_types} (a new label: set new_labels)", "type": "unknown_entity_type"}
+               for i, entity in enumerate(body.entities or []) if entity.type in new["entity_types"]]
+    if errors:
+        raise RequestValidationError(errors)
 
 
 def _save(state, correction: Correction) -> bool:

@@ -159,13 +159,31 @@ def test_a_correction_is_201_then_200_when_resent(client, url):
     assert stored.to_dict() == {k: v for k, v in CORRECTION.items() if k != "sender"}
 
 
-def test_the_model_version_defaults_to_the_one_serving(client):
+def wait_ready(client: TestClient) -> None:
     deadline = time.monotonic() + WAIT_S
     while client.get("/readyz").status_code != 200:
         assert time.monotonic() < deadline, "the model never loaded"
         time.sleep(0.01)
+
+
+def test_the_model_version_defaults_to_the_one_serving(client):
+    wait_ready(client)
     response = client.post("/v1/feedback", json=CORRECTION)
     assert response.json()["model_version"] == "0.0.1"
+
+
+def test_a_label_the_model_does_not_know_is_422_unless_marked_new(client):
+    """A typo caught now, not when it stops every later retraining."""
+    wait_ready(client)
+    typos = client.post("/v1/feedback", json=CORRECTION | {"topics": ["ecolgy"],
+                                                           "entities": [{"start": 0, "end": 2, "type": "nmae"}]})
+    assert typos.status_code == 422
+    assert [error["loc"] for error in typos.json()["errors"]] == [["body", "topics", 0], ["body", "entities", 0, "type"]]
+    assert "set new_labels" in typos.json()["errors"][0]["msg"]
+    coarse = CORRECTION | {"id": "story-2", "entities": [{"start": 0, "end": 2, "type": "PER"}]}
+    assert client.post("/v1/feedback", json=coarse).status_code == 201  # trains `name` as a partial label
+    assert client.post("/v1/feedback", json=CORRECTION | {"id": "story-3", "topics": ["culture"],
+                                                          "new_labels": True}).status_code == 201
 
 
 def test_the_same_revision_with_other_labels_is_409(client):

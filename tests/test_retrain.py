@@ -25,7 +25,7 @@ from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
 from training.registry import Entry, Registry
-from training.retrain import (RetrainConfig, _new_labels, _only_labels_of, _training_config, decide, gate_tolerances,
+from training.retrain import (RetrainConfig, _only_labels_of, _training_config, decide, gate_tolerances,
                               replay_sample, retrain, score_on_gold)
 
 WAIT_S = 60  # generous upper bound for a tiny model to load
@@ -109,8 +109,8 @@ def test_a_grown_model_is_compared_on_the_labels_the_older_one_knows(tiny_model_
 def test_coarse_people_places_organisations_are_not_new_labels_for_a_fine_model(tiny_model_dir):
     known = Tagger.load(tiny_model_dir, backend="torch", precision="fp32").schema
     coarse = LabelSchema.from_documents([Document("m", "李四在上海", entities=[Span(0, 2, "PER"), Span(3, 5, "LOC")])])
-    assert _new_labels(known, coarse) == {"topics": [], "entity_types": []}
-    assert _new_labels(known, LabelSchema(topics=["culture"], entity_types=["event"])) == {
+    assert known.new_labels(coarse) == {"topics": [], "entity_types": []}
+    assert known.new_labels(LabelSchema(topics=["culture"], entity_types=["event"])) == {
         "topics": ["culture"], "entity_types": ["event"]}
 
 

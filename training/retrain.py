@@ -166,7 +166,7 @@ def retrain(config: RetrainConfig) -> dict:
 
     start_folder = registry.folder(start)
     start_tagger = exact_tagger(start_folder)
-    new_labels = _new_labels(start_tagger.schema, LabelSchema.from_documents(new_docs + replayed))
+    new_labels = start_tagger.schema.new_labels(LabelSchema.from_documents(new_docs + replayed))
     if any(new_labels.values()) and not config.allow_new_labels:
         raise DataError(f"the new data has labels {start} does not know: {new_labels}; check them for typos, "
                         f"then pass --allow-new-labels to grow the model with them")
@@ -312,13 +312,6 @@ def _label_f1(metrics: dict, labels: dict[str, list[str]]) -> dict[str, float]:
     per_label = {**metrics.get("entities", {}).get("per_label", {}), **metrics.get("topics", {}).get("per_label", {})}
     return {label: per_label[label]["f1"] for kind in ("topics", "entity_types") for label in labels[kind]
             if per_label.get(label, {}).get("support")}
-
-
-def _new_labels(known: LabelSchema, data: LabelSchema) -> dict[str, list[str]]:
-    """What training on `data` would add to the model (coarse PER/LOC/ORG data adds nothing to a
-    model with finer types: it trains them as partial labels)."""
-    grown = known.merged_with(data)
-    return {"topics": grown.topics[len(known.topics):], "entity_types": grown.entity_types[len(known.entity_types):]}
 
 
 def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, output: Path,
