@@ -144,6 +144,18 @@ async def readyz(service: TaggingService = Depends(get_service)) -> Readiness:
     return Readiness(status="ready", model=_model_ref(service.ready_batcher().tagger.meta))
 
 
+# Load balancers and uptime checkers probe with HEAD: the same answers, without bodies.
+@operations.head("/healthz", include_in_schema=False)
+async def healthz_probe() -> Response:
+    return Response()
+
+
+@operations.head("/readyz", include_in_schema=False)
+async def readyz_probe(service: TaggingService = Depends(get_service)) -> Response:
+    service.ready_batcher()
+    return Response()
+
+
 @operations.get("/metrics", summary="Prometheus metrics", response_class=Response,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(service: TaggingService = Depends(get_service)) -> Response:

@@ -383,6 +383,7 @@ def test_readyz_is_503_until_the_model_has_loaded(tiny_model_dir, monkeypatch):
     monkeypatch.setattr(app_module.Tagger, "load", slow_load)
     with TestClient(create_app(ServeSettings(model=tiny_model_dir))) as client:
         assert client.get("/healthz").json() == {"status": "ok"}
+        assert client.head("/healthz").status_code == 200 and client.head("/readyz").status_code == 503
         loading = client.get("/readyz")
         assert loading.status_code == 503 and loading.headers["retry-after"] == "1"
         assert loading.json()["detail"] == "the model is still loading"
