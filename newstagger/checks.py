@@ -30,7 +30,7 @@ def window_rules(max_length_name: str, max_length, stride_name: str, stride) -> 
     """check_rules' rules for a window setting: its length and the overlap of neighbouring windows."""
     length_ok = is_integer(max_length) and max_length >= MIN_WINDOW
     return ((max_length_name, length_ok, f"an integer of at least {MIN_WINDOW}"),
-            (stride_name, is_integer(stride) and length_ok and 0 <= stride < max_length - 2,
+            (stride_name, not length_ok or (is_integer(stride) and 0 <= stride < max_length - 2),  # needs a length
              f"an integer from 0 to under {max_length_name} - 2"))
 
 

@@ -195,8 +195,8 @@ def save_model_folder(
     tokenizer,
     meta: ModelMeta,
     metrics: dict | None = None,
-    topic_lexical: lexical.LexicalTopicModel | None = None,
     weights_dtype: torch.dtype = torch.float16,
+    topic_lexical: lexical.LexicalTopicModel | None = None,
 ) -> Path:
     """Write a complete, self-describing model folder, with the lexical topic model where it blends in.
 
@@ -293,7 +293,8 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
     blend = meta.training.get("topic_blend")
     if blend and blend.get("weight"):
         lines += ["", f"Topic scores are (1 - w) x the topic head's + w x a character n-gram TF-IDF logistic "
-                  f"regression's (`topic_lexical.*`), w = {blend['weight']} chosen on validation."]
+                  f"regression's (`topic_lexical.*`), w = {blend['weight']} "
+                  + (f"kept from {blend['kept_from']}." if "kept_from" in blend else "chosen on validation.")]
     if metrics:
         lines += ["", "## Metrics", ""]
         lines += _metrics_tables(metrics)

@@ -151,11 +151,12 @@ def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator
 
 def _decoded(line: str | bytes, number: int) -> str:
     """The line as text. Files are read as bytes so that a line that is not UTF-8 is an error of that
-    line alone; a byte-order mark (Windows tools write one) before the first line is dropped."""
+    line alone; a byte-order mark at its start is dropped (Windows tools begin each file they write
+    with one, and files get concatenated)."""
     if isinstance(line, bytes):
         with utf8_only(f"line {number}"):
             line = line.decode("utf-8")
-    return line.removeprefix("\ufeff") if number == 1 else line
+    return line.removeprefix("\ufeff")
 
 
 def _best_effort_id(line: str, number: int):

@@ -92,9 +92,12 @@ def read_stories(path: Path, count: int) -> list[str]:
         for number, line in enumerate(lines, start=1):
             if line.strip():
                 try:
-                    texts.append(str(json.loads(line)["text"]))
+                    text = json.loads(line)["text"]
                 except (ValueError, KeyError, TypeError):
-                    raise ValueError(f"{path}:{number}: not a JSON object with a 'text'") from None
+                    text = None
+                if not isinstance(text, str):
+                    raise ValueError(f"{path}:{number}: not a JSON object with a string 'text'")
+                texts.append(text)
     return (texts * (count // max(len(texts), 1) + 1))[:count]
 
 
@@ -145,7 +148,10 @@ async def measure(url: str, args, stories: list[str]) -> list[Run]:
     deadline = time.perf_counter() + args.max_seconds
     limits = httpx.Limits(max_connections=args.clients, max_keepalive_connections=args.clients)
     async with httpx.AsyncClient(base_url=url, limits=limits, timeout=args.max_seconds) as client:
-        info = (await client.get("/v1/info")).json()
+        answer = await client.get("/v1/info")
+        if answer.status_code != 200 or "json" not in answer.headers.get("content-type", ""):
+            sys.exit(f"{url}/v1/info answered {answer.status_code}: not a ready newstagger server")
+        info = answer.json()
         print(f"model {info['model']['name']} {info['model']['version']} at {url}; {len(stories)} stories of "
               f"{sum(map(len, stories)) // len(stories)} chars; {args.rounds} rounds")
         max_documents = info["limits"]["max_documents"]

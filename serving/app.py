@@ -36,7 +36,7 @@ from .batching import MicroBatcher, Overloaded, ShuttingDown
 from .observability import CLIENT_CLOSED_REQUEST, ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
     RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
-    ReloadResponse, Status, TagRequest, TagResponse,
+    ReloadResponse, Status, TagRequest, TagResponse, unknown_label,
 )
 from .settings import ServeSettings
 
@@ -144,16 +144,9 @@ async def readyz(service: TaggingService = Depends(get_service)) -> Readiness:
     return Readiness(status="ready", model=_model_ref(service.ready_batcher().tagger.meta))
 
 
-# Load balancers and uptime checkers probe with HEAD: the same answers, without bodies.
-@operations.head("/healthz", include_in_schema=False)
-async def healthz_probe() -> Response:
-    return Response()
-
-
-@operations.head("/readyz", include_in_schema=False)
-async def readyz_probe(service: TaggingService = Depends(get_service)) -> Response:
-    service.ready_batcher()
-    return Response()
+# Load balancers and uptime checkers probe with HEAD: the same answers (the server drops the body).
+for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
+    operations.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
 
 
 @operations.get("/metrics", summary="Prometheus metrics", response_class=Response,
@@ -231,11 +224,9 @@ def _check_sizes(body: TagRequest, settings: ServeSettings) -> None:
 
 def _check_options(body: TagRequest, meta: ModelMeta) -> None:
     """Options must name labels the serving model knows: a typo would otherwise change nothing."""
-    errors = [{"loc": ("body", "thresholds", topic), "msg": f"unknown topic; the model knows {meta.schema.topics}",
-               "type": "unknown_topic"}
+    errors = [unknown_label(("body", "thresholds", topic), "topic", meta.schema.topics)
               for topic in body.thresholds or {} if topic not in meta.schema.topics]
-    errors += [{"loc": ("body", "entity_types", i),
-                "msg": f"unknown entity type; the model knows {meta.schema.entity_types}", "type": "unknown_entity_type"}
+    errors += [unknown_label(("body", "entity_types", i), "entity_type", meta.schema.entity_types)
                for i, entity_type in enumerate(body.entity_types or []) if entity_type not in meta.schema.entity_types]
     if errors:
         raise RequestValidationError(errors)

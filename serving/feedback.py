@@ -20,7 +20,7 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text
+from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text, unknown_label
 
 router = APIRouter(prefix="/v1", tags=["feedback"])
 MAX_REVISION = 2**63 - 1  # the store's integer column (SQLite INTEGER, PostgreSQL BIGINT)
@@ -78,8 +78,8 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
         raise ApiError(413, f"text is {len(body.text)} characters; at most {service.settings.max_text_chars}",
                        ("body", "text"), "text_too_long")
     document = _checked_document(body)
-    if not body.new_labels and service.batcher is not None:
-        _check_known_labels(body, document, service.batcher.tagger.schema)
+    if not body.new_labels:  # checked against the serving model: 503 while there is none
+        _check_known_labels(body, document, service.ready_batcher().tagger.schema)
     serving = service.batcher.tagger.meta.version if service.batcher is not None else None
     correction = Correction(document, sender=body.sender, revision=body.revision,
                             model_version=body.model_version or serving)
@@ -117,11 +117,10 @@ def _checked_document(body: FeedbackRequest) -> Document:
 def _check_known_labels(body: FeedbackRequest, document: Document, known: LabelSchema) -> None:
     """A 422 naming each topic and entity type the serving model does not know."""
     new = known.new_labels(LabelSchema.from_documents([document]))
-    errors = [{"loc": ("body", "topics", i), "msg": f"unknown topic; the model knows {known.topics} (a new label: "
-               f"set new_labels)", "type": "unknown_topic"}
+    hint = " (a new label: set new_labels)"
+    errors = [unknown_label(("body", "topics", i), "topic", known.topics, hint)
               for i, topic in enumerate(body.topics or []) if topic in new["topics"]]
-    errors += [{"loc": ("body", "entities", i, "type"), "msg": f"unknown entity type; the model knows "
-                f"{known.entity_types} (a new label: set new_labels)", "type": "unknown_entity_type"}
+    errors += [unknown_label(("body", "entities", i, "type"), "entity_type", known.entity_types, hint)
                for i, entity in enumerate(body.entities or []) if entity.type in new["entity_types"]]
     if errors:
         raise RequestValidationError(errors)

@@ -24,6 +24,12 @@ class ApiError(Exception):
         self.status, self.msg, self.loc, self.kind, self.headers = status, msg, loc, kind, headers
 
 
+def unknown_label(loc: tuple, kind: str, known: list[str], hint: str = "") -> dict:
+    """The validation error of a label (kind: topic or entity_type) the serving model does not know."""
+    return {"loc": loc, "msg": f"unknown {kind.replace('_', ' ')}; the model knows {known}{hint}",
+            "type": f"unknown_{kind}"}
+
+
 def _utf8_encodable(value: str) -> str:
     index = unpaired_surrogate(value)
     if index is not None:

@@ -101,10 +101,11 @@ def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_m
 
 
 def test_a_line_blank_once_decoded_is_skipped(tiny_model_dir, tmp_path):
-    """A byte-order mark alone on the first line, or a line of full-width spaces, is a blank line."""
+    """A line of a byte-order mark alone, or of full-width spaces, is a blank line; a mark at the start
+    of any line (concatenated files) is dropped."""
     source = tmp_path / "in.jsonl"
     source.write_bytes("\ufeff\r\n".encode() + '{"id": "a", "text": "好的"}\r\n'.encode() + "\u3000\r\n".encode()
-                       + '{"id": "b", "text": "后"}\n'.encode())
+                       + "\ufeff".encode() + '{"id": "b", "text": "后"}\n'.encode() + "\ufeff\n".encode())
     target = tmp_path / "out.jsonl"
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 0
     assert [r["id"] for r in read_results(target)] == ["a", "b"]

@@ -143,9 +143,17 @@ def test_the_server_refuses_a_store_url_it_could_never_open(url):
 # --- POST /v1/feedback ------------------------------------------------------------------------------
 
 
+def wait_ready(client: TestClient) -> None:
+    deadline = time.monotonic() + WAIT_S
+    while client.get("/readyz").status_code != 200:
+        assert time.monotonic() < deadline, "the model never loaded"
+        time.sleep(0.01)
+
+
 @pytest.fixture
 def client(tiny_model_dir, url):
     with TestClient(create_app(ServeSettings(model=tiny_model_dir, feedback_url=url, max_text_chars=100))) as client:
+        wait_ready(client)  # labels are checked against the serving model
         yield client
 
 
@@ -159,22 +167,13 @@ def test_a_correction_is_201_then_200_when_resent(client, url):
     assert stored.to_dict() == {k: v for k, v in CORRECTION.items() if k != "sender"}
 
 
-def wait_ready(client: TestClient) -> None:
-    deadline = time.monotonic() + WAIT_S
-    while client.get("/readyz").status_code != 200:
-        assert time.monotonic() < deadline, "the model never loaded"
-        time.sleep(0.01)
-
-
 def test_the_model_version_defaults_to_the_one_serving(client):
-    wait_ready(client)
     response = client.post("/v1/feedback", json=CORRECTION)
     assert response.json()["model_version"] == "0.0.1"
 
 
 def test_a_label_the_model_does_not_know_is_422_unless_marked_new(client):
     """A typo caught now, not when it stops every later retraining."""
-    wait_ready(client)
     typos = client.post("/v1/feedback", json=CORRECTION | {"topics": ["ecolgy"],
                                                            "entities": [{"start": 0, "end": 2, "type": "nmae"}]})
     assert typos.status_code == 422
@@ -233,6 +232,7 @@ def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, t
     (tmp_path / "a-file").write_text("")
     settings = ServeSettings(model=tiny_model_dir, feedback_url=f"sqlite:///{tmp_path / database}")
     with TestClient(create_app(settings)) as client:
+        wait_ready(client)
         response = client.post("/v1/feedback", json=CORRECTION)
         assert response.status_code == 503
         assert "feedback store is unavailable" in response.json()["detail"]
@@ -241,6 +241,7 @@ def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, t
 
 def test_the_store_is_closed_when_the_server_stops(tiny_model_dir, url):
     with TestClient(create_app(ServeSettings(model=tiny_model_dir, feedback_url=url))) as client:
+        wait_ready(client)
         assert client.post("/v1/feedback", json=CORRECTION).status_code == 201
         store = client.app.state.feedback_store
         assert store.engine.pool.checkedin() == 1
@@ -261,3 +262,15 @@ def test_eight_concurrent_clients_have_every_correction_stored_exactly_once(clie
     assert set(statuses) <= {200, 201}
     assert statuses.count(201) == CLIENTS * 3 + 3
     assert FeedbackStore(url).count() == CLIENTS * 3 + 3
+
+
+def test_without_a_serving_model_only_a_correction_marked_new_labels_is_stored(tmp_path, url):
+    """No model to check labels against: 503, so a typo cannot slip in while the model loads."""
+    with TestClient(create_app(ServeSettings(model=tmp_path / "missing", feedback_url=url))) as client:
+        deadline = time.monotonic() + WAIT_S
+        while "failed to load" not in client.get("/readyz").text:
+            assert time.monotonic() < deadline, "the model load never failed"
+            time.sleep(0.01)
+        assert client.post("/v1/feedback", json=CORRECTION).status_code == 503
+        assert client.post("/v1/feedback", json=CORRECTION | {"new_labels": True}).status_code == 201
+

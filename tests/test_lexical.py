@@ -149,4 +149,22 @@ def test_a_continued_model_keeps_its_parents_cuts_where_validation_is_too_small(
     assert meta["entity_threshold"] == 0.4
     assert meta["training"]["topic_blend"] == {"weight": 0.5, "kept_from": parent_meta["version"]}
     assert Tagger.load(child).topic_lexical.weight == 0.5
+    assert "w = 0.5 kept from 9.9.9" in (child / "README.md").read_text()
+
+    # A new topic: the parent's lexical model cannot score it, so one is fitted with the parent's weight.
+    stories = [json.loads(line) for line in SAMPLE.read_text(encoding="utf-8").splitlines()]
+    stories[0]["topics"] = ["culture"]
+    grown_data = tmp_path / "grown.jsonl"
+    grown_data.write_text("".join(json.dumps(story, ensure_ascii=False) + "\n" for story in stories), encoding="utf-8")
+    grown = tmp_path / "grown"
+    train(tiny_train_config(tiny_base, grown, init_model=str(parent), train=[f"{grown_data}:internal"],
+                            min_tuning_documents=50, max_steps=1))
+    lexical_model = Tagger.load(grown).topic_lexical
+    assert lexical_model.weight == 0.5 and "culture" in lexical_model.topics
+
+    # Told to have no lexical model, a continued model keeps none.
+    plain = tmp_path / "plain"
+    train(tiny_train_config(tiny_base, plain, init_model=str(parent), min_tuning_documents=50, max_steps=1,
+                            topic_lexical=False))
+    assert Tagger.load(plain).topic_lexical is None
 

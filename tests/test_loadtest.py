@@ -21,7 +21,8 @@ def test_percentiles_are_nearest_rank(count, q, expected_ms):
     assert run.percentile(q) == pytest.approx(expected_ms)
 
 
-@pytest.mark.parametrize(("content", "reason"), [("", "no stories in"), ('{"text": "好"}\n[1]\n', ":2: not a JSON object")])
+@pytest.mark.parametrize(("content", "reason"), [("", "no stories in"), ('{"text": "好"}\n[1]\n', ":2: not a JSON object"),
+                                                 ('{"text": null}\n', ":1: not a JSON object with a string 'text'")])
 def test_a_stories_file_without_stories_is_an_argument_error(tmp_path, monkeypatch, capsys, content, reason):
     stories = tmp_path / "stories.jsonl"
     stories.write_text(content, encoding="utf-8")

@@ -164,6 +164,12 @@ def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert named in line
 
 
+def test_a_window_too_short_is_the_only_complaint_about_it():
+    with pytest.raises(ValueError) as error:
+        TrainConfig(train=["x.jsonl"], max_length=4, stride=0)
+    assert str(error.value) == "max_length must be an integer of at least 8, not 4"
+
+
 def test_windows_longer_than_the_encoder_exit_2_before_training(tiny_model_dir, tmp_path, capsys):
     data = tmp_path / "news.jsonl"
     data.write_text('{"id": "a", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")

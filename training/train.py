@@ -4,7 +4,8 @@ A short, plain loop (nanoGPT-style) rather than `Trainer`: the joint, partially 
 need their own loss masking, and the loop stays readable. Per epoch: train, evaluate on the
 validation split, keep the best state; stop early when the selection score stops improving. At
 the end, the lexical topic model (newstagger.lexical) is fitted and blended into the topic head,
-per-topic thresholds and the entity score threshold are tuned on validation, and the best state
+per-topic thresholds and the entity score threshold are tuned on validation (where it holds
+enough documents of the task; otherwise a continued model keeps its parent's), and the best state
 is saved with its metrics and model card.
 """
 
@@ -476,7 +477,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     log.info("validation: %s", corpus_stats(valid_docs))
     if not valid_docs:
         log.warning("no validation documents (coarse-only or too-small training sets are not split): every "
-                    "epoch runs and the last is kept; topic thresholds stay at 0.5")
+                    "epoch runs and the last is kept; no cut is tuned")
 
     rng = random.Random(config.seed)
     steps_per_epoch = len(epoch_batches(examples, config.batch_tokens, random.Random(0)))
@@ -692,10 +693,11 @@ def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -
 def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: list[Document], config: TrainConfig,
                         parent_meta: ModelMeta | None) -> tuple[dict, lexical.LexicalTopicModel | None, dict]:
     """The trained model's final validation metrics, with its cuts (entity threshold, topic blend, topic
-    thresholds) chosen on them and set in `tagger.meta`; where validation has too few documents of a
-    task to choose them, the parent model's are kept (the defaults without one). Returns (metrics,
-    lexical topic model or None, blend report)."""
+    thresholds) chosen on them and set in `tagger.meta`; where validation has fewer than
+    `min_tuning_documents` of a task, the parent model's cuts are kept (the defaults without one).
+    Returns (metrics, lexical topic model or None, blend report)."""
     meta, schema = tagger.meta, tagger.schema
+    keeping = f"keeping {parent_meta.name} {parent_meta.version}'s" if parent_meta else "keeping the default"
     if parent_meta is not None:
         meta.entity_threshold = parent_meta.entity_threshold
         meta.thresholds = {t: parent_meta.threshold(t) for t in schema.topics if t in parent_meta.schema.topics}
@@ -705,28 +707,34 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
         meta.entity_threshold, entity_metrics = tune_entity_threshold(
             predictions.gold_spans, predictions.predicted_spans, predictions.lengths, schema)
         metrics.update(entity_metrics)
-    elif parent_meta is not None:
-        log.info("%d entity-labelled validation documents: keeping the parent's entity threshold %.2f",
-                 len(predictions.gold_spans), meta.entity_threshold)
+    else:
+        log.info("%d entity-labelled validation documents, under min_tuning_documents: %s entity threshold (%.2f)",
+                 len(predictions.gold_spans), keeping, meta.entity_threshold)
 
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
+    can_fit_lexical = config.topic_lexical and len(topic_train_docs) >= 2  # its vocabulary: n-grams of 2+ documents
     valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of topic_gold
     gold, topic_probs = predictions.topic_gold, predictions.topic_probs
     if len(valid_texts) >= config.min_tuning_documents:
-        if config.topic_lexical and len(topic_train_docs) >= 2:  # its vocabulary keeps n-grams of 2+ documents
+        if can_fit_lexical:
             topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
                                                          schema.topics)
             topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
         meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
         return metrics, topic_lexical, topic_blend
-    if parent_meta is not None and parent_meta.schema.topics == schema.topics:
-        topic_lexical = lexical.LexicalTopicModel.load(config.init_model)
+
+    log.info("%d topic-labelled validation documents, under min_tuning_documents: %s topic thresholds and blend",
+             len(valid_texts), keeping)
+    parent_lexical = lexical.LexicalTopicModel.load(config.init_model) if parent_meta and config.topic_lexical else None
+    if parent_lexical is not None and parent_meta.schema.topics == schema.topics:
+        topic_lexical = parent_lexical
+    elif parent_lexical is not None and can_fit_lexical:  # new topics: the parent's model cannot score them
+        topic_lexical = lexical.LexicalTopicModel.fit([doc.text for doc in topic_train_docs],
+                                                      [doc.topics for doc in topic_train_docs], schema.topics)
+        topic_lexical.weight = parent_lexical.weight
     if topic_lexical is not None:
         topic_blend = {"weight": topic_lexical.weight, "kept_from": parent_meta.version}
-    if parent_meta is not None:
-        log.info("%d topic-labelled validation documents: keeping the parent's topic thresholds and blend",
-                 len(valid_texts))
     if gold is not None:
         if topic_lexical is not None:
             topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
