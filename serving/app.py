@@ -145,8 +145,8 @@ async def readyz(service: TaggingService = Depends(get_service)) -> Readiness:
 
 
 # Load balancers and uptime checkers probe with HEAD: the same answers (the server drops the body).
-for _path, _probe in (("/healthz", healthz), ("/readyz", readyz)):
-    operations.add_api_route(_path, _probe, methods=["HEAD"], include_in_schema=False)
+operations.add_api_route("/healthz", healthz, methods=["HEAD"], include_in_schema=False)
+operations.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=False)
 
 
 @operations.get("/metrics", summary="Prometheus metrics", response_class=Response,
