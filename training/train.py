@@ -420,12 +420,18 @@ def selection_score(metrics: dict) -> float | None:
 
 # Blend weights of the lexical topic model tried on validation; 0 keeps the topic head alone.
 BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
+MIN_LEXICAL_DOCUMENTS = 2  # the lexical topic model's vocabulary keeps n-grams of 2+ documents
 
 
 def tuned_topic_metrics(gold: np.ndarray, probs: np.ndarray, topics: list[str]) -> tuple[dict[str, float], dict]:
     """Per-topic thresholds tuned on these probabilities, and the topic metrics under them."""
     thresholds = tune_thresholds(gold, probs, topics)
     return thresholds, topic_metrics(gold, probs, [thresholds[t] for t in topics], topics)
+
+
+def fit_topic_lexical(train_docs: list[Document], topics: list[str]) -> lexical.LexicalTopicModel:
+    """The lexical topic model fitted on topic-labelled training documents (blend weight still 0)."""
+    return lexical.LexicalTopicModel.fit([doc.text for doc in train_docs], [doc.topics for doc in train_docs], topics)
 
 
 def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np.ndarray, bert_probs: np.ndarray,
@@ -437,7 +443,7 @@ def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np
     A weight scores the mean of topic micro and macro F1 (macro so that rare topics count); ties go to
     the lighter weight.
     """
-    model = lexical.LexicalTopicModel.fit([doc.text for doc in train_docs], [doc.topics for doc in train_docs], topics)
+    model = fit_topic_lexical(train_docs, topics)
     lexical_probs = model.predict(valid_texts)
 
     def f1s(probs: np.ndarray) -> dict:
@@ -713,33 +719,42 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
 
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
-    can_fit_lexical = config.topic_lexical and len(topic_train_docs) >= 2  # its vocabulary: n-grams of 2+ documents
+    can_fit_lexical = config.topic_lexical and len(topic_train_docs) >= MIN_LEXICAL_DOCUMENTS
     valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of topic_gold
     gold, topic_probs = predictions.topic_gold, predictions.topic_probs
-    if len(valid_texts) >= config.min_tuning_documents:
-        if can_fit_lexical:
-            topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs,
-                                                         schema.topics)
-            topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
-        meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
-        return metrics, topic_lexical, topic_blend
-
-    log.info("%d topic-labelled validation documents, under min_tuning_documents: %s topic thresholds and blend",
-             len(valid_texts), keeping)
-    parent_lexical = lexical.LexicalTopicModel.load(config.init_model) if parent_meta and config.topic_lexical else None
-    if parent_lexical is not None and parent_meta.schema.topics == schema.topics:
-        topic_lexical = parent_lexical
-    elif parent_lexical is not None and can_fit_lexical:  # new topics: the parent's model cannot score them
-        topic_lexical = lexical.LexicalTopicModel.fit([doc.text for doc in topic_train_docs],
-                                                      [doc.topics for doc in topic_train_docs], schema.topics)
-        topic_lexical.weight = parent_lexical.weight
-    if topic_lexical is not None:
-        topic_blend = {"weight": topic_lexical.weight, "kept_from": parent_meta.version}
+    tune_topics = len(valid_texts) >= config.min_tuning_documents
+    if tune_topics and can_fit_lexical:
+        topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs, schema.topics)
+    elif not tune_topics:
+        log.info("%d topic-labelled validation documents, under min_tuning_documents: %s topic thresholds and "
+                 "blend", len(valid_texts), keeping)
+        if parent_meta is not None and config.topic_lexical:
+            topic_lexical = _kept_topic_lexical(config.init_model, parent_meta, schema, topic_train_docs)
+        if topic_lexical is not None:
+            topic_blend = {"weight": topic_lexical.weight, "kept_from": parent_meta.version}
     if gold is not None:
         if topic_lexical is not None:
             topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
-        metrics["topics"] = topic_metrics(gold, topic_probs, [meta.threshold(t) for t in schema.topics], schema.topics)
+        if tune_topics:
+            meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
+        else:
+            metrics["topics"] = topic_metrics(gold, topic_probs, [meta.threshold(t) for t in schema.topics],
+                                              schema.topics)
     return metrics, topic_lexical, topic_blend
+
+
+def _kept_topic_lexical(parent_folder: str, parent_meta: ModelMeta, schema: LabelSchema,
+                        topic_train_docs: list[Document]) -> lexical.LexicalTopicModel | None:
+    """The parent's lexical topic model; where the data adds topics, which it cannot score, one fitted
+    on the training documents at its weight. None where the parent has none (or nothing to fit on)."""
+    parent_lexical = lexical.LexicalTopicModel.load(parent_folder)
+    if parent_lexical is None or parent_meta.schema.topics == schema.topics:
+        return parent_lexical
+    if len(topic_train_docs) < MIN_LEXICAL_DOCUMENTS:
+        return None
+    refitted = fit_topic_lexical(topic_train_docs, schema.topics)
+    refitted.weight = parent_lexical.weight
+    return refitted
 
 
 def _labelled_coarse_only(documents: list[Document], schema: LabelSchema) -> bool:
