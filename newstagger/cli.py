@@ -23,6 +23,7 @@ COMMAND_MODULES = (
     "newstagger.export",
     "newstagger.agreement",
     "newstagger.bench",
+    "training.pretrain",
     "training.train",
     "training.evaluate",
     "serving.command",

@@ -130,6 +130,14 @@ def test_a_recipe_with_per_file_weights_can_be_retrained(tiny_model_dir, tmp_pat
     assert config.train == [] and config.train_weights == []
 
 
+def test_a_model_trained_on_a_gpu_retrains_on_the_device_retrain_is_given(tiny_model_dir, tmp_path):
+    tagger = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
+    tagger.meta = replace(tagger.meta, training={"config": {"device": "cuda", "bf16": True}})
+    config = _training_config(RetrainConfig(device="cpu"), tagger, tiny_model_dir, tmp_path / "out", "0.0.2")
+    assert config.device == "cpu" and config.bf16
+    assert _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2").device == "auto"
+
+
 def test_the_replay_sample_takes_an_equal_share_of_each_source():
     sources = [[Document(f"{name}{i}", "x") for i in range(size)] for name, size in (("a", 100), ("b", 3), ("c", 50))]
     sample = replay_sample(sources, 30, random.Random(0))

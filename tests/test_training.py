@@ -21,8 +21,8 @@ from newstagger.cli import main
 from training.data import read_documents, split_validation
 from training.evaluate import (entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
-from training.train import (JointLoss, TagTargets, TrainConfig, build_examples, collate, pack_documents,
-                            token_tags, train)
+from training.train import (JointLoss, TagTargets, TrainConfig, build_examples, collate, config_from_file,
+                            pack_documents, token_tags, train)
 
 from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -157,11 +157,21 @@ def test_train_command_rejects_a_config_with_unknown_settings(tmp_path, capsys):
 @pytest.mark.parametrize("flags, named", [(["--epochs", "0"], "epochs must be at least 1"),
                                           (["--max-length", "64", "--stride", "64"], "stride must be"),
                                           (["--inference-stride", "300"], "inference_stride must be"),
-                                          (["--learning-rate=-1e-4"], "learning_rate must be positive")])
+                                          (["--learning-rate=-1e-4"], "learning_rate must be positive"),
+                                          (["--device", "tpu"], "device must be one of auto, cpu, cuda")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert named in line
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has CUDA")
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_training_on_cuda_without_a_gpu_exits_2_saying_so(command, tmp_path, capsys):
+    data_flag = "--train" if command == "train" else "--text"
+    assert main([command, data_flag, f"{SAMPLE}:internal", "--device", "cuda", "--output", str(tmp_path / "m")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no CUDA device" in line and not (tmp_path / "m").exists()
 
 
 def test_a_window_too_short_is_the_only_complaint_about_it():
@@ -319,15 +329,15 @@ def test_settings_of_the_wrong_type_are_named(setting, message):
 def test_a_config_file_that_does_not_parse_is_named(tmp_path):
     (tmp_path / "bad.toml").write_text("train = [")
     with pytest.raises(ValueError, match=r"bad.toml: not valid TOML"):
-        TrainConfig.from_file(tmp_path / "bad.toml")
+        config_from_file(TrainConfig, tmp_path / "bad.toml")
     (tmp_path / "list.json").write_text('["a.jsonl"]')
     with pytest.raises(ValueError, match=r"list.json: expected a table of settings, got list"):
-        TrainConfig.from_file(tmp_path / "list.json")
+        config_from_file(TrainConfig, tmp_path / "list.json")
 
 
 def test_a_config_files_train_weights_may_count_the_sources_flags_give(tmp_path):
     (tmp_path / "weights.toml").write_text("train_weights = [1.0, 0.5]\n")
-    config = TrainConfig.from_file(tmp_path / "weights.toml", train=["a.jsonl", "b.bio"])
+    config = config_from_file(TrainConfig, tmp_path / "weights.toml", train=["a.jsonl", "b.bio"])
     assert config.train_weights == [1.0, 0.5]
 
 

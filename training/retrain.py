@@ -42,7 +42,8 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
     scores,
 )
-from .train import TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option, train
+from .train import (TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
+                    device_option, device_rule, train)
 
 log = logging.getLogger("newstagger.retrain")
 
@@ -72,6 +73,7 @@ class RetrainConfig:
     learning_rate: float | None = config_option(None, "peak learning rate (default: as the starting model was trained)")
     threads: int | None = config_option(None, "torch CPU threads (default: as the starting model was trained)")
     seed: int = config_option(13, "seed of the replay sample and of training")
+    device: str = device_option()  # this machine's, not the recipe's: a model trained on a GPU retrains anywhere
 
     def __post_init__(self):
         """Settings that cannot work fail here, before minutes of training."""
@@ -82,6 +84,7 @@ class RetrainConfig:
             ("max_steps", self.max_steps is None or self.max_steps >= 0, "0 or more"),
             ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "positive"),
             ("threads", self.threads is None or self.threads >= 0, "0 or more"),
+            device_rule(self.device),
         ))
         gate_tolerances(self)  # a misspelt --gate too
 
@@ -332,7 +335,7 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
     # The new and replayed documents come as two pooled sets, so per-file weights of the recipe do not apply.
     return replace(recipe, **overrides, train=[], train_weights=[], validation=[], output=str(output),
                    init_model=str(start_folder),
-                   version=version, name=meta.name, seed=config.seed, resume=False,
+                   version=version, name=meta.name, seed=config.seed, device=config.device, resume=False,
                    inference_max_length=meta.max_length, inference_stride=meta.stride)
 
 

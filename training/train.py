@@ -33,7 +33,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from newstagger import lexical
-from newstagger.backends import cpu_has_bf16
+from newstagger.backends import DEVICES, cpu_has_bf16, resolve_device
 from newstagger.checks import check_rules, is_finite_number, is_integer, is_string_list, window_rules
 from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
@@ -74,6 +74,34 @@ def check_field_types(config) -> None:
             problems.append(f"{f.name} must be {words}{' or unset' if optional else ''}, not {value!r}")
     if problems:
         raise ValueError("; ".join(problems))
+
+
+def config_from_file(config_class, path: str | Path, **overrides):
+    """A config dataclass from the settings of a TOML or JSON file with `overrides` (command-line flags)
+    over them, checked once merged: a training file's train_weights may count sources that flags give."""
+    path = Path(path)
+    raw = path.read_text(encoding="utf-8")
+    try:
+        values = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
+    except ValueError as err:  # TOMLDecodeError and JSONDecodeError both are
+        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err}); "
+                         f"a config file is .toml or .json") from None
+    if not isinstance(values, dict):
+        raise ValueError(f"{path}: expected a table of settings, got {type(values).__name__}")
+    known = {f.name for f in fields(config_class)}
+    unknown = sorted(set(values) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown setting(s) {unknown}")
+    return config_class(**{**values, **overrides})
+
+
+def device_option():
+    """The `device` field of a training config (train, pretrain, retrain); check it with `device_rule`."""
+    return config_option("auto", f"where to train: {', '.join(DEVICES)} (auto: CUDA when present)")
+
+
+def device_rule(device: str) -> tuple:
+    return "device", device in DEVICES, f"one of {', '.join(DEVICES)}"
 
 
 def config_option(default, help: str, metavar: str | None = None):
@@ -118,9 +146,11 @@ class TrainConfig:
     pack_entity_documents: bool = config_option(True, "join short entity-only documents (e.g. CLUENER sentences) into "
                                                       "training windows of random length up to max_length, so the entity "
                                                       "head learns every position it meets when tagging long stories")
+    device: str = device_option()
     bf16: bool = config_option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
-                                      "CPUs with AMX (Sapphire Rapids and later). Where the CPU has no bf16 matrix "
-                                      "instructions, training stays fp32 with a warning: emulated bf16 is ~10x slower")
+                                      "CPUs with AMX (Sapphire Rapids and later), and on CUDA GPUs that support it. "
+                                      "Where the CPU has no bf16 matrix instructions, training stays fp32 with a "
+                                      "warning: emulated bf16 is ~10x slower")
     lexicon: bool = config_option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
                                          "that has them keeps them")
     crf: bool = config_option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
@@ -163,26 +193,8 @@ class TrainConfig:
             ("patience", self.patience >= 1, "at least 1"),
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
+            device_rule(self.device),
         ))
-
-    @classmethod
-    def from_file(cls, path: str | Path, **overrides) -> "TrainConfig":
-        """The settings of a TOML or JSON file with `overrides` (command-line flags) over them, checked
-        once merged: the file's train_weights may count sources that flags give."""
-        path = Path(path)
-        raw = path.read_text(encoding="utf-8")
-        try:
-            values = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
-        except ValueError as err:  # TOMLDecodeError and JSONDecodeError both are
-            raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err}); "
-                             f"a config file is .toml or .json") from None
-        if not isinstance(values, dict):
-            raise ValueError(f"{path}: expected a table of settings, got {type(values).__name__}")
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(values) - known)
-        if unknown:
-            raise ValueError(f"{path}: unknown setting(s) {unknown}")
-        return cls(**{**values, **overrides})
 
 
 # --------------------------------------------------------------------------- data to tensors
@@ -467,15 +479,17 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     like the files of `config.train`: each one is split for validation on its own.
     """
     started = time.time()
-    _seed_everything(config)
+    seed_everything(config.seed, config.threads)
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the model")
+    device = resolve_device(config.device)
 
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
     model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
-    bf16 = _use_bf16(config)
+    model.to(device)
+    bf16 = use_bf16(config.bf16, device)
     train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, validation_files, tokenizer,
                                                           schema)
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
@@ -492,7 +506,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         total_steps = min(total_steps, config.max_steps)
     optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps)
     loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight,
-                        config.entity_loss_weight, TagTargets.for_schema(schema), model.crf)
+                        config.entity_loss_weight, TagTargets.for_schema(schema), model.crf).to(device)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / "checkpoint"
@@ -514,7 +528,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         bar = tqdm((collate([examples[i] for i in ids], tokenizer, len(schema.topics)) for ids in batch_ids),
                    total=len(batch_ids), desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                    file=sys.stderr)
-        loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16)
+        loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16, device)
         state["epoch"] += 1
 
         metrics = _validate(model, tokenizer, meta, valid_docs)
@@ -541,41 +555,47 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "best_epoch": state["best_epoch"],
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
+        "device": device.type,
         "precision": "bf16 autocast" if bf16 else "fp32",
         **({"lexicon": model.lexicon.config} if model.lexicon is not None else {}),
         "crf": model.crf is not None,
         **({"topic_blend": topic_blend} if topic_blend else {}),
     }
-    save_model_folder(output, model, tokenizer, meta, metrics={"validation": metrics}, topic_lexical=topic_lexical)
+    save_model_folder(output, model.cpu(), tokenizer, meta, metrics={"validation": metrics}, topic_lexical=topic_lexical)
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
     return output, metrics
 
 
-def _seed_everything(config: TrainConfig) -> None:
-    random.seed(config.seed)
-    np.random.seed(config.seed)
-    torch.manual_seed(config.seed)
-    if config.threads:
-        torch.set_num_threads(config.threads)
+def seed_everything(seed: int, threads: int = 0) -> None:
+    """Seed every random generator a run draws from; `threads` torch CPU threads (0: torch's default)."""
+    random.seed(seed)
+    np.random.seed(seed)
+    torch.manual_seed(seed)
+    if threads:
+        torch.set_num_threads(threads)
 
 
-def _use_bf16(config: TrainConfig) -> bool:
-    """Whether to train under bf16 autocast: where asked for and the CPU has bf16 matrix instructions."""
-    bf16 = config.bf16 and cpu_has_bf16()
-    if config.bf16 and not bf16:
+def use_bf16(asked: bool, device: torch.device) -> bool:
+    """Whether to train under bf16 autocast: where asked for and the device has bf16 matrix units (a CUDA
+    GPU that supports bf16, or a CPU with AMX or AVX512-BF16)."""
+    if device.type == "cuda":
+        return asked and torch.cuda.is_bf16_supported()
+    bf16 = asked and cpu_has_bf16()
+    if asked and not bf16:
         log.warning("bf16 asked for, but this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), where "
                     "bf16 autocast steps ran 11x slower than fp32 (AMD EPYC, AVX2: 38.5 vs 3.4 s); training in fp32")
     return bf16
 
 
 def _train_epoch(model: NewsTaggerModel, bar: tqdm, loss_fn: JointLoss, optimizer, scheduler, state: dict,
-                 total_steps: int, bf16: bool) -> float:
+                 total_steps: int, bf16: bool, device: torch.device) -> float:
     """One pass over the collated batches of a progress bar (stopping at `total_steps`), counting steps
     in `state`; returns the smoothed loss."""
     model.train()
     running = None
     for batch in bar:
-        with torch.autocast(device_type="cpu", dtype=torch.bfloat16, enabled=bf16):
+        batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
+        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
         loss = loss_fn(topic_logits.float(), tag_logits.float(), batch)
         optimizer.zero_grad(set_to_none=True)
@@ -636,12 +656,16 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         log.info("lexicon: %s", model.lexicon.config)
     if config.crf and model.crf is None:
         model.attach_crf()
-    positions = model.config.max_position_embeddings
-    too_long = [f"{name} {getattr(config, name)}" for name in ("max_length", "inference_max_length")
-                if getattr(config, name) > positions]
+    check_windows_fit(model.config, max_length=config.max_length, inference_max_length=config.inference_max_length)
+    return model, tokenizer, schema, parent_meta
+
+
+def check_windows_fit(encoder_config, **windows: int) -> None:
+    """UsageError naming each window setting longer than the encoder's position embeddings."""
+    positions = encoder_config.max_position_embeddings
+    too_long = [f"{name} {value}" for name, value in windows.items() if value > positions]
     if too_long:
         raise UsageError(f"{' and '.join(too_long)}: more than the encoder's {positions} positions")
-    return model, tokenizer, schema, parent_meta
 
 
 def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
@@ -677,10 +701,14 @@ def _optimizer_and_schedule(model: NewsTaggerModel, config: TrainConfig, total_s
         [{"params": [p for p in model.parameters() if id(p) not in head_ids], "lr": config.learning_rate},
          {"params": head_params, "lr": config.head_learning_rate}],
         weight_decay=config.weight_decay)
-    warmup = max(1, int(config.warmup_ratio * total_steps))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
+    return optimizer, warmup_then_decay(optimizer, config.warmup_ratio, total_steps)
+
+
+def warmup_then_decay(optimizer, warmup_ratio: float, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
+    """Learning rate schedule: linear warm-up over `warmup_ratio` of the steps, then linear decay to 0."""
+    warmup = max(1, int(warmup_ratio * total_steps))
+    return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
-    return optimizer, scheduler
 
 
 def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -> tuple[dict, dict | None]:
@@ -778,8 +806,8 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, stat
     """Everything `--resume` needs; written to a temporary name first so a crash leaves the last one."""
     staging = folder.with_name(folder.name + ".tmp")
     staging.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
-    save_file({k: v.contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
+    save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
+    save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
     (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
@@ -840,7 +868,7 @@ def config_from_args(args: argparse.Namespace, config_class=TrainConfig):
     overrides = {f.name: getattr(args, f.name) for f in fields(config_class) if getattr(args, f.name) is not None}
     config_file = getattr(args, "config", None)
     try:
-        return config_class.from_file(config_file, **overrides) if config_file else config_class(**overrides)
+        return config_from_file(config_class, config_file, **overrides) if config_file else config_class(**overrides)
     except (ValueError, TypeError) as err:
         raise UsageError(str(err)) from None
 

@@ -1,0 +1,129 @@
+"""`newstagger pretrain`: continued masked-LM pretraining into a BERT folder that `train` starts from."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import BertForMaskedLM
+
+from newstagger.cli import main
+from newstagger.tagger import Tagger
+from training.pretrain import RECORD_FILE, PretrainConfig, masked_lm_loss, pretrain, text_blocks
+from training.train import TrainConfig, train
+
+from conftest import SAMPLE, tiny_config, tiny_tokenizer
+
+
+@pytest.fixture(scope="module")
+def tiny_mlm_base(tmp_path_factory) -> Path:
+    """A tiny BERT with its masked-LM head and a pretraining record, as ../shared's base has."""
+    folder = tmp_path_factory.mktemp("tiny-mlm-base")
+    tokenizer = tiny_tokenizer()
+    torch.manual_seed(0)
+    BertForMaskedLM(tiny_config(len(tokenizer))).save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    (folder / RECORD_FILE).write_text(json.dumps({"phase1": {"steps": 3}}))
+    return folder
+
+
+def tiny_pretrain_config(base: Path, output: Path, **overrides) -> PretrainConfig:
+    settings = dict(text=[f"{SAMPLE}:internal"], base_model=str(base), output=str(output), max_length=32,
+                    batch_size=8, learning_rate=1e-3, validation_fraction=0.2, device="cpu")
+    return PretrainConfig(**{**settings, **overrides})
+
+
+@pytest.fixture(scope="module")
+def pretrained(tiny_mlm_base, tmp_path_factory) -> tuple[Path, dict]:
+    return pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path_factory.mktemp("pretrain") / "out", epochs=2))
+
+
+def test_pretraining_lowers_held_out_mlm_loss_and_records_it(pretrained):
+    folder, record = pretrained
+    assert {"config.json", "model.safetensors", "tokenizer.json", RECORD_FILE} <= {p.name for p in folder.iterdir()}
+    assert not list(folder.glob("*.bin")), "weights must be safetensors only"
+    assert all(path.stat().st_mode & 0o044 == 0o044 for path in folder.glob("*.safetensors"))
+    before, after = record["held_out"]["before"], record["held_out"]["after"]
+    assert before["masked_tokens"] == after["masked_tokens"] > 0, "the same held-out tokens are masked each time"
+    assert after["mlm_loss"] < before["mlm_loss"]
+    assert [row["epoch"] for row in record["history"]] == [1, 2]
+    saved = json.loads((folder / RECORD_FILE).read_text())
+    assert saved["base_pretraining"] == {"phase1": {"steps": 3}}, "the base's own record is kept"
+    assert saved["tokens_seen"] > 0 and saved["config"]["epochs"] == 2
+
+
+def test_a_pretrained_folder_is_a_base_model_for_training(pretrained, tiny_mlm_base, tmp_path):
+    folder, pretrained_from = pretrained[0], tiny_mlm_base
+    trained, _ = train(TrainConfig(train=[f"{SAMPLE}:internal"], base_model=str(folder), output=str(tmp_path / "m"),
+                                   max_length=32, stride=8, inference_max_length=32, inference_stride=8, epochs=1,
+                                   batch_tokens=512, min_tuning_documents=1))
+    tagger = Tagger.load(trained)
+    assert tagger.meta.base_model == str(folder)
+
+    def distance(base: Path) -> float:
+        start = BertForMaskedLM.from_pretrained(base).bert.encoder.layer[0].attention.self.query.weight
+        return (tagger.model.bert.encoder.layer[0].attention.self.query.weight - start).abs().max().item()
+
+    assert distance(folder) < distance(pretrained_from)
+    text = "滨江市人民政府今天宣布，地铁5号线将于年底开通。"
+    (result,) = tagger.tag([text])
+    assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
+
+
+def test_text_is_cut_into_blocks_with_cls_and_sep():
+    tokenizer = tiny_tokenizer()
+    blocks = text_blocks(["一二三四五", "六七"], tokenizer, max_length=5)
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    tokens = [tokenizer.convert_ids_to_tokens(block.tolist()) for block in blocks]
+    assert tokens == [["[CLS]", "一", "二", "三", "[SEP]"], ["[CLS]", "四", "五", "[SEP]"], ["[CLS]", "六", "七", "[SEP]"]]
+    assert all(block[0] == cls and block[-1] == sep for block in blocks)
+    assert text_blocks([], tokenizer, max_length=5) == []
+
+
+def test_the_loss_counts_masked_tokens_only(tiny_mlm_base):
+    model = BertForMaskedLM.from_pretrained(tiny_mlm_base).eval()
+    ids = torch.tensor([[2, 10, 11, 12, 3]])
+    labels = torch.tensor([[-100, -100, 11, -100, -100]])
+    batch = {"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels}
+    loss, right = masked_lm_loss(model, batch, bf16=False)
+    with torch.no_grad():
+        full = model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels)
+    assert loss.item() == pytest.approx(full.loss.item(), abs=1e-5)
+    assert int(right) == int(full.logits[0, 2].argmax() == 11)
+
+
+@pytest.mark.parametrize("flags, named", [
+    (["--mlm-probability", "1.5"], "mlm_probability"),
+    (["--device", "tpu"], "device"),
+    (["--batch-size", "0"], "batch_size"),
+])
+def test_pretrain_command_rejects_settings_that_cannot_work(flags, named, capsys):
+    assert main(["pretrain", "--text", str(SAMPLE), *flags]) == 2
+    err = capsys.readouterr().err.strip()
+    assert named in err and len(err.splitlines()) == 1
+
+
+def test_pretrain_command_without_text_or_with_blank_text_exits_2(tiny_mlm_base, tmp_path, capsys):
+    assert main(["pretrain", "--base-model", str(tiny_mlm_base)]) == 2
+    assert "--text" in capsys.readouterr().err
+    blank = tmp_path / "blank.jsonl"
+    blank.write_text('{"id": 1, "text": "  "}\n', encoding="utf-8")
+    assert main(["pretrain", "--text", f"{blank}:internal", "--base-model", str(tiny_mlm_base),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "no text to pretrain on" in capsys.readouterr().err
+
+
+def test_blocks_longer_than_the_encoder_exit_2_before_training(tiny_mlm_base, tmp_path, capsys):
+    assert main(["pretrain", "--text", f"{SAMPLE}:internal", "--base-model", str(tiny_mlm_base), "--max-length", "512",
+                 "--output", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "max_length 512: more than the encoder's 128 positions" in line
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_base_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys):
+    assert main(["pretrain", "--text", str(SAMPLE), "--base-model", str(tmp_path / "missing"),
+                 "--output", str(tmp_path / "out")]) == 2
+    assert "base_model" in capsys.readouterr().err

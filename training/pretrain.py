@@ -1,0 +1,276 @@
+"""`newstagger pretrain`: continue a BERT checkpoint's masked-language-model pretraining on your text.
+
+Domain-adaptive pretraining (Gururangan et al., 2020, "Don't Stop Pretraining"): a newsroom has far
+more unlabelled stories than labelled ones, and an encoder that has read them tags them better. The
+texts (any format `train` reads; labels are ignored) are tokenized, joined with [SEP] and cut into
+blocks of `max_length` tokens; 15% of the tokens are masked as BERT does (80% [MASK], 10% a random
+token, 10% kept) by transformers' DataCollatorForLanguageModeling. The output is a plain Hugging Face
+BERT folder (safetensors, with its MLM head, so it can be continued again): give it to `newstagger
+train --base-model`. Held-out MLM loss and accuracy, measured before and after on the same masked
+tokens, go into its `pretraining.json`, beside the base checkpoint's own record where it had one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import math
+import random
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
+
+from newstagger.backends import resolve_device
+from newstagger.checks import MIN_WINDOW, check_rules
+from newstagger.cli import UsageError
+from newstagger.documents import DataError, Document
+
+from .data import parse_data_spec, read_documents, split_validation
+from .train import (IGNORE, add_config_arguments, check_field_types, check_windows_fit, config_from_args,
+                    config_option, device_option, device_rule, seed_everything, use_bf16, warmup_then_decay)
+
+log = logging.getLogger("newstagger.pretrain")
+RECORD_FILE = "pretraining.json"
+TOKENIZE_CHUNK = 1000  # texts per tokenizer call: its Python lists of ids stay small
+
+
+@dataclass
+class PretrainConfig:
+    """A continued-pretraining run; saved into the output folder's pretraining.json."""
+
+    text: list[str] = config_option(list, "text to pretrain on, PATH[:FORMAT]: any format `train` reads (labels are "
+                                          "ignored), e.g. a JSONL archive of stories {\"id\", \"text\"}")
+    base_model: str = config_option("bert-base-chinese", "BERT checkpoint to continue: hub name or local folder "
+                                                         "(ideally with its MLM head; without one it starts fresh)")
+    output: str = config_option("runs/pretrained", "folder to write the continued checkpoint to")
+    max_length: int = config_option(128, "tokens per block, [CLS] and [SEP] included")
+    epochs: int = config_option(1, "passes over the text")
+    max_steps: int = config_option(0, "stop after this many optimizer steps (0 = no limit)")
+    batch_size: int = config_option(64, "blocks per optimizer step")
+    learning_rate: float = config_option(1e-4, "peak AdamW learning rate")
+    weight_decay: float = config_option(0.01, "AdamW weight decay")
+    warmup_ratio: float = config_option(0.06, "share of steps spent warming the learning rate up")
+    mlm_probability: float = config_option(0.15, "share of tokens masked")
+    validation_fraction: float = config_option(0.02, "share of the documents held out to measure MLM loss and accuracy")
+    max_validation_blocks: int = config_option(512, "most held-out blocks measured, to keep evaluation quick")
+    device: str = device_option()
+    bf16: bool = config_option(False, "train under bfloat16 autocast where the hardware has it (CUDA, or a CPU "
+                                      "with AMX / AVX512-BF16); fp32 elsewhere, with a warning")
+    seed: int = config_option(13, "random seed (also fixes the held-out masks)")
+    threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
+
+    def __post_init__(self):
+        check_field_types(self)
+        check_rules(self, (
+            ("max_length", self.max_length >= MIN_WINDOW, f"at least {MIN_WINDOW}"),
+            ("epochs", self.epochs >= 1, "at least 1"),
+            ("max_steps", self.max_steps >= 0, "0 or more"),
+            ("batch_size", self.batch_size >= 1, "at least 1"),
+            ("learning_rate", self.learning_rate > 0, "positive"),
+            ("weight_decay", self.weight_decay >= 0, "0 or more"),
+            ("warmup_ratio", 0 <= self.warmup_ratio < 1, "from 0 to under 1"),
+            ("mlm_probability", 0 < self.mlm_probability < 1, "between 0 and 1"),
+            ("validation_fraction", 0 < self.validation_fraction < 1, "between 0 and 1"),
+            ("max_validation_blocks", self.max_validation_blocks >= 1, "at least 1"),
+            device_rule(self.device),
+            ("threads", self.threads >= 0, "0 or more"),
+        ))
+
+
+def text_blocks(texts: list[str], tokenizer, max_length: int) -> list[np.ndarray]:
+    """The texts' tokens, each text followed by [SEP], cut into blocks of at most `max_length` tokens
+    that start with [CLS] and end with [SEP]. Arrays, not lists: an archive of 50M tokens as Python
+    ints would take ~2 GB."""
+    cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
+    pieces = [np.empty(0, dtype=np.int32)]
+    for first in range(0, len(texts), TOKENIZE_CHUNK):
+        for ids in tokenizer(texts[first : first + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]:
+            pieces.append(np.array([*ids, sep], dtype=np.int32))
+    stream = np.concatenate(pieces)
+    size = max_length - 2
+    chunks = (stream[i : i + size] for i in range(0, len(stream), size))
+    return [np.concatenate([[cls], chunk] if chunk[-1] == sep else [[cls], chunk, [sep]]).astype(np.int32)
+            for chunk in chunks]
+
+
+def masked_lm_loss(model: BertForMaskedLM, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(mean cross-entropy, number right) over the masked tokens of a collated batch. The vocabulary
+    projection runs on those tokens only: over all of them it costs as much as the encoder."""
+    with torch.autocast(device_type=batch["input_ids"].device.type, dtype=torch.bfloat16, enabled=bf16):
+        hidden = model.bert(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).last_hidden_state
+        masked = batch["labels"] != IGNORE
+        logits = model.cls(hidden[masked]).float()
+    targets = batch["labels"][masked]
+    return F.cross_entropy(logits, targets), (logits.argmax(-1) == targets).sum()
+
+
+@torch.no_grad()
+def evaluate_mlm(model: BertForMaskedLM, blocks: list[np.ndarray], tokenizer, config: PretrainConfig,
+                 device: torch.device, bf16: bool) -> dict:
+    """MLM loss and accuracy on held-out blocks, masked the same way at every call (seeded collator)."""
+    if not blocks:
+        return {}
+    model.eval()
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability, seed=config.seed)
+    loss_sum, right, masked = 0.0, 0, 0
+    for first in range(0, len(blocks), config.batch_size):
+        batch = _masked_batch(collator, blocks[first : first + config.batch_size], device)
+        count = int((batch["labels"] != IGNORE).sum())
+        if count:
+            loss, correct = masked_lm_loss(model, batch, bf16)
+            loss_sum, right, masked = loss_sum + loss.item() * count, right + int(correct), masked + count
+    return {"mlm_loss": round(loss_sum / max(1, masked), 4), "mlm_accuracy": round(right / max(1, masked), 4),
+            "masked_tokens": masked, "blocks": len(blocks)}
+
+
+def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
+    """Run continued pretraining as configured; returns the output folder and its record."""
+    started = time.time()
+    seed_everything(config.seed, config.threads)
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file; name a folder for the checkpoint")
+    device = resolve_device(config.device)
+    bf16 = use_bf16(config.bf16, device)
+
+    documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]
+    if not documents:
+        raise DataError("no text to pretrain on: give at least one --text PATH[:FORMAT] with non-blank texts in it")
+    train_docs, held_out = split_validation(documents, config.validation_fraction, seed=config.seed)
+    model, tokenizer, base_record = _base_checkpoint(config.base_model)
+    check_windows_fit(model.config, max_length=config.max_length)
+    model.to(device)
+    blocks = text_blocks([doc.text for doc in train_docs], tokenizer, config.max_length)
+    valid_blocks = text_blocks([doc.text for doc in held_out], tokenizer, config.max_length)[
+        : config.max_validation_blocks]
+    log.info("pretraining text: %s in %d blocks of up to %d tokens; held out: %d blocks", _text_stats(train_docs),
+             len(blocks), config.max_length, len(valid_blocks))
+
+    steps_per_epoch = math.ceil(len(blocks) / config.batch_size)
+    total_steps = steps_per_epoch * config.epochs
+    if config.max_steps:
+        total_steps = min(total_steps, config.max_steps)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.learning_rate, weight_decay=config.weight_decay)
+    scheduler = warmup_then_decay(optimizer, config.warmup_ratio, total_steps)
+    collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability)
+    rng = random.Random(config.seed)
+
+    before = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
+    log.info("held out, before: %s", before)
+    history, step, tokens = [], 0, 0
+    for epoch in range(1, config.epochs + 1):
+        if step >= total_steps:
+            break
+        order = list(range(len(blocks)))
+        rng.shuffle(order)
+        batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
+        bar = tqdm(batches[: total_steps - step], desc=f"epoch {epoch}/{config.epochs}", unit="batch", file=sys.stderr)
+        loss, epoch_tokens = _mlm_epoch(model, blocks, bar, collator, optimizer, scheduler, device, bf16)
+        step, tokens = step + bar.total, tokens + epoch_tokens
+        history.append({"epoch": epoch, "step": step, "loss": round(loss, 4),
+                        **evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)})
+        log.info("epoch %d: %s", epoch, history[-1])
+
+    record = {
+        "continued_from": config.base_model,
+        "config": asdict(config),
+        "text": {"train": _text_stats(train_docs), "held_out": _text_stats(held_out), "blocks": len(blocks)},
+        "steps": step,
+        "tokens_seen": tokens,
+        "seconds": round(time.time() - started, 1),
+        "device": device.type,
+        "precision": "bf16 autocast" if bf16 else "fp32",
+        "torch": torch.__version__,
+        "held_out": {"before": before, "after": history[-1] if history else before},
+        "history": history,
+        **({"base_pretraining": base_record} if base_record else {}),
+    }
+    _save(output, model, tokenizer, record)
+    log.info("saved %s: held-out MLM accuracy %s -> %s", output, before.get("mlm_accuracy"),
+             record["held_out"]["after"].get("mlm_accuracy"))
+    return output, record
+
+
+def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, collator, optimizer, scheduler,
+               device: torch.device, bf16: bool) -> tuple[float, int]:
+    """One pass over the batches (lists of block indices) of a progress bar; returns the smoothed loss and
+    the tokens trained on."""
+    model.train()
+    running, tokens = None, 0
+    for ids in bar:
+        batch = _masked_batch(collator, [blocks[i] for i in ids], device)
+        loss, _ = masked_lm_loss(model, batch, bf16)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        scheduler.step()
+        tokens += int(batch["attention_mask"].sum())
+        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+        bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    bar.close()
+    return running or 0.0, tokens
+
+
+def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict | None]:
+    """(masked-LM model, tokenizer, the checkpoint's own pretraining record or None)."""
+    try:
+        model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    except (OSError, ValueError) as err:  # transformers' "no such folder or hub model" and "not a model folder"
+        raise UsageError(f"base_model {name_or_path!r} cannot be loaded: {err}") from None
+    if any(key.startswith("cls.") for key in loading["missing_keys"]):
+        log.warning("%s has no masked-LM head; it starts from random weights, so early steps mostly train it",
+                    name_or_path)
+    record_path = Path(name_or_path) / RECORD_FILE
+    try:
+        base_record = json.loads(record_path.read_text(encoding="utf-8")) if record_path.is_file() else None
+    except ValueError:
+        log.warning("%s is not valid JSON; the base's pretraining record is not carried over", record_path)
+        base_record = None
+    return model, tokenizer, base_record
+
+
+def _save(output: Path, model: BertForMaskedLM, tokenizer, record: dict) -> None:
+    output.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(output)  # safetensors
+    (output / "model.safetensors").chmod(0o644)  # safetensors writes 0600 (see model.save_model_folder)
+    tokenizer.save_pretrained(output)
+    (output / RECORD_FILE).write_text(json.dumps(record, ensure_ascii=False, indent=1), encoding="utf-8")
+
+
+def _text_stats(documents: list[Document]) -> dict:
+    return {"documents": len(documents), "characters": sum(len(doc.text) for doc in documents)}
+
+
+def _masked_batch(collator: DataCollatorForLanguageModeling, blocks: list[np.ndarray], device: torch.device) -> dict:
+    """Blocks padded and masked by the collator, on the device."""
+    batch = collator([{"input_ids": block.tolist()} for block in blocks])
+    return {key: value.to(device) for key, value in batch.items()}
+
+
+def register(subparsers) -> None:
+    parser = subparsers.add_parser("pretrain", help="continue a BERT's masked-LM pretraining on your own text",
+                                   description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--config", help="JSON or TOML file of settings; flags override it")
+    add_config_arguments(parser, PretrainConfig)
+    parser.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    config = config_from_args(args, PretrainConfig)
+    if not config.text:
+        raise UsageError("no text: give --text PATH[:FORMAT] or 'text' in --config")
+    folder, record = pretrain(config)
+    print(json.dumps({"model": str(folder), "held_out": record["held_out"], "steps": record["steps"],
+                      "tokens_seen": record["tokens_seen"], "seconds": record["seconds"]}, ensure_ascii=False,
+                     indent=2))
+    return 0
