@@ -49,7 +49,8 @@ class PretrainConfig:
     text: list[str] = config_option(list, "text to pretrain on, PATH[:FORMAT]: any format `train` reads (labels are "
                                           "ignored), e.g. a JSONL archive of stories {\"id\", \"text\"}")
     base_model: str = config_option("bert-base-chinese", "BERT checkpoint to continue: hub name or local folder "
-                                                         "(ideally with its MLM head; without one it starts fresh)")
+                                                         "(ideally with its MLM head; a missing one starts from "
+                                                         "random weights)")
     output: str = config_option("runs/pretrained", "folder to write the continued checkpoint to")
     max_length: int = config_option(128, "tokens per block, [CLS] and [SEP] included")
     epochs: int = config_option(1, "passes over the text")
