@@ -28,14 +28,13 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
 
-from newstagger.backends import resolve_device
 from newstagger.checks import MIN_WINDOW, check_rules
 from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
 
 from .data import parse_data_spec, read_documents, split_validation
 from .train import (IGNORE, add_config_arguments, check_field_types, check_windows_fit, config_from_args,
-                    config_option, device_option, device_rule, seed_everything, use_bf16, warmup_then_decay)
+                    config_option, device_option, device_rule, start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -135,11 +134,7 @@ def evaluate_mlm(model: BertForMaskedLM, blocks: list[np.ndarray], tokenizer, co
 def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     """Run continued pretraining as configured; returns the output folder and its record."""
     started = time.time()
-    seed_everything(config.seed, config.threads)
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output {output} is a file; name a folder for the checkpoint")
-    device = resolve_device(config.device)
+    output, device = start_run(config, "checkpoint")
     bf16 = use_bf16(config.bf16, device)
 
     documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]

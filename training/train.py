@@ -479,11 +479,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     like the files of `config.train`: each one is split for validation on its own.
     """
     started = time.time()
-    seed_everything(config.seed, config.threads)
-    output = Path(config.output)
-    if output.exists() and not output.is_dir():
-        raise UsageError(f"output {output} is a file; name a folder for the model")
-    device = resolve_device(config.device)
+    output, device = start_run(config, "model")
 
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
@@ -566,13 +562,18 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     return output, metrics
 
 
-def seed_everything(seed: int, threads: int = 0) -> None:
-    """Seed every random generator a run draws from; `threads` torch CPU threads (0: torch's default)."""
-    random.seed(seed)
-    np.random.seed(seed)
-    torch.manual_seed(seed)
-    if threads:
-        torch.set_num_threads(threads)
+def start_run(config, output_kind: str) -> tuple[Path, torch.device]:
+    """(output folder, device) of a training run (train or pretrain), after seeding every random
+    generator it draws from and setting its torch CPU threads; UsageError where the output is a file."""
+    random.seed(config.seed)
+    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    output = Path(config.output)
+    if output.exists() and not output.is_dir():
+        raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
+    return output, resolve_device(config.device)
 
 
 def use_bf16(asked: bool, device: torch.device) -> bool:
