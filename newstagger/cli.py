@@ -127,4 +127,8 @@ def _quiet_library_chatter() -> None:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    # `python -m newstagger.cli` runs this file as __main__, a second copy of the module: the commands raise
+    # newstagger.cli's UsageError, which only the package module's main() catches.
+    from newstagger.cli import main as package_main
+
+    sys.exit(package_main())

@@ -260,6 +260,12 @@ def test_a_set_of_one_document_or_one_group_is_all_training():
     assert split_validation(grouped, fraction=0.2) == (grouped, [])
 
 
+def test_a_share_that_leaves_nothing_to_train_on_is_a_data_error():
+    docs = [Document(str(i), "文") for i in range(5)]
+    with pytest.raises(DataError, match="holding out 0.99 of 5 documents leaves none to train on"):
+        split_validation(docs, fraction=0.99)
+
+
 def test_plain_split_without_groups():
     docs = [Document(str(i), "文", topics=[]) for i in range(50)]
     train, validation = split_validation(docs, fraction=0.1)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ from newstagger.tagger import Tagger
 from training.pretrain import RECORD_FILE, PretrainConfig, masked_lm_loss, pretrain, text_blocks
 from training.train import TrainConfig, train
 
-from conftest import SAMPLE, tiny_config, tiny_tokenizer
+from conftest import SAMPLE, build_tiny_model_folder, tiny_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -46,6 +47,7 @@ def test_pretraining_lowers_held_out_mlm_loss_and_records_it(pretrained):
     assert not list(folder.glob("*.bin")), "weights must be safetensors only"
     assert all(path.stat().st_mode & 0o044 == 0o044 for path in folder.glob("*.safetensors"))
     before, after = record["held_out"]["before"], record["held_out"]["after"]
+    assert record["history"][-1]["held_out"] == after and set(after) == set(before)
     assert before["masked_tokens"] == after["masked_tokens"] > 0, "the same held-out tokens are masked each time"
     assert after["mlm_loss"] < before["mlm_loss"]
     assert [row["epoch"] for row in record["history"]] == [1, 2]
@@ -77,9 +79,14 @@ def test_text_is_cut_into_blocks_with_cls_and_sep():
     blocks = text_blocks(["一二三四五", "六七"], tokenizer, max_length=5)
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     tokens = [tokenizer.convert_ids_to_tokens(block.tolist()) for block in blocks]
-    assert tokens == [["[CLS]", "一", "二", "三", "[SEP]"], ["[CLS]", "四", "五", "[SEP]"], ["[CLS]", "六", "七", "[SEP]"]]
+    assert tokens == [["[CLS]", "一", "二", "三", "[SEP]"], ["[CLS]", "四", "五", "[SEP]"],
+                      ["[CLS]", "六", "七", "[SEP]"]]
     assert all(block[0] == cls and block[-1] == sep for block in blocks)
     assert text_blocks([], tokenizer, max_length=5) == []
+    # a text that fills its block exactly: its [SEP] neither makes an empty block nor opens the next one
+    tokens = [tokenizer.convert_ids_to_tokens(block.tolist()) for block in text_blocks(["一二", "三"], tokenizer, 4)]
+    assert tokens == [["[CLS]", "一", "二", "[SEP]"], ["[CLS]", "三", "[SEP]"]]
+    assert text_blocks(["\u200b\u200b", "\u200b"], tokenizer, 8) == []
 
 
 def test_the_loss_counts_masked_tokens_only(tiny_mlm_base):
@@ -123,7 +130,53 @@ def test_blocks_longer_than_the_encoder_exit_2_before_training(tiny_mlm_base, tm
     assert not (tmp_path / "out").exists()
 
 
-def test_a_base_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys):
-    assert main(["pretrain", "--text", str(SAMPLE), "--base-model", str(tmp_path / "missing"),
+def test_text_with_no_token_the_tokenizer_knows_exits_2(tiny_mlm_base, tmp_path, capsys):
+    invisible = tmp_path / "invisible.jsonl"
+    invisible.write_text("".join(json.dumps({"id": i, "text": "\u200b\u200b"}) + "\n" for i in range(5)))
+    assert main(["pretrain", "--text", f"{invisible}:internal", "--base-model", str(tiny_mlm_base),
                  "--output", str(tmp_path / "out")]) == 2
-    assert "base_model" in capsys.readouterr().err
+    assert "no token the base's tokenizer knows" in capsys.readouterr().err
+
+
+def damaged_copy(base: Path, folder: Path, damage: str) -> Path:
+    shutil.copytree(base, folder)
+    if damage == "no tokenizer":
+        for name in ("tokenizer.json", "vocab.txt"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "truncated weights":
+        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:2000])
+    elif damage == "config of another size":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    return folder
+
+
+@pytest.mark.parametrize("damage, named", [("missing", "cannot be loaded"), ("no tokenizer", "has no tokenizer"),
+                                           ("truncated weights", "cannot be loaded"),
+                                           ("config of another size", "weights do not fit its config"),
+                                           ("newstagger model", "continue it with train --init-model")])
+def test_a_base_that_cannot_be_pretrained_exits_2_naming_it(tiny_mlm_base, tiny_model_dir, tmp_path, capsys, damage,
+                                                             named):
+    base = {"missing": tmp_path / "missing", "newstagger model": tiny_model_dir}.get(damage)
+    base = base or damaged_copy(tiny_mlm_base, tmp_path / "base", damage)
+    assert main(["pretrain", "--text", f"{SAMPLE}:internal", "--base-model", str(base),
+                 "--output", str(tmp_path / "out")]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "base_model" in line and named in line
+
+
+def test_pretraining_into_a_model_folder_is_refused(tiny_mlm_base, tmp_path, capsys):
+    model = build_tiny_model_folder(tmp_path / "model")
+    before = (model / "model.safetensors").read_bytes()
+    assert main(["pretrain", "--text", f"{SAMPLE}:internal", "--base-model", str(tiny_mlm_base),
+                 "--output", str(model)]) == 2
+    assert "holds a newstagger model" in capsys.readouterr().err
+    assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_one_document_trains_with_nothing_held_out_and_says_so(tiny_mlm_base, tmp_path, caplog):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"id": 1, "text": "滨江市人民政府今天宣布，地铁5号线将于年底开通。"}\n', encoding="utf-8")
+    _, record = pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "out", text=[f"{one}:internal"], batch_size=1))
+    assert record["held_out"] == {"before": {}, "after": {}}
+    assert "nothing held out" in caplog.text

@@ -243,12 +243,14 @@ def split_validation(
         if len(set(groups)) < 2:
             return list(docs), []
         splitter = GroupShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-        train_index, validation_index = next(splitter.split(docs, groups=groups))
     elif len(docs) < 2:
         return list(docs), []
     else:
-        splitter = ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed)
-        train_index, validation_index = next(splitter.split(docs))
+        splitter, groups = ShuffleSplit(n_splits=1, test_size=fraction, random_state=seed), None
+    try:
+        train_index, validation_index = next(splitter.split(docs, groups=groups))
+    except ValueError:  # scikit-learn: the share leaves an empty training side
+        raise DataError(f"holding out {fraction} of {len(docs)} documents leaves none to train on") from None
     return [docs[i] for i in sorted(train_index)], [docs[i] for i in sorted(validation_index)]
 
 

@@ -31,10 +31,12 @@ from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguage
 from newstagger.checks import MIN_WINDOW, check_rules
 from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
+from newstagger.model import META_FILE
 
 from .data import parse_data_spec, read_documents, split_validation
 from .train import (IGNORE, add_config_arguments, check_field_types, check_windows_fit, config_from_args,
-                    config_option, device_option, device_rule, start_run, use_bf16, warmup_then_decay)
+                    config_option, device_option, device_rule, loading_base, start_run, use_bf16,
+                    warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -46,7 +48,8 @@ class PretrainConfig:
     """A continued-pretraining run; saved into the output folder's pretraining.json."""
 
     text: list[str] = config_option(list, "text to pretrain on, PATH[:FORMAT]: any format `train` reads (labels are "
-                                          "ignored), e.g. a JSONL archive of stories {\"id\", \"text\"}")
+                                          "ignored), e.g. a JSONL archive of stories {\"id\", \"text\"} as "
+                                          "FILE:internal")
     base_model: str = config_option("bert-base-chinese", "BERT checkpoint to continue: hub name or local folder "
                                                          "(ideally with its MLM head; a missing one starts from "
                                                          "random weights)")
@@ -93,12 +96,18 @@ def text_blocks(texts: list[str], tokenizer, max_length: int) -> list[np.ndarray
     pieces = [np.empty(0, dtype=np.int32)]
     for first in range(0, len(texts), TOKENIZE_CHUNK):
         for ids in tokenizer(texts[first : first + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]:
-            pieces.append(np.array([*ids, sep], dtype=np.int32))
+            if ids:  # a text of characters the tokenizer drops (zero-width spaces) adds nothing
+                pieces.append(np.array([*ids, sep], dtype=np.int32))
     stream = np.concatenate(pieces)
     size = max_length - 2
-    chunks = (stream[i : i + size] for i in range(0, len(stream), size))
-    return [np.concatenate([[cls], chunk] if chunk[-1] == sep else [[cls], chunk, [sep]]).astype(np.int32)
-            for chunk in chunks]
+    blocks = []
+    for first in range(0, len(stream), size):
+        chunk = stream[first : first + size]
+        chunk = chunk[1:] if chunk[0] == sep else chunk  # the end of a text that filled the block before
+        if len(chunk):
+            ends = [[cls], chunk] if chunk[-1] == sep else [[cls], chunk, [sep]]
+            blocks.append(np.concatenate(ends).astype(np.int32))
+    return blocks
 
 
 def masked_lm_loss(model: BertForMaskedLM, batch: dict, bf16: bool) -> tuple[torch.Tensor, torch.Tensor]:
@@ -135,6 +144,8 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     """Run continued pretraining as configured; returns the output folder and its record."""
     started = time.time()
     output, device = start_run(config, "checkpoint")
+    if (output / META_FILE).is_file():
+        raise UsageError(f"output {output} holds a newstagger model; name another folder for the checkpoint")
     bf16 = use_bf16(config.bf16, device)
 
     documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]
@@ -147,6 +158,10 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     blocks = text_blocks([doc.text for doc in train_docs], tokenizer, config.max_length)
     valid_blocks = text_blocks([doc.text for doc in held_out], tokenizer, config.max_length)[
         : config.max_validation_blocks]
+    if not blocks:
+        raise DataError("no text to pretrain on: the texts hold no token the base's tokenizer knows")
+    if not valid_blocks:
+        log.warning("nothing held out (one document or one group): MLM loss and accuracy are not measured")
     log.info("pretraining text: %s in %d blocks of up to %d tokens; held out: %d blocks", _text_stats(train_docs),
              len(blocks), config.max_length, len(valid_blocks))
 
@@ -161,7 +176,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
 
     before = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
     log.info("held out, before: %s", before)
-    history, step, tokens = [], 0, 0
+    history, step, tokens, after = [], 0, 0, before
     for epoch in range(1, config.epochs + 1):
         if step >= total_steps:
             break
@@ -171,8 +186,8 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         bar = tqdm(batches[: total_steps - step], desc=f"epoch {epoch}/{config.epochs}", unit="batch", file=sys.stderr)
         loss, epoch_tokens = _mlm_epoch(model, blocks, bar, collator, optimizer, scheduler, device, bf16)
         step, tokens = step + bar.total, tokens + epoch_tokens
-        history.append({"epoch": epoch, "step": step, "loss": round(loss, 4),
-                        **evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)})
+        after = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
+        history.append({"epoch": epoch, "step": step, "training_loss": round(loss, 4), "held_out": after})
         log.info("epoch %d: %s", epoch, history[-1])
 
     record = {
@@ -185,24 +200,26 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         "device": device.type,
         "precision": "bf16 autocast" if bf16 else "fp32",
         "torch": torch.__version__,
-        "held_out": {"before": before, "after": history[-1] if history else before},
+        "held_out": {"before": before, "after": after},
         "history": history,
         **({"base_pretraining": base_record} if base_record else {}),
     }
     _save(output, model, tokenizer, record)
-    log.info("saved %s: held-out MLM accuracy %s -> %s", output, before.get("mlm_accuracy"),
-             record["held_out"]["after"].get("mlm_accuracy"))
+    log.info("saved %s: held-out MLM accuracy %s -> %s", output, before.get("mlm_accuracy", "-"),
+             after.get("mlm_accuracy", "-"))
     return output, record
 
 
 def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, collator, optimizer, scheduler,
                device: torch.device, bf16: bool) -> tuple[float, int]:
-    """One pass over the batches (lists of block indices) of a progress bar; returns the smoothed loss and
-    the tokens trained on."""
+    """One pass over the batches (lists of block indices) of a progress bar, skipping any with nothing
+    masked; returns the smoothed loss and the tokens trained on."""
     model.train()
     running, tokens = None, 0
     for ids in bar:
         batch = _masked_batch(collator, [blocks[i] for i in ids], device)
+        if not (batch["labels"] != IGNORE).any():  # a few short blocks can come out with nothing masked
+            continue
         loss, _ = masked_lm_loss(model, batch, bf16)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
@@ -218,11 +235,9 @@ def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, coll
 
 def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict | None]:
     """(masked-LM model, tokenizer, the checkpoint's own pretraining record or None)."""
-    try:
+    with loading_base(name_or_path):
         model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
-    except (OSError, ValueError) as err:  # transformers' "no such folder or hub model" and "not a model folder"
-        raise UsageError(f"base_model {name_or_path!r} cannot be loaded: {err}") from None
     if any(key.startswith("cls.") for key in loading["missing_keys"]):
         log.warning("%s has no masked-LM head; it starts from random weights, so early steps mostly train it",
                     name_or_path)

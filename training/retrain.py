@@ -31,6 +31,7 @@ import time
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
+from newstagger.backends import resolve_device
 from newstagger.checks import check_rules
 from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
@@ -146,6 +147,7 @@ def retrain(config: RetrainConfig) -> dict:
     if not config.gold:
         raise UsageError("no gold set: give --gold PATH[:FORMAT]; the gate compares both models on it")
     tolerances = gate_tolerances(config)
+    resolve_device(config.device)  # --device cuda without a GPU fails now, not after the preparation
     registry = Registry(config.registry)
     start_entry, baseline, version = _versions(config, registry)
     start = start_entry.version

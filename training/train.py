@@ -21,6 +21,7 @@ import sys
 import time
 import tomllib
 from collections.abc import Sequence
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 
@@ -39,7 +40,8 @@ from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
-from newstagger.model import META_FILE, ModelMeta, NewsTaggerModel, load_model_folder, new_model, save_model_folder
+from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder, new_model,
+                              save_model_folder)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
@@ -557,7 +559,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "crf": model.crf is not None,
         **({"topic_blend": topic_blend} if topic_blend else {}),
     }
-    save_model_folder(output, model.cpu(), tokenizer, meta, metrics={"validation": metrics}, topic_lexical=topic_lexical)
+    save_model_folder(output, model.cpu(), tokenizer, meta, metrics={"validation": metrics},
+                      topic_lexical=topic_lexical)
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
     return output, metrics
 
@@ -580,6 +583,8 @@ def use_bf16(asked: bool, device: torch.device) -> bool:
     """Whether to train under bf16 autocast: where asked for and the device has bf16 matrix units (a CUDA
     GPU that supports bf16, or a CPU with AMX or AVX512-BF16)."""
     if device.type == "cuda":
+        if asked and not torch.cuda.is_bf16_supported():
+            log.warning("bf16 asked for, but this GPU does not support it; training in fp32")
         return asked and torch.cuda.is_bf16_supported()
     bf16 = asked and cpu_has_bf16()
     if asked and not bf16:
@@ -641,16 +646,9 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
             model.grow_labels(schema)
     else:
         schema = data_schema
-        try:
+        with loading_base(config.base_model):
             model = new_model(config.base_model, schema)
             tokenizer = AutoTokenizer.from_pretrained(config.base_model)
-        # transformers' ways of saying "no such folder or hub model" and "not a model folder"
-        except (OSError, ValueError) as err:
-            raise UsageError(f"base_model {config.base_model!r} cannot be loaded: {err}") from None
-        except RuntimeError:  # weights of other shapes: a newstagger folder's heads
-            hint = " (a newstagger model folder: continue it with --init-model)" if (
-                Path(config.base_model) / META_FILE).is_file() else ""
-            raise UsageError(f"base_model {config.base_model!r} is not a plain BERT checkpoint{hint}") from None
     if config.lexicon and model.lexicon is None:
         words, source = jieba_words()
         model.attach_lexicon(build_lexicon(words, tokenizer, source))
@@ -659,6 +657,27 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         model.attach_crf()
     check_windows_fit(model.config, max_length=config.max_length, inference_max_length=config.inference_max_length)
     return model, tokenizer, schema, parent_meta
+
+
+@contextmanager
+def loading_base(name_or_path: str):
+    """Around loading a base checkpoint (train, pretrain): what cannot be a base, or cannot be loaded,
+    is a UsageError naming it."""
+    folder = Path(name_or_path)
+    if (folder / META_FILE).is_file():
+        raise UsageError(f"base_model {name_or_path!r} is not a plain BERT checkpoint (a newstagger model folder: "
+                         "continue it with train --init-model)")
+    if (folder / "config.json").is_file() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
+        # transformers would quietly make a tokenizer that knows five tokens
+        raise UsageError(f"base_model {name_or_path!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    try:
+        yield
+    # transformers' ways of saying "no such folder or hub model", "not a model folder", "damaged weights"
+    except (OSError, ValueError, SafetensorError) as err:
+        raise UsageError(f"base_model {name_or_path!r} cannot be loaded: {err}") from None
+    except RuntimeError:
+        raise UsageError(f"base_model {name_or_path!r} is not a plain BERT checkpoint: its weights do not fit "
+                         "its config") from None
 
 
 def check_windows_fit(encoder_config, **windows: int) -> None:
@@ -717,8 +736,9 @@ def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -
     trainer state and the best state so far."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True))
+    # map_location: a checkpoint written on a GPU resumes on a CPU (the optimizer moves state to its parameters)
+    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
+    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True, map_location="cpu"))
     best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
     rng.setstate(_rng_state_from_json(state["rng"]))
     log.info("resumed from %s at epoch %d, step %d", checkpoint, state["epoch"], state["step"])
