@@ -248,10 +248,15 @@ def load_model_folder(folder: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
-    if meta.max_length > model.config.max_position_embeddings:
-        raise DataError(f"{folder / META_FILE}: max_length {meta.max_length} is more than the encoder's "
+    if too_long := windows_past_positions(model.config, max_length=meta.max_length):
+        raise DataError(f"{folder / META_FILE}: {too_long[0]} is more than the encoder's "
                         f"{model.config.max_position_embeddings} positions")
     return model, tokenizer, meta
+
+
+def windows_past_positions(encoder_config, **windows: int) -> list[str]:
+    """'NAME VALUE' for each window setting longer than the encoder's position embeddings."""
+    return [f"{name} {value}" for name, value in windows.items() if value > encoder_config.max_position_embeddings]
 
 
 def read_metrics(folder: str | Path) -> dict:

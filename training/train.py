@@ -41,7 +41,7 @@ from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder, new_model,
-                              save_model_folder)
+                              save_model_folder, windows_past_positions)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
@@ -681,10 +681,10 @@ def loading_base(name_or_path: str):
 
 def check_windows_fit(encoder_config, **windows: int) -> None:
     """UsageError naming each window setting longer than the encoder's position embeddings."""
-    positions = encoder_config.max_position_embeddings
-    too_long = [f"{name} {value}" for name, value in windows.items() if value > positions]
+    too_long = windows_past_positions(encoder_config, **windows)
     if too_long:
-        raise UsageError(f"{' and '.join(too_long)}: more than the encoder's {positions} positions")
+        raise UsageError(f"{' and '.join(too_long)}: more than the encoder's "
+                         f"{encoder_config.max_position_embeddings} positions")
 
 
 def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
