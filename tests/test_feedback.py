@@ -57,6 +57,18 @@ def test_export_round_trips_the_latest_revision_of_each_document(url, tmp_path, 
     assert printed.out == (tmp_path / "out.jsonl").read_text(encoding="utf-8") and "wrote 2 documents" in printed.err
 
 
+def test_a_revision_that_corrects_one_task_keeps_the_other_tasks_earlier_correction(url):
+    store = FeedbackStore(url)
+    names = [Span(0, 2, "name")]
+    store.add(Correction(document("a", entities=names), sender="li"))
+    store.add(Correction(document("a", topics=["ecology"]), sender="wang", revision=2))
+    store.add(Correction(document("b", entities=names), sender="li"))
+    store.add(Correction(document("b", text="李四到任。", topics=["economy"]), sender="li", revision=2))
+    a, b = store.latest_documents()
+    assert (a.topics, a.entities) == (["ecology"], names)
+    assert (b.text, b.topics, b.entities) == ("李四到任。", ["economy"], None)  # an edited story: only its own labels
+
+
 def test_a_resent_correction_is_stored_once_and_a_changed_one_is_a_conflict(url):
     store = FeedbackStore(url)
     correction = Correction(document("a", topics=["ecology"]), sender="li")

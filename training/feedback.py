@@ -8,8 +8,9 @@ SQLite by default (one file in WAL mode, so readers never block the writer, with
 so concurrent writers wait their turn instead of failing); any SQLAlchemy URL works, e.g.
 `postgresql+psycopg://user@host/newstagger`.
 
-`newstagger feedback export` writes the latest revision of each document as internal JSONL, ready
-for `newstagger retrain`.
+`newstagger feedback export` writes the latest correction of each document as internal JSONL, ready
+for `newstagger retrain` (a task the latest revision leaves null comes from the latest revision that
+corrected it).
 """
 
 from __future__ import annotations
@@ -144,19 +145,23 @@ class FeedbackStore:
             return connection.execute(select(func.count()).select_from(corrections)).scalar_one()
 
     def latest_documents(self) -> list[Document]:
-        """The latest revision of every corrected document, ordered by document id."""
-        latest = (select(corrections.c.doc_id, func.max(corrections.c.revision).label("revision"))
-                  .group_by(corrections.c.doc_id).subquery())
+        """The latest correction of every document, ordered by document id: its latest revision, with a
+        task that revision left uncorrected (null) taken from the latest earlier revision of the same
+        text that corrected it, so correcting the topics later never erases an entity correction."""
         query = (select(corrections.c.doc_id, corrections.c.text, corrections.c.topics, corrections.c.entities)
-                 .join(latest, (corrections.c.doc_id == latest.c.doc_id)
-                       & (corrections.c.revision == latest.c.revision))
-                 .order_by(corrections.c.doc_id))
+                 .order_by(corrections.c.doc_id, corrections.c.revision.desc()))
         with self.engine.connect() as connection:
             rows = connection.execute(query).all()
-        return [Document(id=r.doc_id, text=r.text, topics=r.topics,
-                         entities=None if r.entities is None else [Span(**e) for e in r.entities])
-                for r in rows]
-
+        latest: dict[str, dict] = {}
+        for row in rows:  # newest revision of each document first
+            merged = latest.setdefault(row.doc_id, {"text": row.text, "topics": None, "entities": None})
+            if row.text == merged["text"]:
+                for task in ("topics", "entities"):
+                    if merged[task] is None:
+                        merged[task] = getattr(row, task)
+        return [Document(id=doc_id, text=doc["text"], topics=doc["topics"],
+                         entities=None if doc["entities"] is None else [Span(**e) for e in doc["entities"]])
+                for doc_id, doc in latest.items()]
 
 def _row(document: Document) -> dict:
     """The stored form: labels in a fixed order, so a resent correction matches whatever order it lists them in."""
