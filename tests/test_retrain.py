@@ -25,6 +25,7 @@ from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
 from training.registry import Entry, Registry
+from training.train import _labelled_coarse_only
 from training.retrain import (RetrainConfig, _only_labels_of, _training_config, decide, gate_tolerances,
                               replay_sample, retrain, score_on_gold)
 
@@ -141,10 +142,10 @@ def test_a_model_trained_on_a_gpu_retrains_on_the_device_retrain_is_given(tiny_m
 def test_the_replay_sample_takes_an_equal_share_of_each_source():
     sources = [[Document(f"{name}{i}", "x") for i in range(size)] for name, size in (("a", 100), ("b", 3), ("c", 50))]
     sample = replay_sample(sources, 30, random.Random(0))
-    counts = {name: sum(doc.id.startswith(name) for doc in sample) for name in "abc"}
-    assert counts == {"a": 14, "b": 3, "c": 13}
-    assert len({doc.id for doc in sample}) == 30
-    assert len(replay_sample(sources, 1000, random.Random(0))) == 153
+    assert [len(docs) for docs in sample] == [14, 3, 13]  # one list per source, in order
+    assert all(doc.id[0] == name for docs, name in zip(sample, "abc") for doc in docs)
+    assert len({doc.id for docs in sample for doc in docs}) == 30
+    assert [len(docs) for docs in replay_sample(sources, 1000, random.Random(0))] == [100, 3, 50]
 
 
 # --- real runs on the tiny model ---------------------------------------------------------------------
@@ -208,6 +209,26 @@ def test_the_gold_set_is_never_trained_on_and_earlier_data_is_replayed(registry,
     assert second["documents"] == {"new": 9, "replayed": 18, "replay_pool": 20, "gold": 12}
     recorded = {Path(d["path"]).name for d in registry.manifest().entry("1.0.2").data}
     assert recorded == {"first.jsonl", "second.jsonl"}
+
+
+def test_each_file_trains_as_its_own_set_so_coarse_only_replay_stays_partially_labelled(
+        registry, sample, gold, tmp_path, monkeypatch):
+    write_jsonl(sample[:10], tmp_path / "new.jsonl")
+    (tmp_path / "msra.bio").write_text("\n\n".join(f"张\tB-PER\n{i}\tO\n北\tB-LOC\n京\tI-LOC" for i in range(10)),
+                                       encoding="utf-8")
+    trained_on = []
+
+    def capture(config, sources):
+        trained_on.extend(sources)
+        raise KeyboardInterrupt  # enough: what train was given
+
+    monkeypatch.setattr("training.retrain.train", capture)
+    with pytest.raises(KeyboardInterrupt):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, replay=[f"{tmp_path / 'msra.bio'}:columns"]))
+    new, replayed = trained_on
+    assert [doc.id for doc in new] == [doc.id for doc in sample[:10]]
+    assert {span.type for doc in replayed for span in doc.entities} == {"PER", "LOC"}
+    assert _labelled_coarse_only(replayed, Tagger.load(registry.folder("1.0.0")).schema)
 
 
 def test_new_labels_stop_the_run_unless_allowed_and_then_grow_the_heads(registry, sample, gold, tmp_path):

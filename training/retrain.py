@@ -128,14 +128,17 @@ def decide(candidate: dict, current: dict, tolerances: dict[str, float]) -> dict
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
 
 
-def replay_sample(sources: list[list[Document]], size: int, rng: random.Random) -> list[Document]:
-    """`size` documents with an equal share from each source, all of a source smaller than its share."""
-    chosen: list[Document] = []
-    remaining = sorted(sources, key=len)
-    while remaining and len(chosen) < size:
-        share = (size - len(chosen)) // len(remaining) or 1
-        source = remaining.pop(0)
-        chosen += rng.sample(source, min(share, len(source), size - len(chosen)))
+def replay_sample(sources: list[list[Document]], size: int, rng: random.Random) -> list[list[Document]]:
+    """`size` documents with an equal share from each source, all of a source smaller than its share;
+    one list per source, in the sources' order."""
+    chosen: list[list[Document]] = [[] for _ in sources]
+    remaining = sorted(range(len(sources)), key=lambda k: len(sources[k]))
+    taken = 0
+    while remaining and taken < size:
+        share = (size - taken) // len(remaining) or 1
+        k = remaining.pop(0)
+        chosen[k] = rng.sample(sources[k], min(share, len(sources[k]), size - taken))
+        taken += len(chosen[k])
     return chosen
 
 
@@ -160,10 +163,12 @@ def retrain(config: RetrainConfig) -> dict:
         raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
     replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
     gold_texts = {doc.text for doc in gold}
-    new_docs = _without(gold_texts, [doc for _, docs in new_sources for doc in docs])
+    new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
+    new_docs = [doc for docs in new_sets for doc in docs]
     seen_texts = gold_texts | {doc.text for doc in new_docs}
     pool = [_without(seen_texts, docs) for _, docs in replay_sources]
-    replayed = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
+    replay_sets = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
+    replayed = [doc for docs in replay_sets for doc in docs]
     if not replay_sources:
         log.warning("no earlier data recorded for %s and none given with --replay: old skills may be lost", start)
     if not new_docs:
@@ -180,7 +185,9 @@ def retrain(config: RetrainConfig) -> dict:
 
     with registry.staging() as staged:
         train_config = _training_config(config, start_tagger, start_folder, staged, version)
-        _, validation = train(train_config, sources=[new_docs, replayed] if replayed else [new_docs])
+        # One set per file, as `train` reads files: each is split for validation on its own, and a set
+        # labelled only with coarse types (MSRA) trains as partial labels, which it would not be in a pool.
+        _, validation = train(train_config, sources=[docs for docs in new_sets + replay_sets if docs])
         shutil.rmtree(staged / "checkpoint", ignore_errors=True)  # optimizer state: not part of a model
         baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
         candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger, gold)
@@ -334,7 +341,7 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
         raise DataError(f"{start_folder}: its recorded training settings cannot be used: {err}") from None
     overrides = {name: getattr(config, name) for name in ("epochs", "max_steps", "learning_rate", "threads")
                  if getattr(config, name) is not None}
-    # The new and replayed documents come as two pooled sets, so per-file weights of the recipe do not apply.
+    # The new and replayed documents come as in-memory sets, trained at weight 1: per-file weights do not apply.
     return replace(recipe, **overrides, train=[], train_weights=[], validation=[], output=str(output),
                    init_model=str(start_folder),
                    version=version, name=meta.name, seed=config.seed, device=config.device, resume=False,
