@@ -14,7 +14,8 @@ from newstagger.documents import Document
 from newstagger.tagger import Tagger
 from training import registry as registry_module
 from training.data import to_hf_dataset
-from training.registry import STAGING, DeployError, Entry, Registry, RegistryError, fingerprint, reload_server
+from training.registry import (STAGING, DeployError, Entry, ProductionChanged, Registry, RegistryError, fingerprint,
+                               reload_server)
 
 
 def add_model(registry: Registry, version: str, parent: str | None = None) -> Entry:
@@ -172,6 +173,34 @@ def test_models_commands(registry, tmp_path, capsys):
     capsys.readouterr()
     assert main(["models", "list", "--registry", root, "--json"]) == 0
     assert json.loads(capsys.readouterr().out)["history"] == ["1.0.0", "2.0.0"]
+
+
+def test_a_rejected_candidate_is_promoted_only_with_force(registry, capsys):
+    registry.set_status("1.0.1", "rejected")
+    root = str(registry.root)
+    assert main(["models", "promote", "1.0.1", "--registry", root]) == 2
+    assert "rejected by the retraining gate; pass --force" in capsys.readouterr().err
+    assert served_version(registry) == "1.0.0"
+    assert main(["models", "promote", "1.0.1", "--registry", root, "--force"]) == 0
+    assert served_version(registry) == "1.0.1"
+
+
+def test_a_promotion_gated_against_one_production_model_is_refused_once_another_replaced_it(registry):
+    add_model(registry, "2.0.0")
+    registry.promote("2.0.0")  # while 1.0.1 was being compared with 1.0.0
+    with pytest.raises(ProductionChanged, match="production changed from 1.0.0 to 2.0.0"):
+        registry.promote("1.0.1", replacing="1.0.0")
+    assert served_version(registry) == "2.0.0" and statuses(registry)["1.0.1"] == "candidate"
+    registry.promote("1.0.1", replacing="2.0.0")
+    assert served_version(registry) == "1.0.1"
+
+
+def test_a_folder_that_cannot_be_loaded_is_not_added(registry, tmp_path, capsys):
+    folder = build_tiny_model_folder(tmp_path / "broken", version="9.9.9")
+    (folder / "model.safetensors").unlink()
+    assert main(["models", "add", str(folder), "--registry", str(registry.root), "--promote"]) == 2
+    assert "not a complete model folder" in capsys.readouterr().err
+    assert "9.9.9" not in statuses(registry) and served_version(registry) == "1.0.0"
 
 
 @pytest.mark.parametrize("argv, message", [

@@ -25,7 +25,7 @@ from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
 from training.registry import Entry, Registry
-from training.train import _labelled_coarse_only
+from training.train import _labelled_coarse_only, train
 from training.retrain import (RetrainConfig, _only_labels_of, _training_config, decide, gate_tolerances,
                               replay_sample, retrain, score_on_gold)
 
@@ -199,6 +199,37 @@ def test_empty_new_data_or_gold_set_is_refused_naming_it(registry, gold, tmp_pat
     assert registry.manifest().current == "1.0.0" and len(registry.manifest().models) == 1
 
 
+@pytest.mark.parametrize("unlabelled, message", [
+    ("data", "no labelled training documents"), ("gold", "--gold: no labels for any gated metric")])
+def test_unlabelled_new_data_or_gold_set_is_refused_before_training(registry, sample, gold, tmp_path, unlabelled,
+                                                                      message):
+    write_jsonl([Document(doc.id, doc.text) for doc in sample[:20]], tmp_path / "bare.jsonl")
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    data, gold = ((tmp_path / "bare.jsonl", gold) if unlabelled == "data"
+                  else (tmp_path / "new.jsonl", tmp_path / "bare.jsonl"))
+    with pytest.raises(DataError, match=message):
+        retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal"))
+    assert [entry.version for entry in registry.manifest().models] == ["1.0.0"]  # no version used up
+
+
+def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(
+        registry, sample, gold, tmp_path, monkeypatch):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    real_train = train
+
+    def train_while_an_operator_promotes(config, sources):
+        with registry.staging() as staged:
+            build_tiny_model_folder(staged, version="2.0.0")
+            registry.register(staged, Entry(version="2.0.0"))
+        registry.promote("2.0.0")
+        return real_train(config, sources)
+
+    monkeypatch.setattr("training.retrain.train", train_while_an_operator_promotes)
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0))
+    assert verdict["passed"] and verdict["decision"].startswith("passed, not promoted: production changed from 1.0.0")
+    assert registry.manifest().current == "2.0.0" and registry.manifest().entry("1.0.1").status == "candidate"
+
+
 def test_the_gold_set_is_never_trained_on_and_earlier_data_is_replayed(registry, sample, gold, tmp_path):
     write_jsonl(sample[:29], tmp_path / "first.jsonl")  # includes no gold story ...
     write_jsonl(sample[20:], tmp_path / "second.jsonl")  # ... this one is mostly gold
@@ -294,12 +325,12 @@ def test_feedback_export_retrain_promote_serve_and_roll_back(registry, sample, g
         assert Tagger.load(registry.root / "current").meta.version == "1.0.0"
 
 
-def test_a_server_that_cannot_be_reached_leaves_the_registry_promoted_and_exits_1(registry, tmp_path, capsys):
+def test_a_server_that_cannot_be_reached_leaves_the_registry_promoted_and_exits_3(registry, tmp_path, capsys):
     with registry.staging() as staged:
         build_tiny_model_folder(staged, version="1.0.1")
         registry.register(staged, Entry(version="1.0.1"))
     code = main(["models", "promote", "1.0.1", "--registry", str(registry.root), "--server", "http://127.0.0.1:9"])
-    assert code == 1
+    assert code == 3  # not 1, which retrain gives a refused candidate
     assert "the registry is updated but the server is not" in capsys.readouterr().err
     assert registry.manifest().current == "1.0.1"
 

@@ -61,6 +61,13 @@ class RegistryError(UsageError):
     """A registry operation that cannot be done as asked; the message says why (exit code 2)."""
 
 
+ANY_VERSION = object()  # promote() without a condition on the production model
+
+
+class ProductionChanged(RegistryError):
+    """Another version went into production since a promotion was decided."""
+
+
 def check_version(version: str) -> str:
     """`version` when it can name a registry folder; RegistryError otherwise."""
     if not isinstance(version, str) or not VERSION_PATTERN.fullmatch(version) or version in RESERVED_NAMES:
@@ -201,12 +208,22 @@ class Registry:
                 raise RegistryError(f"{version} is in production; promote another version or roll back first")
             entry.status = status
 
-    def promote(self, version: str) -> Entry:
-        """Make `version` the production model; the one it replaces is retired."""
+    def promote(self, version: str, replacing: str | None | object = ANY_VERSION, force: bool = False) -> Entry:
+        """Make `version` the production model; the one it replaces is retired.
+
+        `replacing`: promote only if that version (None: no version) is still in production, as when a
+        gate compared the candidate with it. A candidate the gate rejected is promoted only with `force`.
+        """
         with self._writing() as manifest:
             entry = manifest.entry(version)
             if version == manifest.current:
                 raise RegistryError(f"{version} is already in production")
+            if replacing is not ANY_VERSION and manifest.current != replacing:
+                raise ProductionChanged(f"production changed from {replacing} to {manifest.current} while {version} "
+                                        f"was being made; it was gated against {replacing} only")
+            if entry.status == "rejected" and not force:
+                raise RegistryError(f"{version} was rejected by the retraining gate; pass --force to promote it "
+                                    f"anyway")
             if manifest.current is not None:
                 manifest.entry(manifest.current).status = "retired"
             entry.status = "production"
@@ -322,6 +339,9 @@ def add_server_arguments(parser: argparse.ArgumentParser) -> None:
                         help=f"the server's admin token (default: ${TOKEN_VARIABLE})")
 
 
+DEPLOY_FAILED = 3  # exit code: the registry changed, the server did not (retrain's 1 means "refused")
+
+
 def deploy(args, folder: Path) -> int:
     """Exit code after telling `--server`, if given, to serve `folder`."""
     if not args.server:
@@ -330,7 +350,7 @@ def deploy(args, folder: Path) -> int:
         answer = reload_server(args.server, folder, args.token)
     except DeployError as err:
         print(f"newstagger {args.command}: the registry is updated but the server is not: {err}", file=sys.stderr)
-        return 1
+        return DEPLOY_FAILED
     previous = answer["previous"]["version"] if answer["previous"] else "no model"
     # stderr: retrain's stdout is its JSON verdict alone
     print(f"{args.server} now serves {answer['model']['name']} {answer['model']['version']} (was {previous})",
@@ -360,6 +380,7 @@ def register(subparsers) -> None:
 
     promoting = actions.add_parser("promote", help="make VERSION the production model")
     promoting.add_argument("version")
+    promoting.add_argument("--force", action="store_true", help="promote it even if the retraining gate rejected it")
     add_registry_argument(promoting)
     add_server_arguments(promoting)
     promoting.set_defaults(handler=run_promote)
@@ -400,7 +421,7 @@ def metrics_summary(metrics: dict) -> str:
 
 
 def run_add(args) -> int:
-    from newstagger.model import read_meta, read_metrics
+    from newstagger.model import load_model_folder, read_meta, read_metrics
     from training.data import guess_format, parse_data_spec
 
     source = Path(args.folder)
@@ -416,6 +437,7 @@ def run_add(args) -> int:
         else:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
+    load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)
     with registry.staging() as staged:
         # Only what serving needs: a training checkpoint holds optimizer pickles.
@@ -431,7 +453,7 @@ def run_add(args) -> int:
 
 def run_promote(args) -> int:
     registry = Registry(args.registry)
-    entry = registry.promote(args.version)
+    entry = registry.promote(args.version, force=args.force)
     print(f"{entry.version} is now in production")
     return deploy(args, registry.folder(entry.version))
 

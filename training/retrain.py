@@ -40,8 +40,8 @@ from newstagger.tagger import Tagger
 
 from .evaluate import evaluate_tagger
 from .registry import (
-    DEFAULT_REGISTRY, Entry, Registry, RegistryError, add_server_arguments, check_version, deploy, fingerprint, metric,
-    scores,
+    DEFAULT_REGISTRY, Entry, ProductionChanged, Registry, RegistryError, add_server_arguments, check_version, deploy,
+    fingerprint, metric, scores,
 )
 from .train import (TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
                     device_option, device_rule, train)
@@ -152,8 +152,8 @@ def retrain(config: RetrainConfig) -> dict:
     tolerances = gate_tolerances(config)
     resolve_device(config.device)  # --device cuda without a GPU fails now, not after the preparation
     registry = Registry(config.registry)
-    start_entry, baseline, version = _versions(config, registry)
-    start = start_entry.version
+    start_entry, production, version = _versions(config, registry)
+    start, baseline = start_entry.version, production or start_entry.version
 
     new_sources = _read_sources(config.data)
     gold = [doc for _, docs in _read_sources(config.gold) for doc in docs]
@@ -161,6 +161,11 @@ def retrain(config: RetrainConfig) -> dict:
         raise DataError(f"--data: no documents in {', '.join(config.data)}")
     if not gold:
         raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
+    measured = {task for task, labelled in (("topics", any(doc.topics is not None for doc in gold)),
+                                            ("entities", any(doc.entities is not None for doc in gold))) if labelled}
+    if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
+        raise DataError(f"--gold: no labels for any gated metric ({', '.join(tolerances)}): "
+                        f"{', '.join(config.gold)} must label the gated tasks")
     replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
     gold_texts = {doc.text for doc in gold}
     new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
@@ -198,7 +203,7 @@ def retrain(config: RetrainConfig) -> dict:
             "gold": scores(candidate_all_labels), "validation": scores(validation)}))
 
     return {
-        "decision": _settle(registry, version, gate["passed"], config.promote),
+        "decision": _settle(registry, version, production, gate["passed"], config.promote),
         "passed": gate["passed"],
         "reasons": gate["reasons"],
         "candidate": {"version": version, "parent": start, "gold": scores(candidate_gold),
@@ -213,8 +218,8 @@ def retrain(config: RetrainConfig) -> dict:
     }
 
 
-def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str, str]:
-    """(the registry entry to start from, the version to compare with, the new version)."""
+def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str | None, str]:
+    """(the registry entry to start from, the production version or None, the new version)."""
     manifest = registry.manifest()
     start = config.start or manifest.current
     if start is None:
@@ -224,17 +229,22 @@ def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str, st
     version = check_version(config.version or registry.next_version(start))
     if any(entry.version == version for entry in manifest.models):
         raise RegistryError(f"version {version} is already in the registry; name another with --version")
-    return start_entry, manifest.current or start, version
+    return start_entry, manifest.current, version
 
 
-def _settle(registry: Registry, version: str, passed: bool, promote: bool) -> str:
-    """Promote a candidate that passed the gate (unless told not to) or mark it rejected; the decision."""
+def _settle(registry: Registry, version: str, production: str | None, passed: bool, promote: bool) -> str:
+    """Promote a candidate that passed the gate (unless told not to, or unless production is no longer the
+    version it was gated against) or mark it rejected; the decision."""
     if not passed:
         registry.set_status(version, "rejected")
         return "rejected"
     if not promote:
         return "passed, not promoted (--no-promote)"
-    registry.promote(version)
+    try:
+        registry.promote(version, replacing=production)
+    except ProductionChanged as err:
+        log.warning("%s; retrain again to gate against the model now in production", err)
+        return f"passed, not promoted: {err}"
     return "promoted"
 
 

@@ -313,6 +313,8 @@ def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, ma
     targets = TagTargets.for_schema(schema)
     examples = []
     for d, (doc, enc) in enumerate(zip(documents, encoded)):
+        if doc.topics is None and doc.entities is None:  # nothing to learn from; a batch of only these has no loss
+            continue
         tags = token_tags(doc, enc, targets, coarse)
         topics = None
         if doc.topics is not None:
@@ -626,6 +628,8 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
         validation_files += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
     if not any(train_sets):
         raise DataError("no training documents: give at least one --train PATH[:FORMAT] with documents in it")
+    if not any(doc.topics is not None or doc.entities is not None for docs in train_sets for doc in docs):
+        raise DataError("no labelled training documents: none has topics or entities")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
     return train_sets, weights, validation_files
 
