@@ -311,8 +311,11 @@ def test_crf_training_round_trip_and_a_retrained_model_keeps_its_crf(tiny_base, 
     (result,) = tagger.tag([text])
     assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
 
-    retrained, _ = train(tiny_train_config(tiny_base, tmp_path / "retrained", init_model=str(folder), max_steps=2))
+    retrained, _ = train(tiny_train_config(tiny_base, tmp_path / "retrained", init_model=str(folder), max_steps=2,
+                                           base_model="bert-base-chinese"))  # unused beside init_model ...
     assert Tagger.load(retrained).model.crf is not None
+    recorded = json.loads((retrained / "newstagger.json").read_text())
+    assert recorded["training"]["config"]["base_model"] == recorded["base_model"] == str(tiny_base)  # ... not recorded
 
 
 @pytest.mark.parametrize(("setting", "message"), [

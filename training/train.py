@@ -22,7 +22,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -549,7 +549,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     metrics, topic_lexical, topic_blend = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
                                                               config, parent_meta)
     meta.training = {
-        "config": asdict(config),
+        "config": asdict(replace(config, base_model=meta.base_model)),  # continued models: their base, not a default
         "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
         "history": state["history"],
         "best_epoch": state["best_epoch"],
