@@ -8,12 +8,14 @@ again is harmless (200, stored once); the same id and revision with other conten
 from __future__ import annotations
 
 import asyncio
+import logging
 import threading
 from typing import Annotated
 
 from fastapi import APIRouter, Request, Response
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from sqlalchemy.exc import DataError as DBAPIDataError
 from sqlalchemy.exc import SQLAlchemyError
 
 from newstagger.documents import DataError, Document, Span, validate
@@ -22,6 +24,7 @@ from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
 from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text, unknown_label
 
+logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])
 MAX_REVISION = 2**63 - 1  # the store's integer column (SQLite INTEGER, PostgreSQL BIGINT)
 _opening = threading.Lock()
@@ -87,14 +90,23 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
         stored = await asyncio.to_thread(_save, request.app.state, correction)
     except CorrectionConflict as err:
         raise ApiError(409, str(err), ("body", "revision"), "revision_conflict") from None
+    except DBAPIDataError as err:  # a value this database cannot hold (PostgreSQL: a NUL character): retrying won't help
+        raise ApiError(422, f"the feedback store cannot hold this correction: {_first_line(err)}", ("body",),
+                       "unstorable_value") from None
     # The URL was checked at start-up; the database may still be down or broken, or its folder not creatable.
     except (SQLAlchemyError, OSError) as err:
-        raise ApiError(503, f"the feedback store is unavailable: {err}", kind="feedback_store_unavailable",
+        logger.warning("feedback store error: %s", err)  # in full, with its SQL; the client gets one line without it
+        raise ApiError(503, f"the feedback store is unavailable: {_first_line(err)}", kind="feedback_store_unavailable",
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if not stored:
         response.status_code = 200
     return FeedbackResponse(id=document.id, revision=body.revision, stored=stored,
                             model_version=correction.model_version)
+
+
+def _first_line(err: Exception) -> str:
+    """The driver's own message, without the statement and parameters SQLAlchemy appends."""
+    return str(getattr(err, "orig", None) or err).strip().splitlines()[0]
 
 
 def _checked_document(body: FeedbackRequest) -> Document:

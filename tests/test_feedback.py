@@ -9,6 +9,7 @@ from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timezone
 
 import pytest
+import sqlalchemy.exc
 from fastapi.testclient import TestClient
 
 from newstagger.cli import main
@@ -247,8 +248,21 @@ def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, t
         wait_ready(client)
         response = client.post("/v1/feedback", json=CORRECTION)
         assert response.status_code == 503
-        assert "feedback store is unavailable" in response.json()["detail"]
+        detail = response.json()["detail"]
+        assert "feedback store is unavailable" in detail and "\n" not in detail and "[SQL" not in detail
         assert client.get("/healthz").status_code == 200
+
+
+def test_a_value_the_database_cannot_hold_is_422_not_a_503_to_retry(client, monkeypatch):
+    def refuse(self, correction):  # PostgreSQL on a NUL character
+        raise sqlalchemy.exc.DataError("INSERT INTO corrections ...", {"text": "..."},
+                                       ValueError("PostgreSQL text fields cannot contain NUL (0x00) bytes"))
+
+    monkeypatch.setattr(FeedbackStore, "add", refuse)
+    response = client.post("/v1/feedback", json=CORRECTION | {"text": TEXT.replace("。", "\x00")})
+    assert response.status_code == 422 and "Retry-After" not in response.headers
+    assert response.json()["detail"] == ("body: the feedback store cannot hold this correction: PostgreSQL text fields "
+                                         "cannot contain NUL (0x00) bytes")
 
 
 def test_the_store_is_closed_when_the_server_stops(tiny_model_dir, url):

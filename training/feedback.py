@@ -22,8 +22,8 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from sqlalchemy import (
-    JSON, Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event, func,
-    inspect, select,
+    JSON, BigInteger, Column, DateTime, Integer, MetaData, String, Table, Text, UniqueConstraint, create_engine, event,
+    func, inspect, select,
 )
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
@@ -41,7 +41,7 @@ corrections = Table(
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=True),
     Column("doc_id", String, nullable=False),
-    Column("revision", Integer, nullable=False),
+    Column("revision", BigInteger, nullable=False),  # revisions go up to 2**63 - 1
     Column("text", Text, nullable=False),
     Column("topics", JSON, nullable=True),  # NULL: not labelled for topics, unlike [] (labelled, none)
     Column("entities", JSON, nullable=True),
