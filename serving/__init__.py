@@ -1,2 +1,2 @@
-"""newstagger's HTTP service: `newstagger serve`, or `serving.app.create_app(settings)` for any
-ASGI server. Nothing is imported here, so the CLI stays quick to start for other commands."""
+"""newstagger's HTTP service: `newstagger serve`, or `serving.app:app_from_environment` (a factory: it
+configures logging from NEWSTAGGER_LOG_FORMAT, then calls `create_app(settings)`) for any ASGI server. Nothing is imported here, so the CLI stays quick to start for other commands."""

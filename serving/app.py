@@ -161,7 +161,8 @@ async def tag(body: TagRequest, request: Request, response: Response,
               service: TaggingService = Depends(get_service)) -> dict:
     _check_sizes(body, service.settings)
     batcher = service.ready_batcher()
-    _check_options(body, batcher.tagger.meta)
+    checked_against = batcher.tagger.meta
+    _check_options(body, checked_against)
     try:
         future = batcher.submit([doc.text for doc in body.documents], body.thresholds, body.entity_types,
                                 body.entity_threshold)
@@ -177,6 +178,8 @@ async def tag(body: TagRequest, request: Request, response: Response,
     except Exception:
         # Logged by the batcher with its traceback; this request fails, the server keeps serving.
         raise ApiError(500, "the model failed on this request", kind="model_error") from None
+    if outcome.model is not checked_against:  # reloaded while it waited: its options must fit that model too
+        _check_options(body, outcome.model)
     response.headers["Server-Timing"] = (f"queue;dur={outcome.queued_s * 1000:.1f}, "
                                          f"model;dur={outcome.batch_s * 1000:.1f}")
     request.state.access_log = {"documents": len(body.documents), "model_version": outcome.model.version}

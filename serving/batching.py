@@ -1,6 +1,8 @@
 """Dynamic micro-batching: concurrent requests share forward passes.
 
-Requests wait in a bounded queue (a full queue is the overload signal, answered with 429). One
+Requests wait in a queue of at most `queue_max` live requests (a full queue is the overload signal,
+answered with 429; a request whose client left stops counting at once, though it is only dropped
+when the worker reaches it). One
 worker thread takes the oldest request, keeps gathering others for up to `max_wait_s` or until
 the character budget is spent, and runs the model once over every document gathered (a single
 request over the budget runs alone, in parts of the budget, which bounds memory). Inside that
@@ -47,6 +49,7 @@ class Job:
     entity_threshold: float | None = None
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.perf_counter)
+    waiting: bool = True  # counted against the queue limit: queued, not yet taken or cancelled
 
     @property
     def chars(self) -> int:
@@ -71,11 +74,14 @@ class MicroBatcher:
         self.metrics = metrics
         self.max_wait_s = max_wait_s
         self.max_chars = max_chars
-        self._queue: queue.Queue = queue.Queue(maxsize=queue_max)
+        self.queue_max = queue_max
+        self._queue: queue.Queue = queue.Queue()  # bounded by the live count below, not by its length
+        self._waiting = 0
+        self._waiting_lock = threading.Lock()
         self._carried: Job | object | None = None  # taken from the queue but left for the next batch
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="newstagger-batcher", daemon=True)
-        metrics.queue_depth.set_function(self._queue.qsize)
+        metrics.queue_depth.set_function(lambda: self._waiting)
 
     def start(self) -> None:
         self._thread.start()
@@ -92,11 +98,21 @@ class MicroBatcher:
         if self._stopping:
             raise ShuttingDown("the server is shutting down")
         job = Job(texts, thresholds, entity_types, entity_threshold)
-        try:
-            self._queue.put_nowait(job)
-        except queue.Full:
-            raise Overloaded(f"{self._queue.maxsize} requests are already waiting for the model") from None
+        with self._waiting_lock:
+            if self._waiting >= self.queue_max:
+                raise Overloaded(f"{self.queue_max} requests are already waiting for the model")
+            self._waiting += 1
+        job.future.add_done_callback(lambda _: self._stop_waiting(job))  # a cancel frees its place at once
+        self._queue.put(job)
         return job.future
+
+    def _stop_waiting(self, job: Job) -> None:
+        with self._waiting_lock:
+            if job.waiting:
+                job.waiting = False
+                self._waiting -= 1
+                if job.future.cancelled():
+                    job.texts = []  # a cancelled job lingers in the queue until reached; its stories need not
 
     def swap(self, tagger: Tagger) -> Tagger:
         """Serve `tagger` from the next batch on; returns the one it replaces."""
@@ -112,7 +128,7 @@ class MicroBatcher:
         self._fail_leftovers()
 
     def _gather(self) -> list[Job] | None:
-        first = self._carried if self._carried is not None else self._queue.get()
+        first = self._carried if self._carried is not None else self._taken(self._queue.get())
         self._carried = None
         if first is _STOP:
             return None
@@ -120,7 +136,7 @@ class MicroBatcher:
         deadline = time.perf_counter() + self.max_wait_s
         while chars < self.max_chars:
             try:
-                job = self._queue.get(timeout=max(0.0, deadline - time.perf_counter()))
+                job = self._taken(self._queue.get(timeout=max(0.0, deadline - time.perf_counter())))
             except queue.Empty:
                 break
             if job is _STOP or chars + job.chars > self.max_chars:
@@ -129,6 +145,11 @@ class MicroBatcher:
             batch.append(job)
             chars += job.chars
         return batch
+
+    def _taken(self, job: Job | object) -> Job | object:
+        if job is not _STOP:
+            self._stop_waiting(job)
+        return job
 
     def _serve(self, tagger: Tagger, batch: list[Job]) -> None:
         started = time.perf_counter()

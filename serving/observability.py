@@ -32,7 +32,8 @@ class ServingMetrics:
         r = self.registry
         self.requests = Counter("newstagger_http_requests", "HTTP requests answered, by route and status",
                                 ["method", "route", "status"], registry=r)
-        self.latency = Histogram("newstagger_http_request_seconds", "Time from request to response start",
+        self.latency = Histogram("newstagger_http_request_seconds",
+                                 "Time from request to the last byte of the response (or to the client leaving)",
                                  ["route"], buckets=LATENCY_BUCKETS, registry=r)
         self.batch_documents = Histogram("newstagger_batch_documents", "Documents run through the model together",
                                          buckets=SIZE_BUCKETS, registry=r)

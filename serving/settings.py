@@ -30,7 +30,9 @@ class ServeSettings(BaseSettings):
     max_documents: int = Field(64, ge=1, description="Most documents one request may carry (more: 413).")
     max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters (longer: 413).")
     max_body_bytes: int = Field(
-        4_000_000, ge=1, description="Largest request body accepted, in bytes, checked before parsing (larger: 413)."
+        8_000_000, ge=1, description="Largest request body accepted, in bytes, checked before parsing (larger: 413). "
+        "The default admits max_documents texts of max_text_chars Chinese characters each as JSON's \\uXXXX "
+        "escapes (6 bytes a character), the way most clients send them."
     )
     batch_wait_ms: float = Field(
         5.0, ge=0, le=10_000, allow_inf_nan=False,

@@ -14,6 +14,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import replace
 
 import pytest
 from conftest import build_tiny_model_folder
@@ -21,10 +22,12 @@ from fastapi.testclient import TestClient
 
 from newstagger import cli
 from newstagger.cli import UsageError
+from newstagger.model import load_model_folder, save_model_folder
 from newstagger.tagger import Tagger
 from serving import app as app_module
 from serving import command
 from serving.app import create_app
+from serving.batching import Overloaded
 from serving.settings import ServeSettings
 
 STORIES = ["杭州市西湖区今天开展垃圾分类宣传活动。", "市政府召开新闻发布会，介绍今年的民生工程。", "张三在上海工作。"]
@@ -60,7 +63,7 @@ def make_client(tiny_model_dir):
     clients = []
 
     def make(**overrides) -> TestClient:
-        clients.append(started(create_app(ServeSettings(model=tiny_model_dir, **overrides))))
+        clients.append(started(create_app(ServeSettings(**{"model": tiny_model_dir, **overrides}))))
         return clients[-1]
 
     yield make
@@ -101,7 +104,7 @@ class Gate:
 
 
 def queue_depth(client: TestClient) -> int:
-    return client.app.state.service.batcher._queue.qsize()
+    return client.app.state.service.batcher._waiting
 
 
 # --- contract -------------------------------------------------------------------------------------
@@ -506,6 +509,47 @@ def test_a_request_in_flight_during_reload_finishes_on_the_old_model(make_client
         gate.release.set()
         assert in_flight.result().json()["model"]["version"] == "0.0.1"
     assert reloaded.status_code == 200 and version_served(client) == "0.0.2"
+
+
+def test_options_checked_against_a_model_replaced_while_the_request_waited_are_checked_again(
+        tiny_model_dir, tmp_path, make_client):
+    model, tokenizer, meta = load_model_folder(tiny_model_dir)
+    grown = replace(meta.schema, topics=[*meta.schema.topics, "culture"])
+    model.grow_labels(grown)
+    save_model_folder(tmp_path / "grown", model, tokenizer, replace(meta, schema=grown, version="0.0.9"))
+    client = make_client(model=tmp_path / "grown", admin_token="secret")
+    gate = Gate(client)
+    with ThreadPoolExecutor(2) as pool:
+        opening = pool.submit(client.post, "/v1/tag", json=documents("开场"))
+        assert gate.entered.wait(WAIT_S)
+        waiting = pool.submit(client.post, "/v1/tag", json={**documents(STORIES[0]), "thresholds": {"culture": 0.0}})
+        wait_for(lambda: queue_depth(client) == 1, "the request to queue")
+        reloaded = client.post("/v1/admin/reload", json={"model": str(tiny_model_dir)},  # knows no culture
+                               headers={"Authorization": "Bearer secret"})
+        gate.release.set()
+        assert opening.result().status_code == reloaded.status_code == 200
+        answer = waiting.result()
+    assert answer.status_code == 422, answer.text  # as it would be sent now, not a 200 ignoring the option
+    assert answer.json()["errors"][0]["loc"] == ["body", "thresholds", "culture"]
+
+
+def test_a_request_whose_client_left_frees_its_place_in_the_queue_at_once(make_client):
+    client = make_client(queue_max=1)
+    gate = Gate(client)
+    batcher = client.app.state.service.batcher
+    with ThreadPoolExecutor(1) as pool:
+        opening = pool.submit(client.post, "/v1/tag", json=documents("开场"))
+        assert gate.entered.wait(WAIT_S)
+        abandoned = batcher.submit(["没人等的稿件"])
+        with pytest.raises(Overloaded):
+            batcher.submit(["排不上"])
+        abandoned.cancel()  # what the route does when its client disconnects
+        assert queue_depth(client) == 0
+        kept = batcher.submit(["接上的稿件"])
+        gate.release.set()
+        assert opening.result().status_code == 200
+        assert len(kept.result(WAIT_S).results) == 1 and abandoned.cancelled()
+    assert "newstagger_queue_depth 0.0" in client.get("/metrics").text
 
 
 def test_reload_during_traffic_loses_no_request(make_client, second_model_dir):
