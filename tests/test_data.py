@@ -127,11 +127,35 @@ def test_internal_jsonl():
          r"ls.json\[0\]: .*'青澜' but the source says '青澜市'"),
         ("far.jsonl", "doccano", '{"text": "青澜市", "label": [[2, 9, "address"]]}\n', {},
          r"far.jsonl:1: .*outside the text"),
+        # wrong on its own, so an error even inside a longer span (not dropped as nested)
+        ("reversed.jsonl", "doccano", '{"text": "青澜大学好", "label": [[0, 4, "organization"], [3, 2, "address"]]}\n', {},
+         r"reversed.jsonl:1: span \[3, 2\) .* or empty"),
+        ("nestedwrong.json", "cluener", '{"text": "青澜大学", "label": {"organization": {"青澜大学": [[0, 3]]}, "address": {"上海": [[0, 1]]}}}\n', {},
+         r"nestedwrong.json:1: .*'青澜' but the source says '上海'"),
+        ("pos.bio", "columns", "北\tNR\tB-LOC\n京\tNR\tI-LOC\n", {},
+         r"pos.bio:1: expected a character and a tag"),
+        ("min.json", "labelstudio", '[{"id": 1, "text": "青澜", "label": [{"start": 0, "end": 2, "labels": ["address"]}]}]', {},
+         r"min.json\[0\]: not a Label Studio task with 'annotations'; export as \"JSON\""),
+        ("deep.json", "labelstudio", "[" * 100_000 + "]" * 100_000, {},
+         r"deep.json: not readable JSON"),
     ],
 )
 def test_errors_name_file_line_and_problem(tmp_path, name, format, content, labels, message):
     with pytest.raises(DataError, match=message):
         read_documents(write(tmp_path, name, content), format, **labels)
+
+
+def test_column_files_with_unicode_space_characters_and_conll_document_markers(tmp_path):
+    path = write(tmp_path, "spaced.conll", "-DOCSTART- O\n\n张 B-PER\n\u3000 O\n三\u00a0 O\n\n-DOCSTART- O\n李 B-PER\n")
+    docs = read_documents(path)
+    assert [(doc.text, doc.entities) for doc in docs] == [("张\u3000三\u00a0", [Span(0, 1, "PER")]),
+                                                           ("李", [Span(0, 1, "PER")])]
+
+
+def test_doccano_intent_and_slot_export_gives_spans_and_topics(tmp_path):
+    path = write(tmp_path, "intent.jsonl", '{"text": "张三在青澜", "entities": [[0, 2, "name"]], "cats": ["economy"]}\n')
+    [doc] = read_documents(path, "doccano")
+    assert (doc.topics, doc.entities) == (["economy"], [Span(0, 2, "name")])
 
 
 def test_nested_span_is_dropped_with_a_warning(tmp_path, caplog):

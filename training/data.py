@@ -101,8 +101,14 @@ def read_label_studio(
             tasks = json.load(handle)
         except json.JSONDecodeError as err:
             raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+        except (ValueError, RecursionError) as err:  # too deeply nested, or a number too long to read
+            raise DataError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(tasks, list):
         raise DataError(f"{path}: a Label Studio export is a JSON array of tasks")
+    for index, task in enumerate(tasks):
+        if not isinstance(task, dict) or "annotations" not in task:
+            raise DataError(f"{path}[{index}]: not a Label Studio task with 'annotations'; export as \"JSON\", "
+                            f"not \"JSON-MIN\" (which leaves out the annotations)")
     annotated = [(index, task, _latest_annotation(task)) for index, task in enumerate(tasks)]
     unannotated = sum(annotation is None for _, _, annotation in annotated)
     if unannotated:
@@ -362,11 +368,15 @@ def _span(start, end, entity_type, where: str) -> Span:
     return Span(start, end, entity_type)
 
 
-def _flat_spans(spans: Iterable[Span], where: str) -> list[Span]:
+def _flat_spans(spans: Iterable[Span], text: str, mentions: dict[Span, str] | None, where: str) -> list[Span]:
     """Spans with exact duplicates collapsed and spans nested inside a longer one dropped (logged).
-    Crossing spans and same-offset spans of two types are kept for validate() to reject."""
+    Crossing spans and same-offset spans of two types are kept for validate() to reject; a span that
+    is wrong on its own (outside the text, empty, not its mention) is an error even where it is nested."""
+    spans = set(spans)
+    for span in spans:
+        validate(Document("", text, entities=[span]), mentions=mentions, where=where)
     kept: list[Span] = []
-    for span in sorted(set(spans), key=lambda s: (s.start, -s.end, s.type)):
+    for span in sorted(spans, key=lambda s: (s.start, -s.end, s.type)):
         length = span.end - span.start
         outer = next((k for k in kept if k.start <= span.start and span.end <= k.end and k.end - k.start > length), None)
         if outer is None:
@@ -395,7 +405,7 @@ def _cluener_document(line: str, doc_id: str, where: str):
             for start, inclusive_end in offsets:
                 span = _span(start, inclusive_end, entity_type, where)
                 mentions[Span(span.start, span.end + 1, span.type)] = mention
-    return Document(doc_id, text, entities=_flat_spans(mentions, where)), mentions
+    return Document(doc_id, text, entities=_flat_spans(mentions, text, mentions, where)), mentions
 
 
 def _column_sentences(path) -> Iterator[list[tuple[int, str]]]:
@@ -404,7 +414,7 @@ def _column_sentences(path) -> Iterator[list[tuple[int, str]]]:
     with open(path, encoding="utf-8-sig") as handle:
         for number, line in enumerate(handle, start=1):
             line = line.rstrip("\r\n")
-            if line.strip():
+            if line.strip() and not line.startswith("-DOCSTART-"):  # CoNLL's document marker: a break, no text
                 sentence.append((number, line))
             elif sentence:
                 yield sentence
@@ -424,10 +434,10 @@ def _columns_document(lines: list[tuple[int, str]], doc_id: str, path):
         if "\t" in line:  # a tab separates exactly, so the character itself may be a space
             token, tag = line.rsplit("\t", 1)
             tag = tag.strip()
-        else:
-            fields = line.split()
+        else:  # ASCII spaces only: the character may be a full-width or no-break space
+            fields = [field for field in line.split(" ") if field]
             token, tag = fields if len(fields) == 2 else ("", "")
-        if not token or not tag:
+        if not token or not tag or "\t" in token:  # a third column (CoNLL's part of speech) would join the text
             raise DataError(f"{where}: expected a character and a tag, got {line!r}")
         prefix, _, entity_type = tag.partition("-")
         if tag != "O" and (prefix not in ("B", "I", "M", "E", "S") or not entity_type):
@@ -451,7 +461,7 @@ def _columns_document(lines: list[tuple[int, str]], doc_id: str, path):
 
 
 def _latest_annotation(task) -> dict | None:
-    annotations = task.get("annotations") if isinstance(task, dict) else None
+    annotations = task.get("annotations")
     usable = [a for a in annotations or () if isinstance(a, dict) and not a.get("was_cancelled")]
     if not usable:
         return None
@@ -496,7 +506,7 @@ def _label_studio_document(task, annotation: dict, fallback_id: str, labels_enti
         id=str(task_id) if task_id is not None else fallback_id,
         text=text,
         topics=topics,
-        entities=_flat_spans(spans, where) if labels_entities else None,
+        entities=_flat_spans(spans, text, mentions, where) if labels_entities else None,
         group=str(data["group"]) if data.get("group") is not None else None,
     ), mentions
 
@@ -539,9 +549,13 @@ def _doccano_document(line: str, fallback_id: str, file_label_kind: str | None, 
     topics: list[str] | None = None
     if "entities" in obj:
         entities = obj["entities"]
-        if not isinstance(entities, list) or not all(isinstance(e, dict) for e in entities):
-            raise DataError(f"{where}: 'entities' must be a list of {{start_offset, end_offset, label}} objects")
-        spans = [_span(e.get("start_offset"), e.get("end_offset"), e.get("label"), where) for e in entities]
+        # objects from sequence labelling, [start, end, label] lists from "intent detection and slot filling"
+        if not isinstance(entities, list) or not all(
+                isinstance(e, dict) or (isinstance(e, list) and len(e) == 3) for e in entities):
+            raise DataError(f"{where}: 'entities' must be a list of {{start_offset, end_offset, label}} objects "
+                            f"or of [start, end, label] lists")
+        spans = [_span(*e, where) if isinstance(e, list) else
+                 _span(e.get("start_offset"), e.get("end_offset"), e.get("label"), where) for e in entities]
     if "cats" in obj:
         topics = _string_list(obj["cats"], "'cats'", where)
     if "label" in obj:
@@ -563,7 +577,7 @@ def _doccano_document(line: str, fallback_id: str, file_label_kind: str | None, 
         id=str(doc_id) if doc_id is not None else fallback_id,
         text=text,
         topics=topics,
-        entities=_flat_spans(spans, where) if spans is not None else None,
+        entities=_flat_spans(spans, text, None, where) if spans is not None else None,
         group=str(obj["group"]) if obj.get("group") is not None else None,
     ), None
 
