@@ -250,9 +250,9 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path, name, format):
     path = tmp_path / name
     text = "王\tB-PER\n芳\tI-PER\n" if name.endswith(".bio") else '{"text": "青澜市", "label": {}}\n'
     path.write_bytes(text.encode("gbk"))
-    with pytest.raises(DataError, match=rf"{name}: not UTF-8 .*iconv"):
+    with pytest.raises(DataError, match=rf"{name}:1: not UTF-8 .*iconv"):  # its line too
         read_documents(path, format)
-    with pytest.raises(DataError, match=rf"{name}: not UTF-8 .*iconv"):
+    with pytest.raises(DataError, match=rf"{name}:1: not UTF-8 .*iconv"):
         read_documents(path)  # when the format is guessed, the guess says so
 
 

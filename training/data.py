@@ -340,12 +340,20 @@ def _load(
     return docs
 
 
+def _lines(path) -> Iterator[tuple[int, str]]:
+    """(line number, line) of a UTF-8 file, split at "\n" only (a stray "\r" inside a JSON line is
+    whitespace, not a break), so that bytes that are not UTF-8 are an error naming their line."""
+    with open(path, "rb") as handle:
+        for number, raw in enumerate(handle, start=1):
+            with utf8_only(f"{path}:{number}"):
+                yield number, raw.decode("utf-8-sig" if number == 1 else "utf-8")
+
+
 def _json_lines(path) -> Iterator[tuple[int, str, str]]:
     """(line number, "path:number", line) for each non-blank line."""
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            if line.strip():
-                yield number, f"{path}:{number}", line
+    for number, line in _lines(path):
+        if line.strip():
+            yield number, f"{path}:{number}", line
 
 
 def _internal_document(line: str, where: str):
@@ -411,14 +419,13 @@ def _cluener_document(line: str, doc_id: str, where: str):
 def _column_sentences(path) -> Iterator[list[tuple[int, str]]]:
     """Each sentence's (line number, line) pairs."""
     sentence: list[tuple[int, str]] = []
-    with open(path, encoding="utf-8-sig") as handle:
-        for number, line in enumerate(handle, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip() and not line.startswith("-DOCSTART-"):  # CoNLL's document marker: a break, no text
-                sentence.append((number, line))
-            elif sentence:
-                yield sentence
-                sentence = []
+    for number, line in _lines(path):
+        line = line.rstrip("\r\n")
+        if line.strip() and not line.startswith("-DOCSTART-"):  # CoNLL's document marker: a break, no text
+            sentence.append((number, line))
+        elif sentence:
+            yield sentence
+            sentence = []
     if sentence:
         yield sentence
 
