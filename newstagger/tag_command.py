@@ -132,13 +132,18 @@ def parse_request(line: str, where: str) -> tuple[object, str]:
     return doc_id, text
 
 
+BLANK = " \t\r\n\ufeff\u3000"
+
+
 def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator[tuple[object, str, str | None]]:
     """(id, text, None) per good line, (id, "", reason) per bad one; the first bad one ends the
     stream when stopping, so every line before it is still tagged and written."""
     for number, line in enumerate(source, start=1):
         try:
             line = _decoded(line, number)
-            if not line.strip():  # after decoding: a BOM or a full-width space alone is blank too
+            # JSON's whitespace, a BOM or a full-width space: blank. Not str.strip()'s wider set, so a
+            # line of other control or separator characters is reported, never dropped.
+            if not line.strip(BLANK):
                 continue
             doc_id, text = parse_request(line, f"line {number}")
         except DataError as err:

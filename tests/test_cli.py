@@ -111,6 +111,16 @@ def test_a_line_blank_once_decoded_is_skipped(tiny_model_dir, tmp_path):
     assert [r["id"] for r in read_results(target)] == ["a", "b"]
 
 
+def test_a_line_of_other_control_or_separator_characters_is_reported_not_skipped(tiny_model_dir, tmp_path):
+    source = tmp_path / "in.jsonl"
+    source.write_bytes('{"id": "a", "text": "好"}\n\x1c\n\u00a0\n{"id": "b", "text": "后"}\n'.encode())
+    target = tmp_path / "out.jsonl"
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
+                 "--on-error", "record"]) == 0
+    assert [(r["id"], "error" in r) for r in read_results(target)] == [("a", False), ("line-2", True),
+                                                                       ("line-3", True), ("b", False)]
+
+
 def test_stdout_is_utf8_whatever_the_locale(tiny_model_dir, tmp_path):
     source = write_lines(tmp_path / "in.jsonl", ['{"id": "😀-1", "text": "张伟在北京"}'])
     done = subprocess.run([sys.executable, "-m", "newstagger.cli", "tag", "--model", str(tiny_model_dir),
