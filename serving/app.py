@@ -166,7 +166,7 @@ async def tag(body: TagRequest, request: Request, response: Response,
     try:
         future = batcher.submit([doc.text for doc in body.documents], body.thresholds, body.entity_types,
                                 body.entity_threshold)
-        outcome = await outcome_unless_client_leaves(request, future)
+        outcome = await outcome_unless_client_leaves(request, future, batcher)
     except ClientLeft:
         raise ApiError(CLIENT_CLOSED_REQUEST, "the client closed the connection before the answer",
                        kind="client_closed_request") from None
@@ -192,10 +192,11 @@ class ClientLeft(Exception):
     """The client disconnected while its request waited for the model."""
 
 
-async def outcome_unless_client_leaves(request: Request, future: Future):
-    """The batcher's outcome for `future`; if the client disconnects first, the job is cancelled
-    (the batcher drops it unrun when it has not started) and ClientLeft raised. Clients that time out
-    and retry would otherwise queue work nobody receives, and an overload would feed itself."""
+async def outcome_unless_client_leaves(request: Request, future: Future, batcher: MicroBatcher):
+    """The batcher's outcome for `future`; if the client disconnects first, the job is abandoned
+    (dropped unrun when it has not started; a running batch stops between parts once all its clients
+    have left) and ClientLeft raised. Clients that time out and retry would otherwise queue work
+    nobody receives, and an overload would feed itself."""
     outcome = asyncio.wrap_future(future)
     left = asyncio.ensure_future(_disconnect(request))
     try:
@@ -203,7 +204,7 @@ async def outcome_unless_client_leaves(request: Request, future: Future):
     finally:
         left.cancel()
     if outcome not in done:
-        future.cancel()
+        batcher.abandon(future)
         outcome.cancel()
         raise ClientLeft
     return outcome.result()

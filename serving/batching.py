@@ -41,6 +41,10 @@ class ShuttingDown(Exception):
     """The batcher stopped before it could run the request."""
 
 
+class Abandoned(Exception):
+    """Every client of a running batch left, so it stopped early."""
+
+
 @dataclass
 class Job:
     texts: list[str]
@@ -50,6 +54,7 @@ class Job:
     future: Future = field(default_factory=Future)
     enqueued_at: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # counted against the queue limit: queued, not yet taken or cancelled
+    abandoned: bool = False  # its client left after it started: its batch stops between parts if all did
 
     @property
     def chars(self) -> int:
@@ -79,6 +84,7 @@ class MicroBatcher:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._carried: Job | object | None = None  # taken from the queue but left for the next batch
+        self._running: dict[int, Job] = {}  # the batch in the model, by id of its futures
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="newstagger-batcher", daemon=True)
         metrics.queue_depth.set_function(lambda: self._waiting)
@@ -114,6 +120,14 @@ class MicroBatcher:
                 if job.future.cancelled():
                     job.texts = []  # a cancelled job lingers in the queue until reached; its stories need not
 
+    def abandon(self, future: Future) -> None:
+        """The client of `future` left: drop its request unrun, or once running, let its batch stop
+        between parts when every client of the batch has left."""
+        if not future.cancel():
+            job = self._running.get(id(future))
+            if job is not None:
+                job.abandoned = True
+
     def swap(self, tagger: Tagger) -> Tagger:
         """Serve `tagger` from the next batch on; returns the one it replaces."""
         previous, self.tagger = self.tagger, tagger
@@ -124,7 +138,9 @@ class MicroBatcher:
             # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
             if batch:
+                self._running = {id(job.future): job for job in batch}
                 self._serve(self.tagger, batch)
+                self._running = {}
         self._fail_leftovers()
 
     def _gather(self) -> list[Job] | None:
@@ -154,10 +170,15 @@ class MicroBatcher:
     def _serve(self, tagger: Tagger, batch: list[Job]) -> None:
         started = time.perf_counter()
         texts = [text for job in batch for text in job.texts]
+        results: list[dict] = []
         try:
-            # Every entity found: each request's own entity threshold is applied when it is finished.
-            results = [result for part in _parts(texts, self.max_chars)
-                       for result in tagger.tag(part, entity_threshold=0.0)]
+            for part in _parts(texts, self.max_chars):
+                if all(job.abandoned for job in batch):  # every client left: the rest would run for nobody
+                    for job in batch:
+                        job.future.set_exception(Abandoned("every client of the batch left"))
+                    return
+                # Every entity found: each request's own entity threshold is applied when it is finished.
+                results += tagger.tag(part, entity_threshold=0.0)
         except Exception as err:
             if len(batch) == 1:
                 logger.exception("the model failed on a request of %d documents", len(batch[0].texts))

@@ -27,7 +27,7 @@ from newstagger.tagger import Tagger
 from serving import app as app_module
 from serving import command
 from serving.app import create_app
-from serving.batching import Overloaded
+from serving.batching import Abandoned, Overloaded
 from serving.settings import ServeSettings
 
 STORIES = ["杭州市西湖区今天开展垃圾分类宣传活动。", "市政府召开新闻发布会，介绍今年的民生工程。", "张三在上海工作。"]
@@ -351,6 +351,20 @@ def test_a_request_over_the_batch_budget_runs_in_parts(make_client, tiny_model_d
     assert gate.calls == [STORIES[:2], STORIES[2:]]
     results = [{k: v for k, v in r.items() if k != "id"} for r in response.json()["results"]]
     assert results == Tagger.load(tiny_model_dir).tag(STORIES)
+
+
+def test_a_request_in_parts_stops_between_parts_once_its_client_left(make_client):
+    client = make_client(batch_max_chars=len(STORIES[0]))
+    gate = Gate(client)
+    batcher = client.app.state.service.batcher
+    running = batcher.submit(list(STORIES))  # three parts of one story each
+    assert gate.entered.wait(WAIT_S)
+    batcher.abandon(running)  # what the route does when its client disconnects
+    gate.release.set()
+    with pytest.raises(Abandoned):
+        running.result(WAIT_S)
+    assert gate.calls == [STORIES[:1]]  # the part in the model finished; the other two never ran
+    assert client.post("/v1/tag", json=documents(STORIES[1])).status_code == 200
 
 
 def test_a_model_failure_fails_only_its_own_request(make_client):
