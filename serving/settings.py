@@ -49,7 +49,8 @@ class ServeSettings(BaseSettings):
     torch_threads: int | None = Field(
         None, ge=1,
         description="Threads torch may use per worker process; unset: one fewer than the cores the process "
-                    "may use (at least one), so HTTP work never preempts the encoder's threads mid-step.",
+                    "may use, shared out among the workers (at least one each), so HTTP work never preempts the "
+                    "encoder's threads mid-step and workers do not oversubscribe the cores.",
     )
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin/*; unset disables the admin endpoints."

@@ -389,6 +389,15 @@ def test_a_model_failure_fails_only_its_own_request(make_client):
 
 # --- operations ---------------------------------------------------------------------------------------
 
+@pytest.mark.parametrize("workers, threads", [(1, 8), (2, 4), (16, 1)])
+def test_worker_processes_share_the_cores_out(tiny_model_dir, monkeypatch, workers, threads):
+    monkeypatch.setattr(app_module, "available_cores", lambda: 9)
+    loaded = []
+    monkeypatch.setattr(app_module.Tagger, "load", lambda folder, **options: loaded.append(options["threads"]))
+    app_module.TaggingService(ServeSettings(model=tiny_model_dir, workers=workers))._load_tagger(tiny_model_dir)
+    assert loaded == [threads]
+
+
 def test_readyz_is_503_until_the_model_has_loaded(tiny_model_dir, monkeypatch):
     may_load = threading.Event()
     load = Tagger.load
