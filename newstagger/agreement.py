@@ -15,7 +15,6 @@ Results go into the model folder's metrics.json under "agreement" (and so into i
 
 from __future__ import annotations
 
-import json
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -23,7 +22,7 @@ from pathlib import Path
 from .bench import synthetic_stories
 from .cli import UsageError, add_model_argument, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, text_field, utf8_only
-from .model import CARD_FILE, METRICS_FILE, read_meta, read_metrics, render_model_card
+from .model import read_meta, read_metrics, write_description
 
 SPAN_AGREEMENT_MIN = 0.99
 CHECK_SEED = 20261
@@ -149,5 +148,4 @@ def _update_agreement(folder: Path, change) -> None:
         metrics["agreement"] = after
     else:
         metrics.pop("agreement", None)
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (folder / CARD_FILE).write_text(render_model_card(read_meta(folder), metrics), encoding="utf-8")
+    write_description(folder, read_meta(folder), metrics)

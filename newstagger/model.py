@@ -217,11 +217,16 @@ def save_model_folder(
     # safetensors writes 0600, which would hide the weights from a server run as another user
     (folder / "model.safetensors").chmod(0o644)
     tokenizer.save_pretrained(folder)
+    write_description(folder, meta, metrics or {})
+    return folder
+
+
+def write_description(folder: Path, meta: ModelMeta, metrics: dict) -> None:
+    """A model folder's description: newstagger.json, metrics.json and the card rendered from both
+    (also rewritten alone, when what is known about unchanged weights grows)."""
     (folder / META_FILE).write_text(json.dumps(meta.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    metrics = metrics or {}
     (folder / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     (folder / CARD_FILE).write_text(render_model_card(meta, metrics), encoding="utf-8")
-    return folder
 
 
 def read_meta(folder: str | Path) -> ModelMeta:

@@ -18,6 +18,7 @@ from conftest import SAMPLE, build_tiny_model_folder
 
 from newstagger.cli import main
 from newstagger.documents import DataError, Document, Span, write_jsonl
+from newstagger.model import read_meta, read_metrics
 from newstagger.model import load_model_folder
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -187,6 +188,19 @@ def test_a_refused_candidate_stays_in_the_registry_as_rejected(registry, sample,
     assert manifest.current == "1.0.0"
     assert manifest.entry("1.0.1").status == "rejected"
     assert not (registry.root / "1.0.1" / "checkpoint").exists()
+    # the folder describes itself: where it lives, what it was made from, the gate's verdict, its gold scores
+    training = read_meta(registry.root / "1.0.1").training
+    assert training["config"]["output"] == str((registry.root / "1.0.1").absolute())
+    retraining = training["retraining"]
+    assert [Path(s["path"]).name for s in retraining["new"]] == ["new.jsonl"]
+    assert [Path(s["path"]).name for s in retraining["gold"]] == ["gold.jsonl"]
+    assert retraining["gated_against"] == "1.0.0" and retraining["gate"]["passed"] is False
+    assert read_metrics(registry.root / "1.0.1")["gold"]["topics"]["micro"]["f1"] == verdict["candidate"]["gold"][
+        "topics.micro.f1"]
+    assert "### gold: topics" in (registry.root / "1.0.1" / "README.md").read_text(encoding="utf-8")
+    other = Registry(tmp_path / "other")  # so that another registry knows what to replay for it
+    assert main(["models", "add", str(registry.root / "1.0.1"), "--registry", str(other.root)]) == 0
+    assert [Path(d["path"]).name for d in other.manifest().entry("1.0.1").data] == ["new.jsonl"]
 
 
 @pytest.mark.parametrize("empty, option", [("data", "--data"), ("gold", "--gold")])

@@ -426,7 +426,9 @@ def run_add(args) -> int:
 
     source = Path(args.folder)
     meta = read_meta(source)
-    specs = args.data or meta.training.get("config", {}).get("train", [])
+    retrained_from = [f"{source['path']}:{source['format']}" for kind in ("new", "replayed")
+                      for source in meta.training.get("retraining", {}).get(kind, [])]
+    specs = args.data or meta.training.get("config", {}).get("train", []) + retrained_from
     data = []
     for spec in specs:
         path, format = parse_data_spec(spec)

@@ -35,6 +35,7 @@ from newstagger.backends import resolve_device
 from newstagger.checks import check_rules
 from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
+from newstagger.model import read_meta, read_metrics, write_description
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 
@@ -156,7 +157,8 @@ def retrain(config: RetrainConfig) -> dict:
     start, baseline = start_entry.version, production or start_entry.version
 
     new_sources = _read_sources(config.data)
-    gold = [doc for _, docs in _read_sources(config.gold) for doc in docs]
+    gold_sources = _read_sources(config.gold)
+    gold = [doc for _, docs in gold_sources for doc in docs]
     if not any(docs for _, docs in new_sources):
         raise DataError(f"--data: no documents in {', '.join(config.data)}")
     if not gold:
@@ -197,6 +199,12 @@ def retrain(config: RetrainConfig) -> dict:
         baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
         candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger, gold)
         gate = decide(candidate_gold, baseline_gold, tolerances)
+        _describe_retraining(staged, registry.root / version, {
+            "new": [source for source, _ in new_sources],
+            "replayed": [{**source, "documents": len(docs)} for (source, _), docs in zip(replay_sources, replay_sets)],
+            "gold": [source for source, _ in gold_sources],
+            "gated_against": baseline, "gate": gate,
+        }, candidate_all_labels)
         # By path: a file both replayed and new (a re-exported feedback file) is recorded once.
         data = list({source["path"]: source for source, _ in replay_sources + new_sources}.values())
         registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
@@ -356,6 +364,15 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
                    init_model=str(start_folder),
                    version=version, name=meta.name, seed=config.seed, device=config.device, resume=False,
                    inference_max_length=meta.max_length, inference_stride=meta.stride)
+
+
+def _describe_retraining(staged: Path, final: Path, retraining: dict, gold_metrics: dict) -> None:
+    """The candidate's folder says how it was made: its data files, the gate's verdict and its gold
+    scores, and the registry folder it is written for, not the staging folder it was trained in."""
+    meta, metrics = read_meta(staged), read_metrics(staged)
+    meta.training["config"]["output"] = str(final.absolute())
+    meta.training["retraining"] = retraining
+    write_description(staged, meta, {**metrics, "gold": gold_metrics})
 
 
 def _deltas(candidate: dict, current: dict) -> dict[str, float]:
