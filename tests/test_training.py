@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
@@ -18,6 +19,7 @@ from newstagger.documents import DataError
 from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
+import training.train
 from training.data import read_documents, split_validation
 from training.evaluate import (entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
@@ -80,6 +82,49 @@ def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
     train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
     history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
+
+
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_base, tmp_path, monkeypatch):
+    straight, _ = train(tiny_train_config(tiny_base, tmp_path / "straight", epochs=2, patience=5))
+    save = training.train._save_checkpoint
+
+    def save_then_crash(*args):
+        save(*args)
+        raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.train, "_save_checkpoint", save_then_crash)
+        with pytest.raises(KeyboardInterrupt):
+            train(tiny_train_config(tiny_base, tmp_path / "resumed", epochs=2, patience=5))
+    resumed, _ = train(tiny_train_config(tiny_base, tmp_path / "resumed", epochs=2, patience=5, resume=True))
+    expected, got = load_file(straight / "model.safetensors"), load_file(resumed / "model.safetensors")
+    assert all(torch.equal(expected[name], got[name]) for name in expected)  # dropout continued its sequence too
+
+
+def test_resuming_under_settings_that_change_the_split_or_schedule_is_refused(tiny_base, tmp_path):
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=1))
+    with pytest.raises(DataError, match="from a run with other learning_rate, seed; resume with the same settings"):
+        train(tiny_train_config(tiny_base, output, epochs=2, resume=True, seed=99, learning_rate=1e-3))
+
+
+def test_nothing_left_to_train_on_after_the_validation_split_is_a_data_error(tiny_base, tmp_path):
+    data = tmp_path / "two.jsonl"
+    data.write_text('{"id": "b", "text": "今天天气很好"}\n'
+                    '{"id": "a", "text": "王五住在北京", "entities": [{"start": 0, "end": 2, "type": "name"}]}\n',
+                    encoding="utf-8")
+    with pytest.raises(DataError, match="no labelled training documents are left once validation is held out"):
+        train(tiny_train_config(tiny_base, tmp_path / "model", train=[f"{data}:internal"], validation_fraction=0.5))
+
+
+def test_a_continued_model_keeps_its_parents_window_and_name_and_raises_its_version(tiny_base, tmp_path):
+    parent, _ = train(tiny_train_config(tiny_base, tmp_path / "parent", max_steps=1, inference_max_length=48,
+                                        inference_stride=12, name="desk-model", version="2.3.4"))
+    child, _ = train(tiny_train_config(tiny_base, tmp_path / "child", init_model=str(parent), max_steps=1,
+                                       inference_max_length=None, inference_stride=None, version=None))
+    meta = Tagger.load(child).meta
+    assert (meta.max_length, meta.stride, meta.name, meta.version, meta.parent_version) == (
+        48, 12, "desk-model", "2.3.5", "2.3.4")
 
 
 def test_a_damaged_checkpoint_is_named_rather_than_a_traceback(tiny_base, tmp_path):

@@ -184,8 +184,8 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         rng.shuffle(order)
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
         bar = tqdm(batches[: total_steps - step], desc=f"epoch {epoch}/{config.epochs}", unit="batch", file=sys.stderr)
-        loss, epoch_tokens = _mlm_epoch(model, blocks, bar, collator, optimizer, scheduler, device, bf16)
-        step, tokens = step + bar.total, tokens + epoch_tokens
+        loss, epoch_steps, epoch_tokens = _mlm_epoch(model, blocks, bar, collator, optimizer, scheduler, device, bf16)
+        step, tokens = step + epoch_steps, tokens + epoch_tokens
         after = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
         history.append({"epoch": epoch, "step": step, "training_loss": round(loss, 4), "held_out": after})
         log.info("epoch %d: %s", epoch, history[-1])
@@ -211,11 +211,11 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
 
 
 def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, collator, optimizer, scheduler,
-               device: torch.device, bf16: bool) -> tuple[float, int]:
+               device: torch.device, bf16: bool) -> tuple[float, int, int]:
     """One pass over the batches (lists of block indices) of a progress bar, skipping any with nothing
-    masked; returns the smoothed loss and the tokens trained on."""
+    masked; returns the smoothed loss, the optimizer steps taken and the tokens trained on."""
     model.train()
-    running, tokens = None, 0
+    running, steps, tokens = None, 0, 0
     for ids in bar:
         batch = _masked_batch(collator, [blocks[i] for i in ids], device)
         if not (batch["labels"] != IGNORE).any():  # a few short blocks can come out with nothing masked
@@ -226,11 +226,12 @@ def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, coll
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
         scheduler.step()
+        steps += 1
         tokens += int(batch["attention_mask"].sum())
         running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
         bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     bar.close()
-    return running or 0.0, tokens
+    return running or 0.0, steps, tokens
 
 
 def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict | None]:

@@ -41,7 +41,7 @@ from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder, new_model,
-                              save_model_folder, windows_past_positions)
+                              read_meta, save_model_folder, windows_past_positions)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
@@ -114,6 +114,9 @@ def config_option(default, help: str, metavar: str | None = None):
     return field(default=default, metadata=metadata)
 
 
+DEFAULT_WINDOW = (256, 64)  # tagging window and overlap of a model that neither sets nor inherits them
+
+
 @dataclass
 class TrainConfig:
     """Everything a training run depends on; saved into the model folder for reproducibility."""
@@ -132,8 +135,10 @@ class TrainConfig:
                                                         "validation_fraction would pass it (whole groups, so about this many)")
     max_length: int = config_option(128, "encoder window for training, positions including [CLS]/[SEP]")
     stride: int = config_option(32, "tokens of overlap between windows of a long text")
-    inference_max_length: int = config_option(256, "window the saved model uses when tagging")
-    inference_stride: int = config_option(64, "overlap the saved model uses when tagging")
+    inference_max_length: int | None = config_option(None, "window the saved model uses when tagging (default: an "
+                                                          "init_model's own, else 256)")
+    inference_stride: int | None = config_option(None, "overlap the saved model uses when tagging (default: an "
+                                                      "init_model's own, else 64)")
     epochs: int = config_option(3, "passes over the training data")
     max_steps: int = config_option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
     batch_tokens: int = config_option(4096, "padded tokens per batch (batches are length-bucketed)")
@@ -144,7 +149,8 @@ class TrainConfig:
     warmup_ratio: float = config_option(0.06, "share of steps spent warming the learning rate up")
     topic_loss_weight: float = config_option(1.0, "weight of the topic loss in the joint loss")
     entity_loss_weight: float = config_option(1.0, "weight of the entity loss in the joint loss")
-    topic_oversample: float = config_option(1.0, "repeat topic-labelled windows this many times per epoch (topic data is small)")
+    topic_oversample: float = config_option(1.0, "repeat topic-labelled windows this many times per epoch, 1 or more "
+                                                 "(topic data is small)")
     pack_entity_documents: bool = config_option(True, "join short entity-only documents (e.g. CLUENER sentences) into "
                                                       "training windows of random length up to max_length, so the entity "
                                                       "head learns every position it meets when tagging long stories")
@@ -168,8 +174,10 @@ class TrainConfig:
     seed: int = config_option(13, "random seed")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
     resume: bool = config_option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
-    version: str = config_option("0.1.0", "version written into the model folder")
-    name: str = config_option("newstagger", "model name written into the model folder")
+    version: str | None = config_option(None, "version written into the model folder (default: an init_model's with "
+                                              "the patch number raised, else 0.1.0)")
+    name: str | None = config_option(None, "model name written into the model folder (default: an init_model's, "
+                                           "else newstagger)")
 
     def __post_init__(self):
         """Settings that cannot work fail here, naming themselves, not minutes into a run."""
@@ -178,7 +186,8 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
             *window_rules("max_length", self.max_length, "stride", self.stride),
-            *window_rules("inference_max_length", self.inference_max_length, "inference_stride", self.inference_stride),
+            *window_rules("inference_max_length", self.inference_max_length or DEFAULT_WINDOW[0],
+                          "inference_stride", DEFAULT_WINDOW[1] if self.inference_stride is None else self.inference_stride),
             ("batch_tokens", self.batch_tokens >= self.max_length, "at least max_length"),
             ("learning_rate", self.learning_rate > 0, "positive"),
             ("head_learning_rate", self.head_learning_rate > 0, "positive"),
@@ -188,7 +197,7 @@ class TrainConfig:
             ("max_validation_documents", self.max_validation_documents >= 1, "at least 1"),
             ("topic_loss_weight", self.topic_loss_weight >= 0, "0 or more"),
             ("entity_loss_weight", self.entity_loss_weight >= 0, "0 or more"),
-            ("topic_oversample", self.topic_oversample > 0, "positive"),
+            ("topic_oversample", self.topic_oversample >= 1, "1 or more"),
             ("train_weights", all(w >= 0 for w in self.train_weights), "0 or more each"),
             ("train_weights", not self.train_weights or len(self.train_weights) == len(self.train),
              f"one weight per train source ({len(self.train)})"),
@@ -483,6 +492,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     like the files of `config.train`: each one is split for validation on its own.
     """
     started = time.time()
+    config = _with_inherited_settings(config)
     output, device = start_run(config, "model")
 
     train_sets, weights, validation_files = _read_data(config, sources)
@@ -495,6 +505,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
+    if not examples:
+        raise DataError("no labelled training documents are left once validation is held out; add data, or give "
+                        "--validation")
     if not valid_docs:
         log.warning("no validation documents (coarse-only or too-small training sets are not split): every "
                     "epoch runs and the last is kept; no cut is tuned")
@@ -517,6 +530,12 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
             state, best_state = _resume(saved, model, optimizer, scheduler, rng)
         except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged or another run's
             raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
+        changed = [name for name, value in state.get("run", run_identity(config)).items()
+                   if run_identity(config).get(name) != value]
+        if changed:  # a new split or schedule under weights trained on the old one would tune on trained-on text
+            raise DataError(f"{saved} is from a run with other {', '.join(changed)}; resume with the same settings, "
+                            f"or delete it to train afresh")
+    state["run"] = run_identity(config)
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
                      name=config.name, version=config.version,
@@ -565,6 +584,35 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
                       topic_lexical=topic_lexical)
     log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
     return output, metrics
+
+
+# What decides a run's data split, examples and schedule: resuming under other values would continue
+# weights on another split or schedule. epochs, patience, max_steps and threads may change.
+RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "max_validation_documents",
+                "max_length", "stride", "batch_tokens", "learning_rate", "head_learning_rate", "weight_decay",
+                "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample",
+                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "seed")
+
+
+def run_identity(config: TrainConfig) -> dict:
+    return {name: getattr(config, name) for name in RUN_SETTINGS}
+
+
+def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
+    """The unset tagging window, name and version: an init_model's own (its version with the patch
+    number raised), else the defaults."""
+    parent = read_meta(config.init_model) if config.init_model else None
+    if parent is None:
+        inherited = {"inference_max_length": DEFAULT_WINDOW[0], "inference_stride": DEFAULT_WINDOW[1],
+                     "name": "newstagger", "version": "0.1.0"}
+    else:
+        major, _, patch = parent.version.rpartition(".")
+        inherited = {"inference_max_length": parent.max_length, "inference_stride": parent.stride, "name": parent.name,
+                     "version": f"{major}.{int(patch) + 1}" if major and patch.isdigit() else parent.version}
+    try:
+        return replace(config, **{name: value for name, value in inherited.items() if getattr(config, name) is None})
+    except ValueError as err:  # a stride given for the default window that does not fit the parent's
+        raise UsageError(f"{err} (the window of {config.init_model})") from None
 
 
 def start_run(config, output_kind: str) -> tuple[Path, torch.device]:
@@ -744,6 +792,8 @@ def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -
     scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True, map_location="cpu"))
     best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
     rng.setstate(_rng_state_from_json(state["rng"]))
+    if (checkpoint / "torch_rng.safetensors").is_file():
+        torch.set_rng_state(load_file(checkpoint / "torch_rng.safetensors")["cpu"])
     log.info("resumed from %s at epoch %d, step %d", checkpoint, state["epoch"], state["step"])
     return state, best_state
 
@@ -834,6 +884,7 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, stat
     save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    save_file({"cpu": torch.get_rng_state()}, staging / "torch_rng.safetensors")  # dropout continues its sequence
     (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
     previous = _previous(folder)
     shutil.rmtree(previous, ignore_errors=True)
