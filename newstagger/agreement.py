@@ -15,6 +15,7 @@ Results go into the model folder's metrics.json under "agreement" (and so into i
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable, Sequence
 from datetime import datetime, timezone
 from pathlib import Path
@@ -68,6 +69,9 @@ def run(args) -> int:
     checked = {name: result for name, result in results.items() if "skipped" not in result}
     if not args.no_record:
         record_agreement(folder, checked)
+    if not checked:  # a gate that measured nothing has not passed
+        print("nothing was checked: every candidate was skipped", file=sys.stderr)
+        return 1
     return 0 if all(result["passed"] for result in checked.values()) else 1
 
 

@@ -144,7 +144,7 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
     if backend not in BACKENDS or precision not in PRECISIONS or device not in DEVICES:
         raise UsageError(f"unknown backend/precision/device {backend}/{precision}/{device}")
     folder = Path(folder)
-    device = resolve_device(device)
+    device = resolve_device("cpu" if backend == "onnx" and device == "auto" else device)  # ONNX runs on the CPU
     threads = threads or available_cores()
     torch.set_num_threads(threads)
     choices = [(b, p) for b, p in ranked_candidates(folder, device)

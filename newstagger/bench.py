@@ -65,7 +65,7 @@ def run(args) -> int:
     print(machine_summary(args.threads))
     print(f"model {folder}; {args.documents} generated stories, best of {args.repeats}\n")
     print(f"{'backend':<12}{'chars/s':>10}{'docs/s':>9}{'forward chars/s':>17}{'e2e/forward':>13}"
-          f"{'peak RSS MB':>13}{'load avg':>14}")
+          f"{'peak RSS MiB':>13}{'load avg':>14}")
     results = {}
     spawn = multiprocessing.get_context("spawn")
     for name in args.configs:
@@ -77,7 +77,7 @@ def run(args) -> int:
             continue
         print(f"{name:<12}{result['chars_per_s']:>10,.0f}{result['docs_per_s']:>9.1f}"
               f"{result['forward_chars_per_s']:>17,.0f}{result['end_to_end_over_forward']:>13.2f}"
-              f"{result['peak_rss_mb']:>13.0f}{result['load_average']:>14}", flush=True)
+              f"{result['peak_rss_mib']:>13.0f}{result['load_average']:>14}", flush=True)
     if args.json:
         Path(args.json).write_text(json.dumps({"machine": machine_summary(args.threads), "results": results},
                                               indent=2) + "\n", encoding="utf-8")
@@ -130,7 +130,7 @@ def measure(folder: Path, name: str, documents: int, repeats: int, threads: int 
         "forward_chars_per_s": characters / forward_seconds,
         "forward_positions_per_s": positions / forward_seconds,
         "end_to_end_over_forward": forward_seconds / e2e_seconds,
-        "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,
+        "peak_rss_mib": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024,  # KiB on Linux
         "load_average": f"{load_before:.1f}->{os.getloadavg()[0]:.1f}",
     }
 
@@ -172,7 +172,7 @@ def watch_tag(folder: Path, corpus: Path, seconds: float, threads: int | None) -
     process = psutil.Process(child.pid)
     started = time.monotonic()
     print(f"`newstagger tag` on {corpus} ({corpus.stat().st_size / 1e6:,.0f} MB)")
-    print(f"{'seconds':>8}{'read MB':>10}{'RSS MB':>9}{'peak RSS MB':>13}")
+    print(f"{'seconds':>8}{'read MB':>10}{'RSS MiB':>9}{'peak RSS MiB':>13}")
     try:
         while child.poll() is None and time.monotonic() - started < seconds:
             time.sleep(min(10, seconds / 12))

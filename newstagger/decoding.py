@@ -118,10 +118,13 @@ def char_spans(tags: np.ndarray, tag_probs: np.ndarray, offsets: np.ndarray) -> 
             for b, e, kind in lenient_spans(tags)]
 
 
+SCORE_DECIMALS = 4  # scores are reported, cut by thresholds and evaluated at this precision alike
+
+
 def span_score(tag_probs: np.ndarray, begin: int, end: int) -> float:
     """An entity's confidence: the mean probability of its tokens' tags, as reported and as cut by
     the model's entity threshold."""
-    return round(float(np.mean(tag_probs[begin:end], dtype=np.float64)), 4)
+    return round(float(np.mean(tag_probs[begin:end], dtype=np.float64)), SCORE_DECIMALS)
 
 
 def lenient_spans(tags: np.ndarray) -> list[tuple[int, int, int]]:

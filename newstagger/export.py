@@ -71,8 +71,6 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
     model = load_model_folder(folder)[0]
     # ORT's BERT optimizer recognises (and fuses) attention only in the eager formulation.
     model.set_attn_implementation("eager")
-    # Checks recorded for an earlier export say nothing about the graphs written from here on.
-    drop_agreement(folder, [f"onnx-{p}" for p in ("fp32", "int8")])
     out, staging = folder / ONNX_DIR, folder / f"{ONNX_DIR}.partial"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
@@ -92,6 +90,8 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)
+        # Checks recorded for the graphs just replaced say nothing about these (a failed export keeps both).
+        drop_agreement(folder, [f"onnx-{p}" for p in ("fp32", "int8")])
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     logger.info("exported %s", ", ".join(str(onnx_path(folder, p)) for p in precisions))

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import TorchBackend, make_backend
-from .decoding import constrained_viterbi, tag_marginals, tags_to_spans
+from .decoding import SCORE_DECIMALS, constrained_viterbi, tag_marginals, tags_to_spans
 from .lexical import LexicalTopicModel, blend
 from .model import ModelMeta, NewsTaggerModel, load_model_folder
 from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token_budget_batches
@@ -61,20 +61,42 @@ class Tagger:
         types (None keeps all); `entity_threshold` overrides the model's minimum entity score;
         `encoded` is `encode(texts)` when the caller made it already.
         """
+        if entity_types is not None and not isinstance(entity_types, str):
+            entity_types = set(entity_types)  # read once: it may be a one-shot iterator
+        self.check_options(thresholds, entity_types, entity_threshold)
         if not texts:
             return []
         topic_probs, tag_log_probs, encoded = self.score(texts, encoded)
         paths = self.best_paths(tag_log_probs)
         confidences = self.tag_confidences(tag_log_probs, paths)
-        if entity_types is not None:
-            entity_types = set(entity_types)  # read once: it may be a one-shot iterator
         results = []
         for d, text in enumerate(texts):
             entities = tags_to_spans(paths[d], confidences[d], encoded[d].offsets, text, self.schema)
-            scores = {topic: round(float(p), 4) for topic, p in zip(self.schema.topics, topic_probs[d])}
+            scores = {topic: round(float(p), SCORE_DECIMALS) for topic, p in zip(self.schema.topics, topic_probs[d])}
             results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types,
                                              entity_threshold))
         return results
+
+    def check_options(self, thresholds: dict[str, float] | None = None, entity_types: Iterable[str] | None = None,
+                      entity_threshold: float | None = None) -> None:
+        """ValueError naming each option that names a label this model does not know or a cut outside
+        0 to 1: a typo would otherwise change nothing, or silently drop every entity."""
+        problems = []
+        if isinstance(entity_types, str):
+            problems.append(f"entity_types must be a collection of types, not the string {entity_types!r}")
+        elif entity_types is not None:
+            unknown = sorted(set(entity_types) - set(self.schema.entity_types))
+            if unknown:
+                problems.append(f"entity_types: unknown {unknown}; the model knows {self.schema.entity_types}")
+        for topic, cut in (thresholds or {}).items():
+            if topic not in self.schema.topics:
+                problems.append(f"thresholds: unknown topic {topic!r}; the model knows {self.schema.topics}")
+            elif not 0.0 <= cut <= 1.0:  # NaN fails too
+                problems.append(f"thresholds[{topic!r}] must be between 0 and 1, not {cut}")
+        if entity_threshold is not None and not 0.0 <= entity_threshold <= 1.0:
+            problems.append(f"entity_threshold must be between 0 and 1, not {entity_threshold}")
+        if problems:
+            raise ValueError("; ".join(problems))
 
     def with_options(self, result: dict, thresholds: dict[str, float] | None = None,
                      entity_types: Iterable[str] | None = None, entity_threshold: float | None = None) -> dict:

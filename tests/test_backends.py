@@ -108,10 +108,26 @@ def test_a_failed_export_leaves_the_folder_as_it_was(exported_dir, tmp_path, mon
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     before = {path.name: path.read_bytes() for path in (folder / "onnx").iterdir()}
     monkeypatch.setattr("newstagger.export.EXPORT_TOLERANCE", -1.0)  # as if the trace had gone wrong
+    record_agreement(folder, {"onnx-int8": {"passed": True}})
+    metrics_before = (folder / "metrics.json").read_bytes()
     assert main(["export", "--model", str(folder), "--quantize", "int8"]) == 1
     assert "disagrees with PyTorch" in capsys.readouterr().err
     assert {path.name: path.read_bytes() for path in (folder / "onnx").iterdir()} == before
     assert not (folder / "onnx.partial").exists()
+    assert (folder / "metrics.json").read_bytes() == metrics_before  # the kept graphs keep their check too
+
+
+def test_onnx_under_device_auto_runs_on_the_cpu_of_a_gpu_machine(exported_dir, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    backend = make_backend(exported_dir, load_model_folder(exported_dir)[0], backend="onnx")
+    assert isinstance(backend, OnnxBackend)
+
+
+def test_check_that_could_measure_nothing_does_not_pass(model_copy, monkeypatch, capsys):
+    # no export, and (as on CPUs without bf16) torch-bf16 skipped
+    monkeypatch.setattr("newstagger.backends.cpu_has_bf16", lambda: False)
+    assert main(["check", "--model", str(model_copy), "--documents", "2", "--no-record"]) == 1
+    assert "nothing was checked" in capsys.readouterr().err
 
 
 def test_auto_falls_back_to_torch_when_there_is_no_export(model_copy):

@@ -127,8 +127,8 @@ def test_thresholds_and_type_filter(tagger):
     text = MIXED_TEXTS[-1]
     everything = tagger.tag([text], thresholds={t: 0.0 for t in tagger.schema.topics})[0]
     assert everything["labels"] == tagger.schema.topics
-    nothing = tagger.tag([text], thresholds={t: 1.01 for t in tagger.schema.topics}, entity_types=[])[0]
-    assert nothing["labels"] == [] and nothing["entities"] == []
+    nothing = tagger.tag([text], thresholds={t: 1.0 for t in tagger.schema.topics}, entity_types=[])[0]
+    assert nothing["labels"] == [t for t, p in nothing["topics"].items() if p == 1.0] and nothing["entities"] == []
 
 
 def test_entities_below_the_models_entity_threshold_are_dropped(tagger):
@@ -143,3 +143,17 @@ def test_entities_below_the_models_entity_threshold_are_dropped(tagger):
     assert picky.tag([text])[0]["entities"] == kept  # the model's own threshold is the default
     assert picky.tag([text], entity_threshold=0.0)[0]["entities"] == every
     assert picky.with_options({"topics": {}, "entities": every})["entities"] == kept
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"entity_types": "address"}, "entity_types must be a collection of types, not the string 'address'"),
+    ({"entity_types": ["adress"]}, r"entity_types: unknown \['adress'\]"),
+    ({"thresholds": {"City_management": 0.0}}, "thresholds: unknown topic 'City_management'"),
+    ({"thresholds": {"livelihood": -1}}, r"thresholds\['livelihood'\] must be between 0 and 1"),
+    ({"entity_threshold": 40}, "entity_threshold must be between 0 and 1, not 40"),
+])
+def test_the_python_api_refuses_options_that_would_silently_change_nothing(tagger, options, message):
+    """As the CLI and the server do: a typo must not quietly drop every entity or ignore a threshold."""
+    with pytest.raises(ValueError, match=message):
+        tagger.tag(["滨江市人民政府"], **options)
+    assert tagger.tag(["滨江市人民政府"], entity_types=iter(["address"]))  # any iterable of known types is fine

@@ -19,7 +19,7 @@ from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
 from newstagger.cli import UsageError, add_model_argument, check_fraction, refuse_overwriting
-from newstagger.decoding import char_spans
+from newstagger.decoding import SCORE_DECIMALS, char_spans
 from newstagger.documents import DataError, Document
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -154,7 +154,7 @@ def predict_documents(tagger: Tagger, documents: Sequence[Document], decoding: s
                 row = np.zeros(len(schema.topics), dtype=np.int64)
                 row[[topic_index[t] for t in doc.topics if t in topic_index]] = 1
                 topic_gold.append(row)
-                topic_probs.append(doc_probs)
+                topic_probs.append(np.round(doc_probs, SCORE_DECIMALS))  # labelled as `tag` labels its scores
         progress.update(len(batch))
     progress.close()
     if topic_gold:
