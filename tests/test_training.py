@@ -23,8 +23,8 @@ import training.train
 from training.data import read_documents, split_validation
 from training.evaluate import (entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
-from training.train import (JointLoss, TagTargets, TrainConfig, build_examples, collate, config_from_file,
-                            pack_documents, token_tags, train)
+from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, build_examples, collate,
+                            config_from_file, pack_documents, token_tags, train)
 
 from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -106,6 +106,16 @@ def test_resuming_under_settings_that_change_the_split_or_schedule_is_refused(ti
     train(tiny_train_config(tiny_base, output, epochs=1))
     with pytest.raises(DataError, match="from a run with other learning_rate, seed; resume with the same settings"):
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True, seed=99, learning_rate=1e-3))
+
+
+def test_a_story_validated_on_in_one_set_is_trained_on_in_no_other():
+    texts = [f"滨江市第{i}号新闻稿。" for i in range(40)]
+    by_topics = [Document(f"t{i}", text, topics=["economy"]) for i, text in enumerate(texts)]
+    by_entities = [Document(f"e{i}", text, entities=[Span(0, 3, "address")]) for i, text in enumerate(texts)]
+    config = TrainConfig(train=["a", "b"], validation_fraction=0.25, max_length=32, stride=8)
+    train_docs, _, valid_docs = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [],
+                                                   tiny_tokenizer(), tiny_schema())
+    assert valid_docs and not {doc.text for doc in train_docs} & {doc.text for doc in valid_docs}
 
 
 def test_nothing_left_to_train_on_after_the_validation_split_is_a_data_error(tiny_base, tmp_path):

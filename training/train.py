@@ -743,16 +743,26 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
                        validation_files: list[Document], tokenizer, schema: LabelSchema):
     """(training documents, their windows as examples with topic rows oversampled, validation documents
     with each set's held-out share added)."""
-    train_docs: list[Document] = []
     valid_docs = list(validation_files)
-    examples: list[Example] = []
-    for docs, weight in zip(train_sets, weights):
+    kept_sets = []
+    for docs in train_sets:
         coarse = _labelled_coarse_only(docs, schema)
         if docs and not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
             # a smaller share where the usual one would pass the cap, so nothing held out goes unused
             fraction = min(config.validation_fraction, config.max_validation_documents / len(docs))
             docs, held = split_validation(docs, fraction, seed=config.seed)
             valid_docs += held
+        kept_sets.append((docs, coarse))
+    # A story in two sets (topics in one file, entities in another), or in --validation too, is
+    # validated on, so it is trained on in neither: its text would leak into the scores and the cuts.
+    validated = {doc.text for doc in valid_docs}
+    train_docs: list[Document] = []
+    examples: list[Example] = []
+    for (docs, coarse), weight in zip(kept_sets, weights):
+        unseen = [doc for doc in docs if doc.text not in validated]
+        if len(unseen) < len(docs):
+            log.warning("left %d training documents out: their text is also in validation", len(docs) - len(unseen))
+        docs = unseen
         train_docs += docs
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
