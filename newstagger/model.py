@@ -9,7 +9,9 @@ model card (README.md). `load_model_folder` needs nothing else.
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -223,10 +225,26 @@ def save_model_folder(
 
 def write_description(folder: Path, meta: ModelMeta, metrics: dict) -> None:
     """A model folder's description: newstagger.json, metrics.json and the card rendered from both
-    (also rewritten alone, when what is known about unchanged weights grows)."""
-    (folder / META_FILE).write_text(json.dumps(meta.to_dict(), ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (folder / METRICS_FILE).write_text(json.dumps(metrics, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    (folder / CARD_FILE).write_text(render_model_card(meta, metrics), encoding="utf-8")
+    (also rewritten alone, when what is known about unchanged weights grows, maybe while a server
+    loads the folder: hence whole-file replacements)."""
+    replace_text(folder / META_FILE, json.dumps(meta.to_dict(), ensure_ascii=False, indent=2) + "\n")
+    replace_text(folder / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
+    replace_text(folder / CARD_FILE, render_model_card(meta, metrics))
+
+
+def replace_text(path: Path, text: str) -> None:
+    """Write a file so that readers see the old content or the new, never a mix."""
+    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+    try:
+        with os.fdopen(handle, "w", encoding="utf-8") as out:
+            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server run as another user
+            out.write(text)
+            out.flush()
+            os.fsync(out.fileno())
+        os.replace(temporary, path)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
 
 
 def read_meta(folder: str | Path) -> ModelMeta:

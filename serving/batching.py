@@ -136,11 +136,12 @@ class MicroBatcher:
     def _run(self) -> None:
         while (batch := self._gather()) is not None:
             # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
+            # Known as running before they start: an abandon() in between finds them, or cancels them unrun.
+            self._running = {id(job.future): job for job in batch}
             batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
             if batch:
-                self._running = {id(job.future): job for job in batch}
                 self._serve(self.tagger, batch)
-                self._running = {}
+            self._running = {}
         self._fail_leftovers()
 
     def _gather(self) -> list[Job] | None:

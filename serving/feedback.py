@@ -106,7 +106,8 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
 
 def _first_line(err: Exception) -> str:
     """The driver's own message, without the statement and parameters SQLAlchemy appends."""
-    return str(getattr(err, "orig", None) or err).strip().splitlines()[0]
+    lines = str(getattr(err, "orig", None) or err).strip().splitlines()
+    return lines[0] if lines else type(err).__name__
 
 
 def _checked_document(body: FeedbackRequest) -> Document:

@@ -125,7 +125,7 @@ def test_a_crash_after_moving_a_model_in_but_before_the_manifest_is_recovered(re
         raise OSError("killed")
 
     with monkeypatch.context() as patch:
-        patch.setattr(registry_module, "_replace_text", crash)
+        patch.setattr(registry_module, "replace_text", crash)
         with pytest.raises(OSError):
             add_model(registry, "1.0.2")
     assert (registry.root / "1.0.2").is_dir() and "1.0.2" not in statuses(registry)

@@ -214,15 +214,15 @@ def test_empty_new_data_or_gold_set_is_refused_naming_it(registry, gold, tmp_pat
 
 
 @pytest.mark.parametrize("unlabelled, message", [
-    ("data", "no labelled training documents"), ("gold", "--gold: no labels for any gated metric")])
+    ("data", "--data: no labelled documents in"), ("gold", "--gold: no labels for any gated metric")])
 def test_unlabelled_new_data_or_gold_set_is_refused_before_training(registry, sample, gold, tmp_path, unlabelled,
                                                                       message):
     write_jsonl([Document(doc.id, doc.text) for doc in sample[:20]], tmp_path / "bare.jsonl")
     write_jsonl(sample[:20], tmp_path / "new.jsonl")
     data, gold = ((tmp_path / "bare.jsonl", gold) if unlabelled == "data"
                   else (tmp_path / "new.jsonl", tmp_path / "bare.jsonl"))
-    with pytest.raises(DataError, match=message):
-        retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal"))
+    with pytest.raises(DataError, match=message):  # even with earlier data to replay, which would train alone
+        retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal", replay=[f"{SAMPLE}:internal"]))
     assert [entry.version for entry in registry.manifest().models] == ["1.0.0"]  # no version used up
 
 
@@ -368,8 +368,11 @@ def test_a_candidate_trained_on_shuffled_labels_is_refused(tmp_path, sample):
 
     registry = Registry(tmp_path / "registry")
     build_tiny_model_folder(tmp_path / "init", max_length=64, stride=16)
+    # validated on the sample's stories with a closing mark added: other texts, so every story is trained on
+    write_jsonl([replace(doc, text=doc.text + "（完）") for doc in sample], tmp_path / "valid.jsonl")
     with registry.staging() as staged:
-        train(TrainConfig(output=str(staged), init_model=str(tmp_path / "init"), validation=[str(SAMPLE)],
+        train(TrainConfig(output=str(staged), init_model=str(tmp_path / "init"),
+                          validation=[str(tmp_path / "valid.jsonl")],
                           epochs=100, max_steps=150, learning_rate=5e-3, head_learning_rate=1.5e-2, batch_tokens=512,
                           max_length=64, stride=16, inference_max_length=64, inference_stride=16, patience=100,
                           threads=1, version="1.0.0"), sources=[sample])

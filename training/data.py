@@ -198,19 +198,18 @@ def guess_format(path: str | Path) -> str:
             return "hf"
         raise DataError(f"{path} is a folder, not a data file or a saved Hugging Face dataset")
     undecided = None
-    with utf8_only(str(path)):
-        for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
-            if index == 0 and line.lstrip().startswith("["):
-                return "labelstudio"
-            try:
-                obj = json.loads(line)
-            except (ValueError, RecursionError):
-                break
-            format = _format_of_record(obj)
-            if format:
-                return format
-            if isinstance(obj, dict) and "entities" in obj:
-                undecided = "internal"
+    for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
+        if index == 0 and line.lstrip().startswith("["):
+            return "labelstudio"
+        try:
+            obj = json.loads(line)
+        except (ValueError, RecursionError):
+            break
+        format = _format_of_record(obj)
+        if format:
+            return format
+        if isinstance(obj, dict) and "entities" in obj:
+            undecided = "internal"
     if undecided:
         return undecided
     raise DataError(

@@ -58,7 +58,7 @@ def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[floa
     [docs, topics]; and `main_topic`: how often a document's highest-scoring topic
     is one of its gold topics (documents with at least one), the headline topic an editor sees first.
     """
-    predicted = (probs >= np.asarray(thresholds)).astype(np.int64)
+    predicted = at_or_over(probs, np.asarray(thresholds)).astype(np.int64)
     p, r, f, s = precision_recall_fscore_support(gold, predicted, average=None, zero_division=0,
                                                  labels=list(range(len(topics))))
     per_label = {t: _row({"precision": p[i], "recall": r[i], "f1-score": f[i], "support": s[i]})
@@ -89,6 +89,12 @@ def _row(values: dict) -> dict:
     return row
 
 
+def at_or_over(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
+    """Which scores carry their label: compared as `tag` reports them, rounded, so that evaluation and
+    tuning label exactly what tagging labels."""
+    return np.round(probs, SCORE_DECIMALS) >= thresholds
+
+
 def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str]) -> dict[str, float]:
     """Per-topic threshold maximising that topic's F1 on the given (validation) documents.
 
@@ -100,7 +106,7 @@ def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str]) 
         if gold[:, k].sum() == 0:
             thresholds[topic] = 0.5
             continue
-        predicted = probs[:, k][None, :] >= grid[:, None]
+        predicted = at_or_over(probs[:, k][None, :], grid[:, None])
         tp = (predicted & (gold[:, k] == 1)).sum(1)
         f1 = 2 * tp / (predicted.sum(1) + gold[:, k].sum())
         best = np.flatnonzero(f1 == f1.max())
@@ -154,7 +160,7 @@ def predict_documents(tagger: Tagger, documents: Sequence[Document], decoding: s
                 row = np.zeros(len(schema.topics), dtype=np.int64)
                 row[[topic_index[t] for t in doc.topics if t in topic_index]] = 1
                 topic_gold.append(row)
-                topic_probs.append(np.round(doc_probs, SCORE_DECIMALS))  # labelled as `tag` labels its scores
+                topic_probs.append(doc_probs)
         progress.update(len(batch))
     progress.close()
     if topic_gold:

@@ -38,6 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from newstagger.cli import UsageError
+from newstagger.model import replace_text
 
 log = logging.getLogger("newstagger.registry")
 
@@ -261,7 +262,7 @@ class Registry:
             self._clear_abandoned_staging()
             manifest = self.manifest()
             yield manifest
-            _replace_text(self.root / MANIFEST, json.dumps(manifest.to_dict(), ensure_ascii=False, indent=2) + "\n")
+            replace_text(self.root / MANIFEST, json.dumps(manifest.to_dict(), ensure_ascii=False, indent=2) + "\n")
             self._point_current_at(manifest.current)
 
     def _point_current_at(self, version: str | None) -> None:
@@ -287,21 +288,6 @@ class Registry:
                 log.info("removing %s, left by a run that did not finish", folder)
                 shutil.rmtree(folder, ignore_errors=True)
                 lock_path.unlink()
-
-
-def _replace_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server run as another user
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def reload_server(server: str, folder: Path, token: str | None) -> dict:
@@ -438,6 +424,7 @@ def run_add(args) -> int:
             raise UsageError(f"--data: no file {path}")
         else:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
+    data = list({source["path"]: source for source in data}.values())  # a file both new and replayed: once
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
     load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)

@@ -180,6 +180,9 @@ def retrain(config: RetrainConfig) -> dict:
         log.warning("no earlier data recorded for %s and none given with --replay: old skills may be lost", start)
     if not new_docs:
         raise DataError("every new document is also in the gold set; nothing is left to train on")
+    if not any(doc.topics is not None or doc.entities is not None for doc in new_docs):
+        # the replayed data would train alone, and the gate would promote a copy of the old skills
+        raise DataError(f"--data: no labelled documents in {', '.join(config.data)} (no topics, no entities)")
 
     start_folder = registry.folder(start)
     start_tagger = exact_tagger(start_folder)

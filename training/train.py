@@ -186,8 +186,9 @@ class TrainConfig:
             ("epochs", self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps >= 0, "0 or more"),
             *window_rules("max_length", self.max_length, "stride", self.stride),
-            *window_rules("inference_max_length", self.inference_max_length or DEFAULT_WINDOW[0],
-                          "inference_stride", DEFAULT_WINDOW[1] if self.inference_stride is None else self.inference_stride),
+            # both or neither given: a lone one is checked with the window it completes (an init_model's)
+            *(window_rules("inference_max_length", self.inference_max_length, "inference_stride", self.inference_stride)
+              if None not in (self.inference_max_length, self.inference_stride) else ()),
             ("batch_tokens", self.batch_tokens >= self.max_length, "at least max_length"),
             ("learning_rate", self.learning_rate > 0, "positive"),
             ("head_learning_rate", self.head_learning_rate > 0, "positive"),
@@ -586,8 +587,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     return output, metrics
 
 
-# What decides a run's data split, examples and schedule: resuming under other values would continue
-# weights on another split or schedule. epochs, patience, max_steps and threads may change.
+# What decides a run's data, split, examples and optimizer: resuming under other values would continue
+# weights on another split or another optimization. epochs, patience, max_steps and threads may change
+# (more steps stretch the learning-rate decay from where it stands).
 RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "max_validation_documents",
                 "max_length", "stride", "batch_tokens", "learning_rate", "head_learning_rate", "weight_decay",
                 "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample",
@@ -611,8 +613,9 @@ def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
                      "version": f"{major}.{int(patch) + 1}" if major and patch.isdigit() else parent.version}
     try:
         return replace(config, **{name: value for name, value in inherited.items() if getattr(config, name) is None})
-    except ValueError as err:  # a stride given for the default window that does not fit the parent's
-        raise UsageError(f"{err} (the window of {config.init_model})") from None
+    except ValueError as err:  # one window setting given, which does not fit the other's inherited value
+        raise UsageError(f"{err} (with {config.init_model or 'the default'}'s "
+                         f"{'stride' if config.inference_stride is None else 'window'})") from None
 
 
 def start_run(config, output_kind: str) -> tuple[Path, torch.device]:
@@ -803,7 +806,11 @@ def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -
     best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
     rng.setstate(_rng_state_from_json(state["rng"]))
     if (checkpoint / "torch_rng.safetensors").is_file():
-        torch.set_rng_state(load_file(checkpoint / "torch_rng.safetensors")["cpu"])
+        rng_states = load_file(checkpoint / "torch_rng.safetensors")
+        torch.set_rng_state(rng_states.pop("cpu"))
+        if rng_states and torch.cuda.is_available():  # written on a GPU, resumed on one
+            devices = min(len(rng_states), torch.cuda.device_count())
+            torch.cuda.set_rng_state_all([rng_states[f"cuda:{i}"] for i in range(devices)])
     log.info("resumed from %s at epoch %d, step %d", checkpoint, state["epoch"], state["step"])
     return state, best_state
 
@@ -894,7 +901,10 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, stat
     save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
     torch.save(optimizer.state_dict(), staging / "optimizer.pt")
     torch.save(scheduler.state_dict(), staging / "scheduler.pt")
-    save_file({"cpu": torch.get_rng_state()}, staging / "torch_rng.safetensors")  # dropout continues its sequence
+    rng_states = {"cpu": torch.get_rng_state()}  # so that dropout continues its sequence
+    if torch.cuda.is_initialized():
+        rng_states |= {f"cuda:{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
+    save_file(rng_states, staging / "torch_rng.safetensors")
     (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
     previous = _previous(folder)
     shutil.rmtree(previous, ignore_errors=True)
