@@ -271,6 +271,9 @@ def load_model_folder(folder: str | Path):
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
+    if model.schema != meta.schema:  # it would load, then fail (or mislabel) on every text
+        raise DataError(f"{folder / META_FILE}: its labels do not match the ones the weights were saved with "
+                        f"(config.json); restore the folder as it was written")
     if too_long := windows_past_positions(model.config, max_length=meta.max_length):
         raise DataError(f"{folder / META_FILE}: {too_long[0]} is more than the encoder's "
                         f"{model.config.max_position_embeddings} positions")

@@ -190,6 +190,8 @@ def edit_meta(**changes):
     (edit_meta(entity_threshold=None), "entity_threshold must be a number from 0 to 1"),
     (edit_meta(schema="x"), "schema must be an object"),
     (edit_meta(max_length=256), "max_length 256 is more than the encoder's 128 positions"),
+    (edit_meta(schema={"topics": ["economy"], "entity_types": ["name"], "coarse": {}}),  # loads, fails every text
+     "its labels do not match the ones the weights were saved with"),
 ])
 def test_a_broken_model_folder_exits_2_saying_what_is_wrong(tiny_model_dir, tmp_path, capsys, damage, reason):
     folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
