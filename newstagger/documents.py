@@ -39,6 +39,11 @@ class Document:
     entities: list[Span] | None = None
     group: str | None = None
 
+    @property
+    def labelled(self) -> bool:
+        """Labelled for at least one task (topics or entities); an unlabelled one teaches nothing."""
+        return self.topics is not None or self.entities is not None
+
     def to_dict(self) -> dict:
         out: dict = {"id": self.id, "text": self.text}
         if self.topics is not None:

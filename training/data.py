@@ -378,17 +378,16 @@ def _span(start, end, entity_type, where: str) -> Span:
 def _flat_spans(spans: Iterable[Span], text: str, mentions: dict[Span, str] | None, where: str) -> list[Span]:
     """Spans with exact duplicates collapsed and spans nested inside a longer one dropped (logged).
     Crossing spans and same-offset spans of two types are kept for validate() to reject; a span that
-    is wrong on its own (outside the text, empty, not its mention) is an error even where it is nested."""
-    spans = set(spans)
-    for span in spans:
-        validate(Document("", text, entities=[span]), mentions=mentions, where=where)
+    is wrong on its own (outside the text, empty, not its mention) is an error even where it is nested:
+    validate() sees only the kept ones, so a span is checked here before it is dropped."""
     kept: list[Span] = []
-    for span in sorted(spans, key=lambda s: (s.start, -s.end, s.type)):
+    for span in sorted(set(spans), key=lambda s: (s.start, -s.end, s.type)):
         length = span.end - span.start
         outer = next((k for k in kept if k.start <= span.start and span.end <= k.end and k.end - k.start > length), None)
         if outer is None:
             kept.append(span)
         else:
+            validate(Document("", text, entities=[span]), mentions=mentions, where=where)
             logger.warning(
                 "%s: dropped %s span [%d, %d) nested inside %s span [%d, %d); each character gets one tag",
                 where, span.type, span.start, span.end, outer.type, outer.start, outer.end,

@@ -255,7 +255,7 @@ def run(args) -> int:
     # A gold topic the model does not know would silently count as no topic; an unknown entity type
     # is simply never found, so it stays and is scored.
     documents = [doc for source in sources for doc in read_documents(*source, topic_labels=tagger.schema.topics)]
-    if not any(doc.topics is not None or doc.entities is not None for doc in documents):
+    if not any(doc.labelled for doc in documents):
         raise DataError(f"--data: no labelled documents in {', '.join(args.data)}")
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:

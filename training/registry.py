@@ -290,6 +290,11 @@ class Registry:
                 lock_path.unlink()
 
 
+def once_per_path(sources: list[dict]) -> list[dict]:
+    """Data fingerprints with a file both new and replayed (a re-exported feedback file) kept once."""
+    return list({source["path"]: source for source in sources}.values())
+
+
 def reload_server(server: str, folder: Path, token: str | None) -> dict:
     """Ask a running `newstagger serve` to swap in `folder` (POST /v1/admin/reload); its JSON answer.
 
@@ -424,7 +429,7 @@ def run_add(args) -> int:
             raise UsageError(f"--data: no file {path}")
         else:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
-    data = list({source["path"]: source for source in data}.values())  # a file both new and replayed: once
+    data = once_per_path(data)
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
     load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)

@@ -42,7 +42,7 @@ from newstagger.tagger import Tagger
 from .evaluate import evaluate_tagger
 from .registry import (
     DEFAULT_REGISTRY, Entry, ProductionChanged, Registry, RegistryError, add_server_arguments, check_version, deploy,
-    fingerprint, metric, scores,
+    fingerprint, metric, once_per_path, scores,
 )
 from .train import (TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
                     device_option, device_rule, train)
@@ -180,7 +180,7 @@ def retrain(config: RetrainConfig) -> dict:
         log.warning("no earlier data recorded for %s and none given with --replay: old skills may be lost", start)
     if not new_docs:
         raise DataError("every new document is also in the gold set; nothing is left to train on")
-    if not any(doc.topics is not None or doc.entities is not None for doc in new_docs):
+    if not any(doc.labelled for doc in new_docs):
         # the replayed data would train alone, and the gate would promote a copy of the old skills
         raise DataError(f"--data: no labelled documents in {', '.join(config.data)} (no topics, no entities)")
 
@@ -208,8 +208,7 @@ def retrain(config: RetrainConfig) -> dict:
             "gold": [source for source, _ in gold_sources],
             "gated_against": baseline, "gate": gate,
         }, candidate_all_labels)
-        # By path: a file both replayed and new (a re-exported feedback file) is recorded once.
-        data = list({source["path"]: source for source, _ in replay_sources + new_sources}.values())
+        data = once_per_path([source for source, _ in replay_sources + new_sources])
         registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
             "gold": scores(candidate_all_labels), "validation": scores(validation)}))
 

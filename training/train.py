@@ -323,7 +323,7 @@ def build_examples(documents: list[Document], tokenizer, schema: LabelSchema, ma
     targets = TagTargets.for_schema(schema)
     examples = []
     for d, (doc, enc) in enumerate(zip(documents, encoded)):
-        if doc.topics is None and doc.entities is None:  # nothing to learn from; a batch of only these has no loss
+        if not doc.labelled:  # nothing to learn from; a batch of only these has no loss
             continue
         tags = token_tags(doc, enc, targets, coarse)
         topics = None
@@ -531,8 +531,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
             state, best_state = _resume(saved, model, optimizer, scheduler, rng)
         except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged or another run's
             raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
-        changed = [name for name, value in state.get("run", run_identity(config)).items()
-                   if run_identity(config).get(name) != value]
+        now = run_identity(config)
+        changed = [name for name, value in state.get("run", now).items() if now.get(name) != value]
         if changed:  # a new split or schedule under weights trained on the old one would tune on trained-on text
             raise DataError(f"{saved} is from a run with other {', '.join(changed)}; resume with the same settings, "
                             f"or delete it to train afresh")
@@ -679,7 +679,7 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
         validation_files += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
     if not any(train_sets):
         raise DataError("no training documents: give at least one --train PATH[:FORMAT] with documents in it")
-    if not any(doc.topics is not None or doc.entities is not None for docs in train_sets for doc in docs):
+    if not any(doc.labelled for docs in train_sets for doc in docs):
         raise DataError("no labelled training documents: none has topics or entities")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
     return train_sets, weights, validation_files
