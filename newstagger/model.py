@@ -175,7 +175,7 @@ def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     """A tagger on a pretrained BERT (hub name or local folder); the heads start untrained."""
     config = AutoConfig.from_pretrained(base)
     _attach_schema(config, schema)
-    return NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32)
+    return NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
 
 
 def model_from_config(config, schema: LabelSchema) -> NewsTaggerModel:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+import shutil
 import random
 from pathlib import Path
 
@@ -148,6 +149,27 @@ def test_a_damaged_checkpoint_is_named_rather_than_a_traceback(tiny_base, tmp_pa
     (output / "checkpoint" / "trainer_state.json").write_text("{")
     with pytest.raises(DataError, match="cannot be resumed from .*delete it to train afresh"):
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
+
+
+def test_a_checkpoint_holds_no_pickle_and_one_from_before_is_refused(tiny_base, tmp_path):
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=1))
+    checkpoint = output / "checkpoint"
+    assert {path.suffix for path in checkpoint.iterdir()} == {".safetensors", ".json"}
+    (checkpoint / "optimizer.safetensors").rename(checkpoint / "optimizer.pt")
+    with pytest.raises(DataError, match="cannot be resumed from .*optimizer.safetensors.*delete it to train afresh"):
+        train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
+
+
+def test_a_base_model_with_pickled_weights_only_exits_2_saying_how_to_convert_it(tiny_base, tmp_path, capsys):
+    base = tmp_path / "pickled-base"
+    shutil.copytree(tiny_base, base)
+    (base / "model.safetensors").rename(base / "pytorch_model.bin")
+    argv = ["train", "--train", f"{SAMPLE}:internal", "--base-model", str(base), "--output", str(tmp_path / "m")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"base_model '{base}' has no safetensors weights" in line and "convert it once" in line
+    assert not (tmp_path / "m").exists()
 
 
 def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_base, tmp_path):

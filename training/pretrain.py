@@ -237,7 +237,8 @@ def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, coll
 def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict | None]:
     """(masked-LM model, tokenizer, the checkpoint's own pretraining record or None)."""
     with loading_base(name_or_path):
-        model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True)
+        model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True,
+                                                        use_safetensors=True)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
     if any(key.startswith("cls.") for key in loading["missing_keys"]):
         log.warning("%s has no masked-LM head; it starts from random weights, so early steps mostly train it",

@@ -434,7 +434,7 @@ def run_add(args) -> int:
     load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)
     with registry.staging() as staged:
-        # Only what serving needs: a training checkpoint holds optimizer pickles.
+        # Only what serving needs: the training checkpoint (weights twice more, optimizer state) stays behind.
         shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
         entry = registry.register(staged, Entry(version=meta.version, parent=meta.parent_version,
                                                 data=data, metrics=metrics))

@@ -529,7 +529,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     if saved:
         try:
             state, best_state = _resume(saved, model, optimizer, scheduler, rng)
-        except (ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged or another run's
+        # damaged, another run's, or an older newstagger's (which pickled the optimizer)
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
             raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
         now = run_identity(config)
         changed = [name for name, value in state.get("run", now).items() if now.get(name) != value]
@@ -724,6 +725,9 @@ def loading_base(name_or_path: str):
     if (folder / "config.json").is_file() and not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # transformers would quietly make a tokenizer that knows five tokens
         raise UsageError(f"base_model {name_or_path!r} has no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    if any(folder.glob("*.bin")) and not any(folder.glob("*.safetensors")):
+        raise UsageError(f"base_model {name_or_path!r} has no safetensors weights, and newstagger does not "
+                         "unpickle a pytorch_model.bin: convert it once where you trust it (README: Base model)")
     try:
         yield
     # transformers' ways of saying "no such folder or hub model", "not a model folder", "damaged weights"
@@ -800,9 +804,7 @@ def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -
     trainer state and the best state so far."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
-    # map_location: a checkpoint written on a GPU resumes on a CPU (the optimizer moves state to its parameters)
-    optimizer.load_state_dict(torch.load(checkpoint / "optimizer.pt", weights_only=True, map_location="cpu"))
-    scheduler.load_state_dict(torch.load(checkpoint / "scheduler.pt", weights_only=True, map_location="cpu"))
+    _load_optimizer(checkpoint, optimizer, scheduler)
     best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
     rng.setstate(_rng_state_from_json(state["rng"]))
     if (checkpoint / "torch_rng.safetensors").is_file():
@@ -899,8 +901,7 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, stat
     staging.mkdir(parents=True, exist_ok=True)
     save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
     save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
-    torch.save(optimizer.state_dict(), staging / "optimizer.pt")
-    torch.save(scheduler.state_dict(), staging / "scheduler.pt")
+    _save_optimizer(staging, optimizer, scheduler)
     rng_states = {"cpu": torch.get_rng_state()}  # so that dropout continues its sequence
     if torch.cuda.is_initialized():
         rng_states |= {f"cuda:{i}": state for i, state in enumerate(torch.cuda.get_rng_state_all())}
@@ -912,6 +913,29 @@ def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, stat
         folder.rename(previous)
     staging.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
+
+
+def _save_optimizer(folder: Path, optimizer, scheduler) -> None:
+    """The optimizer's moments as safetensors and its settings and schedule as JSON: a checkpoint
+    holds no pickle, so resuming one from elsewhere runs no code."""
+    optimizer_state = optimizer.state_dict()
+    save_file({f"{param}.{slot}": value.cpu().contiguous()
+               for param, slots in optimizer_state["state"].items() for slot, value in slots.items()},
+              folder / "optimizer.safetensors")
+    settings = {"param_groups": optimizer_state["param_groups"], "scheduler": scheduler.state_dict()}
+    (folder / "optimizer.json").write_text(json.dumps(settings, indent=1))
+
+
+def _load_optimizer(folder: Path, optimizer, scheduler) -> None:
+    settings = json.loads((folder / "optimizer.json").read_text())
+    moments: dict[int, dict] = {}
+    # on the CPU: a checkpoint written on a GPU resumes on a CPU (the optimizer moves state to its parameters)
+    for key, value in load_file(folder / "optimizer.safetensors").items():
+        param, slot = key.split(".")
+        moments.setdefault(int(param), {})[slot] = value
+    groups = [group | {"betas": tuple(group["betas"])} for group in settings["param_groups"]]
+    optimizer.load_state_dict({"state": moments, "param_groups": groups})
+    scheduler.load_state_dict(settings["scheduler"])
 
 
 def _previous(folder: Path) -> Path:
