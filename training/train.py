@@ -933,7 +933,7 @@ def _load_optimizer(folder: Path, optimizer, scheduler) -> None:
     for key, value in load_file(folder / "optimizer.safetensors").items():
         param, slot = key.split(".")
         moments.setdefault(int(param), {})[slot] = value
-    groups = [group | {"betas": tuple(group["betas"])} for group in settings["param_groups"]]
+    groups = [group | {"betas": tuple(group["betas"])} for group in settings["param_groups"]]  # JSON has no tuples
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     scheduler.load_state_dict(settings["scheduler"])
 
