@@ -175,7 +175,22 @@ def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     """A tagger on a pretrained BERT (hub name or local folder); the heads start untrained."""
     config = AutoConfig.from_pretrained(base)
     _attach_schema(config, schema)
-    return NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True)
+    model, loading = NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True,
+                                                     output_loading_info=True)
+    check_encoder_loaded(model.config, loading)
+    return model
+
+
+def check_encoder_loaded(config, loading: dict) -> None:
+    """ValueError where a base checkpoint left BERT encoder weights at their random start (another
+    architecture, or BERT saved under other names): transformers only logs that, and the run
+    would train a random encoder without a word."""
+    if config.model_type != "bert":
+        raise ValueError(f"it is a {config.model_type!r} checkpoint, not BERT")
+    unset = [key for key in loading["missing_keys"] if key.startswith("bert.")]
+    if unset:
+        raise ValueError(f"its weights leave {len(unset)} of the BERT encoder's tensors unset ({unset[0]}, ...): "
+                         "BERT saved under other names?")
 
 
 def model_from_config(config, schema: LabelSchema) -> NewsTaggerModel:

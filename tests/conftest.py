@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import json
+import shutil
 from pathlib import Path
 
 import pytest
-from transformers import BertConfig, BertTokenizer
+from safetensors.torch import load_file, save_file
+from transformers import AutoTokenizer, BertConfig, BertTokenizer, RobertaConfig, RobertaForMaskedLM
 
 from newstagger.model import ModelMeta, model_from_config, save_model_folder
 from newstagger.schema import DEFAULT_COARSE, LabelSchema
@@ -54,3 +57,29 @@ def build_tiny_model_folder(folder: Path, *, max_length: int = 32, stride: int =
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return build_tiny_model_folder(tmp_path_factory.mktemp("tiny-model"))
+
+
+def damaged_copy(base: Path, folder: Path, damage: str) -> Path:
+    """A copy of a tiny base checkpoint that cannot be a base, in one of the ways users meet."""
+    shutil.copytree(base, folder)
+    weights = folder / "model.safetensors"
+    if damage == "no tokenizer":
+        for name in ("tokenizer.json", "vocab.txt"):
+            (folder / name).unlink(missing_ok=True)
+    elif damage == "truncated weights":
+        weights.write_bytes(weights.read_bytes()[:2000])
+    elif damage == "config of another size":
+        config = json.loads((folder / "config.json").read_text())
+        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
+    elif damage == "pickled weights":  # only the name matters: it must not be opened
+        weights.rename(folder / "pytorch_model.bin")
+    elif damage == "weights under other names":  # a training framework's export: every key one level down
+        save_file({f"model.{key}": value for key, value in load_file(weights).items()}, weights)
+    elif damage == "another architecture":
+        config = tiny_config(len(tiny_vocab())).to_dict()
+        RobertaForMaskedLM(RobertaConfig(**{**config, "max_position_embeddings": 130})).save_pretrained(folder)
+    elif damage == "tokenizer past the embeddings":
+        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer.add_tokens(["[NEWSROOM]"])
+        tokenizer.save_pretrained(folder)
+    return folder

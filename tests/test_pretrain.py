@@ -15,7 +15,7 @@ from newstagger.tagger import Tagger
 from training.pretrain import RECORD_FILE, PretrainConfig, masked_lm_loss, pretrain, text_blocks
 from training.train import TrainConfig, train
 
-from conftest import SAMPLE, build_tiny_model_folder, tiny_config, tiny_tokenizer
+from conftest import SAMPLE, build_tiny_model_folder, damaged_copy, tiny_config, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -105,6 +105,7 @@ def test_the_loss_counts_masked_tokens_only(tiny_mlm_base):
     (["--mlm-probability", "1.5"], "mlm_probability"),
     (["--device", "tpu"], "device"),
     (["--batch-size", "0"], "batch_size"),
+    (["--seed", "4294967296"], "seed"),
 ])
 def test_pretrain_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["pretrain", "--text", str(SAMPLE), *flags]) == 2
@@ -138,22 +139,13 @@ def test_text_with_no_token_the_tokenizer_knows_exits_2(tiny_mlm_base, tmp_path,
     assert "no token the base's tokenizer knows" in capsys.readouterr().err
 
 
-def damaged_copy(base: Path, folder: Path, damage: str) -> Path:
-    shutil.copytree(base, folder)
-    if damage == "no tokenizer":
-        for name in ("tokenizer.json", "vocab.txt"):
-            (folder / name).unlink(missing_ok=True)
-    elif damage == "truncated weights":
-        (folder / "model.safetensors").write_bytes((folder / "model.safetensors").read_bytes()[:2000])
-    elif damage == "config of another size":
-        config = json.loads((folder / "config.json").read_text())
-        (folder / "config.json").write_text(json.dumps({**config, "hidden_size": 64}))
-    return folder
-
-
 @pytest.mark.parametrize("damage, named", [("missing", "cannot be loaded"), ("no tokenizer", "has no tokenizer"),
                                            ("truncated weights", "cannot be loaded"),
                                            ("config of another size", "weights do not fit its config"),
+                                           ("pickled weights", "has no safetensors weights"),
+                                           ("weights under other names", "of the BERT encoder's tensors unset"),
+                                           ("another architecture", "it is a 'roberta' checkpoint, not BERT"),
+                                           ("tokenizer past the embeddings", "more than the encoder's"),
                                            ("newstagger model", "continue it with train --init-model")])
 def test_a_base_that_cannot_be_pretrained_exits_2_naming_it(tiny_mlm_base, tiny_model_dir, tmp_path, capsys, damage,
                                                              named):
@@ -172,6 +164,27 @@ def test_pretraining_into_a_model_folder_is_refused(tiny_mlm_base, tmp_path, cap
                  "--output", str(model)]) == 2
     assert "holds a newstagger model" in capsys.readouterr().err
     assert (model / "model.safetensors").read_bytes() == before
+
+
+def test_a_text_held_out_is_not_trained_on_however_often_it_repeats(tiny_mlm_base, tmp_path, caplog):
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("".join(json.dumps({"id": i, "text": "滨江市地铁5号线将于年底开通。"}) + "\n" for i in range(4))
+                        + "".join(json.dumps({"id": 4 + i, "text": f"青澜港第{i}号码头今天复工。"}) + "\n" for i in range(6)),
+                        encoding="utf-8")
+    _, record = pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "out", text=[f"{repeated}:internal"],
+                                              validation_fraction=0.3, max_steps=1))
+    held_out = record["text"]["held_out"]["documents"]
+    assert record["text"]["train"]["documents"] + held_out < 10
+    assert "training documents out: their text is also held out" in caplog.text
+
+
+def test_text_too_short_to_mask_trains_nothing_and_exits_2(tiny_mlm_base, tmp_path, capsys):
+    one = tmp_path / "one.jsonl"
+    one.write_text('{"id": 1, "text": "滨"}\n', encoding="utf-8")
+    assert main(["pretrain", "--text", f"{one}:internal", "--base-model", str(tiny_mlm_base),
+                 "--output", str(tmp_path / "out"), "--max-length", "32", "--mlm-probability", "0.001"]) == 2
+    assert "nothing was trained" in capsys.readouterr().err
+    assert not (tmp_path / "out").exists()
 
 
 def test_one_document_trains_with_nothing_held_out_and_says_so(tiny_mlm_base, tmp_path, caplog):

@@ -27,7 +27,7 @@ from training.evaluate import (entity_metrics, evaluate_tagger, scored_entity_me
 from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, build_examples, collate,
                             config_from_file, pack_documents, token_tags, train)
 
-from conftest import SAMPLE, tiny_config, tiny_schema, tiny_tokenizer
+from conftest import SAMPLE, damaged_copy, tiny_config, tiny_schema, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -161,15 +161,28 @@ def test_a_checkpoint_holds_no_pickle_and_one_from_before_is_refused(tiny_base, 
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
 
 
-def test_a_base_model_with_pickled_weights_only_exits_2_saying_how_to_convert_it(tiny_base, tmp_path, capsys):
-    base = tmp_path / "pickled-base"
-    shutil.copytree(tiny_base, base)
-    (base / "model.safetensors").rename(base / "pytorch_model.bin")
+@pytest.mark.parametrize("damage, named", [("pickled weights", "has no safetensors weights, and newstagger does not "
+                                                               "unpickle a pytorch_model.bin: convert it once"),
+                                           ("weights under other names", "of the BERT encoder's tensors unset"),
+                                           ("another architecture", "it is a 'roberta' checkpoint, not BERT"),
+                                           ("tokenizer past the embeddings", "more than the encoder's")])
+def test_a_base_model_that_would_train_badly_exits_2_before_training(tiny_base, tmp_path, capsys, damage, named):
+    base = damaged_copy(tiny_base, tmp_path / "base", damage)
     argv = ["train", "--train", f"{SAMPLE}:internal", "--base-model", str(base), "--output", str(tmp_path / "m")]
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert f"base_model '{base}' has no safetensors weights" in line and "convert it once" in line
+    assert f"base_model '{base}'" in line and named in line
     assert not (tmp_path / "m").exists()
+
+
+@pytest.mark.parametrize("command", ["train", "pretrain"])
+def test_an_output_that_cannot_be_written_exits_2_before_training(tiny_base, tmp_path, capsys, command):
+    (tmp_path / "a-file").write_text("")
+    argv = [command, f"--{'train' if command == 'train' else 'text'}", f"{SAMPLE}:internal", "--base-model",
+            str(tiny_base), "--output", str(tmp_path / "a-file" / "model")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"output {tmp_path / 'a-file' / 'model'}: cannot create or write in {tmp_path / 'a-file'}" in line
 
 
 def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_base, tmp_path):
@@ -240,7 +253,8 @@ def test_train_command_rejects_a_config_with_unknown_settings(tmp_path, capsys):
                                           (["--max-length", "64", "--stride", "64"], "stride must be"),
                                           (["--inference-stride", "300"], "inference_stride must be"),
                                           (["--learning-rate=-1e-4"], "learning_rate must be positive"),
-                                          (["--device", "tpu"], "device must be one of auto, cpu, cuda")])
+                                          (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
+                                          (["--seed=-1"], "seed must be from 0 to 4294967295")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

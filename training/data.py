@@ -228,6 +228,15 @@ def parse_data_spec(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
+def not_held_out(docs: list[Document], held_out_texts: set[str]) -> list[Document]:
+    """`docs` less those whose text is also held out (the same story in two files, or twice in one):
+    trained on, it would leak into what is measured on it."""
+    unseen = [doc for doc in docs if doc.text not in held_out_texts]
+    if len(unseen) < len(docs):
+        logger.warning("left %d training documents out: their text is also held out", len(docs) - len(unseen))
+    return unseen
+
+
 def split_validation(
     docs: list[Document], fraction: float = 0.1, seed: int = 13
 ) -> tuple[list[Document], list[Document]]:

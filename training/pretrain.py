@@ -31,12 +31,12 @@ from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguage
 from newstagger.checks import MIN_WINDOW, check_rules
 from newstagger.cli import UsageError
 from newstagger.documents import DataError, Document
-from newstagger.model import META_FILE
+from newstagger.model import META_FILE, check_encoder_loaded
 
-from .data import parse_data_spec, read_documents, split_validation
-from .train import (IGNORE, add_config_arguments, check_field_types, check_windows_fit, config_from_args,
-                    config_option, device_option, device_rule, loading_base, start_run, use_bf16,
-                    warmup_then_decay)
+from .data import not_held_out, parse_data_spec, read_documents, split_validation
+from .train import (IGNORE, add_config_arguments, check_field_types, check_tokenizer_fits, check_windows_fit,
+                    config_from_args, config_option, device_option, device_rule, loading_base, seed_rule, start_run,
+                    use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -85,6 +85,7 @@ class PretrainConfig:
             ("max_validation_blocks", self.max_validation_blocks >= 1, "at least 1"),
             device_rule(self.device),
             ("threads", self.threads >= 0, "0 or more"),
+            seed_rule(self.seed),
         ))
 
 
@@ -152,6 +153,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     if not documents:
         raise DataError("no text to pretrain on: give at least one --text PATH[:FORMAT] with non-blank texts in it")
     train_docs, held_out = split_validation(documents, config.validation_fraction, seed=config.seed)
+    train_docs = not_held_out(train_docs, {doc.text for doc in held_out})
     model, tokenizer, base_record = _base_checkpoint(config.base_model)
     check_windows_fit(model.config, max_length=config.max_length)
     model.to(device)
@@ -190,6 +192,8 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         history.append({"epoch": epoch, "step": step, "training_loss": round(loss, 4), "held_out": after})
         log.info("epoch %d: %s", epoch, history[-1])
 
+    if not step:
+        raise DataError("too little text: no batch had a token to mask, so nothing was trained")
     record = {
         "continued_from": config.base_model,
         "config": asdict(config),
@@ -239,7 +243,9 @@ def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict |
     with loading_base(name_or_path):
         model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True,
                                                         use_safetensors=True)
+        check_encoder_loaded(model.config, loading)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+    check_tokenizer_fits(name_or_path, tokenizer, model.config)
     if any(key.startswith("cls.") for key in loading["missing_keys"]):
         log.warning("%s has no masked-LM head; it starts from random weights, so early steps mostly train it",
                     name_or_path)

@@ -15,6 +15,7 @@ import argparse
 import json
 import logging
 import math
+import os
 import random
 import shutil
 import sys
@@ -46,7 +47,7 @@ from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
 
-from .data import corpus_stats, parse_data_spec, read_documents, split_validation
+from .data import corpus_stats, not_held_out, parse_data_spec, read_documents, split_validation
 from .evaluate import (Predictions, evaluate_tagger, predict_documents, prediction_metrics, topic_metrics,
                        tune_entity_threshold, tune_thresholds)
 
@@ -104,6 +105,10 @@ def device_option():
 
 def device_rule(device: str) -> tuple:
     return "device", device in DEVICES, f"one of {', '.join(DEVICES)}"
+
+
+def seed_rule(seed: int) -> tuple:
+    return "seed", 0 <= seed < 2**32, "from 0 to 4294967295"  # what numpy's seed takes
 
 
 def config_option(default, help: str, metavar: str | None = None):
@@ -206,6 +211,7 @@ class TrainConfig:
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
             device_rule(self.device),
+            seed_rule(self.seed),
         ))
 
 
@@ -630,6 +636,10 @@ def start_run(config, output_kind: str) -> tuple[Path, torch.device]:
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
+    # checked now, not when the first checkpoint or the result is written, hours in
+    nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
+    if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
+        raise UsageError(f"output {output}: cannot create or write in {nearest}")
     return output, resolve_device(config.device)
 
 
@@ -704,6 +714,7 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         with loading_base(config.base_model):
             model = new_model(config.base_model, schema)
             tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+        check_tokenizer_fits(config.base_model, tokenizer, model.config)
     if config.lexicon and model.lexicon is None:
         words, source = jieba_words()
         model.attach_lexicon(build_lexicon(words, tokenizer, source))
@@ -738,6 +749,14 @@ def loading_base(name_or_path: str):
                          "its config") from None
 
 
+def check_tokenizer_fits(name_or_path: str, tokenizer, encoder_config) -> None:
+    """UsageError where the tokenizer has ids past the encoder's embeddings: an IndexError hours into a
+    run otherwise, when such a token first turns up (or masked-LM training draws it as a random token)."""
+    if len(tokenizer) > encoder_config.vocab_size:
+        raise UsageError(f"base_model {name_or_path!r}: its tokenizer has {len(tokenizer)} tokens, more than the "
+                         f"encoder's {encoder_config.vocab_size} embeddings")
+
+
 def check_windows_fit(encoder_config, **windows: int) -> None:
     """UsageError naming each window setting longer than the encoder's position embeddings."""
     too_long = windows_past_positions(encoder_config, **windows)
@@ -766,10 +785,7 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
     train_docs: list[Document] = []
     examples: list[Example] = []
     for (docs, coarse), weight in zip(kept_sets, weights):
-        unseen = [doc for doc in docs if doc.text not in validated]
-        if len(unseen) < len(docs):
-            log.warning("left %d training documents out: their text is also in validation", len(docs) - len(unseen))
-        docs = unseen
+        docs = not_held_out(docs, validated)
         train_docs += docs
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
