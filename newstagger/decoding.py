@@ -113,9 +113,20 @@ def tags_to_spans(
 
 def char_spans(tags: np.ndarray, tag_probs: np.ndarray, offsets: np.ndarray) -> list[tuple[int, int, int, float]]:
     """(start, end, type index, score) in characters of each span of a BIO sequence over tokens
-    (`lenient_spans`); `offsets` are the tokens' character offsets."""
-    return [(int(offsets[b, 0]), int(offsets[e - 1, 1]), kind, span_score(tag_probs, b, e))
-            for b, e, kind in lenient_spans(tags)]
+    (`lenient_spans`); `offsets` are the tokens' character offsets.
+
+    Tokens can share a character (the tokenizer spells a Hangul syllable as two or three letters),
+    so a span may begin inside the character where the one before it ends: it begins after that
+    character instead, and is dropped if nothing is left, so that spans never overlap.
+    """
+    spans: list[tuple[int, int, int, float]] = []
+    for b, e, kind in lenient_spans(tags):
+        start, end = int(offsets[b, 0]), int(offsets[e - 1, 1])
+        if spans:
+            start = max(start, spans[-1][1])
+        if start < end:
+            spans.append((start, end, kind, span_score(tag_probs, b, e)))
+    return spans
 
 
 SCORE_DECIMALS = 4  # scores are reported, cut by thresholds and evaluated at this precision alike

@@ -51,6 +51,16 @@ def test_sample_stories_get_exact_offsets_and_sensible_labels(tagger):
     assert metrics["topics"]["micro"]["f1"] >= 0.55
 
 
+def test_korean_names_split_into_letters_give_no_overlapping_entities(tagger):
+    """The tokenizer spells each Hangul syllable as letters sharing its offsets; the shipped model
+    once began an organization on the last letter of a name's last syllable."""
+    texts = ["瞋한국한국京大学", "김정은김정은김정은大学的李明教授", "。北京大学的李明教授说，서울특별시…厂"]
+    for text, result in zip(texts, tagger.tag(texts, entity_threshold=0)):
+        ends = [0] + [e["end"] for e in result["entities"]]
+        assert all(e["start"] >= end for e, end in zip(result["entities"], ends))
+        assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
+
+
 @needs_shared
 def test_validation_scores_on_the_shared_data_hold(tagger):
     from training.data import read_documents, split_validation

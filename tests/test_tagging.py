@@ -85,6 +85,20 @@ def test_spans_map_tokens_back_to_characters():
     assert all(text[s["start"] : s["end"]] == s["text"] for s in spans)
 
 
+def test_spans_of_tokens_sharing_a_character_do_not_overlap():
+    """The tokenizer spells 한 as three letters with the same offsets; a tag path may switch spans
+    between them."""
+    schema = LabelSchema(entity_types=["name", "organization"])
+    text = "瞋한국京大"
+    offsets = np.array([[0, 1], [1, 2], [1, 2], [1, 2], [2, 3], [3, 4], [4, 5]])
+    tags = np.array([1, 2, 3, 4, 4, 4, 0])  # the organization opens on 한's second letter
+    assert [(s["text"], s["type"]) for s in tags_to_spans(tags, np.ones(7), offsets, text, schema)] == [
+        ("瞋한", "name"), ("국京", "organization")]
+    tags = np.array([1, 2, 3, 0, 0, 0, 0])  # ... and ends inside it: nothing of it is left
+    assert [(s["text"], s["type"]) for s in tags_to_spans(tags, np.ones(7), offsets, text, schema)] == [
+        ("瞋한", "name")]
+
+
 def test_tokenizer_offsets_index_the_original_string():
     tokenizer = tiny_tokenizer()
     for text, encoded in zip(MIXED_TEXTS, encode_texts(tokenizer, MIXED_TEXTS)):
