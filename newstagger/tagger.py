@@ -15,6 +15,7 @@ import numpy as np
 
 from .backends import TorchBackend, make_backend
 from .decoding import SCORE_DECIMALS, constrained_viterbi, tag_marginals, tags_to_spans
+from .documents import unpaired_surrogate
 from .lexical import LexicalTopicModel, blend
 from .model import ModelMeta, NewsTaggerModel, load_model_folder
 from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token_budget_batches
@@ -150,7 +151,13 @@ class Tagger:
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids and offsets of whole texts; separate so a caller can tokenize the next texts
-        while the encoder runs on these."""
+        while the encoder runs on these. ValueError naming the first text the tokenizer cannot take
+        (it would fail the whole batch without saying which)."""
+        for i, text in enumerate(texts):
+            if not isinstance(text, str):
+                raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a str")
+            if (at := unpaired_surrogate(text)) is not None:
+                raise ValueError(f"texts[{i}] has a lone surrogate at character {at}")
         return encode_texts(self.tokenizer, list(texts))
 
     def score(self, texts: Sequence[str], encoded: list[EncodedText] | None = None):

@@ -159,6 +159,13 @@ def test_entities_below_the_models_entity_threshold_are_dropped(tagger):
     assert picky.with_options({"topics": {}, "entities": every})["entities"] == kept
 
 
+@pytest.mark.parametrize("texts, message", [(["好", "第二篇\ud800稿件"], "texts\\[1\\] has a lone surrogate at character 3"),
+                                            (["好", None], "texts\\[1\\] is a NoneType, not a str")])
+def test_the_python_api_names_a_text_the_tokenizer_cannot_take(tagger, texts, message):
+    with pytest.raises(ValueError, match=message):
+        tagger.tag(texts)
+
+
 @pytest.mark.parametrize("options, message", [
     ({"entity_types": "address"}, "entity_types must be a collection of types, not the string 'address'"),
     ({"entity_types": ["adress"]}, r"entity_types: unknown \['adress'\]"),
