@@ -234,10 +234,20 @@ def test_evaluate_refuses_data_without_labels(tiny_model_dir, tmp_path, capsys):
     assert "--data: no labelled documents in" in capsys.readouterr().err
 
 
-def test_evaluate_refuses_a_gold_topic_the_model_does_not_know(tiny_model_dir, tmp_path, capsys):
-    source = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "招商引资", "topics": ["economics"]}'])
+@pytest.mark.parametrize("gold, named", [('"topics": ["economics"]', "unknown topic 'economics'"),
+                                         ('"entities": [{"start": 0, "end": 2, "type": "athlete"}]',
+                                          "unknown entity type 'athlete'")])
+def test_evaluate_refuses_a_gold_label_the_model_does_not_know(tiny_model_dir, tmp_path, capsys, gold, named):
+    source = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "招商引资", %s}' % gold])
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(source)]) == 2
-    assert "unknown topic 'economics'" in capsys.readouterr().err
+    assert named in capsys.readouterr().err
+
+
+def test_evaluate_scores_coarse_gold_beside_the_fine_types(tiny_model_dir, tmp_path, capsys):
+    source = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "王五在北京", "entities": ['
+                                                   '{"start": 0, "end": 2, "type": "PER"}]}'])
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(source)]) == 0
+    assert "entities_coarse" in json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("argv", [["tag", "-i", "-", "-o", "-", "--chunk", "0"],

@@ -499,6 +499,12 @@ def test_entity_metrics_on_a_hand_checked_example():
     assert metrics["macro"]["f1"] == pytest.approx((1.0 + 0.0 + 0.6667) / 3, abs=1e-4)
 
 
+def test_entity_metrics_over_no_entity_at_all_are_zero_not_nan():
+    metrics = entity_metrics([[]], [[]], lengths=[4])
+    assert json.loads(json.dumps(metrics), parse_constant=lambda name: pytest.fail(f"{name} in the metrics"))
+    assert metrics["macro"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 0}
+
+
 def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     gold = np.array([[1, 0], [1, 1], [0, 1], [0, 0]])
     probs = np.array([[0.9, 0.1], [0.35, 0.8], [0.2, 0.7], [0.6, 0.2]])  # predicts [1,0] [0,1] [0,1] [1,0]

@@ -79,11 +79,9 @@ def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[floa
 
 
 def _row(values: dict) -> dict:
-    row = {
-        "precision": round(float(values["precision"]), 4),
-        "recall": round(float(values["recall"]), 4),
-        "f1": round(float(values["f1-score"]), 4),
-    }
+    # an average over no label at all is NaN, which is not JSON: 0, as zero_division=0 scores the rest
+    row = {name: round(float(np.nan_to_num(values[key])), 4)
+           for name, key in (("precision", "precision"), ("recall", "recall"), ("f1", "f1-score"))}
     if "support" in values:
         row["support"] = int(values["support"])
     return row
@@ -252,9 +250,11 @@ def run(args) -> int:
     sources = [parse_data_spec(spec) for spec in args.data]
     refuse_overwriting(args.output, [path for path, _ in sources])
     tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
-    # A gold topic the model does not know would silently count as no topic; an unknown entity type
-    # is simply never found, so it stays and is scored.
-    documents = [doc for source in sources for doc in read_documents(*source, topic_labels=tagger.schema.topics)]
+    # A gold label the model does not know is more often a typo than a test of what it cannot find:
+    # a topic would silently count as no topic, an entity type as misses that drag the averages.
+    schema = tagger.schema
+    documents = [doc for source in sources for doc in read_documents(
+        *source, topic_labels=schema.topics, entity_types=[*schema.entity_types, *set(schema.coarse.values())])]
     if not any(doc.labelled for doc in documents):
         raise DataError(f"--data: no labelled documents in {', '.join(args.data)}")
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
