@@ -112,6 +112,23 @@ def test_resuming_under_settings_that_change_the_split_or_schedule_is_refused(ti
     train(tiny_train_config(tiny_base, output, epochs=1))
     with pytest.raises(DataError, match="from a run with other learning_rate, seed; resume with the same settings"):
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True, seed=99, learning_rate=1e-3))
+    # named before the weights load, which would fail on the CRF's missing transitions without saying why
+    with pytest.raises(DataError, match="from a run with other crf; resume with the same settings"):
+        train(tiny_train_config(tiny_base, output, epochs=2, resume=True, crf=True))
+
+
+def test_training_into_a_folder_that_is_not_empty_needs_overwrite_output(tiny_base, tmp_path, capsys):
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, max_steps=1))
+    before = (output / "model.safetensors").read_bytes()
+    capsys.readouterr()
+    argv = ["train", "--train", f"{SAMPLE}:internal", "--init-model", str(output), "--output", str(output)]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"output {output} is not empty" in line and "--overwrite-output" in line
+    assert (output / "model.safetensors").read_bytes() == before
+    train(tiny_train_config(tiny_base, output, max_steps=1, seed=14, overwrite_output=True))
+    assert (output / "model.safetensors").read_bytes() != before
 
 
 def test_a_story_validated_on_in_one_set_is_trained_on_in_no_other():

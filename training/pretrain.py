@@ -68,6 +68,8 @@ class PretrainConfig:
     bf16: bool = config_option(False, "train under bfloat16 autocast where the hardware has it (CUDA, or a CPU "
                                       "with AMX / AVX512-BF16); fp32 elsewhere, with a warning")
     seed: int = config_option(13, "random seed (also fixes the held-out masks)")
+    overwrite_output: bool = config_option(False, "pretrain into an OUTPUT folder that is not empty, replacing the "
+                                                   "checkpoint there")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
 
     def __post_init__(self):
@@ -144,9 +146,9 @@ def evaluate_mlm(model: BertForMaskedLM, blocks: list[np.ndarray], tokenizer, co
 def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     """Run continued pretraining as configured; returns the output folder and its record."""
     started = time.time()
-    output, device = start_run(config, "checkpoint")
-    if (output / META_FILE).is_file():
-        raise UsageError(f"output {output} holds a newstagger model; name another folder for the checkpoint")
+    if (Path(config.output) / META_FILE).is_file():
+        raise UsageError(f"output {config.output} holds a newstagger model; name another folder for the checkpoint")
+    output, device = start_run(config, "checkpoint", may_write_into=config.overwrite_output)
     bf16 = use_bf16(config.bf16, device)
 
     documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]

@@ -120,6 +120,7 @@ def config_option(default, help: str, metavar: str | None = None):
 
 
 DEFAULT_WINDOW = (256, 64)  # tagging window and overlap of a model that neither sets nor inherits them
+DEFAULT_BASE_MODEL = "bert-base-chinese"
 
 
 @dataclass
@@ -131,7 +132,7 @@ class TrainConfig:
                                                      "`train` (empty: 1.0 each); below 1 lets a big corpus with other "
                                                      "conventions teach without outvoting the rest", "WEIGHT")
     output: str = config_option("runs/model", "model folder to write")
-    base_model: str = config_option("bert-base-chinese", "Hugging Face BERT checkpoint: hub name or local folder")
+    base_model: str = config_option(DEFAULT_BASE_MODEL, "Hugging Face BERT checkpoint: hub name or local folder")
     init_model: str | None = config_option(None, "start from this newstagger model folder instead of base_model")
     validation: list[str] = config_option(list, "validation data; empty = hold out validation_fraction of each training set")
     validation_fraction: float = config_option(0.1, "share of each training set held out (grouped by 'group' where given)")
@@ -179,6 +180,8 @@ class TrainConfig:
     seed: int = config_option(13, "random seed")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
     resume: bool = config_option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
+    overwrite_output: bool = config_option(False, "train into an OUTPUT folder that is not empty, replacing the model "
+                                                   "there (without it, or --resume, such a folder is refused)")
     version: str | None = config_option(None, "version written into the model folder (default: an init_model's with "
                                               "the patch number raised, else 0.1.0)")
     name: str | None = config_option(None, "model name written into the model folder (default: an init_model's, "
@@ -500,7 +503,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     """
     started = time.time()
     config = _with_inherited_settings(config)
-    output, device = start_run(config, "model")
+    output, device = start_run(config, "model", may_write_into=config.resume or config.overwrite_output)
 
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
@@ -534,15 +537,12 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     saved = _saved_checkpoint(checkpoint) if config.resume else None
     if saved:
         try:
-            state, best_state = _resume(saved, model, optimizer, scheduler, rng)
+            state, best_state = _resume(saved, run_identity(config), model, optimizer, scheduler, rng)
+        except DataError:
+            raise
         # damaged, another run's, or an older newstagger's (which pickled the optimizer)
         except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
             raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
-        now = run_identity(config)
-        changed = [name for name, value in state.get("run", now).items() if now.get(name) != value]
-        if changed:  # a new split or schedule under weights trained on the old one would tune on trained-on text
-            raise DataError(f"{saved} is from a run with other {', '.join(changed)}; resume with the same settings, "
-                            f"or delete it to train afresh")
     state["run"] = run_identity(config)
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
@@ -625,9 +625,11 @@ def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
                          f"{'stride' if config.inference_stride is None else 'window'})") from None
 
 
-def start_run(config, output_kind: str) -> tuple[Path, torch.device]:
+def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, torch.device]:
     """(output folder, device) of a training run (train or pretrain), after seeding every random
-    generator it draws from and setting its torch CPU threads; UsageError where the output is a file."""
+    generator it draws from and setting its torch CPU threads; UsageError where the output is a file,
+    cannot be written, or holds files and `may_write_into` is false (a model trained earlier, or the
+    very init_model the run starts from, would be replaced without a word)."""
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -636,6 +638,9 @@ def start_run(config, output_kind: str) -> tuple[Path, torch.device]:
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
+    if not may_write_into and output.is_dir() and any(output.iterdir()):
+        raise UsageError(f"output {output} is not empty; name a new folder for the {output_kind}, or give "
+                         "--overwrite-output to replace what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
     nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
     if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
@@ -703,6 +708,9 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
     parent_meta = None
     if config.init_model:
         model, tokenizer, parent_meta = load_model_folder(config.init_model)
+        if config.base_model not in (DEFAULT_BASE_MODEL, parent_meta.base_model):
+            log.warning("base_model %s is not used: init_model %s continues its own encoder (from %s)",
+                        config.base_model, config.init_model, parent_meta.base_model)
         schema = parent_meta.schema.merged_with(data_schema)
         if schema != parent_meta.schema:
             log.warning("new labels in the data: topics %s, entity types %s; growing the heads",
@@ -815,10 +823,16 @@ def warmup_then_decay(optimizer, warmup_ratio: float, total_steps: int) -> torch
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
 
 
-def _resume(checkpoint: Path, model, optimizer, scheduler, rng: random.Random) -> tuple[dict, dict | None]:
-    """Restore a `_save_checkpoint` folder into the model, optimizer, scheduler and rng; returns the
-    trainer state and the best state so far."""
+def _resume(checkpoint: Path, run: dict, model, optimizer, scheduler, rng: random.Random) -> tuple[dict, dict | None]:
+    """Restore a `_save_checkpoint` folder of the run `run` (`run_identity`) into the model, optimizer,
+    scheduler and rng; returns the trainer state and the best state so far."""
     state = json.loads((checkpoint / "trainer_state.json").read_text())
+    # A new split or schedule under weights trained on the old one would tune on trained-on text; checked
+    # before the weights load, whose errors (another head, no CRF) would not say which setting changed.
+    changed = [name for name, value in state.get("run", run).items() if run.get(name) != value]
+    if changed:
+        raise DataError(f"{checkpoint} is from a run with other {', '.join(changed)}; resume with the same settings, "
+                        f"or delete it to train afresh")
     model.load_state_dict(load_file(checkpoint / "model.safetensors"))
     _load_optimizer(checkpoint, optimizer, scheduler)
     best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
