@@ -15,6 +15,7 @@ import json
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import IO
 
 from tqdm import tqdm
@@ -62,6 +63,7 @@ def run(args) -> int:
     from .tagger import Tagger
 
     refuse_overwriting(args.output, [args.input])
+    _check_paths(args.input, args.output)
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
                          threads=args.threads)
@@ -182,6 +184,15 @@ def _chunks(items, size: int):
             chunk = []
     if chunk:
         yield chunk
+
+
+def _check_paths(source: str, sink: str) -> None:
+    """UsageError for an input that is not a file or an output with no folder to go in, before the
+    model takes its seconds to load."""
+    if source != "-" and not Path(source).is_file():
+        raise UsageError(f"--input {source}: {'a folder' if Path(source).is_dir() else 'no such file'}")
+    if sink != "-" and not Path(sink).absolute().parent.is_dir():
+        raise UsageError(f"--output {sink}: no folder {Path(sink).absolute().parent} to write it in")
 
 
 @contextlib.contextmanager

@@ -148,11 +148,14 @@ def test_an_output_that_is_the_input_is_refused_before_it_is_emptied(tiny_model_
     assert source.read_bytes() == before
 
 
-def test_missing_input_or_model_exits_2(tiny_model_dir, tmp_path, capsys):
-    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(tmp_path / "nope.jsonl"), "-o", "-"]) == 2
-    assert "nope.jsonl" in capsys.readouterr().err
-    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(tmp_path), "-o", "-"]) == 2
-    assert "Is a directory" in capsys.readouterr().err
+def test_missing_input_output_folder_or_model_exits_2_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
+    never_loaded = str(tmp_path / "no-model")  # the paths are named first, not the model
+    assert main(["tag", "--model", never_loaded, "-i", str(tmp_path / "nope.jsonl"), "-o", "-"]) == 2
+    assert f"--input {tmp_path / 'nope.jsonl'}: no such file" in capsys.readouterr().err
+    assert main(["tag", "--model", never_loaded, "-i", str(tmp_path), "-o", "-"]) == 2
+    assert f"--input {tmp_path}: a folder" in capsys.readouterr().err
+    assert main(["tag", "--model", never_loaded, "-i", "-", "-o", str(tmp_path / "no" / "out.jsonl")]) == 2
+    assert f"--output {tmp_path / 'no' / 'out.jsonl'}: no folder {tmp_path / 'no'}" in capsys.readouterr().err
     assert main(["tag", "--model", str(tmp_path), "-i", "-", "-o", "-"]) == 2
     assert "not a newstagger model folder" in capsys.readouterr().err
 
