@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from newstagger.agreement import check_agreement, compare, record_agreement
-from newstagger.backends import OnnxBackend, TorchBackend, cpu_has_bf16, make_backend
+from newstagger.backends import OnnxBackend, TorchBackend, available_cores, cpu_has_bf16, make_backend
 from newstagger.bench import synthetic_stories
 from newstagger.cli import UsageError, main
 from newstagger.export import export_onnx
@@ -195,3 +195,16 @@ def test_bf16_on_cpu_pads_rows_to_few_shapes_but_answers_each_row(tiny_model_dir
     assert topic_logits.shape[0] == 5 and tag_log_probs.shape[:2] == (5, 12)
     full_topics, full_tags = backend(input_ids, attention_mask)
     assert (topic_logits == full_topics[:5]).all() and (tag_log_probs == full_tags[:5]).all()
+
+
+@pytest.mark.parametrize("files, cores", [({"cpu.max": "max 100000\n"}, None),
+                                          ({"cpu.max": "150000 100000\n"}, 1),
+                                          ({"cpu/cpu.cfs_quota_us": "200000\n", "cpu/cpu.cfs_period_us": "100000\n"}, 2),
+                                          ({"cpu/cpu.cfs_quota_us": "-1\n", "cpu/cpu.cfs_period_us": "100000\n"}, None),
+                                          ({}, None)])
+def test_a_containers_cpu_quota_caps_the_cores_torch_threads_count_on(tmp_path, monkeypatch, files, cores):
+    monkeypatch.setattr("os.sched_getaffinity", lambda pid: set(range(32)))  # a big host, seen from a container
+    for name, text in files.items():
+        (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / name).write_text(text)
+    assert available_cores(tmp_path) == (cores or 32)
