@@ -36,6 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from newstagger.cli import positive_int
+from newstagger.model import read_meta
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SENTENCES = [
@@ -215,6 +216,17 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float) -> None:
     sys.exit(f"the server was not ready within {seconds:.0f} s")
 
 
+def positive_seconds(text: str) -> float:
+    """argparse type of --max-seconds: a finite number over 0."""
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be over 0 and finite, not {text}")
+    return value
+
+
 def setting(text: str) -> tuple[str, str]:
     """argparse type of --server-env: NAME=VALUE."""
     name, equals, value = text.partition("=")
@@ -234,7 +246,7 @@ def main() -> None:
     parser.add_argument("--story-chars", type=positive_int, default=600, help="characters per story (default: 600)")
     parser.add_argument("--stories-file", type=Path, help="JSONL of {\"text\"} to use instead")
     parser.add_argument("--rounds", type=positive_int, default=3, help="times each mode sends every story (default: 3)")
-    parser.add_argument("--max-seconds", type=float, default=300, help="stop sending after this long (default: 300)")
+    parser.add_argument("--max-seconds", type=positive_seconds, default=300, help="stop sending after this long (default: 300)")
     parser.add_argument("--server-env", action="append", default=[], metavar="NAME=VALUE", type=setting,
                         help="setting for the started server, e.g. NEWSTAGGER_BATCH_WAIT_MS=2 (repeatable)")
     args = parser.parse_args()
@@ -248,13 +260,17 @@ def main() -> None:
         parser.error(f"--stories-file: no stories in {args.stories_file}")
     server = None
     if args.model:
+        try:  # the server would answer 503 with the reason until --max-seconds ran out
+            read_meta(args.model)
+        except (OSError, ValueError) as err:
+            parser.error(f"--model: {err}")
         port = free_loopback_port()
         url = f"http://127.0.0.1:{port}"
         server = start_server(args.model, port, args.server_env)
     else:
         url = args.url.rstrip("/")
         if urlsplit(url).hostname not in LOOPBACK:
-            sys.exit(f"refusing {url}: this load test only targets loopback ({', '.join(sorted(LOOPBACK))})")
+            parser.error(f"--url: refusing {url}: this load test only targets loopback ({', '.join(sorted(LOOPBACK))})")
     try:
         if server:
             wait_ready(url, server, args.max_seconds)

@@ -20,7 +20,7 @@ from sklearn.metrics import f1_score
 from sklearn.model_selection import GroupKFold
 
 from newstagger.lexical import FIT_SETTINGS, NGRAM_RANGE
-from training.data import read_documents
+from training.data import parse_data_spec, read_documents
 
 SHIPPED = {"ngram_range": NGRAM_RANGE, "C": FIT_SETTINGS["C"], "min_df": FIT_SETTINGS["min_df"],
            "max_features": FIT_SETTINGS["max_features"], "jieba_words": False}
@@ -56,14 +56,22 @@ def out_of_fold_probs(texts, words, targets, groups, folds, ngram_range, C, min_
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("data", help="topic-labelled documents with a `group`, any importer format")
-    parser.add_argument("--folds", type=int, default=5)
+    parser.add_argument("data", help="topic-labelled documents with a `group`: PATH[:FORMAT], any importer format")
+    parser.add_argument("--folds", type=int, default=5, help="grouped folds, at least 2")
     args = parser.parse_args()
 
-    documents = [doc for doc in read_documents(args.data) if doc.topics is not None]
-    topics = sorted({topic for doc in documents for topic in doc.topics})
+    try:
+        documents = [doc for doc in read_documents(*parse_data_spec(args.data)) if doc.topics is not None]
+    except (OSError, ValueError) as err:  # DataError is a ValueError
+        parser.error(str(err))
+    if not documents:
+        parser.error(f"{args.data} holds no topic-labelled documents")
     texts = [doc.text for doc in documents]
     groups = [doc.group or doc.id for doc in documents]
+    if not 2 <= args.folds <= len(set(groups)):
+        parser.error(f"--folds must be from 2 to the {len(set(groups))} groups of topic-labelled documents in "
+                     f"{args.data}, not {args.folds}")
+    topics = sorted({topic for doc in documents for topic in doc.topics})
     targets = np.array([[topic in doc.topics for topic in topics] for doc in documents], dtype=int)
     words = None
     if any(variant.get("jieba_words") for variant in VARIANTS.values()):

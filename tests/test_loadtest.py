@@ -38,3 +38,13 @@ def test_a_server_that_does_not_answer_is_one_line(monkeypatch):
         loadtest.main()
     assert str(exit_.value.code).startswith("no answer from http://127.0.0.1:1")
 
+
+
+@pytest.mark.parametrize(("argv", "reason"), [(["--model", "/nonexistent"], "--model: /nonexistent is not a newstagger"),
+                                              (["--url", "http://example.com:8000"], "only targets loopback"),
+                                              (["--url", "http://127.0.0.1:1", "--max-seconds", "nan"], "finite")])
+def test_arguments_that_cannot_work_exit_2_at_once(monkeypatch, capsys, argv, reason):
+    monkeypatch.setattr(sys, "argv", ["loadtest", *argv])
+    with pytest.raises(SystemExit) as exit_:
+        loadtest.main()
+    assert exit_.value.code == 2 and reason in capsys.readouterr().err
