@@ -324,8 +324,8 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| created | {meta.created} |",
         f"| parent version | {meta.parent_version or '-'} |",
         f"| window | {meta.max_length} positions, {meta.stride} tokens overlap |",
-        f"| entity types | {', '.join(schema.entity_types) or '-'} |",
-        f"| coarse view | {', '.join(f'{k}->{v}' for k, v in schema.coarse.items()) or '-'} |",
+        f"| entity types | {_cell(', '.join(schema.entity_types)) or '-'} |",
+        f"| coarse view | {_cell(', '.join(f'{k}->{v}' for k, v in schema.coarse.items())) or '-'} |",
         f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
         f"| span decoding | Viterbi over valid BIO sequences{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
         f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their tags, is lower are dropped) |",
@@ -334,7 +334,7 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         "",
         "| topic | threshold |",
         "|---|---|",
-        *[f"| {t} | {meta.threshold(t):.3f} |" for t in schema.topics],
+        *[f"| {_cell(t)} | {meta.threshold(t):.3f} |" for t in schema.topics],
     ]
     blend = meta.training.get("topic_blend")
     if blend and blend.get("weight"):
@@ -350,13 +350,18 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         "",
         "## Limits",
         "",
-        "- Trained on news sentences (entities) and government-report paragraphs (topics); other",
-        "  registers (social media, classical Chinese) are out of its domain.",
+        "- Trained on the data listed under Training: text unlike it (for a news model: social",
+        "  media, classical Chinese) is out of its domain.",
         "- Entity offsets are Python `str` indices, end exclusive; text longer than the window is",
         "  windowed and merged, so length is not limited.",
         "",
     ]
     return "\n".join(lines)
+
+
+def _cell(text: str) -> str:
+    """Text for a markdown table cell: labels come from the data, and a `|` would split the cell."""
+    return text.replace("|", "\\|")
 
 
 def _lexicon_summary(lexicon: dict | None) -> str:
@@ -376,6 +381,8 @@ def _metrics_tables(metrics: dict) -> list[str]:
             for task in TASK_TABLES:
                 if task in result:
                     lines += [f"### {section}: {task}", ""] + _task_table(result[task])
+        elif not result:
+            lines += [f"- {section}: not measured (nothing to score it on)", ""]
         elif section == "agreement":
             lines += ["### agreement with PyTorch fp32 (`newstagger check`)", "",
                       "| backend | identical entities | max topic difference | passed |", "|---|---|---|---|"]
@@ -392,7 +399,7 @@ def _metrics_tables(metrics: dict) -> list[str]:
 def _task_table(result: dict) -> list[str]:
     lines = ["| label | precision | recall | f1 | support |", "|---|---|---|---|---|"]
     for label, row in result.get("per_label", {}).items():
-        lines.append(f"| {label} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
+        lines.append(f"| {_cell(label)} | {row['precision']:.3f} | {row['recall']:.3f} | {row['f1']:.3f} | {row['support']} |")
     for average in ("micro", "macro"):
         if average in result:
             row = result[average]

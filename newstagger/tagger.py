@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 
 from .backends import TorchBackend, make_backend
+from .cli import UsageError
 from .decoding import SCORE_DECIMALS, constrained_viterbi, tag_marginals, tags_to_spans
 from .documents import unpaired_surrogate
 from .lexical import LexicalTopicModel, blend
@@ -24,8 +25,13 @@ DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
 
 
 def default_model_dir() -> Path:
-    """The shipped model, or the folder NEWSTAGGER_MODEL names."""
-    return Path(os.environ.get("NEWSTAGGER_MODEL") or DEFAULT_MODEL_DIR)
+    """The folder NEWSTAGGER_MODEL names, else the shipped model; UsageError where neither is."""
+    if os.environ.get("NEWSTAGGER_MODEL"):
+        return Path(os.environ["NEWSTAGGER_MODEL"])
+    if not DEFAULT_MODEL_DIR.is_dir():  # installed from a wheel: the code came, models/ did not
+        raise UsageError(f"no --model given, and the shipped model is not at {DEFAULT_MODEL_DIR} (an install that "
+                         "is not editable leaves it in the checkout): give --model DIR or set NEWSTAGGER_MODEL")
+    return DEFAULT_MODEL_DIR
 
 
 class Tagger:

@@ -160,6 +160,14 @@ def test_missing_input_output_folder_or_model_exits_2_before_the_model_loads(tin
     assert "not a newstagger model folder" in capsys.readouterr().err
 
 
+def test_without_a_model_where_the_install_has_none_says_how_to_give_one(tmp_path, monkeypatch, capsys):
+    monkeypatch.delenv("NEWSTAGGER_MODEL", raising=False)
+    monkeypatch.setattr("newstagger.tagger.DEFAULT_MODEL_DIR", tmp_path / "site-packages" / "models" / "default")
+    assert main(["tag", "-i", "-", "-o", "-"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "no --model given, and the shipped model is not at" in line and "set NEWSTAGGER_MODEL" in line
+
+
 @pytest.mark.parametrize("value", ["1.5", "-0.2", "nan"])
 def test_an_entity_threshold_outside_0_to_1_exits_2(tiny_model_dir, value, capsys):
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--entity-threshold", value]) == 2

@@ -16,6 +16,7 @@ from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
 from newstagger.crf import BioCrf
+from newstagger.model import ModelMeta, render_model_card
 from newstagger.documents import DataError
 from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
@@ -75,6 +76,13 @@ def test_round_trip_train_save_load_tag(trained):
     card = (folder / "README.md").read_text()
     assert "Metrics" in card and "9.9.9" in card and "Highest-scoring topic is a gold topic" in card
     assert "| entity threshold |" in card
+
+
+def test_a_card_escapes_labels_for_its_tables_and_says_what_was_not_measured():
+    schema = LabelSchema(topics=["a|b"], entity_types=["x|y"])
+    card = render_model_card(ModelMeta(schema=schema, max_length=32, stride=8), {"validation": {}})
+    assert "| a\\|b | 0.500 |" in card and "| entity types | x\\|y |" in card
+    assert "- validation: not measured" in card
 
 
 def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
