@@ -102,7 +102,7 @@ def test_a_grown_model_is_compared_on_the_labels_the_older_one_knows(tiny_model_
     gold = [replace(doc, topics=[*doc.topics, "culture"], entities=[*doc.entities, Span(0, 1, "event")])
             for doc in sample[:10]]
 
-    candidate, baseline, candidate_all_labels = score_on_gold(grown, old, gold)
+    candidate, baseline, candidate_all_labels = score_on_gold(grown, old, [gold])
     assert candidate == baseline
     assert "culture" in candidate_all_labels["topics"]["per_label"]
     assert "culture" not in candidate["topics"]["per_label"] and "event" not in candidate["entities"]["per_label"]

@@ -595,6 +595,17 @@ def test_evaluate_counts_each_task_only_on_documents_labelled_for_it(tiny_model_
     assert metrics["topics"]["documents"] == 1
 
 
+def test_a_coarse_files_sentences_without_entities_stay_out_of_the_fine_view_beside_a_fine_file(tiny_model_dir):
+    tagger = Tagger.load(tiny_model_dir)
+    fine = [Document("c", "王五住在北京", entities=[Span(0, 2, "name")], topics=["livelihood"])]
+    coarse = [Document("m1", "王五住在北京", entities=[Span(0, 2, "PER")]), Document("m2", "今天下雨", entities=[])]
+    metrics = evaluate_tagger(tagger, fine, coarse, show_progress=False)
+    assert metrics["entities"]["documents"] == 1 and metrics["entities_coarse"]["documents"] == 3
+    assert metrics["topics"]["documents"] == 1
+    # pooled into one source, nothing tells whose the sentence without entities is: the fine view takes it
+    assert evaluate_tagger(tagger, fine + coarse, show_progress=False)["entities"]["documents"] == 2
+
+
 def test_coarse_labelled_data_is_scored_in_the_coarse_view(tiny_model_dir):
     tagger = Tagger.load(tiny_model_dir)
     docs = [Document("m", "王五住在北京", entities=[Span(0, 2, "PER"), Span(4, 6, "LOC")])]

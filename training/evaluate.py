@@ -127,13 +127,26 @@ class Predictions:
     gold_spans: list[list[tuple[int, int, str]]] = field(default_factory=list)
     predicted_spans: list[list[tuple[int, int, str, float]]] = field(default_factory=list)
     lengths: list[int] = field(default_factory=list)
+    coarse_only: list[bool] = field(default_factory=list)  # see coarse_view_alone
     topic_gold: np.ndarray | None = None
     topic_probs: np.ndarray | None = None
+
+    @classmethod
+    def joined(cls, parts: Sequence["Predictions"]) -> "Predictions":
+        """One set of predictions of several sources, each keeping its own coarse_only."""
+        topics = [part for part in parts if part.topic_gold is not None]
+        return cls([spans for part in parts for spans in part.gold_spans],
+                   [spans for part in parts for spans in part.predicted_spans],
+                   [length for part in parts for length in part.lengths],
+                   [coarse for part in parts for coarse in part.coarse_only],
+                   np.concatenate([part.topic_gold for part in topics]) if topics else None,
+                   np.concatenate([part.topic_probs for part in topics]) if topics else None)
 
 
 def predict_documents(tagger: Tagger, documents: Sequence[Document], decoding: str = "viterbi",
                       show_progress: bool = True) -> Predictions:
-    """Run the tagger over labelled documents; one labelled for one task only counts for that task only."""
+    """Run the tagger over labelled documents of one source (a file: see `coarse_view_alone`); one
+    labelled for one task only counts for that task only."""
     schema = tagger.schema
     topic_index = {t: k for k, t in enumerate(schema.topics)}
     predictions, topic_gold, topic_probs = Predictions(), [], []
@@ -161,6 +174,7 @@ def predict_documents(tagger: Tagger, documents: Sequence[Document], decoding: s
                 topic_probs.append(doc_probs)
         progress.update(len(batch))
     progress.close()
+    predictions.coarse_only = coarse_view_alone(predictions.gold_spans, schema)
     if topic_gold:
         predictions.topic_gold, predictions.topic_probs = np.stack(topic_gold), np.stack(topic_probs)
     return predictions
@@ -175,30 +189,40 @@ def prediction_metrics(predictions: Predictions, tagger: Tagger, decoding: str =
     if predictions.gold_spans:
         cut = meta.entity_threshold if entity_threshold is None else entity_threshold
         metrics.update(scored_entity_metrics(predictions.gold_spans, predictions.predicted_spans,
-                                             predictions.lengths, schema, cut))
+                                             predictions.lengths, schema, cut, predictions.coarse_only))
     if predictions.topic_gold is not None:
         cuts = [meta.threshold(t) for t in schema.topics]
         metrics["topics"] = topic_metrics(predictions.topic_gold, predictions.topic_probs, cuts, schema.topics)
     return metrics
 
 
-def evaluate_tagger(tagger: Tagger, documents: Sequence[Document], *, decoding: str = "viterbi",
+def evaluate_tagger(tagger: Tagger, *sources: Sequence[Document], decoding: str = "viterbi",
                     entity_threshold: float | None = None, show_progress: bool = True) -> dict:
-    """Metrics of a tagger on labelled documents (see `predict_documents` and `prediction_metrics`)."""
-    return prediction_metrics(predict_documents(tagger, documents, decoding, show_progress), tagger, decoding,
-                              entity_threshold)
+    """Metrics of a tagger on one or more sources (files) of labelled documents (see
+    `predict_documents` and `prediction_metrics`)."""
+    predictions = Predictions.joined([predict_documents(tagger, docs, decoding, show_progress) for docs in sources])
+    return prediction_metrics(predictions, tagger, decoding, entity_threshold)
+
+
+def coarse_view_alone(gold: Sequence[list[tuple[int, int, str]]], schema: LabelSchema) -> list[bool]:
+    """Which documents of one source, given by their gold spans, are scored in the coarse view alone:
+    those labelled with a coarse type (MSRA-style PER/LOC/ORG), and those without entities in a
+    source whose other documents are all so labelled (MSRA's sentences without a name are still
+    MSRA's, whatever other files are scored beside them)."""
+    coarse_labelled = [any(t in schema.coarse_only_types for _, _, t in spans) for spans in gold]
+    all_coarse = any(coarse_labelled) and not any(spans and not coarse for spans, coarse in zip(gold, coarse_labelled))
+    return [coarse or (all_coarse and not spans) for spans, coarse in zip(gold, coarse_labelled)]
 
 
 def scored_entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: list[list[tuple[int, int, str, float]]],
-                          lengths: list[int], schema: LabelSchema, entity_threshold: float) -> dict:
+                          lengths: list[int], schema: LabelSchema, entity_threshold: float,
+                          coarse_only: Sequence[bool] | None = None) -> dict:
     """`entities` (the model's types) and `entities_coarse` metrics of the predicted spans scoring
-    at least `entity_threshold`. Documents labelled with coarse types (MSRA-style PER/LOC/ORG) are
-    scored in that view alone; so is one without entities in a set where the others are all coarse."""
+    at least `entity_threshold`; documents marked `coarse_only` (default: `coarse_view_alone` of the
+    documents as one source) count in the coarse view alone."""
     kept = [[(s, e, t) for s, e, t, score in spans if score >= entity_threshold] for spans in predicted]
-    coarse_labelled = [any(t in schema.coarse_only_types for _, _, t in spans) for spans in gold]
-    all_coarse = any(coarse_labelled) and not any(spans and not coarse for spans, coarse in zip(gold, coarse_labelled))
-    fine = [i for i, (spans, coarse) in enumerate(zip(gold, coarse_labelled))
-            if not (coarse or (all_coarse and not spans))]
+    coarse_only = coarse_view_alone(gold, schema) if coarse_only is None else coarse_only
+    fine = [i for i, coarse in enumerate(coarse_only) if not coarse]
     metrics = {}
     if fine:
         metrics["entities"] = entity_metrics([gold[i] for i in fine], [kept[i] for i in fine],
@@ -210,7 +234,8 @@ def scored_entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: lis
 
 
 def tune_entity_threshold(gold: list[list[tuple[int, int, str]]], predicted: list[list[tuple[int, int, str, float]]],
-                          lengths: list[int], schema: LabelSchema) -> tuple[float, dict]:
+                          lengths: list[int], schema: LabelSchema,
+                          coarse_only: Sequence[bool] | None = None) -> tuple[float, dict]:
     """The entity score cut (0 to 0.8 by 0.1) with the best micro-F1 on the given (validation)
     documents, and scored_entity_metrics at it; ties go to the lower cut, which drops less.
 
@@ -221,7 +246,7 @@ def tune_entity_threshold(gold: list[list[tuple[int, int, str]]], predicted: lis
     """
     best_f1, best = -1.0, (0.0, {})
     for cut in np.round(np.arange(0.0, 0.81, 0.1), 1).tolist():
-        metrics = scored_entity_metrics(gold, predicted, lengths, schema, cut)
+        metrics = scored_entity_metrics(gold, predicted, lengths, schema, cut, coarse_only)
         f1 = float(np.mean([metrics[view]["micro"]["f1"] for view in ("entities", "entities_coarse") if view in metrics]))
         if f1 > best_f1:
             best_f1, best = f1, (cut, metrics)
@@ -253,16 +278,16 @@ def run(args) -> int:
     # A gold label the model does not know is more often a typo than a test of what it cannot find:
     # a topic would silently count as no topic, an entity type as misses that drag the averages.
     schema = tagger.schema
-    documents = [doc for source in sources for doc in read_documents(
-        *source, topic_labels=schema.topics, entity_types=[*schema.entity_types, *set(schema.coarse.values())])]
-    if not any(doc.labelled for doc in documents):
+    files = [read_documents(*source, topic_labels=schema.topics,
+                            entity_types=[*schema.entity_types, *set(schema.coarse.values())]) for source in sources]
+    if not any(doc.labelled for docs in files for doc in docs):
         raise DataError(f"--data: no labelled documents in {', '.join(args.data)}")
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:
         if tagger.topic_lexical is None:
             raise UsageError("--topic-blend: this model folder has no lexical topic model")
         tagger.topic_lexical.weight = args.topic_blend
-    result = json.dumps(evaluate_tagger(tagger, documents, decoding=args.decoding, entity_threshold=entity_threshold),
+    result = json.dumps(evaluate_tagger(tagger, *files, decoding=args.decoding, entity_threshold=entity_threshold),
                         ensure_ascii=False, indent=2)
     print(result)
     if args.output:

@@ -200,7 +200,8 @@ def retrain(config: RetrainConfig) -> dict:
         _, validation = train(train_config, sources=[docs for docs in new_sets + replay_sets if docs])
         shutil.rmtree(staged / "checkpoint", ignore_errors=True)  # optimizer state: not part of a model
         baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
-        candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger, gold)
+        candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger,
+                                                                            [docs for _, docs in gold_sources])
         gate = decide(candidate_gold, baseline_gold, tolerances)
         _describe_retraining(staged, registry.root / version, {
             "new": [source for source, _ in new_sources],
@@ -295,19 +296,19 @@ def exact_tagger(folder: Path) -> Tagger:
     return Tagger.load(folder, backend="torch", precision="fp32")
 
 
-def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[Document]) -> tuple[dict, dict, dict]:
-    """Gold metrics of the candidate and the baseline on the labels the baseline knows, and of the
-    candidate on all its own labels.
+def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[list[Document]]) -> tuple[dict, dict, dict]:
+    """Gold metrics, on the gold files, of the candidate and the baseline on the labels the baseline
+    knows, and of the candidate on all its own labels.
 
     A candidate that grew new labels is seen through the baseline's schema, so that a new label,
     hard to learn from a few examples, neither sinks the comparison nor lifts it.
     """
-    candidate_all_labels = evaluate_tagger(candidate, gold)
+    candidate_all_labels = evaluate_tagger(candidate, *gold)
     if candidate.schema == baseline.schema or not candidate.schema.extends(baseline.schema):
-        return candidate_all_labels, evaluate_tagger(baseline, gold), candidate_all_labels
-    shared = _only_labels_of(baseline.schema, gold)
-    return (evaluate_tagger(KnownLabelsView(candidate, baseline.schema), shared),
-            evaluate_tagger(baseline, shared), candidate_all_labels)
+        return candidate_all_labels, evaluate_tagger(baseline, *gold), candidate_all_labels
+    shared = [_only_labels_of(baseline.schema, docs) for docs in gold]
+    return (evaluate_tagger(KnownLabelsView(candidate, baseline.schema), *shared),
+            evaluate_tagger(baseline, *shared), candidate_all_labels)
 
 
 class KnownLabelsView:

@@ -862,7 +862,7 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     metrics = prediction_metrics(predictions, tagger) if valid_docs else {}
     if len(predictions.gold_spans) >= config.min_tuning_documents:
         meta.entity_threshold, entity_metrics = tune_entity_threshold(
-            predictions.gold_spans, predictions.predicted_spans, predictions.lengths, schema)
+            predictions.gold_spans, predictions.predicted_spans, predictions.lengths, schema, predictions.coarse_only)
         metrics.update(entity_metrics)
     else:
         log.info("%d entity-labelled validation documents, under min_tuning_documents: %s entity threshold (%.2f)",
