@@ -187,9 +187,9 @@ def _chunks(items, size: int):
 
 
 def _check_paths(source: str, sink: str) -> None:
-    """UsageError for an input that is not a file or an output with no folder to go in, before the
-    model takes its seconds to load."""
-    if source != "-" and not Path(source).is_file():
+    """UsageError for an input that is missing or a folder, or an output with no folder to go in,
+    before the model takes its seconds to load (a pipe, /dev/stdin, is an input too)."""
+    if source != "-" and (Path(source).is_dir() or not Path(source).exists()):
         raise UsageError(f"--input {source}: {'a folder' if Path(source).is_dir() else 'no such file'}")
     if sink != "-" and not Path(sink).absolute().parent.is_dir():
         raise UsageError(f"--output {sink}: no folder {Path(sink).absolute().parent} to write it in")

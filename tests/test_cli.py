@@ -14,6 +14,7 @@ import pytest
 from conftest import SAMPLE
 
 from newstagger.cli import main
+from newstagger.tag_command import _check_paths
 
 
 def write_lines(path, lines):
@@ -158,6 +159,12 @@ def test_missing_input_output_folder_or_model_exits_2_before_the_model_loads(tin
     assert f"--output {tmp_path / 'no' / 'out.jsonl'}: no folder {tmp_path / 'no'}" in capsys.readouterr().err
     assert main(["tag", "--model", str(tmp_path), "-i", "-", "-o", "-"]) == 2
     assert "not a newstagger model folder" in capsys.readouterr().err
+
+
+def test_a_pipe_is_an_input_tag_takes(tmp_path):
+    fifo = tmp_path / "stories.fifo"
+    os.mkfifo(fifo)
+    _check_paths(str(fifo), "-")  # process substitution and /dev/stdin are such paths
 
 
 def test_without_a_model_where_the_install_has_none_says_how_to_give_one(tmp_path, monkeypatch, capsys):

@@ -133,7 +133,7 @@ def test_blocks_longer_than_the_encoder_exit_2_before_training(tiny_mlm_base, tm
 
 def test_text_with_no_token_the_tokenizer_knows_exits_2(tiny_mlm_base, tmp_path, capsys):
     invisible = tmp_path / "invisible.jsonl"
-    invisible.write_text("".join(json.dumps({"id": i, "text": "\u200b\u200b"}) + "\n" for i in range(5)))
+    invisible.write_text("".join(json.dumps({"id": i, "text": "\u200b" * (i + 1)}) + "\n" for i in range(5)))
     assert main(["pretrain", "--text", f"{invisible}:internal", "--base-model", str(tiny_mlm_base),
                  "--output", str(tmp_path / "out")]) == 2
     assert "no token the base's tokenizer knows" in capsys.readouterr().err
@@ -176,6 +176,15 @@ def test_a_text_held_out_is_not_trained_on_however_often_it_repeats(tiny_mlm_bas
     held_out = record["text"]["held_out"]["documents"]
     assert record["text"]["train"]["documents"] + held_out < 10
     assert "training documents out: their text is also held out" in caplog.text
+
+
+def test_an_archive_of_one_text_over_and_over_has_nothing_left_to_train_on(tiny_mlm_base, tmp_path, capsys):
+    repeated = tmp_path / "repeated.jsonl"
+    repeated.write_text("".join(json.dumps({"id": i, "text": "滨江市地铁5号线将于年底开通。"}) + "\n" for i in range(10)),
+                        encoding="utf-8")
+    assert main(["pretrain", "--text", f"{repeated}:internal", "--base-model", str(tiny_mlm_base),
+                 "--output", str(tmp_path / "out"), "--validation-fraction", "0.2"]) == 2
+    assert "every text is also held out" in capsys.readouterr().err
 
 
 def test_text_too_short_to_mask_trains_nothing_and_exits_2(tiny_mlm_base, tmp_path, capsys):

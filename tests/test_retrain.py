@@ -78,7 +78,8 @@ def test_a_bad_gate_is_refused_before_anything_runs(gate):
 
 @pytest.mark.parametrize(("setting", "message"), [({"tolerance": float("nan")}, "tolerance must be a finite number"),
                                                   ({"replay_ratio": -1.0}, "replay_ratio must be 0 or more"),
-                                                  ({"epochs": 0}, "epochs must be at least 1")])
+                                                  ({"epochs": 0}, "epochs must be at least 1"),
+                                                  ({"seed": -1}, "seed must be from 0 to 4294967295")])
 def test_retrain_settings_that_cannot_work_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
         RetrainConfig(**setting)

@@ -133,7 +133,11 @@ def test_training_into_a_folder_that_is_not_empty_needs_overwrite_output(tiny_ba
     argv = ["train", "--train", f"{SAMPLE}:internal", "--init-model", str(output), "--output", str(output)]
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert f"output {output} is not empty" in line and "--overwrite-output" in line
+    assert f"output {output} is not empty; --resume continues the run there, or --overwrite-output" in line
+    shutil.rmtree(output / "checkpoint")  # the model is final: --resume has nothing to continue either
+    assert main([*argv, "--resume"]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert f"output {output} is not empty; name a new folder for the model, or --overwrite-output" in line
     assert (output / "model.safetensors").read_bytes() == before
     train(tiny_train_config(tiny_base, output, max_steps=1, seed=14, overwrite_output=True))
     assert (output / "model.safetensors").read_bytes() != before
@@ -181,8 +185,11 @@ def test_a_checkpoint_holds_no_pickle_and_one_from_before_is_refused(tiny_base, 
     train(tiny_train_config(tiny_base, output, epochs=1))
     checkpoint = output / "checkpoint"
     assert {path.suffix for path in checkpoint.iterdir()} == {".safetensors", ".json"}
-    (checkpoint / "optimizer.safetensors").rename(checkpoint / "optimizer.pt")
-    with pytest.raises(DataError, match="cannot be resumed from .*optimizer.safetensors.*delete it to train afresh"):
+    for name in ("optimizer.json", "optimizer.safetensors"):  # the layout of before: two pickles
+        (checkpoint / name).unlink()
+    for name in ("optimizer.pt", "scheduler.pt"):
+        (checkpoint / name).write_bytes(b"\x80\x04never unpickled")
+    with pytest.raises(DataError, match="written by an older newstagger, which pickled the optimizer state; delete it"):
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
 
 

@@ -156,6 +156,8 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         raise DataError("no text to pretrain on: give at least one --text PATH[:FORMAT] with non-blank texts in it")
     train_docs, held_out = split_validation(documents, config.validation_fraction, seed=config.seed)
     train_docs = not_held_out(train_docs, {doc.text for doc in held_out})
+    if not train_docs:
+        raise DataError("no text to pretrain on: every text is also held out (the same text over and over?)")
     model, tokenizer, base_record = _base_checkpoint(config.base_model)
     check_windows_fit(model.config, max_length=config.max_length)
     model.to(device)

@@ -45,7 +45,7 @@ from .registry import (
     fingerprint, metric, once_per_path, scores,
 )
 from .train import (TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
-                    device_option, device_rule, train)
+                    device_option, device_rule, seed_rule, train)
 
 log = logging.getLogger("newstagger.retrain")
 
@@ -87,6 +87,7 @@ class RetrainConfig:
             ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "positive"),
             ("threads", self.threads is None or self.threads >= 0, "0 or more"),
             device_rule(self.device),
+            seed_rule(self.seed),
         ))
         gate_tolerances(self)  # a misspelt --gate too
 

@@ -503,7 +503,10 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     """
     started = time.time()
     config = _with_inherited_settings(config)
-    output, device = start_run(config, "model", may_write_into=config.resume or config.overwrite_output)
+    # --resume writes into the folder only where there is a run to continue: a model whose checkpoint
+    # was deleted once it was final stays refused
+    resumable = config.resume and _saved_checkpoint(Path(config.output) / "checkpoint") is not None
+    output, device = start_run(config, "model", may_write_into=resumable or config.overwrite_output)
 
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
@@ -540,8 +543,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
             state, best_state = _resume(saved, run_identity(config), model, optimizer, scheduler, rng)
         except DataError:
             raise
-        # damaged, another run's, or an older newstagger's (which pickled the optimizer)
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:
+        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged, another run's
             raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
     state["run"] = run_identity(config)
 
@@ -639,8 +641,9 @@ def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, tor
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
     if not may_write_into and output.is_dir() and any(output.iterdir()):
-        raise UsageError(f"output {output} is not empty; name a new folder for the {output_kind}, or give "
-                         "--overwrite-output to replace what is there")
+        interrupted = any(output.glob("checkpoint*/trainer_state.json"))
+        raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if interrupted else
+                         f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
     nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
     if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
@@ -957,6 +960,9 @@ def _save_optimizer(folder: Path, optimizer, scheduler) -> None:
 
 
 def _load_optimizer(folder: Path, optimizer, scheduler) -> None:
+    if (folder / "optimizer.pt").is_file() and not (folder / "optimizer.json").is_file():
+        raise DataError(f"{folder} was written by an older newstagger, which pickled the optimizer state; "
+                        "delete it to train afresh")
     settings = json.loads((folder / "optimizer.json").read_text())
     moments: dict[int, dict] = {}
     # on the CPU: a checkpoint written on a GPU resumes on a CPU (the optimizer moves state to its parameters)
