@@ -17,6 +17,7 @@ with fp32 on this model, so an approximation is never switched on silently.
 from __future__ import annotations
 
 import copy
+import json
 import logging
 import os
 from pathlib import Path
@@ -27,7 +28,7 @@ from torch import nn
 
 from .cli import UsageError
 from .lexicon import TokenLexicon
-from .model import ONNX_DIR, NewsTaggerModel, read_metrics
+from .model import EXPORT_RECORD, ONNX_DIR, NewsTaggerModel, read_metrics, weights_sha256
 
 logger = logging.getLogger(__name__)
 
@@ -174,12 +175,24 @@ def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str
     if device.type == "cuda":
         return [("torch", "bf16"), ("torch", "fp32")] if torch.cuda.is_bf16_supported() else [("torch", "fp32")]
     ranked = [("torch", "bf16")] if cpu_has_bf16() else []
-    if onnx_path(folder, "int8").is_file():
+    exported = onnx_export_current(folder)
+    if exported and onnx_path(folder, "int8").is_file():
         ranked.append(("onnx", "int8"))
     ranked.append(("torch", "fp32"))
-    if onnx_path(folder, "fp32").is_file():
+    if exported and onnx_path(folder, "fp32").is_file():
         ranked.append(("onnx", "fp32"))
     return ranked
+
+
+def onnx_export_current(folder: Path) -> bool:
+    """Whether the folder's ONNX graphs were exported from the weights it holds now: saving a model
+    over the folder removes its graphs, but weights copied in by hand would leave graphs that answer
+    for another model."""
+    try:
+        record = json.loads((folder / ONNX_DIR / EXPORT_RECORD).read_text(encoding="utf-8"))
+        return record.get("weights_sha256") == weights_sha256(folder)
+    except (OSError, ValueError, AttributeError):  # no export, or a record that is not a JSON object
+        return False
 
 
 def agreement_passed(folder: Path, backend: str, precision: str) -> bool:
@@ -197,6 +210,9 @@ def _unavailable_reason(folder: Path, backend: str, precision: str, device: torc
         return "this CPU has no bf16 matrix instructions (AMX or AVX512-BF16); use fp32, or int8 with onnx"
     if not onnx_path(folder, "fp32").is_file():
         return f"{folder} has no ONNX export; run `newstagger export --model {folder}` first"
+    if not onnx_export_current(folder):
+        return (f"{folder}'s ONNX export was not made from the model.safetensors it holds now; run "
+                f"`newstagger export --model {folder}` again")
     return f"{folder} has no int8 graph; run `newstagger export --model {folder} --quantize int8`"
 
 

@@ -24,11 +24,10 @@ import torch
 from .agreement import drop_agreement
 from .backends import OnnxBackend, ScoringModule, TorchBackend, onnx_path
 from .cli import add_model_argument
-from .model import ONNX_DIR, load_model_folder
+from .model import EXPORT_RECORD, ONNX_DIR, load_model_folder, weights_sha256
 
 logger = logging.getLogger(__name__)
 
-EXPORT_RECORD = "export.json"
 OPSET = 17
 # An exported fp32 graph matches PyTorch to ~1e-6; anything near this means a broken export
 # (for instance a data-dependent branch frozen by the tracer), not rounding.
@@ -86,7 +85,7 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
             _quantize(files["fp32"], files["int8"])
         written = {p: {"path": str(onnx_path(folder, p).relative_to(folder)), "bytes": f.stat().st_size}
                    for p, f in files.items()}
-        record = _export_record(written, inputs, fused, max_difference)
+        record = _export_record(written, inputs, fused, max_difference) | {"weights_sha256": weights_sha256(folder)}
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)

@@ -8,6 +8,7 @@ model card (README.md). `load_model_folder` needs nothing else.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 ONNX_DIR = "onnx"  # written by `newstagger export` (newstagger.export)
+EXPORT_RECORD = "export.json"  # in ONNX_DIR: what was exported, from which weights
 
 
 class NewsTaggerModel(BertPreTrainedModel):
@@ -260,6 +262,11 @@ def replace_text(path: Path, text: str) -> None:
     except BaseException:
         Path(temporary).unlink(missing_ok=True)
         raise
+
+
+def weights_sha256(folder: Path) -> str:
+    with open(folder / "model.safetensors", "rb") as weights:
+        return hashlib.file_digest(weights, "sha256").hexdigest()
 
 
 def read_meta(folder: str | Path) -> ModelMeta:

@@ -8,13 +8,14 @@ import shutil
 import onnx
 import pytest
 import torch
+from safetensors.torch import load_file, save_file
 
 from newstagger.agreement import check_agreement, compare, record_agreement
 from newstagger.backends import OnnxBackend, TorchBackend, available_cores, cpu_has_bf16, make_backend
 from newstagger.bench import synthetic_stories
 from newstagger.cli import UsageError, main
 from newstagger.export import export_onnx
-from newstagger.model import load_model_folder, save_model_folder
+from newstagger.model import load_model_folder, save_model_folder, weights_sha256
 from newstagger.tagger import Tagger
 
 
@@ -37,6 +38,7 @@ def test_export_writes_graphs_and_a_record(exported_dir):
     assert all((exported_dir / entry["path"]).is_file() for entry in record["files"].values())
     assert record["fused_operators"].get("Attention") == 2  # both layers of the tiny model fused
     assert record["fp32_max_abs_difference_vs_torch"] < 1e-4
+    assert record["weights_sha256"] == weights_sha256(exported_dir)
     int8_graph = onnx.load(str(exported_dir / "onnx" / "model.int8.onnx"))
     assert any(node.op_type == "MatMulInteger" for node in int8_graph.graph.node)
     assert not any(node.op_type == "MatMulInteger" for node in int8_graph.graph.node if "_head/" in node.name)
@@ -156,6 +158,21 @@ def test_saving_a_model_over_a_folder_drops_its_export_of_the_old_weights(export
     save_model_folder(folder, model, tokenizer, meta)
     assert not (folder / "onnx").exists()
     with pytest.raises(UsageError, match="newstagger export"):
+        make_backend(folder, model, backend="onnx")
+
+
+def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path):
+    """Weights copied over the folder by hand leave its graphs behind: they answer for another model."""
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    record_agreement(folder, {"onnx-int8": {"passed": True}})
+    model = load_model_folder(folder)[0]
+    assert make_backend(folder, model, device="cpu").name == "onnx"
+    weights = load_file(folder / "model.safetensors")
+    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, folder / "model.safetensors")
+    model = load_model_folder(folder)[0]
+    fallback = make_backend(folder, model, device="cpu")
+    assert (fallback.name, fallback.precision) == ("torch", "fp32")
+    with pytest.raises(UsageError, match="export was not made from the model.safetensors it holds now"):
         make_backend(folder, model, backend="onnx")
 
 
