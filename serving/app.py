@@ -41,6 +41,7 @@ from .schemas import (
 from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
+PROBE_STORY = "青澜市人民政府今天发布通知，地铁5号线年底开通。"  # tagged by every model before it serves
 
 class TaggingService:
     """The model being served (through its batcher), the settings, and the metrics."""
@@ -85,7 +86,9 @@ class TaggingService:
         # big request's throughput with 2 torch threads, 1.0 with one (loadtest.py).
         # Each worker process loads its own model: they share the cores rather than each taking all of them.
         shared = max(1, (available_cores() - 1) // self.settings.workers)
-        return Tagger.load(folder, threads=self.settings.torch_threads or shared)
+        tagger = Tagger.load(folder, threads=self.settings.torch_threads or shared)
+        tagger.tag([PROBE_STORY])  # a folder that loads but cannot tag (a damaged graph) never serves
+        return tagger
 
     def ready_batcher(self) -> MicroBatcher:
         if self.batcher is None:

@@ -521,6 +521,20 @@ def test_a_folder_that_fails_to_load_leaves_the_old_model_serving(make_client, t
     assert version_served(client) == "0.0.1"
 
 
+def test_a_folder_that_loads_but_cannot_tag_leaves_the_old_model_serving(make_client, second_model_dir, monkeypatch):
+    client = make_client(admin_token="secret")
+
+    def cannot_tag(self, texts, **options):
+        raise RuntimeError("a damaged graph")
+
+    monkeypatch.setattr(Tagger, "tag", cannot_tag)
+    response = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                           headers={"Authorization": "Bearer secret"})
+    monkeypatch.undo()
+    assert response.status_code == 422 and "a damaged graph; still serving tiny 0.0.1" in response.json()["detail"]
+    assert version_served(client) == "0.0.1"
+
+
 def test_a_request_in_flight_during_reload_finishes_on_the_old_model(make_client, second_model_dir):
     client = make_client(admin_token="secret")
     gate = Gate(client)
