@@ -175,7 +175,10 @@ def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str
     if device.type == "cuda":
         return [("torch", "bf16"), ("torch", "fp32")] if torch.cuda.is_bf16_supported() else [("torch", "fp32")]
     ranked = [("torch", "bf16")] if cpu_has_bf16() else []
-    exported = onnx_export_current(folder)
+    stale = onnx_path(folder, "fp32").is_file() and onnx_export_stale(folder)
+    if stale:
+        logger.warning("%s; its graphs are not used: run `newstagger export --model %s` again", stale, folder)
+    exported = onnx_path(folder, "fp32").is_file() and not stale
     if exported and onnx_path(folder, "int8").is_file():
         ranked.append(("onnx", "int8"))
     ranked.append(("torch", "fp32"))
@@ -184,15 +187,20 @@ def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str
     return ranked
 
 
-def onnx_export_current(folder: Path) -> bool:
-    """Whether the folder's ONNX graphs were exported from the weights it holds now: saving a model
-    over the folder removes its graphs, but weights copied in by hand would leave graphs that answer
-    for another model."""
+def onnx_export_stale(folder: Path) -> str | None:
+    """Why the folder's ONNX graphs may not stand for the weights it holds now, or None where they
+    were exported from them: saving a model over the folder removes its graphs, but weights copied
+    in by hand would leave graphs that answer for another model."""
+    record_path = folder / ONNX_DIR / EXPORT_RECORD
     try:
-        record = json.loads((folder / ONNX_DIR / EXPORT_RECORD).read_text(encoding="utf-8"))
-        return record.get("weights_sha256") == weights_sha256(folder)
-    except (OSError, ValueError, AttributeError):  # no export, or a record that is not a JSON object
-        return False
+        recorded = json.loads(record_path.read_text(encoding="utf-8")).get("weights_sha256")
+    except (OSError, ValueError, AttributeError):  # no record, or one that is not a JSON object
+        return f"{record_path} cannot be read"
+    if recorded is None:
+        return f"{folder}'s ONNX export records no weights hash (it predates them)"
+    if recorded != weights_sha256(folder):
+        return f"{folder}'s ONNX export was not made from the model.safetensors it holds now"
+    return None
 
 
 def agreement_passed(folder: Path, backend: str, precision: str) -> bool:
@@ -210,9 +218,8 @@ def _unavailable_reason(folder: Path, backend: str, precision: str, device: torc
         return "this CPU has no bf16 matrix instructions (AMX or AVX512-BF16); use fp32, or int8 with onnx"
     if not onnx_path(folder, "fp32").is_file():
         return f"{folder} has no ONNX export; run `newstagger export --model {folder}` first"
-    if not onnx_export_current(folder):
-        return (f"{folder}'s ONNX export was not made from the model.safetensors it holds now; run "
-                f"`newstagger export --model {folder}` again")
+    if stale := onnx_export_stale(folder):
+        return f"{stale}; run `newstagger export --model {folder}` again"
     return f"{folder} has no int8 graph; run `newstagger export --model {folder} --quantize int8`"
 
 

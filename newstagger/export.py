@@ -67,6 +67,7 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
     Everything is written into a staging folder that replaces `onnx/` only once the graphs passed
     verification, so a failed or interrupted export never leaves graphs for `--backend onnx` to use.
     """
+    exported_weights = weights_sha256(folder)  # before reading them: weights copied in meanwhile are not these
     model = load_model_folder(folder)[0]
     # ORT's BERT optimizer recognises (and fuses) attention only in the eager formulation.
     model.set_attn_implementation("eager")
@@ -85,7 +86,7 @@ def export_onnx(folder: Path, quantize: str | None = None) -> dict:
             _quantize(files["fp32"], files["int8"])
         written = {p: {"path": str(onnx_path(folder, p).relative_to(folder)), "bytes": f.stat().st_size}
                    for p, f in files.items()}
-        record = _export_record(written, inputs, fused, max_difference) | {"weights_sha256": weights_sha256(folder)}
+        record = _export_record(written, inputs, fused, max_difference) | {"weights_sha256": exported_weights}
         (staging / EXPORT_RECORD).write_text(json.dumps(record, indent=2) + "\n", encoding="utf-8")
         shutil.rmtree(out, ignore_errors=True)
         staging.rename(out)

@@ -14,6 +14,7 @@ import asyncio
 import hmac
 import json
 import logging
+import math
 from concurrent.futures import Future
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -87,7 +88,9 @@ class TaggingService:
         # Each worker process loads its own model: they share the cores rather than each taking all of them.
         shared = max(1, (available_cores() - 1) // self.settings.workers)
         tagger = Tagger.load(folder, threads=self.settings.torch_threads or shared)
-        tagger.tag([PROBE_STORY])  # a folder that loads but cannot tag (a damaged graph) never serves
+        # A folder that loads but cannot tag (a damaged graph) never serves. Two rows, one of them
+        # over several windows: a graph may break on a batch or a stitch and not on one short story.
+        tagger.tag([PROBE_STORY, PROBE_STORY * math.ceil(2 * tagger.meta.max_length / len(PROBE_STORY))])
         return tagger
 
     def ready_batcher(self) -> MicroBatcher:

@@ -161,18 +161,27 @@ def test_saving_a_model_over_a_folder_drops_its_export_of_the_old_weights(export
         make_backend(folder, model, backend="onnx")
 
 
-def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path):
-    """Weights copied over the folder by hand leave its graphs behind: they answer for another model."""
+@pytest.mark.parametrize("change, reason", [("weights", "export was not made from the model.safetensors it holds now"),
+                                            ("record", "export records no weights hash")])
+def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path, caplog, change, reason):
+    """Weights copied over the folder by hand leave its graphs behind: they answer for another model.
+    An export from before the hash was recorded cannot tell, so it is not used either."""
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     record_agreement(folder, {"onnx-int8": {"passed": True}})
     model = load_model_folder(folder)[0]
     assert make_backend(folder, model, device="cpu").name == "onnx"
-    weights = load_file(folder / "model.safetensors")
-    save_file({name: tensor + 0.01 for name, tensor in weights.items()}, folder / "model.safetensors")
+    if change == "weights":
+        weights = load_file(folder / "model.safetensors")
+        save_file({name: tensor + 0.01 for name, tensor in weights.items()}, folder / "model.safetensors")
+    else:
+        record = json.loads((folder / "onnx" / "export.json").read_text())
+        (folder / "onnx" / "export.json").write_text(json.dumps({k: v for k, v in record.items()
+                                                                 if k != "weights_sha256"}))
     model = load_model_folder(folder)[0]
     fallback = make_backend(folder, model, device="cpu")
     assert (fallback.name, fallback.precision) == ("torch", "fp32")
-    with pytest.raises(UsageError, match="export was not made from the model.safetensors it holds now"):
+    assert reason in caplog.text and "export --model" in caplog.text  # said, not silently slower
+    with pytest.raises(UsageError, match=f"{reason}.*; run `newstagger export --model .*` again"):
         make_backend(folder, model, backend="onnx")
 
 

@@ -12,6 +12,7 @@ import json
 import socket
 import os
 import threading
+from types import SimpleNamespace
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
@@ -393,7 +394,8 @@ def test_a_model_failure_fails_only_its_own_request(make_client):
 def test_worker_processes_share_the_cores_out(tiny_model_dir, monkeypatch, workers, threads):
     monkeypatch.setattr(app_module, "available_cores", lambda: 9)
     loaded = []
-    monkeypatch.setattr(app_module.Tagger, "load", lambda folder, **options: loaded.append(options["threads"]))
+    probed = SimpleNamespace(meta=SimpleNamespace(max_length=32), tag=lambda texts: None)
+    monkeypatch.setattr(app_module.Tagger, "load", lambda folder, **options: loaded.append(options["threads"]) or probed)
     app_module.TaggingService(ServeSettings(model=tiny_model_dir, workers=workers))._load_tagger(tiny_model_dir)
     assert loaded == [threads]
 
@@ -521,17 +523,22 @@ def test_a_folder_that_fails_to_load_leaves_the_old_model_serving(make_client, t
     assert version_served(client) == "0.0.1"
 
 
-def test_a_folder_that_loads_but_cannot_tag_leaves_the_old_model_serving(make_client, second_model_dir, monkeypatch):
+def test_a_folder_that_loads_but_cannot_tag_a_batch_leaves_the_old_model_serving(make_client, second_model_dir, monkeypatch):
     client = make_client(admin_token="secret")
 
-    def cannot_tag(self, texts, **options):
-        raise RuntimeError("a damaged graph")
+    tag = Tagger.tag
 
-    monkeypatch.setattr(Tagger, "tag", cannot_tag)
+    def tags_one_short_row_only(self, texts, **options):  # as a graph whose batch size was fixed at 1
+        if len(texts) > 1 or any(len(text) > self.meta.max_length for text in texts):
+            raise RuntimeError("a graph fixed to one short row")
+        return tag(self, texts, **options)
+
+    monkeypatch.setattr(Tagger, "tag", tags_one_short_row_only)
     response = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
                            headers={"Authorization": "Bearer secret"})
     monkeypatch.undo()
-    assert response.status_code == 422 and "a damaged graph; still serving tiny 0.0.1" in response.json()["detail"]
+    assert response.status_code == 422
+    assert "a graph fixed to one short row; still serving tiny 0.0.1" in response.json()["detail"]
     assert version_served(client) == "0.0.1"
 
 
