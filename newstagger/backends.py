@@ -175,14 +175,14 @@ def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str
     if device.type == "cuda":
         return [("torch", "bf16"), ("torch", "fp32")] if torch.cuda.is_bf16_supported() else [("torch", "fp32")]
     ranked = [("torch", "bf16")] if cpu_has_bf16() else []
-    stale = onnx_path(folder, "fp32").is_file() and onnx_export_stale(folder)
-    if stale:
+    exported = onnx_path(folder, "fp32").is_file()
+    if exported and (stale := onnx_export_stale(folder)):
         logger.warning("%s; its graphs are not used: run `newstagger export --model %s` again", stale, folder)
-    exported = onnx_path(folder, "fp32").is_file() and not stale
+        exported = False
     if exported and onnx_path(folder, "int8").is_file():
         ranked.append(("onnx", "int8"))
     ranked.append(("torch", "fp32"))
-    if exported and onnx_path(folder, "fp32").is_file():
+    if exported:
         ranked.append(("onnx", "fp32"))
     return ranked
 

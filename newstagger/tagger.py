@@ -158,13 +158,16 @@ class Tagger:
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids and offsets of whole texts; separate so a caller can tokenize the next texts
         while the encoder runs on these. ValueError naming the first text the tokenizer cannot take
-        (it would fail the whole batch without saying which)."""
-        for i, text in enumerate(texts):
-            if not isinstance(text, str):
-                raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a str")
-            if (at := unpaired_surrogate(text)) is not None:
-                raise ValueError(f"texts[{i}] has a lone surrogate at character {at}")
-        return encode_texts(self.tokenizer, list(texts))
+        (its own TypeError fails the whole batch without saying which)."""
+        try:
+            return encode_texts(self.tokenizer, list(texts))
+        except TypeError:
+            for i, text in enumerate(texts):  # looked for only on failure: callers have mostly checked already
+                if not isinstance(text, str):
+                    raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a str") from None
+                if (at := unpaired_surrogate(text)) is not None:
+                    raise ValueError(f"texts[{i}] has a lone surrogate at character {at}") from None
+            raise
 
     def score(self, texts: Sequence[str], encoded: list[EncodedText] | None = None):
         """Per-document topic probabilities [docs, topics], token tag log-probs, and encodings.

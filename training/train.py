@@ -505,8 +505,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     config = _with_inherited_settings(config)
     # --resume writes into the folder only where there is a run to continue: a model whose checkpoint
     # was deleted once it was final stays refused
-    resumable = config.resume and _saved_checkpoint(Path(config.output) / "checkpoint") is not None
-    output, device = start_run(config, "model", may_write_into=resumable or config.overwrite_output)
+    saved = _saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
+    output, device = start_run(config, "model", may_write_into=saved is not None or config.overwrite_output)
 
     train_sets, weights, validation_files = _read_data(config, sources)
     data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
@@ -537,7 +537,6 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / "checkpoint"
     best_state = None
-    saved = _saved_checkpoint(checkpoint) if config.resume else None
     if saved:
         try:
             state, best_state = _resume(saved, run_identity(config), model, optimizer, scheduler, rng)
@@ -641,7 +640,7 @@ def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, tor
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
     if not may_write_into and output.is_dir() and any(output.iterdir()):
-        interrupted = any(output.glob("checkpoint*/trainer_state.json"))
+        interrupted = _saved_checkpoint(output / "checkpoint") is not None
         raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if interrupted else
                          f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
