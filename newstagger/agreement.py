@@ -10,7 +10,10 @@ test. A candidate passes when
 - every topic score is within 0.02 of the reference.
 
 Results go into the model folder's metrics.json under "agreement" (and so into its model card);
-`--backend auto` picks bf16 or int8 only once they are recorded there as passed.
+`--backend auto` picks bf16 or int8 only once they are recorded there as passed. The reference and
+the PyTorch candidate run on `--device` (CUDA where present), ONNX Runtime on the CPU: a GPU
+host whose CPU has no bf16 units checks bf16 where it will run it. A bf16 pass on either device
+stands for both, as it says the model's answers survive bf16 rounding.
 """
 
 from __future__ import annotations
@@ -32,6 +35,8 @@ CANDIDATES = ("torch-bf16", "onnx-fp32", "onnx-int8")
 
 
 def register(subparsers) -> None:
+    from .backends import DEVICES
+
     parser = subparsers.add_parser("check", help="check fast backends against PyTorch fp32 and record the result",
                                    description=__doc__)
     add_model_argument(parser)
@@ -42,6 +47,8 @@ def register(subparsers) -> None:
     parser.add_argument("--texts", metavar="FILE",
                         help="compare on these texts instead: JSONL with a 'text' field per line (tag input, "
                              "CLUENER, the internal format)")
+    parser.add_argument("--device", choices=DEVICES, default="auto",
+                        help="where the reference and the torch candidate run (auto: CUDA when available)")
     parser.add_argument("--no-record", action="store_true", help="print only; leave metrics.json and the card alone")
     parser.set_defaults(handler=run)
 
@@ -58,7 +65,7 @@ def run(args) -> int:
     else:
         texts = synthetic_stories(args.documents, seed=CHECK_SEED)
         corpus = f"generated stories (seed {CHECK_SEED})"
-    results = check_agreement(folder, args.candidates, texts, corpus)
+    results = check_agreement(folder, args.candidates, texts, corpus, device=args.device)
     for name, result in results.items():
         if "skipped" in result:
             print(f"{name}: skipped ({result['skipped']})")
@@ -87,25 +94,28 @@ def _read_texts(path: str) -> list[str]:
     return texts
 
 
-def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str], corpus: str) -> dict[str, dict]:
+def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str], corpus: str,
+                    device: str = "cpu") -> dict[str, dict]:
     """{"backend-precision": result} for each candidate, against PyTorch fp32 on the same texts
     (`corpus` names them in the record)."""
-    from .backends import make_backend
+    from .backends import make_backend, resolve_device
     from .tagger import Tagger
 
-    reference = Tagger.load(folder, backend="torch", precision="fp32", device="cpu")
+    torch_device = resolve_device(device)
+    reference = Tagger.load(folder, backend="torch", precision="fp32", device=torch_device.type)
     expected = reference.tag(texts)
     results = {}
     for name in candidates:
         backend, _, precision = name.partition("-")
+        where = torch_device.type if backend == "torch" else "cpu"
         try:
-            fast = make_backend(folder, reference.model, backend, precision, device="cpu")
+            fast = make_backend(folder, reference.model, backend, precision, device=where)
         except UsageError as err:
             results[name] = {"skipped": str(err)}
             continue
         candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
                            topic_lexical=reference.topic_lexical)
-        results[name] = {**compare(expected, candidate.tag(texts)), "corpus": corpus}
+        results[name] = {**compare(expected, candidate.tag(texts)), "corpus": corpus, "device": where}
     return results
 
 

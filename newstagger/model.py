@@ -392,10 +392,11 @@ def _metrics_tables(metrics: dict) -> list[str]:
             lines += [f"- {section}: not measured (nothing to score it on)", ""]
         elif section == "agreement":
             lines += ["### agreement with PyTorch fp32 (`newstagger check`)", "",
-                      "| backend | identical entities | max topic difference | passed |", "|---|---|---|---|"]
+                      "| backend | device | identical entities | max topic difference | passed |",
+                      "|---|---|---|---|---|"]
             for backend, row in result.items():
                 if "span_agreement" in row:
-                    lines.append(f"| {backend} | {row['span_agreement']:.2%} | {row['max_topic_difference']:.4f} "
+                    lines.append(f"| {backend} | {row.get('device', 'cpu')} | {row['span_agreement']:.2%} | {row['max_topic_difference']:.4f} "
                                  f"| {'yes' if row['passed'] else 'no'} |")
             lines.append("")
         else:

@@ -70,6 +70,13 @@ def test_check_command_on_a_file_of_texts_records_its_corpus(exported_dir, tmp_p
     assert "onnx-fp32: PASS" in capsys.readouterr().out
     recorded = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["agreement"]["onnx-fp32"]
     assert recorded["corpus"] == "texts.jsonl (5 texts)" and recorded["documents"] == 5
+    assert recorded["device"] == "cpu"  # ONNX Runtime runs on the CPU whatever --device says
+
+
+def test_check_on_a_missing_gpu_is_a_usage_error(exported_dir, monkeypatch, capsys):
+    monkeypatch.setattr("torch.cuda.is_available", lambda: False)
+    assert main(["check", "--model", str(exported_dir), "--device", "cuda", "--no-record"]) == 2
+    assert "no CUDA device" in capsys.readouterr().err
 
 
 def test_check_command_names_the_bad_line_of_a_file_of_texts(exported_dir, tmp_path, capsys):
