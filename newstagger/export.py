@@ -2,9 +2,11 @@
 
 Files, under `<model folder>/onnx/`: `model.onnx` (fp32, attention fused by ONNX Runtime's BERT
 optimizer), `model.int8.onnx` with `--quantize int8` (dynamic quantization: int8 weights, int8
-activations quantized per call), and `export.json` saying what was exported from what. `tag`,
-`serve` and `bench` use these files when present; `newstagger check` then measures how far they
-agree with PyTorch fp32 (an int8 graph is only picked by `--backend auto` once it has passed).
+activations quantized per call), and `export.json` saying what was exported from what. `tag` and
+`bench` run them with `--backend onnx`; `newstagger check` measures how far they agree with
+PyTorch fp32, and `--backend auto` (always used by `serve`) picks the int8 graph only once it has
+passed, on a CPU without bf16 units (the fp32 graph is no faster than PyTorch fp32, so auto
+ranks it last).
 """
 
 from __future__ import annotations
@@ -38,7 +40,6 @@ def register(subparsers) -> None:
     parser = subparsers.add_parser("export", help="write an ONNX graph (optionally int8) into a model folder",
                                    description=__doc__)
     add_model_argument(parser)
-    parser.add_argument("--format", choices=("onnx",), default="onnx", help="export format (only onnx so far)")
     parser.add_argument("--quantize", choices=("int8",), help="also write a dynamically quantized int8 graph")
     parser.set_defaults(handler=run)
 

@@ -3,9 +3,10 @@
 Entity boundaries are mostly word boundaries, and a small character-level BERT has to guess word
 boundaries from context alone. jieba's bundled dictionary (349k words tagged person name, place,
 organisation, ...) tells it where words are. The dictionary is matched against each window's
-token ids inside the model's forward pass, with tensor ops, so training, `tag`, the server and
-every backend see the same features, and the model folder carries its lexicon as two integer
-buffers: jieba is needed to build one, never to use one.
+token ids by the model's own module, with tensor ops, so training, `tag`, the server and every
+backend see the same features (ONNX graphs take them as an input, computed by this module beside
+the graph: dictionary look-ups have no ONNX operator), and the model folder carries its lexicon as
+two integer buffers: jieba is needed to build one, never to use one.
 
 A word of n tokens (2 <= n <= max_word_tokens) is stored as one int64 key: its token ids packed
 `id_bits` bits apart, plus n above them, so a word never matches a longer run of tokens.

@@ -77,8 +77,8 @@ def plan_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> list[
 
 
 def token_budget_batches(lengths: list[int], max_tokens: int, max_rows: int = 256) -> list[list[int]]:
-    """Group row indices into batches of similar length (positions, specials included) whose padded
-    size fits the budget.
+    """Group row indices into batches of similar length (positions, specials included) whose rows
+    times the longest length fit the budget (padding to a multiple of 8 may add a few percent).
 
     Sorting by length keeps padding (which costs more than its share on CPU) to a minimum.
     """

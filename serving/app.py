@@ -36,8 +36,8 @@ from . import feedback
 from .batching import MicroBatcher, Overloaded, ShuttingDown
 from .observability import CLIENT_CLOSED_REQUEST, ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
-    RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
-    ReloadResponse, Status, TagRequest, TagResponse, unknown_label,
+    MAX_ERRORS, RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
+    ReloadResponse, Runtime, Status, TagRequest, TagResponse, unknown_label,
 )
 from .settings import ServeSettings
 
@@ -225,13 +225,17 @@ async def _disconnect(request: Request) -> None:
 
 
 def _check_sizes(body: TagRequest, settings: ServeSettings) -> None:
-    if len(body.documents) > settings.max_documents:
-        raise ApiError(413, f"{len(body.documents)} documents; at most {settings.max_documents} per request",
-                       ("body", "documents"), "too_many_documents")
+    _check_document_count(len(body.documents), settings)
     for i, doc in enumerate(body.documents):
         if len(doc.text) > settings.max_text_chars:
             raise ApiError(413, f"text is {len(doc.text)} characters; at most {settings.max_text_chars}",
                            ("body", "documents", i, "text"), "text_too_long")
+
+
+def _check_document_count(count: int, settings: ServeSettings) -> None:
+    if count > settings.max_documents:
+        raise ApiError(413, f"{count} documents; at most {settings.max_documents} per request",
+                       ("body", "documents"), "too_many_documents")
 
 
 def _check_options(body: TagRequest, meta: ModelMeta) -> None:
@@ -246,9 +250,10 @@ def _check_options(body: TagRequest, meta: ModelMeta) -> None:
 
 @tagging.get("/info", response_model=Info, responses=_errors(503), summary="The model and the limits")
 async def info(service: TaggingService = Depends(get_service)) -> Info:
-    meta = service.ready_batcher().tagger.meta
-    settings = service.settings
+    tagger = service.ready_batcher().tagger
+    meta, settings = tagger.meta, service.settings
     return Info(
+        server=Runtime(version=__version__, backend=str(tagger.backend)),
         model=ModelInfo(name=meta.name, version=meta.version, base_model=meta.base_model, created=meta.created,
                         max_length=meta.max_length, stride=meta.stride),
         labels=Labels(topics=meta.schema.topics, entity_types=meta.schema.entity_types, coarse=meta.schema.coarse),
@@ -292,12 +297,13 @@ class AsciiJSONResponse(JSONResponse):
 
 def error_response(status: int, errors: list[dict], headers: dict | None = None,
                    detail: str | None = None) -> JSONResponse:
+    """The ErrorBody of `errors`, listing the first MAX_ERRORS of them."""
     if detail is None:
         first = errors[0]
         where = ".".join(str(part) for part in first["loc"])
         detail = f"{where}: {first['msg']}" if where else first["msg"]
         detail += f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
-    body = ErrorBody(detail=detail, errors=errors)
+    body = ErrorBody(detail=detail, errors=errors[:MAX_ERRORS])
     return AsciiJSONResponse(body.model_dump(), status_code=status, headers=headers)
 
 
@@ -308,6 +314,13 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
+        too_many = next((e for e in err.errors() if e["type"] == "too_long" and tuple(e["loc"]) == ("body", "documents")),
+                        None)
+        if too_many is not None:  # past MAX_DOCUMENTS_CEILING: the same 413 as past max_documents
+            try:
+                _check_document_count(too_many["ctx"]["actual_length"], request.app.state.service.settings)
+            except ApiError as too_large:
+                return await api_error(request, too_large)
         items = [_validation_item(e) for e in err.errors()]
         content_type = request.headers.get("content-type", "")
         if "json" not in content_type and any(item["loc"] == ["body"] for item in items):
@@ -361,7 +374,8 @@ class UnexpectedErrors:
 
 
 class BodySizeLimit:
-    """413 for a body over the limit, before anything parses it.
+    """413 for a body over the limit, before anything parses it; 415 for a compressed one (it would
+    be parsed as the compressed bytes, and its limit would not bound what it expands to).
 
     The body is read up front (it is bounded by the limit) and replayed to the app, so the limit
     holds whether or not the client sent Content-Length and however it chunked the body.
@@ -374,7 +388,13 @@ class BodySizeLimit:
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             return await self.app(scope, receive, send)
-        declared = next((v for k, v in scope["headers"] if k == b"content-length"), b"")
+        headers = dict(scope["headers"])
+        encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
+        if encoding != "identity":
+            return await error_response(415, [{"loc": ["header", "Content-Encoding"], "type": "content_encoding",
+                                               "msg": f"send the body uncompressed, not as {encoding!r}"}]
+                                        )(scope, receive, send)
+        declared = headers.get(b"content-length", b"")
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send)
         chunks, size = [], 0
@@ -409,7 +429,9 @@ class BodySizeLimit:
 def create_app(settings: ServeSettings | None = None) -> FastAPI:
     settings = settings or ServeSettings()
     service = TaggingService(settings)
-    app = FastAPI(title="newstagger", version=__version__, lifespan=service.lifespan,
+    # No redirects to a path with(out) the trailing slash: a 307 built from the Host header is
+    # wrong behind a TLS proxy, and a client should use the documented path.
+    app = FastAPI(title="newstagger", version=__version__, lifespan=service.lifespan, redirect_slashes=False,
                   description="Topics and named entities for Chinese local-news stories.")
     app.state.service = service
     app.include_router(operations)

@@ -22,6 +22,8 @@ CLIENT_CLOSED_REQUEST = 499
 
 access_logger = logging.getLogger("newstagger.access")
 
+# A label value per method a client may invent would grow Prometheus without bound: others are "other".
+METHOD_LABELS = frozenset({"GET", "HEAD", "POST", "PUT", "PATCH", "DELETE", "OPTIONS"})
 SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
@@ -92,20 +94,22 @@ class ObservedRequests:
 
     def _record(self, scope: Scope, status: int, seconds: float, request_id: str) -> None:
         route = _route_label(scope)
-        self.metrics.requests.labels(scope["method"], route, str(status)).inc()
+        method = scope["method"] if scope["method"] in METHOD_LABELS else "other"
+        self.metrics.requests.labels(method, route, str(status)).inc()
         self.metrics.latency.labels(route).observe(seconds)
         fields = {"request_id": request_id, "method": scope["method"], "path": scope["path"], "route": route,
                   "status": status, "duration_ms": round(seconds * 1000, 1),
                   "client": scope["client"][0] if scope.get("client") else None,
                   **scope.get("state", {}).get("access_log", {})}
-        access_logger.info("%s %s %d %.1f ms", scope["method"], scope["path"], status, seconds * 1000,
+        access_logger.info("%s %s %d %.1f ms", scope["method"], log_value(scope["path"]), status, seconds * 1000,
                            extra={"fields": fields})
 
 
 def _request_id(scope: Scope) -> str:
-    """The client's X-Request-ID when it is a sane token, so logs join up across services."""
+    """The client's X-Request-ID when it is a sane token (visible ASCII, no spaces), so logs join up
+    across services."""
     for key, value in scope["headers"]:
-        if key == b"x-request-id" and 0 < len(value) <= 128 and value.isascii() and value.decode().isprintable():
+        if key == b"x-request-id" and 0 < len(value) <= 128 and all(33 <= byte <= 126 for byte in value):
             return value.decode()
     return uuid.uuid4().hex
 
@@ -123,6 +127,13 @@ def _route_label(scope: Scope) -> str:
     return scope["path"] if scope["path"] in paths else "unmatched"
 
 
+def log_value(value: object) -> str:
+    """`value` for a text log line: quoted with escapes where it holds a space or a character that is
+    not printable, so a client's path cannot start a line or a key=value of its own."""
+    text = str(value)
+    return text if text.isprintable() and " " not in text else json.dumps(text, ensure_ascii=False)
+
+
 class JsonLogFormatter(logging.Formatter):
     def format(self, record: logging.LogRecord) -> str:
         line = {"ts": self.formatTime(record), "level": record.levelname, "logger": record.name,
@@ -138,7 +149,7 @@ class TextLogFormatter(logging.Formatter):
 
     def format(self, record: logging.LogRecord) -> str:
         fields = getattr(record, "fields", None)
-        extra = "".join(f" {k}={v}" for k, v in fields.items()) if fields else ""
+        extra = "".join(f" {k}={log_value(v)}" for k, v in fields.items()) if fields else ""
         return super().format(record) + extra
 
 

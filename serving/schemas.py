@@ -14,6 +14,11 @@ from pydantic_core import PydanticCustomError
 from newstagger.documents import unpaired_surrogate
 
 RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying again
+# Bounds that make an oversized list fail at once instead of being validated item by item (each bad
+# item is an error of its own: a 2 MB body of them took a minute to answer, on the event loop).
+MAX_DOCUMENTS_CEILING = 10_000  # the highest max_documents setting; a longer list is the same 413
+MAX_LABELS = 1_000  # more topics or entity types than any model has
+MAX_ERRORS = 20  # an error body lists at most this many; its detail counts the rest
 
 
 class ApiError(Exception):
@@ -45,6 +50,13 @@ def _string_or_integer(value):
     return _utf8_encodable(value) if isinstance(value, str) else value
 
 
+def _few_labels(value):
+    if isinstance(value, (dict, list)) and len(value) > MAX_LABELS:
+        raise PydanticCustomError("too_long", "names {actual} labels; at most {most}",
+                                  {"actual": len(value), "most": MAX_LABELS})
+    return value
+
+
 Text = Annotated[StrictStr, AfterValidator(_utf8_encodable)]
 DocumentId = Annotated[StrictStr | StrictInt, BeforeValidator(_string_or_integer)]
 Threshold = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
@@ -62,12 +74,13 @@ class TagRequest(BaseModel):
     )
 
     documents: list[DocumentIn] = Field(
-        min_length=1, description="Stories to tag; see /v1/info for the most one request may carry."
+        min_length=1, max_length=MAX_DOCUMENTS_CEILING,
+        description="Stories to tag; see /v1/info for the most one request may carry."
     )
-    thresholds: dict[Text, Threshold] | None = Field(
+    thresholds: Annotated[dict[Text, Threshold], BeforeValidator(_few_labels)] | None = Field(
         None, description="Per-topic label thresholds for this request, overriding the model's own."
     )
-    entity_types: list[Text] | None = Field(
+    entity_types: Annotated[list[Text], BeforeValidator(_few_labels)] | None = Field(
         None, description="Entity types to return (default: all the model knows)."
     )
     entity_threshold: Threshold | None = Field(
@@ -144,7 +157,13 @@ class ModelInfo(ModelRef):
     stride: int = Field(description="Overlap between windows, in tokens.")
 
 
+class Runtime(BaseModel):
+    version: str = Field(description="newstagger's version.")
+    backend: str = Field(description="What scores the model in this process, e.g. 'torch bf16 on cpu'.")
+
+
 class Info(BaseModel):
+    server: Runtime
     model: ModelInfo
     labels: Labels
     thresholds: dict[str, float] = Field(description="The label threshold in force for every topic.")

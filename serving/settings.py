@@ -13,6 +13,8 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from training.feedback import DEFAULT_URL as DEFAULT_FEEDBACK_URL
 from training.feedback import check_store_url
 
+from .schemas import MAX_DOCUMENTS_CEILING
+
 
 class ServeSettings(BaseSettings):
     # A variable set to "" counts as unset, as `newstagger tag` reads NEWSTAGGER_MODEL: not the folder "."
@@ -27,7 +29,8 @@ class ServeSettings(BaseSettings):
     workers: int = Field(
         1, ge=1, description="Server processes; each loads its own copy of the model and batches on its own."
     )
-    max_documents: int = Field(64, ge=1, description="Most documents one request may carry (more: 413).")
+    max_documents: int = Field(64, ge=1, le=MAX_DOCUMENTS_CEILING,
+                               description="Most documents one request may carry (more: 413).")
     max_text_chars: int = Field(20_000, ge=1, description="Longest text accepted, in characters (longer: 413).")
     max_body_bytes: int = Field(
         8_000_000, ge=1, description="Largest request body accepted, in bytes, checked before parsing (larger: 413). "

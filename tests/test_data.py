@@ -167,21 +167,6 @@ def test_nested_span_is_dropped_with_a_warning(tmp_path, caplog):
     assert "nested.json:1: dropped company span [1, 5) nested inside book span [0, 8)" in caplog.text
 
 
-def test_skip_drops_bad_records_and_says_why(tmp_path, caplog):
-    path = write(
-        tmp_path,
-        "mixed.bio",
-        "王\tB-PER\n芳\tI-PER\n\n到\tO\n京\tI-LOC\n\n新\tB-ORG\n华\tI-ORG\n",
-    )
-    with caplog.at_level(logging.WARNING):
-        docs = read_documents(path, on_error="skip")
-    assert [doc.text for doc in docs] == ["王芳", "新华"]
-    assert "mixed.bio:5: tag 'I-LOC' continues no open LOC span" in caplog.text
-    assert "skipped 1 of 3 records" in caplog.text
-    with pytest.raises(ValueError, match="on_error"):
-        read_documents(path, on_error="ignore")
-
-
 @pytest.mark.parametrize(
     "name, format",
     [

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import json
+import logging
 import socket
 import os
 import threading
@@ -21,6 +22,7 @@ import pytest
 from conftest import build_tiny_model_folder
 from fastapi.testclient import TestClient
 
+import newstagger
 from newstagger import cli
 from newstagger.cli import UsageError
 from newstagger.model import load_model_folder, save_model_folder
@@ -29,7 +31,9 @@ from serving import app as app_module
 from serving import command
 from serving.app import create_app
 from serving.batching import Abandoned, Overloaded
+from serving.observability import TextLogFormatter, log_value
 from serving.settings import ServeSettings
+from serving.schemas import MAX_ERRORS
 
 STORIES = ["杭州市西湖区今天开展垃圾分类宣传活动。", "市政府召开新闻发布会，介绍今年的民生工程。", "张三在上海工作。"]
 WAIT_S = 60  # generous upper bound for conditions that hold within milliseconds
@@ -166,6 +170,7 @@ def test_info_describes_model_labels_thresholds_and_limits(make_client):
     assert info["thresholds"] == dict.fromkeys(info["labels"]["topics"], 0.5)
     assert info["entity_threshold"] == 0.0
     assert info["limits"]["max_documents"] == 5
+    assert info["server"]["version"] == newstagger.__version__ and info["server"]["backend"].startswith("torch ")
 
 
 def test_openapi_documents_the_contract_and_its_errors(client):
@@ -245,6 +250,8 @@ def test_the_server_answers_normally_after_every_bad_input(client):
 
 def test_unknown_paths_and_methods_get_json_errors(client):
     assert client.get("/nowhere").json()["detail"] == "Not Found"
+    slashed = client.post("/v1/tag/", json=documents("a"), follow_redirects=False)
+    assert slashed.status_code == 404 and slashed.json()["detail"] == "Not Found"
     response = client.get("/v1/tag")
     assert response.status_code == 405 and "POST" in response.headers["allow"]
 
@@ -256,6 +263,31 @@ def test_too_many_documents_is_413(make_client):
     assert response.status_code == 413
     assert response.json()["errors"][0]["loc"] == ["body", "documents"]
     assert "at most 2" in response.json()["detail"]
+
+
+def test_an_oversized_list_fails_at_once_with_a_bounded_answer(client):
+    # Each bad item of a list is an error of its own: these must not be validated one by one.
+    too_many = client.post("/v1/tag", json={"documents": [0] * 200_000})
+    assert too_many.status_code == 413 and too_many.json()["errors"][0]["loc"] == ["body", "documents"]
+    assert "200000 documents; at most 64" in too_many.json()["detail"]
+    labels = client.post("/v1/tag", json={**documents("a"), "entity_types": ["x"] * 5_000})
+    assert labels.status_code == 422 and labels.json()["errors"][0]["loc"] == ["body", "entity_types"]
+    assert len(labels.content) < 1_000
+
+
+def test_an_error_body_lists_the_first_errors_and_counts_the_rest(client):
+    response = client.post("/v1/tag", json={"documents": [{"id": i} for i in range(60)]})
+    assert response.status_code == 422
+    assert len(response.json()["errors"]) == MAX_ERRORS
+    assert response.json()["detail"].endswith("(and 59 more)")
+
+
+@pytest.mark.parametrize("encoding", ["gzip", "br"])
+def test_a_compressed_body_is_415_naming_the_header(client, encoding):
+    body = json.dumps(documents("a")).encode()
+    response = client.post("/v1/tag", content=body,
+                           headers={"content-type": "application/json", "content-encoding": encoding})
+    assert response.status_code == 415 and response.json()["errors"][0]["loc"] == ["header", "Content-Encoding"]
 
 
 def test_a_text_over_the_limit_is_413_naming_it(make_client):
@@ -469,6 +501,29 @@ def test_every_response_carries_timing_and_request_id_and_is_logged(client, capl
     assert logged and logged[0] | {"duration_ms": 0} == {
         "request_id": "trace-42", "method": "POST", "path": "/v1/tag", "route": "/v1/tag", "status": 200,
         "duration_ms": 0, "client": "testclient", "documents": 1, "model_version": "0.0.1"}
+
+
+def test_invented_methods_share_one_metric_label(client):
+    for i in range(3):
+        client.request(f"INVENTED{i}", "/healthz")
+    series = [line for line in client.get("/metrics").text.splitlines()
+              if line.startswith("newstagger_http_requests_total{") and "healthz" in line]
+    assert any('method="other"' in line for line in series)
+    assert not any("INVENTED" in line for line in series)
+
+
+def test_a_request_id_with_spaces_is_replaced(client):
+    response = client.get("/healthz", headers={"X-Request-ID": "abc status=500"})
+    assert response.headers["x-request-id"] != "abc status=500"
+
+
+def test_text_logs_quote_what_a_client_chose():
+    record = logging.LogRecord("newstagger.access", logging.INFO, __file__, 1, "GET %s",
+                               (log_value("/x\nforged"),), None)
+    record.fields = {"path": "/x\n2026 INFO forged", "route": "unmatched", "status": 404}
+    line = TextLogFormatter().format(record)
+    assert "\n" not in line and 'path="/x\\n2026 INFO forged" route=unmatched status=404' in line
+    assert log_value("/v1/tag") == "/v1/tag" and log_value("/新闻") == "/新闻"
 
 
 # --- reload -----------------------------------------------------------------------------------------------

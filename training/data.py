@@ -2,8 +2,7 @@
 
 Every importer returns `list[Document]` with end-exclusive offsets and runs each document through
 `newstagger.documents.validate`, so a bad record fails with a DataError naming the file, the line
-(or task) and the problem. With `on_error="skip"` bad records are dropped instead, each one logged
-with its reason and the total counted in a final warning.
+(or task) and the problem: nothing is dropped silently.
 
 Formats (names as used by `read_documents` and `PATH:FORMAT` data specs):
 
@@ -30,7 +29,7 @@ from collections.abc import Callable, Iterable, Iterator
 from functools import partial
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Literal
+from typing import TYPE_CHECKING
 
 from newstagger.checks import is_integer, is_string_list
 from newstagger.documents import DataError, Document, Span, json_object, text_field, utf8_only, validate
@@ -40,10 +39,9 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-OnError = Literal["raise", "skip"]
 Labels = Iterable[str] | None  # an allowed label set; None allows any
-# A record is where it sits in its file and a callable building it: building is deferred so
-# `_load` can catch one record's DataError and go on with the next.
+# A record is where it sits in its file and a callable building it; `_load` builds and validates
+# the records of every format in one place.
 Record = tuple[str, Callable[[], tuple[Document, dict[Span, str] | None]]]
 
 COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
@@ -51,29 +49,23 @@ COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
 GUESS_LIMIT = 50
 
 
-def read_internal(
-    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
-) -> list[Document]:
+def read_internal(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """The project's own JSONL (see newstagger.documents)."""
     records = ((where, partial(_internal_document, line, where)) for _, where, line in _json_lines(path))
-    return _load(path, records, on_error, topic_labels, entity_types)
+    return _load(records, topic_labels, entity_types)
 
 
-def read_cluener(
-    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
-) -> list[Document]:
+def read_cluener(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """CLUENER2020 JSON lines; ids are `<file stem>-<line number>`, topics None."""
     stem = Path(path).stem
     records = (
         (where, partial(_cluener_document, line, f"{stem}-{number}", where))
         for number, where, line in _json_lines(path)
     )
-    return _load(path, records, on_error, topic_labels, entity_types)
+    return _load(records, topic_labels, entity_types)
 
 
-def read_columns(
-    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
-) -> list[Document]:
+def read_columns(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """Character-per-line tag files (MSRA, Resume): `char<TAB or space>tag`, sentences split by a
     blank line. Tags O, B-/I- (BIO) and B-/M-/E-/S- or B-/I-/E-/S- (BMES, BIOES); an I-/M-/E-
     that continues no open span of its type is an error naming its line. Ids are
@@ -83,12 +75,10 @@ def read_columns(
         (f"{path}:{lines[0][0]}", partial(_columns_document, lines, f"{stem}-{lines[0][0]}", path))
         for lines in _column_sentences(path)
     )
-    return _load(path, records, on_error, topic_labels, entity_types)
+    return _load(records, topic_labels, entity_types)
 
 
-def read_label_studio(
-    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
-) -> list[Document]:
+def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """A Label Studio JSON export, reading each task's latest annotation that was not cancelled.
 
     `labels` results become entities, `choices` results topics. A task with a choices result gets
@@ -124,12 +114,10 @@ def read_label_studio(
                 build = partial(_label_studio_document, task, annotation, f"{stem}-{index}", labels_entities, where)
                 yield where, build
 
-    return _load(path, records(), on_error, topic_labels, entity_types)
+    return _load(records(), topic_labels, entity_types)
 
 
-def read_doccano(
-    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
-) -> list[Document]:
+def read_doccano(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """doccano JSONL. Spans from `"entities": [{"start_offset", "end_offset", "label"}]` or
     `"label": [[start, end, type], ...]`; topics from `"cats"` or `"label": [str, ...]`. An empty
     `"label": []` means whatever `label` holds elsewhere in the file. Ids from `"id"`, else
@@ -140,12 +128,10 @@ def read_doccano(
         (where, partial(_doccano_document, line, f"{stem}-{number}", file_label_kind, where))
         for number, where, line in _json_lines(path)
     )
-    return _load(path, records, on_error, topic_labels, entity_types)
+    return _load(records, topic_labels, entity_types)
 
 
-def read_hf(
-    path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None, on_error: OnError = "raise"
-) -> list[Document]:
+def read_hf(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """A `datasets.Dataset` saved to disk, one row per document in the internal format's columns."""
     import datasets  # takes seconds to import; only this format needs it
 
@@ -156,7 +142,7 @@ def read_hf(
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path} holds the splits {', '.join(dataset)}; name one, e.g. {Path(path) / next(iter(dataset))}")
     records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]")) for i, row in enumerate(dataset))
-    return _load(path, records, on_error, topic_labels, entity_types)
+    return _load(records, topic_labels, entity_types)
 
 
 _READERS = {
@@ -174,7 +160,6 @@ def read_documents(
     path: str | Path,
     format: str | None = None,
     *,
-    on_error: OnError = "raise",
     topic_labels: Labels = None,
     entity_types: Labels = None,
 ) -> list[Document]:
@@ -184,7 +169,7 @@ def read_documents(
     if format not in _READERS:
         raise ValueError(f"unknown data format {format!r} (known: {', '.join(FORMATS)})")
     with utf8_only(str(path)):
-        return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types, on_error=on_error)
+        return _READERS[format](path, topic_labels=topic_labels, entity_types=entity_types)
 
 
 def guess_format(path: str | Path) -> str:
@@ -317,34 +302,20 @@ def to_hf_dataset(docs: Iterable[Document]) -> "datasets.Dataset":
     return datasets.Dataset.from_dict({name: [row.get(name) for row in rows] for name in features}, features=features)
 
 
-def _load(
-    path: str | Path, records: Iterable[Record], on_error: OnError, topic_labels: Labels, entity_types: Labels
-) -> list[Document]:
-    """Build and validate each record; raise on the first bad one or skip it with a warning."""
-    if on_error not in ("raise", "skip"):
-        raise ValueError(f"on_error must be 'raise' or 'skip', got {on_error!r}")
+def _load(records: Iterable[Record], topic_labels: Labels, entity_types: Labels) -> list[Document]:
+    """Build and validate each record; the first bad one raises its DataError."""
     # Materialised once: every record is checked against them, and a generator would run dry.
     topic_labels = frozenset(topic_labels) if topic_labels is not None else None
     entity_types = frozenset(entity_types) if entity_types is not None else None
     docs: list[Document] = []
     seen_ids: set[str] = set()
-    skipped = 0
     for where, build in records:
-        try:
-            doc, mentions = build()
-            validate(doc, topic_labels=topic_labels, entity_types=entity_types, mentions=mentions, where=where)
-            if doc.id in seen_ids:
-                raise DataError(f"{where}: duplicate id {doc.id!r}")
-        except DataError as err:
-            if on_error == "raise":
-                raise
-            logger.warning("skipped: %s", err)
-            skipped += 1
-            continue
+        doc, mentions = build()
+        validate(doc, topic_labels=topic_labels, entity_types=entity_types, mentions=mentions, where=where)
+        if doc.id in seen_ids:
+            raise DataError(f"{where}: duplicate id {doc.id!r}")
         seen_ids.add(doc.id)
         docs.append(doc)
-    if skipped:
-        logger.warning("%s: skipped %d of %d records with errors", path, skipped, skipped + len(docs))
     return docs
 
 

@@ -236,8 +236,9 @@ def scored_entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: lis
 def tune_entity_threshold(gold: list[list[tuple[int, int, str]]], predicted: list[list[tuple[int, int, str, float]]],
                           lengths: list[int], schema: LabelSchema,
                           coarse_only: Sequence[bool] | None = None) -> tuple[float, dict]:
-    """The entity score cut (0 to 0.8 by 0.1) with the best micro-F1 on the given (validation)
-    documents, and scored_entity_metrics at it; ties go to the lower cut, which drops less.
+    """The entity score cut (0 to 0.8 by 0.1) with the best mean of the fine and coarse micro-F1 on
+    the given (validation) documents, and scored_entity_metrics at it; ties go to the lower cut,
+    which drops less.
 
     Scores are the mean tag probability of a span, so a cut drops the spans the model is least
     sure of: it pays where those are more often wrong than right. One cut serves both views, so
