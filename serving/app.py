@@ -163,7 +163,7 @@ async def metrics(service: TaggingService = Depends(get_service)) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@tagging.post("/tag", response_model=TagResponse, responses=_errors(413, 422, 429, 500, 503),
+@tagging.post("/tag", response_model=TagResponse, responses=_errors(413, 415, 422, 429, 500, 503),
               summary="Tag stories with topics and entities")
 async def tag(body: TagRequest, request: Request, response: Response,
               service: TaggingService = Depends(get_service)) -> dict:

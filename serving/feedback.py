@@ -73,7 +73,7 @@ class FeedbackResponse(BaseModel):
 
 @router.post("/feedback", response_model=FeedbackResponse, status_code=201,
              responses={200: {"model": FeedbackResponse, "description": "Stored before; nothing changed"},
-                        **{status: {"model": ErrorBody} for status in (409, 413, 422, 503)}},
+                        **{status: {"model": ErrorBody} for status in (409, 413, 415, 422, 503)}},
              summary="Store a corrected story for retraining")
 async def feedback(body: FeedbackRequest, request: Request, response: Response) -> FeedbackResponse:
     service = request.app.state.service

@@ -176,7 +176,7 @@ def test_info_describes_model_labels_thresholds_and_limits(make_client):
 def test_openapi_documents_the_contract_and_its_errors(client):
     spec = client.get("/openapi.json").json()
     tag = spec["paths"]["/v1/tag"]["post"]
-    assert set(tag["responses"]) >= {"200", "413", "422", "429", "500", "503"}
+    assert set(tag["responses"]) >= {"200", "413", "415", "422", "429", "500", "503"}
     assert tag["responses"]["422"]["content"]["application/json"]["schema"]["$ref"].endswith("/ErrorBody")
     request = spec["components"]["schemas"]["TagRequest"]
     assert set(request["properties"]) == {"documents", "thresholds", "entity_types", "entity_threshold"}
