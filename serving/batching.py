@@ -4,15 +4,18 @@ Requests wait in a queue of at most `queue_max` live requests (a full queue is t
 answered with 429; a request whose client left stops counting at once, though it is only dropped
 when the worker reaches it). One
 worker thread takes the oldest request, keeps gathering others for up to `max_wait_s` or until
-the character budget is spent, and runs the model once over every document gathered (a single
-request over the budget runs alone, in parts of the budget, which bounds memory). Inside that
+the character budget is spent, and runs the model once over every document gathered. Inside that
 call the tagger sorts windows by length and packs them under its token budget, so short and
 long stories do not pad each other. Each request then gets its own slice of the results,
 relabelled under its own thresholds and entity types.
 
-The model is read once per batch, so a reload swaps it between batches and a running batch
-finishes on the model it started with. Inference runs on the worker thread, never on the
-event loop.
+A single request over the budget runs alone, in parts of the budget, which bounds memory. When
+others are waiting after a part, the rest of it goes to the back of the queue: requests behind
+a large one wait for one part, not for all of it.
+
+The model is read once per batch, so a reload swaps it between batches; a running batch, and
+every part of a request in parts, finishes on the model it started with. Inference runs on the
+worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -55,6 +58,12 @@ class Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # counted against the queue limit: queued, not yet taken or cancelled
     abandoned: bool = False  # its client left after it started: its batch stops between parts if all did
+    # A request in parts, queued again for its remaining `texts`: the model its first part ran on,
+    # the results so far, when its first part started and the model time spent on it.
+    tagger: Tagger | None = None
+    done: list[dict] = field(default_factory=list)
+    started_at: float | None = None
+    model_s: float = 0.0
 
     @property
     def chars(self) -> int:
@@ -84,7 +93,7 @@ class MicroBatcher:
         self._waiting = 0
         self._waiting_lock = threading.Lock()
         self._carried: Job | object | None = None  # taken from the queue but left for the next batch
-        self._running: dict[int, Job] = {}  # the batch in the model, by id of its futures
+        self._started: dict[int, Job] = {}  # started and unfinished (in the model, or queued in parts), by future id
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="newstagger-batcher", daemon=True)
         metrics.queue_depth.set_function(lambda: self._waiting)
@@ -109,6 +118,7 @@ class MicroBatcher:
                 raise Overloaded(f"{self.queue_max} requests are already waiting for the model")
             self._waiting += 1
         job.future.add_done_callback(lambda _: self._stop_waiting(job))  # a cancel frees its place at once
+        job.future.add_done_callback(lambda _: self._started.pop(id(job.future), None))
         self._queue.put(job)
         return job.future
 
@@ -124,7 +134,7 @@ class MicroBatcher:
         """The client of `future` left: drop its request unrun, or once running, let its batch stop
         between parts when every client of the batch has left."""
         if not future.cancel():
-            job = self._running.get(id(future))
+            job = self._started.get(id(future))
             if job is not None:
                 job.abandoned = True
 
@@ -135,13 +145,21 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while (batch := self._gather()) is not None:
+            if batch[0].tagger is not None:  # the rest of a request in parts: alone, on its first part's model
+                if batch[0].abandoned:
+                    batch[0].future.set_exception(Abandoned("its client left"))
+                else:
+                    self._serve(batch[0].tagger, batch)
+                continue
             # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
-            # Known as running before they start: an abandon() in between finds them, or cancels them unrun.
-            self._running = {id(job.future): job for job in batch}
-            batch = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            if batch:
-                self._serve(self.tagger, batch)
-            self._running = {}
+            # Known as started before they start: an abandon() in between finds them, or cancels them unrun.
+            self._started.update({id(job.future): job for job in batch})
+            running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            for job in batch:
+                if job not in running:
+                    self._started.pop(id(job.future), None)
+            if running:
+                self._serve(self.tagger, running)
         self._fail_leftovers()
 
     def _gather(self) -> list[Job] | None:
@@ -149,6 +167,8 @@ class MicroBatcher:
         self._carried = None
         if first is _STOP:
             return None
+        if first.tagger is not None:
+            return [first]
         batch, chars = [first], first.chars
         deadline = time.perf_counter() + self.max_wait_s
         while chars < self.max_chars:
@@ -156,7 +176,7 @@ class MicroBatcher:
                 job = self._taken(self._queue.get(timeout=max(0.0, deadline - time.perf_counter())))
             except queue.Empty:
                 break
-            if job is _STOP or chars + job.chars > self.max_chars:
+            if job is _STOP or job.tagger is not None or chars + job.chars > self.max_chars:
                 self._carried = job
                 break
             batch.append(job)
@@ -170,6 +190,8 @@ class MicroBatcher:
 
     def _serve(self, tagger: Tagger, batch: list[Job]) -> None:
         started = time.perf_counter()
+        for job in batch:
+            job.started_at = job.started_at or started
         texts = [text for job in batch for text in job.texts]
         results: list[dict] = []
         try:
@@ -177,6 +199,9 @@ class MicroBatcher:
                 if all(job.abandoned for job in batch):  # every client left: the rest would run for nobody
                     for job in batch:
                         job.future.set_exception(Abandoned("every client of the batch left"))
+                    return
+                if results and self._others_waiting():  # only a request in parts has a second part
+                    self._queue_the_rest(batch[0], tagger, results, time.perf_counter() - started)
                     return
                 # Every entity found: each request's own entity threshold is applied when it is finished.
                 results += tagger.tag(part, entity_threshold=0.0)
@@ -192,10 +217,10 @@ class MicroBatcher:
                 self._serve(tagger, [job])
             return
         elapsed = time.perf_counter() - started
-        self._observe(batch, len(results), elapsed)
+        self._observe(len(batch), len(results), sum(len(text) for text in texts), elapsed)
         offset = 0
         for job in batch:
-            mine = results[offset : offset + len(job.texts)]
+            mine = job.done + results[offset : offset + len(job.texts)]
             offset += len(job.texts)
             try:
                 finished = [tagger.with_options(r, job.thresholds, job.entity_types, job.entity_threshold)
@@ -205,14 +230,26 @@ class MicroBatcher:
                 self.metrics.model_failures.inc()
                 job.future.set_exception(err)
                 continue
-            job.future.set_result(Outcome(finished, tagger.meta, started - job.enqueued_at, elapsed))
+            job.future.set_result(Outcome(finished, tagger.meta, job.started_at - job.enqueued_at,
+                                          job.model_s + elapsed))
 
-    def _observe(self, batch: list[Job], documents: int, seconds: float) -> None:
-        self.metrics.batch_requests.observe(len(batch))
+    def _others_waiting(self) -> bool:
+        """Whether a request in parts should make way; never while stopping, when it finishes now."""
+        return not self._stopping and (self._carried is not None or not self._queue.empty())
+
+    def _queue_the_rest(self, job: Job, tagger: Tagger, results: list[dict], seconds: float) -> None:
+        """Put the untagged rest of a request in parts at the back of the queue, to go on from `results`."""
+        self._observe(1, len(results), sum(len(text) for text in job.texts[: len(results)]), seconds)
+        job.tagger, job.done, job.texts = tagger, job.done + results, job.texts[len(results):]
+        job.model_s += seconds
+        self._queue.put(job)
+
+    def _observe(self, requests: int, documents: int, characters: int, seconds: float) -> None:
+        self.metrics.batch_requests.observe(requests)
         self.metrics.batch_documents.observe(documents)
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.documents.inc(documents)
-        self.metrics.characters.inc(sum(job.chars for job in batch))
+        self.metrics.characters.inc(characters)
 
     def _fail_leftovers(self) -> None:
         while True:
@@ -220,7 +257,7 @@ class MicroBatcher:
                 job = self._queue.get_nowait()
             except queue.Empty:
                 return
-            if job is not _STOP and job.future.set_running_or_notify_cancel():
+            if job is not _STOP and (job.tagger is not None or job.future.set_running_or_notify_cancel()):
                 job.future.set_exception(ShuttingDown("the server shut down before running this request"))
 
 

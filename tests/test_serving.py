@@ -400,6 +400,74 @@ def test_a_request_in_parts_stops_between_parts_once_its_client_left(make_client
     assert client.post("/v1/tag", json=documents(STORIES[1])).status_code == 200
 
 
+def test_requests_behind_one_in_parts_wait_for_one_part_not_all(make_client, tiny_model_dir):
+    client = make_client(batch_max_chars=len(STORIES[1]))
+    gate = Gate(client)
+    batcher = client.app.state.service.batcher
+    large = batcher.submit(list(STORIES))  # three parts of one story each
+    assert gate.entered.wait(WAIT_S)
+    small = batcher.submit(["小"])
+    wait_for(lambda: queue_depth(client) == 1, "the small request to queue")
+    gate.release.set()
+
+    assert [r for r in large.result(WAIT_S).results] == Tagger.load(tiny_model_dir).tag(STORIES)
+    assert small.result(WAIT_S).results == Tagger.load(tiny_model_dir).tag(["小"])
+    # the small request ran after the large one's first part; the rest went on without another in between
+    assert gate.calls == [STORIES[:1], ["小"], STORIES[1:2], STORIES[2:]]
+
+
+def _tag_then(client: TestClient, actions: dict) -> list[list[str]]:
+    """Make the serving tagger run actions[text] when it is given `text`; returns the calls it sees."""
+    tagger = client.app.state.service.batcher.tagger
+    original, calls = tagger.tag, []
+
+    def tag(texts, **options):
+        calls.append(list(texts))
+        for text, action in actions.items():
+            if text in texts:
+                action()
+        return original(texts, **options)
+
+    tagger.tag = tag
+    return calls
+
+
+def _large_then_small(client: TestClient, when_small) -> tuple:
+    """A request in three parts and a small one queued behind it (an opening request holds the
+    model until both are in); `when_small` runs as the small one is tagged, after the large one's
+    first part. Returns the two futures and the tagger's calls, the opening one first."""
+    batcher = client.app.state.service.batcher
+    hold, futures = threading.Event(), {}
+    calls = _tag_then(client, {"开场": lambda: hold.wait(WAIT_S), "小": lambda: when_small(futures["large"])})
+    opening = batcher.submit(["开场"])
+    wait_for(lambda: calls, "the opening request to start")
+    futures["large"] = batcher.submit(list(STORIES))
+    small = batcher.submit(["小"])
+    hold.set()
+    opening.result(WAIT_S)
+    return futures["large"], small, calls
+
+
+def test_a_request_in_parts_waiting_for_its_turn_is_dropped_once_its_client_left(make_client):
+    client = make_client(batch_max_chars=len(STORIES[1]))
+    batcher = client.app.state.service.batcher
+    large, small, calls = _large_then_small(client, batcher.abandon)
+    with pytest.raises(Abandoned):
+        large.result(WAIT_S)
+    assert small.result(WAIT_S).results
+    assert calls[1:] == [STORIES[:1], ["小"]]
+
+
+def test_a_request_in_parts_finishes_on_the_model_it_started_with(make_client, second_model_dir):
+    client = make_client(batch_max_chars=len(STORIES[1]))
+    batcher = client.app.state.service.batcher
+    newer = Tagger.load(second_model_dir)
+    large, small, calls = _large_then_small(client, lambda _: batcher.swap(newer))
+    assert large.result(WAIT_S).model.version == "0.0.1"
+    assert calls[1:] == [STORIES[:1], ["小"], STORIES[1:2], STORIES[2:]]
+    assert client.post("/v1/tag", json=documents(STORIES[0])).json()["model"]["version"] == "0.0.2"
+
+
 def test_a_model_failure_fails_only_its_own_request(make_client):
     client = make_client()
     gate = Gate(client, fail_on="BOOM")
