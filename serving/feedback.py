@@ -87,7 +87,7 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
     correction = Correction(document, sender=body.sender, revision=body.revision,
                             model_version=body.model_version or serving)
     try:
-        stored = await asyncio.to_thread(_save, request.app.state, correction)
+        stored, model_version = await asyncio.to_thread(_save, request.app.state, correction)
     except CorrectionConflict as err:
         raise ApiError(409, str(err), ("body", "revision"), "revision_conflict") from None
     except DBAPIDataError as err:  # a value this database cannot hold (PostgreSQL: a NUL character): retrying won't help
@@ -100,8 +100,7 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
                        headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if not stored:
         response.status_code = 200
-    return FeedbackResponse(id=document.id, revision=body.revision, stored=stored,
-                            model_version=correction.model_version)
+    return FeedbackResponse(id=document.id, revision=body.revision, stored=stored, model_version=model_version)
 
 
 def _first_line(err: Exception) -> str:
@@ -139,9 +138,12 @@ def _check_known_labels(body: FeedbackRequest, document: Document, known: LabelS
         raise RequestValidationError(errors)
 
 
-def _save(state, correction: Correction) -> bool:
-    """Store a correction in the app's store, opened on first use; runs in a worker thread."""
+def _save(state, correction: Correction) -> tuple[bool, str | None]:
+    """Store a correction in the app's store, opened on first use; runs in a worker thread. Whether it
+    was stored now (not before), and the model version stored with it then."""
     with _opening:
         if getattr(state, "feedback_store", None) is None:
             state.feedback_store = FeedbackStore(state.service.settings.feedback_url)
-    return state.feedback_store.add(correction)
+    if state.feedback_store.add(correction):
+        return True, correction.model_version
+    return False, state.feedback_store.recorded_model_version(correction.document.id, correction.revision)

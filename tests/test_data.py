@@ -213,6 +213,8 @@ def test_format_guessing_gives_up_with_advice(tmp_path):
     path = write(tmp_path, "plain.jsonl", '{"id": "x", "text": "只有正文"}\n')
     with pytest.raises(DataError, match=r"plain.jsonl: cannot guess the data format; name it as .*plain.jsonl:FORMAT"):
         guess_format(path)
+    with pytest.raises(DataError, match=r"empty.jsonl: no documents \(the file is empty\)"):
+        guess_format(write(tmp_path, "empty.jsonl", "\n \n"))
 
 
 @pytest.mark.parametrize(

@@ -25,7 +25,7 @@ from newstagger.tagger import Tagger
 from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
-from training.registry import Entry, Registry
+from training.registry import Entry, Registry, RegistryError
 from training.train import _labelled_coarse_only, train
 from training.retrain import (RetrainConfig, _only_labels_of, _training_config, decide, gate_tolerances,
                               replay_sample, retrain, score_on_gold)
@@ -83,6 +83,13 @@ def test_a_bad_gate_is_refused_before_anything_runs(gate):
 def test_retrain_settings_that_cannot_work_are_refused(setting, message):
     with pytest.raises(ValueError, match=message):
         RetrainConfig(**setting)
+
+
+def test_a_candidate_without_a_label_the_current_model_serves_is_refused():
+    verdict = decide(scores(0.72, 0.81, 0.65), CURRENT, GATE, dropped={"topics": ["culture"], "entity_types": []})
+    assert not verdict["passed"]
+    assert verdict["reasons"][0].startswith("the candidate does not know labels the current model serves")
+    assert decide(scores(0.72, 0.81, 0.65), CURRENT, GATE, dropped={"topics": [], "entity_types": []})["passed"]
 
 
 def test_metrics_the_gold_set_cannot_measure_are_skipped_but_one_must_be_measured():
@@ -228,7 +235,7 @@ def test_unlabelled_new_data_or_gold_set_is_refused_before_training(registry, sa
 
 
 def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(
-        registry, sample, gold, tmp_path, monkeypatch):
+        registry, sample, gold, tmp_path, monkeypatch, capsys):
     write_jsonl(sample[:20], tmp_path / "new.jsonl")
     real_train = train
 
@@ -240,7 +247,11 @@ def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_duri
         return real_train(config, sources)
 
     monkeypatch.setattr("training.retrain.train", train_while_an_operator_promotes)
-    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0))
+    capsys.readouterr()
+    code = main(["retrain", "--registry", str(registry.root), "--data", str(tmp_path / "new.jsonl"), "--gold", str(gold),
+                 "--tolerance", "1", *TINY_TRAINING])
+    verdict = json.loads(capsys.readouterr().out)
+    assert code == 4  # passed, yet not live: a script checking the exit code must not think it is
     assert verdict["passed"] and verdict["decision"].startswith("passed, not promoted: production changed from 1.0.0")
     assert registry.manifest().current == "2.0.0" and registry.manifest().entry("1.0.1").status == "candidate"
 
@@ -337,6 +348,8 @@ def test_feedback_export_retrain_promote_serve_and_roll_back(registry, sample, g
 
         assert main(["models", "rollback", "--registry", str(registry.root), *server_flags]) == 0
         assert version() == "1.0.0"
+        assert main(["models", "deploy", "--registry", str(registry.root), *server_flags]) == 0
+        assert version() == "1.0.0"
         assert Tagger.load(registry.root / "current").meta.version == "1.0.0"
 
 
@@ -344,10 +357,66 @@ def test_a_server_that_cannot_be_reached_leaves_the_registry_promoted_and_exits_
     with registry.staging() as staged:
         build_tiny_model_folder(staged, version="1.0.1")
         registry.register(staged, Entry(version="1.0.1"))
-    code = main(["models", "promote", "1.0.1", "--registry", str(registry.root), "--server", "http://127.0.0.1:9"])
+    server = ["--server", "http://127.0.0.1:9", "--token", "secret"]
+    code = main(["models", "promote", "1.0.1", "--registry", str(registry.root), *server])
     assert code == 3  # not 1, which retrain gives a refused candidate
     assert "the registry is updated but the server is not" in capsys.readouterr().err
     assert registry.manifest().current == "1.0.1"
+    # running promote again would say "already in production": deploy tells the server what is
+    assert main(["models", "deploy", "--registry", str(registry.root), *server]) == 3
+    assert registry.manifest().current == "1.0.1"
+
+
+@pytest.mark.parametrize("server, message", [(["--server", "http://127.0.0.1:9"], "needs the server's admin token"),
+                                             (["--server", "localhost:8000", "--token", "t"], "give the server's URL")])
+@pytest.mark.parametrize("command", [["models", "promote", "1.0.1"], ["models", "rollback"], ["models", "deploy"],
+                                     ["retrain", "--data", "new.jsonl", "--gold", "gold.jsonl"]])
+def test_a_server_that_could_never_be_told_is_refused_before_the_registry_changes(
+        registry, server, message, command, capsys, monkeypatch):
+    monkeypatch.delenv("NEWSTAGGER_ADMIN_TOKEN", raising=False)
+    with registry.staging() as staged:
+        build_tiny_model_folder(staged, version="1.0.1")
+        registry.register(staged, Entry(version="1.0.1"))
+    manifest = (registry.root / "manifest.json").read_bytes()
+    assert main([*command, "--registry", str(registry.root), *server]) == 2
+    assert message in capsys.readouterr().err
+    assert (registry.root / "manifest.json").read_bytes() == manifest
+
+
+def test_registry_commands_on_a_mistyped_registry_leave_nothing_behind(tmp_path, capsys):
+    assert main(["models", "promote", "1.0.0", "--registry", str(tmp_path / "nope")]) == 2
+    assert "no registry here" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+
+
+def test_one_retrain_at_a_time_on_a_registry(registry, sample, gold, tmp_path):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    with registry.retraining():  # another run in progress
+        with pytest.raises(RegistryError, match="another retrain is running"):
+            retrain(tiny_config(registry, tmp_path / "new.jsonl", gold))
+    assert len(registry.manifest().models) == 1
+
+
+def test_a_gold_label_neither_model_nor_new_data_knows_is_refused_naming_it(registry, sample, gold, tmp_path):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    typo = replace(sample[-1], topics=["ecolgy"])
+    write_jsonl([*sample[-12:-1], typo], tmp_path / "typo.jsonl")
+    with pytest.raises(DataError, match=f"--gold .*typo.jsonl: {typo.id}: unknown topic 'ecolgy'"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "typo.jsonl"))
+    assert len(registry.manifest().models) == 1
+
+
+def test_no_replay_needs_no_recorded_data(tmp_path, sample, gold):
+    registry = Registry(tmp_path / "registry")
+    with registry.staging() as staged:
+        build_tiny_model_folder(staged, version="1.0.0")
+        gone = {"path": str(tmp_path / "moved-away.jsonl"), "format": "internal", "sha256": "0" * 64}
+        registry.register(staged, Entry(version="1.0.0", data=[gone]))
+    registry.promote("1.0.0")
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    with pytest.raises(DataError, match="moved-away.jsonl, which 1.0.0 was trained on, is gone"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0))
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0, replay_ratio=0.0))
+    assert verdict["documents"]["replayed"] == 0 and verdict["decision"] == "promoted"
 
 
 def shuffled_labels(documents: list[Document], seed: int) -> list[Document]:

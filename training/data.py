@@ -182,7 +182,7 @@ def guess_format(path: str | Path) -> str:
         if (Path(path) / "state.json").is_file() or (Path(path) / "dataset_dict.json").is_file():
             return "hf"
         raise DataError(f"{path} is a folder, not a data file or a saved Hugging Face dataset")
-    undecided = None
+    undecided, index = None, -1
     for index, (_, _, line) in enumerate(islice(_json_lines(path), GUESS_LIMIT)):
         if index == 0 and line.lstrip().startswith("["):
             return "labelstudio"
@@ -197,6 +197,8 @@ def guess_format(path: str | Path) -> str:
             undecided = "internal"
     if undecided:
         return undecided
+    if index < 0:  # e.g. an export of a store with nothing in it
+        raise DataError(f"{path}: no documents (the file is empty)")
     raise DataError(
         f"{path}: cannot guess the data format; name it as {path}:FORMAT, FORMAT one of {', '.join(FORMATS)}"
     )

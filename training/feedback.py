@@ -135,6 +135,12 @@ class FeedbackStore:
                 f"content; send the new content as a higher revision")
         return False
 
+    def recorded_model_version(self, doc_id: str, revision: int) -> str | None:
+        """The model version stored with a correction (the one whose prediction it corrected)."""
+        with self.engine.connect() as connection:
+            return connection.execute(select(corrections.c.model_version).where(
+                corrections.c.doc_id == doc_id, corrections.c.revision == revision)).scalar_one()
+
     def close(self) -> None:
         """Close the pooled connections (a server shutting down)."""
         self.engine.dispose()

@@ -46,6 +46,7 @@ MANIFEST = "manifest.json"
 CURRENT_LINK = "current"
 STAGING = ".staging"
 LOCK = ".lock"
+RETRAIN_LOCK = ".retrain.lock"
 STATUSES = ("candidate", "production", "retired", "rejected")
 DEFAULT_REGISTRY = "registry"
 TOKEN_VARIABLE = "NEWSTAGGER_ADMIN_TOKEN"
@@ -254,9 +255,26 @@ class Registry:
         return f"{parts[0]}.{parts[1]}.{patch}"
 
     @contextmanager
+    def retraining(self) -> Iterator[None]:
+        """Held for a whole retrain: a second one on the same registry would pick the same version and
+        find out only when registering it, hours later, so it is refused at once instead."""
+        self._check_exists()
+        with open(self.root / RETRAIN_LOCK, "w") as lock:
+            try:
+                fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                raise RegistryError(f"another retrain is running on {self.root}; wait for it to finish") from None
+            yield
+
+    def _check_exists(self) -> None:
+        if not self.root.is_dir():
+            raise RegistryError(f"{self.root}: no registry here (`newstagger models add FOLDER --registry "
+                                f"{self.root}` starts one)")
+
+    @contextmanager
     def _writing(self) -> Iterator[Manifest]:
         """The manifest to change, under the registry lock; written back (with the link) on success."""
-        self.root.mkdir(parents=True, exist_ok=True)
+        self._check_exists()  # a mistyped --registry must not leave a folder behind
         with open(self.root / LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._clear_abandoned_staging()
@@ -324,13 +342,25 @@ def add_registry_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--registry", default=DEFAULT_REGISTRY, help=f"registry folder (default: {DEFAULT_REGISTRY})")
 
 
-def add_server_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--server", help="also make this running server load the model, e.g. http://127.0.0.1:8000")
+def add_server_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
+    parser.add_argument("--server", required=required,
+                        help="also make this running server load the model, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE),
                         help=f"the server's admin token (default: ${TOKEN_VARIABLE})")
 
 
 DEPLOY_FAILED = 3  # exit code: the registry changed, the server did not (retrain's 1 means "refused")
+
+
+def check_server_arguments(args) -> None:
+    """What makes `deploy` fail for certain fails before the registry changes, or training starts: a
+    command run again after a failed deploy would promote or roll back once more."""
+    if not args.server:
+        return
+    if not args.server.startswith(("http://", "https://")):
+        raise UsageError(f"--server: give the server's URL, such as http://127.0.0.1:8000, not {args.server!r}")
+    if not args.token:
+        raise UsageError(f"--server needs the server's admin token: --token or ${TOKEN_VARIABLE}")
 
 
 def deploy(args, folder: Path) -> int:
@@ -340,7 +370,8 @@ def deploy(args, folder: Path) -> int:
     try:
         answer = reload_server(args.server, folder, args.token)
     except DeployError as err:
-        print(f"newstagger {args.command}: the registry is updated but the server is not: {err}", file=sys.stderr)
+        print(f"newstagger {args.command}: the registry is updated but the server is not: {err}; once it can be "
+              f"reached, `newstagger models deploy --server {args.server}` makes it serve production", file=sys.stderr)
         return DEPLOY_FAILED
     previous = answer["previous"]["version"] if answer["previous"] else "no model"
     # stderr: retrain's stdout is its JSON verdict alone
@@ -350,7 +381,7 @@ def deploy(args, folder: Path) -> int:
 
 
 def register(subparsers) -> None:
-    parser = subparsers.add_parser("models", help="the model registry: list, add, promote, roll back",
+    parser = subparsers.add_parser("models", help="the model registry: list, add, promote, roll back, deploy",
                                    description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     actions = parser.add_subparsers(dest="action", required=True, metavar="ACTION")
 
@@ -380,6 +411,11 @@ def register(subparsers) -> None:
     add_registry_argument(rolling_back)
     add_server_arguments(rolling_back)
     rolling_back.set_defaults(handler=run_rollback)
+
+    deploying = actions.add_parser("deploy", help="make --server serve the production model (after a failed deploy)")
+    add_registry_argument(deploying)
+    add_server_arguments(deploying, required=True)
+    deploying.set_defaults(handler=run_deploy)
 
 
 def run_list(args) -> int:
@@ -415,6 +451,8 @@ def run_add(args) -> int:
     from newstagger.model import load_model_folder, read_meta, read_metrics
     from training.data import guess_format, parse_data_spec
 
+    if args.promote:
+        check_server_arguments(args)
     source = Path(args.folder)
     meta = read_meta(source)
     retrained_from = [f"{source['path']}:{source['format']}" for kind in ("new", "replayed")
@@ -446,6 +484,7 @@ def run_add(args) -> int:
 
 
 def run_promote(args) -> int:
+    check_server_arguments(args)
     registry = Registry(args.registry)
     entry = registry.promote(args.version, force=args.force)
     print(f"{entry.version} is now in production")
@@ -453,7 +492,17 @@ def run_promote(args) -> int:
 
 
 def run_rollback(args) -> int:
+    check_server_arguments(args)
     registry = Registry(args.registry)
     restored, retired = registry.rollback()
     print(f"rolled back: {restored.version} is in production again ({retired.version} retired)")
     return deploy(args, registry.folder(restored.version))
+
+
+def run_deploy(args) -> int:
+    check_server_arguments(args)
+    registry = Registry(args.registry)
+    current = registry.manifest().current
+    if current is None:
+        raise RegistryError(f"{args.registry} has no production model to deploy")
+    return deploy(args, registry.folder(current))

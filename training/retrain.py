@@ -11,7 +11,10 @@ only if it is no worse.
    the production model (the candidate stays in the registry, status `rejected`).
 
 Prints a JSON verdict: both models' gold scores, the deltas, the decision and its reasons. Exit
-code 0 when the candidate passed the gate, 1 when it was refused.
+code 0 when the candidate passed the gate (and was promoted, unless `--no-promote`), 1 when it was
+refused, 4 when it passed but another model went into production during the run (it stays a
+candidate), 3 when `--server` could not be told. A candidate without a label that the production
+model serves is refused: serving it would drop that label. One retrain runs at a time on a registry.
 
 New labels in the new data (an entity type or topic the model does not know) stop the run unless
 `--allow-new-labels` is given, since a typo in an annotation tool would otherwise become a label;
@@ -34,15 +37,15 @@ from pathlib import Path
 from newstagger.backends import resolve_device
 from newstagger.checks import check_rules
 from newstagger.cli import UsageError
-from newstagger.documents import DataError, Document
+from newstagger.documents import DataError, Document, validate
 from newstagger.model import read_meta, read_metrics, write_description
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 
 from .evaluate import evaluate_tagger
 from .registry import (
-    DEFAULT_REGISTRY, Entry, ProductionChanged, Registry, RegistryError, add_server_arguments, check_version, deploy,
-    fingerprint, metric, once_per_path, scores,
+    DEFAULT_REGISTRY, Entry, ProductionChanged, Registry, RegistryError, add_server_arguments, check_server_arguments,
+    check_version, deploy, fingerprint, metric, once_per_path, scores,
 )
 from .train import (TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
                     device_option, device_rule, seed_rule, train)
@@ -50,6 +53,7 @@ from .train import (TrainConfig, add_config_arguments, check_field_types, config
 log = logging.getLogger("newstagger.retrain")
 
 DEFAULT_GATE = ["entities.micro.f1", "topics.micro.f1", "topics.macro.f1"]
+NOT_PROMOTED = 4  # exit code: passed the gate, but production changed meanwhile, so not promoted
 GATEABLE = re.compile(r"(entities|entities_coarse|topics)\.(micro|macro)\.(precision|recall|f1)")
 
 
@@ -111,9 +115,14 @@ def gate_tolerances(config: RetrainConfig) -> dict[str, float]:
     return tolerances
 
 
-def decide(candidate: dict, current: dict, tolerances: dict[str, float]) -> dict:
-    """The gate: passed only if no gated metric measured on both drops by more than its tolerance."""
+def decide(candidate: dict, current: dict, tolerances: dict[str, float],
+           dropped: dict[str, list[str]] | None = None) -> dict:
+    """The gate: passed only if no gated metric measured on both drops by more than its tolerance,
+    and the candidate keeps every label the current model serves (`dropped`: those it does not)."""
     checks, reasons = {}, []
+    if dropped and any(dropped.values()):
+        reasons.append(f"the candidate does not know labels the current model serves: {dropped}; start it from "
+                       f"the production model")
     for name, tolerance in tolerances.items():
         new, old = metric(candidate, name), metric(current, name)
         if new is None or old is None:
@@ -146,6 +155,11 @@ def replay_sample(sources: list[list[Document]], size: int, rng: random.Random) 
 
 def retrain(config: RetrainConfig) -> dict:
     """Train, score and gate a candidate as configured; returns the verdict (see the module doc)."""
+    with Registry(config.registry).retraining():
+        return _retrain(config)
+
+
+def _retrain(config: RetrainConfig) -> dict:
     started = time.time()
     if not config.data:
         raise UsageError("no new data: give --data PATH[:FORMAT]")
@@ -169,7 +183,10 @@ def retrain(config: RetrainConfig) -> dict:
     if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
         raise DataError(f"--gold: no labels for any gated metric ({', '.join(tolerances)}): "
                         f"{', '.join(config.gold)} must label the gated tasks")
-    replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
+    if config.replay_ratio == 0:
+        replay_sources = []
+    else:
+        replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
     gold_texts = {doc.text for doc in gold}
     new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
     new_docs = [doc for docs in new_sets for doc in docs]
@@ -177,7 +194,7 @@ def retrain(config: RetrainConfig) -> dict:
     pool = [_without(seen_texts, docs) for _, docs in replay_sources]
     replay_sets = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
     replayed = [doc for docs in replay_sets for doc in docs]
-    if not replay_sources:
+    if not replay_sources and config.replay_ratio > 0:
         log.warning("no earlier data recorded for %s and none given with --replay: old skills may be lost", start)
     if not new_docs:
         raise DataError("every new document is also in the gold set; nothing is left to train on")
@@ -191,6 +208,7 @@ def retrain(config: RetrainConfig) -> dict:
     if any(new_labels.values()) and not config.allow_new_labels:
         raise DataError(f"the new data has labels {start} does not know: {new_labels}; check them for typos, "
                         f"then pass --allow-new-labels to grow the model with them")
+    _check_gold_labels(gold_sources, start_tagger.schema, new_labels)
     log.info("retraining %s into %s on %d new and %d replayed documents; gold set %d documents",
              start, version, len(new_docs), len(replayed), len(gold))
 
@@ -203,7 +221,8 @@ def retrain(config: RetrainConfig) -> dict:
         baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
         candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger,
                                                                             [docs for _, docs in gold_sources])
-        gate = decide(candidate_gold, baseline_gold, tolerances)
+        gate = decide(candidate_gold, baseline_gold, tolerances,
+                      dropped=read_meta(staged).schema.new_labels(baseline_tagger.schema))
         _describe_retraining(staged, registry.root / version, {
             "new": [source for source, _ in new_sources],
             "replayed": [{**source, "documents": len(docs)} for (source, _), docs in zip(replay_sources, replay_sets)],
@@ -286,6 +305,18 @@ def _recorded_sources(entry: Entry) -> list[tuple[dict, list[Document]]]:
             log.warning("%s changed since %s was trained on it; replaying what it holds now", path, entry.version)
         sources.append((now, read_documents(path, recorded["format"])))
     return sources
+
+
+def _check_gold_labels(gold_sources: list[tuple[dict, list[Document]]], schema: LabelSchema,
+                       new_labels: dict[str, list[str]]) -> None:
+    """A gold label that neither the starting model nor the new data knows is more often a typo than
+    a test: it would count as no topic or as misses for both models alike, and the gate would
+    compare nothing (as `newstagger evaluate` refuses it)."""
+    topics = {*schema.topics, *new_labels["topics"]}
+    types = {*schema.entity_types, *schema.coarse.values(), *new_labels["entity_types"]}
+    for source, docs in gold_sources:
+        for doc in docs:
+            validate(doc, topic_labels=topics, entity_types=types, where=f"--gold {source['path']}: {doc.id}")
 
 
 def _without(texts: set[str], docs: list[Document]) -> list[Document]:
@@ -396,8 +427,12 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    verdict = retrain(config_from_args(args, RetrainConfig))
+    check_server_arguments(args)
+    config = config_from_args(args, RetrainConfig)
+    verdict = retrain(config)
     print(json.dumps(verdict, ensure_ascii=False, indent=2))
-    if verdict["decision"] != "promoted":
-        return 0 if verdict["passed"] else 1
-    return deploy(args, Path(verdict["candidate"]["folder"]))
+    if not verdict["passed"]:
+        return 1
+    if verdict["decision"] == "promoted":
+        return deploy(args, Path(verdict["candidate"]["folder"]))
+    return NOT_PROMOTED if config.promote else 0
