@@ -12,6 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import numpy as np
+from scipy.special import expit
 
 from .backends import TorchBackend, make_backend
 from .cli import UsageError
@@ -190,7 +191,7 @@ class Tagger:
             batch_windows = [windows[i] for i in batch]
             input_ids, attention_mask = pad_batch(encoded, batch_windows, *special)
             topic_logits, tag_log_probs = self.backend(input_ids, attention_mask)
-            topic_probs = 1.0 / (1.0 + np.exp(-topic_logits))
+            topic_probs = expit(topic_logits)
             for row, w in enumerate(batch_windows):
                 owned = doc_starts[w.doc] + w.own_start, doc_starts[w.doc] + w.own_end
                 # +1: position 0 of every window is [CLS]

@@ -34,9 +34,9 @@ from newstagger.documents import DataError, Document
 from newstagger.model import META_FILE, check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
-from .train import (IGNORE, add_config_arguments, check_field_types, check_tokenizer_fits, check_windows_fit,
-                    config_from_args, config_option, device_option, device_rule, loading_base, seed_rule, start_run,
-                    use_bf16, warmup_then_decay)
+from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, check_field_types, check_tokenizer_fits, check_windows_fit,
+                    config_from_args, config_option, device_option, device_rule, loading_base, optimizer_step,
+                    seed_rule, start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -50,7 +50,7 @@ class PretrainConfig:
     text: list[str] = config_option(list, "text to pretrain on, PATH[:FORMAT]: any format `train` reads (labels are "
                                           "ignored), e.g. a JSONL archive of stories {\"id\", \"text\"} as "
                                           "FILE:internal")
-    base_model: str = config_option("bert-base-chinese", "BERT checkpoint to continue: hub name or local folder "
+    base_model: str = config_option(DEFAULT_BASE_MODEL, "BERT checkpoint to continue: hub name or local folder "
                                                          "(ideally with its MLM head; a missing one starts from "
                                                          "random weights)")
     output: str = config_option("runs/pretrained", "folder to write the continued checkpoint to")
@@ -229,15 +229,9 @@ def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, coll
         if not (batch["labels"] != IGNORE).any():  # a few short blocks can come out with nothing masked
             continue
         loss, _ = masked_lm_loss(model, batch, bf16)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        running = optimizer_step(model, loss, optimizer, scheduler, bar, running)
         steps += 1
         tokens += int(batch["attention_mask"].sum())
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     bar.close()
     return running or 0.0, steps, tokens
 

@@ -41,8 +41,8 @@ from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
-from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder, new_model,
-                              read_meta, save_model_folder, windows_past_positions)
+from newstagger.model import (DEFAULT_WINDOW, META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
+                              new_model, read_meta, save_model_folder, windows_past_positions)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
@@ -119,7 +119,6 @@ def config_option(default, help: str, metavar: str | None = None):
     return field(default=default, metadata=metadata)
 
 
-DEFAULT_WINDOW = (256, 64)  # tagging window and overlap of a model that neither sets nor inherits them
 DEFAULT_BASE_MODEL = "bert-base-chinese"
 
 
@@ -223,8 +222,9 @@ class TrainConfig:
 
 @dataclass
 class Example:
-    """One training window: token ids, BIO tag ids (IGNORE where unlabelled), topic targets, and
-    the weight of its tokens in the entity loss."""
+    """One training window: token ids, tag target ids (TagTargets: a BIO tag, or a set of them for
+    coarse labels; IGNORE where unlabelled), topic targets, and the weight of its tokens in the
+    entity loss."""
 
     ids: list[int]
     tags: list[int]
@@ -674,18 +674,25 @@ def _train_epoch(model: NewsTaggerModel, bar: tqdm, loss_fn: JointLoss, optimize
         with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
             topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
         loss = loss_fn(topic_logits.float(), tag_logits.float(), batch)
-        optimizer.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-        optimizer.step()
-        scheduler.step()
+        running = optimizer_step(model, loss, optimizer, scheduler, bar, running)
         state["step"] += 1
-        running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
-        bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
         if state["step"] >= total_steps:
             break
     bar.close()
     return running or 0.0
+
+
+def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, bar: tqdm, running: float | None) -> float:
+    """Backpropagate `loss` with gradients clipped to norm 1, step the optimizer and the schedule; the
+    smoothed loss after it (`running` before), shown on the progress bar with the learning rate."""
+    optimizer.zero_grad(set_to_none=True)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+    optimizer.step()
+    scheduler.step()
+    running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
+    bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
+    return running
 
 
 def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
@@ -819,7 +826,9 @@ def _optimizer_and_schedule(model: NewsTaggerModel, config: TrainConfig, total_s
 
 
 def warmup_then_decay(optimizer, warmup_ratio: float, total_steps: int) -> torch.optim.lr_scheduler.LambdaLR:
-    """Learning rate schedule: linear warm-up over `warmup_ratio` of the steps, then linear decay to 0."""
+    """Learning rate schedule: linear warm-up over `warmup_ratio` of the steps, then linear decay to 0.
+    transformers' get_linear_schedule_with_warmup, but its first step is not at learning rate 0
+    (a step that changes nothing, a loss on short test runs of a few steps)."""
     warmup = max(1, int(warmup_ratio * total_steps))
     return torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
