@@ -169,7 +169,8 @@ def test_saving_a_model_over_a_folder_drops_its_export_of_the_old_weights(export
 
 
 @pytest.mark.parametrize("change, reason", [("weights", "export was not made from the model.safetensors it holds now"),
-                                            ("record", "export records no weights hash")])
+                                            ("record", "export records no weights hash"),
+                                            ("no record", "export.json cannot be read")])
 def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path, caplog, change, reason):
     """Weights copied over the folder by hand leave its graphs behind: they answer for another model.
     An export from before the hash was recorded cannot tell, so it is not used either."""
@@ -180,6 +181,8 @@ def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path, caplog, 
     if change == "weights":
         weights = load_file(folder / "model.safetensors")
         save_file({name: tensor + 0.01 for name, tensor in weights.items()}, folder / "model.safetensors")
+    elif change == "no record":
+        (folder / "onnx" / "export.json").unlink()
     else:
         record = json.loads((folder / "onnx" / "export.json").read_text())
         (folder / "onnx" / "export.json").write_text(json.dumps({k: v for k, v in record.items()

@@ -138,6 +138,10 @@ def test_internal_jsonl():
          r"min.json\[0\]: not a Label Studio task with 'annotations'; export as \"JSON\""),
         ("deep.json", "labelstudio", "[" * 100_000 + "]" * 100_000, {},
          r"deep.json: not readable JSON"),
+        ("single.bmes", "columns", "王\tS-PER\n芳\tI-PER\n", {},
+         r"single.bmes:2: tag 'I-PER' continues no open PER span"),
+        ("twotypes.json", "cluener", '{"text": "王五来了", "label": {"name": {"王五": [[0, 1]]}, "company": {"王五": [[0, 1]]}}}\n',
+         {}, r"twotypes.json:1: .*overlap"),
     ],
 )
 def test_errors_name_file_line_and_problem(tmp_path, name, format, content, labels, message):
@@ -194,6 +198,12 @@ def test_an_empty_entities_list_does_not_decide_the_format(tmp_path):
                   '"end_offset": 3}]}\n')
     assert guess_format(later) == "doccano"
     assert guess_format(write(tmp_path, "none.jsonl", '{"id": "x", "text": "无", "entities": []}\n')) == "internal"
+
+
+def test_a_label_studio_export_without_spans_labels_no_entities(tmp_path):
+    export = '[{"id": 1, "data": {"text": "青澜"}, "annotations": [{"id": 1, "result": [{"type": "choices", "value": {"choices": ["economy"]}}]}]}]'
+    (doc,) = read_documents(write(tmp_path, "topics.json", export), "labelstudio")
+    assert doc.topics == ["economy"] and doc.entities is None  # not "no entities here": nothing said of them
 
 
 def test_label_studio_annotations_with_mixed_id_and_timestamp_types(tmp_path):

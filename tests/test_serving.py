@@ -282,6 +282,25 @@ def test_an_error_body_lists_the_first_errors_and_counts_the_rest(client):
     assert response.json()["detail"].endswith("(and 59 more)")
 
 
+def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit():
+    chunks_read, sent = 0, []
+
+    async def receive():
+        nonlocal chunks_read
+        chunks_read += 1
+        return {"type": "http.request", "body": b"x" * 6, "more_body": True}  # a client that never stops
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("an oversized body reached the app")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/tag", "headers": []}
+    asyncio.run(app_module.BodySizeLimit(app, max_bytes=10)(scope, receive, send))
+    assert chunks_read == 2 and sent[0]["status"] == 413
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_a_compressed_body_is_415_naming_the_header(client, encoding):
     body = json.dumps(documents("a")).encode()
@@ -291,7 +310,9 @@ def test_a_compressed_body_is_415_naming_the_header(client, encoding):
 
 
 def test_a_text_over_the_limit_is_413_naming_it(make_client):
-    response = make_client(max_text_chars=10).post("/v1/tag", json=documents("short", "x" * 11))
+    client = make_client(max_text_chars=10)
+    assert client.post("/v1/tag", json=documents("x" * 10)).status_code == 200  # at the limit is fine
+    response = client.post("/v1/tag", json=documents("short", "x" * 11))
     assert response.status_code == 413
     assert response.json()["errors"][0]["loc"] == ["body", "documents", 1, "text"]
 

@@ -6,13 +6,14 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+from scipy.special import expit
 
 from newstagger import Tagger
-from newstagger.decoding import bio_transitions, constrained_viterbi, lenient_spans, tags_to_spans
+from newstagger.decoding import bio_transitions, constrained_viterbi, lenient_spans, span_score, tags_to_spans
 from newstagger.schema import LabelSchema
-from newstagger.windowing import Window, encode_texts, plan_windows, token_budget_batches
+from newstagger.windowing import Window, encode_texts, pad_batch, plan_windows, token_budget_batches
 
-from conftest import tiny_tokenizer
+from conftest import TOPICS, tiny_tokenizer
 
 MIXED_TEXTS = [
     "",
@@ -42,6 +43,22 @@ def test_windows_cover_every_token_once_with_overlap():
         assert left.end - right.start >= 8  # consecutive windows overlap by at least the stride
 
 
+def test_each_token_is_owned_by_the_window_where_it_is_most_central():
+    # overlaps are split at their middle, so every token keeps context on both sides
+    windows = plan_windows(0, n_tokens=100, max_length=32, stride=8)
+    assert [(w.own_start, w.own_end) for w in windows] == [(0, 26), (26, 48), (48, 70), (70, 83), (83, 100)]
+
+
+def test_the_encoder_sees_cls_the_window_and_sep_as_training_feeds_it():
+    encoded = encode_texts(tiny_tokenizer(), ["北京市海淀区", "王五"])
+    windows = [Window(0, 1, 4, 1, 4), Window(1, 0, 2, 0, 2)]
+    input_ids, attention_mask = pad_batch(encoded, windows, cls_id=101, sep_id=102, pad_id=0)
+    assert input_ids[0, :5].tolist() == [101, *encoded[0].ids[1:4], 102]
+    assert input_ids[1, :4].tolist() == [101, *encoded[1].ids[:2], 102]
+    assert attention_mask.sum(1).tolist() == [w.length for w in windows] == [5, 4]
+    assert input_ids.shape[1] % 8 == 0 and not input_ids[1, 4:].any()
+
+
 def test_short_and_empty_texts_get_one_window():
     assert plan_windows(3, 0, 32, 8) == [Window(3, 0, 0, 0, 0)]
     assert plan_windows(0, 30, 32, 8) == [Window(0, 0, 30, 0, 30)]
@@ -67,6 +84,24 @@ def test_viterbi_never_emits_invalid_bio():
             assert np.isfinite(transitions[previous, current]), (previous, current)
 
 
+def test_viterbi_keeps_entities_longer_than_two_tokens_whole():
+    (path,) = constrained_viterbi([np.log(np.array([[.1, .8, .1], [.1, .1, .8], [.1, .1, .8]]))])
+    assert path.tolist() == [1, 2, 2]
+
+
+def test_viterbi_never_starts_a_text_inside_an_entity():
+    (path,) = constrained_viterbi([np.log(np.array([[.1, .1, .8], [.1, .1, .8]]))])
+    assert path.tolist() == [1, 2]
+
+
+def test_argmax_spans_open_anew_where_the_type_changes():
+    assert lenient_spans(np.array([1, 4])) == [(0, 1, 0), (1, 2, 1)]  # B-x then I-y: two entities
+
+
+def test_an_entity_score_is_the_mean_of_its_tag_probabilities():
+    assert span_score(np.array([0.9, 0.5]), 0, 2) == 0.7
+
+
 def test_viterbi_repairs_an_orphan_inside_tag():
     # argmax would read O I-x I-x: two fragments of nothing; the valid best is O B-x I-x
     probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.4, 0.5], [0.1, 0.1, 0.8]])
@@ -83,6 +118,12 @@ def test_spans_map_tokens_back_to_characters():
     spans = tags_to_spans(tags, np.ones(7), offsets, text, schema)
     assert [(s["text"], s["type"]) for s in spans] == [("北京", "address"), ("王五", "name")]
     assert all(text[s["start"] : s["end"]] == s["text"] for s in spans)
+
+
+def test_a_span_ends_where_its_last_token_ends_however_many_characters_it_has():
+    schema = LabelSchema(entity_types=["name"])
+    spans = tags_to_spans(np.array([0, 1]), np.ones(2), np.array([[0, 1], [1, 7]]), "买iPhone", schema)
+    assert [(s["start"], s["end"], s["text"]) for s in spans] == [(1, 7, "iPhone")]
 
 
 def test_spans_of_tokens_sharing_a_character_do_not_overlap():
@@ -137,6 +178,35 @@ def test_batch_neighbours_do_not_change_a_document_result(tagger):
         assert batched["topics"][topic] == pytest.approx(score, abs=1e-3)
 
 
+class FirstTokenTopics:
+    """A backend scoring each window's topics by its first token, and every tag alike."""
+
+    batch_tokens = 4096
+
+    def __init__(self, num_tags: int):
+        self.num_tags = num_tags
+
+    def __call__(self, input_ids, attention_mask):
+        topic_logits = np.repeat((input_ids[:, 1:2] % 7 - 3).astype(np.float32), len(TOPICS), axis=1)
+        return topic_logits, np.full((*input_ids.shape, self.num_tags), -np.log(self.num_tags), dtype=np.float32)
+
+
+def test_topic_scores_weigh_each_window_by_the_tokens_it_owns(tagger):
+    text = MIXED_TEXTS[-1][:60]  # three windows owning 26, 14 and 18 tokens
+    stubbed = Tagger(tagger.model, tagger.tokenizer, tagger.meta, backend=FirstTokenTopics(len(tagger.schema.tags)))
+    [encoded] = encode_texts(tagger.tokenizer, [text])
+    windows = plan_windows(0, len(encoded.ids), tagger.meta.max_length, tagger.meta.stride)
+    window_probs = [expit(encoded.ids[w.start] % 7 - 3) for w in windows]
+    expected = np.average(window_probs, weights=[w.own_end - w.own_start for w in windows])
+    assert abs(np.mean(window_probs) - expected) > 0.01  # a plain mean over windows would fail below
+    assert all(abs(score - expected) < 1e-3 for score in stubbed.tag([text])[0]["topics"].values())
+
+
+def test_a_topic_scoring_exactly_its_threshold_is_a_label(tagger):
+    scores = tagger.tag([MIXED_TEXTS[2]])[0]["topics"]
+    assert tagger.tag([MIXED_TEXTS[2]], thresholds=scores)[0]["labels"] == tagger.schema.topics
+
+
 def test_thresholds_and_type_filter(tagger):
     text = MIXED_TEXTS[-1]
     everything = tagger.tag([text], thresholds={t: 0.0 for t in tagger.schema.topics})[0]
@@ -171,6 +241,7 @@ def test_the_python_api_names_a_text_the_tokenizer_cannot_take(tagger, texts, me
     ({"entity_types": ["adress"]}, r"entity_types: unknown \['adress'\]"),
     ({"thresholds": {"City_management": 0.0}}, "thresholds: unknown topic 'City_management'"),
     ({"thresholds": {"livelihood": -1}}, r"thresholds\['livelihood'\] must be between 0 and 1"),
+    ({"thresholds": {"livelihood": 1.5}}, r"thresholds\['livelihood'\] must be between 0 and 1"),
     ({"entity_threshold": 40}, "entity_threshold must be between 0 and 1, not 40"),
 ])
 def test_the_python_api_refuses_options_that_would_silently_change_nothing(tagger, options, message):

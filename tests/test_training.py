@@ -16,14 +16,14 @@ from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
 from newstagger.crf import BioCrf
-from newstagger.model import ModelMeta, render_model_card
+from newstagger.model import ModelMeta, load_model_folder, render_model_card
 from newstagger.documents import DataError
 from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
 import training.train
 from training.data import read_documents, split_validation
-from training.evaluate import (entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
+from training.evaluate import (at_or_over, entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
 from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, build_examples, collate,
                             config_from_file, pack_documents, token_tags, train)
@@ -83,6 +83,28 @@ def test_a_card_escapes_labels_for_its_tables_and_says_what_was_not_measured():
     card = render_model_card(ModelMeta(schema=schema, max_length=32, stride=8), {"validation": {}})
     assert "| a\\|b | 0.500 |" in card and "| entity types | x\\|y |" in card
     assert "- validation: not measured" in card
+
+
+def test_the_best_epoch_is_kept_and_training_stops_after_patience_epochs_without_gain(tiny_base, tmp_path,
+                                                                                      monkeypatch):
+    scores, snapshots = iter([0.50, 0.52, 0.49, 0.9, 0.9]), []
+    real_validate = training.train._validate
+
+    def validate(model, *args):
+        snapshots.append({k: v.detach().clone() for k, v in model.state_dict().items()})
+        return real_validate(model, *args)
+
+    monkeypatch.setattr(training.train, "_validate", validate)
+    monkeypatch.setattr(training.train, "selection_score", lambda metrics: next(scores))
+    output, _ = train(tiny_train_config(tiny_base, tmp_path / "model", epochs=5, patience=1, learning_rate=5e-3))
+
+    record = load_model_folder(output)[2].training
+    assert [h["epoch"] for h in record["history"]] == [1, 2, 3]  # epoch 3 gained nothing: patience 1 stops there
+    assert record["best_epoch"] == 2
+    saved = load_model_folder(output)[0].state_dict()
+    name = "bert.encoder.layer.0.attention.self.query.weight"
+    assert torch.equal(saved[name], snapshots[1][name].half().float())  # stored in fp16
+    assert not torch.equal(saved[name], snapshots[2][name].half().float())
 
 
 def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
@@ -408,6 +430,17 @@ def test_joint_loss_is_cross_entropy_for_exact_tags_and_a_marginal_for_partial_o
     assert torch.allclose(loss_fn(None, tag_logits, batch), weighted)
 
 
+def test_the_topic_loss_counts_only_documents_labelled_with_topics():
+    schema = tiny_schema()
+    loss_fn = JointLoss(torch.ones(len(schema.topics)), 1.0, 1.0, TagTargets.for_schema(schema))
+    topic_logits = torch.randn(2, len(schema.topics))
+    batch = {"tags": torch.full((2, 3), -100), "has_topics": torch.tensor([True, False]),
+             "topics": torch.tensor([[1.0, 0.0, 0.0, 0.0], [0.0, 0.0, 0.0, 0.0]]), "entity_weight": torch.ones(2)}
+    # the entity-only second row must not teach "no topic"
+    expected = torch.nn.functional.binary_cross_entropy_with_logits(topic_logits[:1], batch["topics"][:1])
+    assert torch.allclose(loss_fn(topic_logits, torch.randn(2, 3, len(schema.tags)), batch), expected)
+
+
 def test_crf_joint_loss_is_the_weighted_sequence_likelihood_per_labelled_token():
     schema = tiny_schema()
     targets = TagTargets.for_schema(schema)
@@ -555,6 +588,15 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])
     assert 0.3 < thresholds["economy"] <= 0.35
     assert 0.2 < thresholds["ecology"] <= 0.7
+
+
+def test_threshold_tuning_ties_stay_near_one_half_and_a_topic_without_positives_keeps_it():
+    assert tune_thresholds(np.array([[1], [0]]), np.array([[0.8], [0.2]]), ["t"]) == {"t": 0.5}
+    assert tune_thresholds(np.array([[0], [0]]), np.array([[0.8], [0.2]]), ["t"]) == {"t": 0.5}
+
+
+def test_a_score_counts_as_tag_shows_it_rounded():
+    assert at_or_over(np.array([0.49996]), np.array([0.5])).tolist() == [True]
 
 
 def test_topic_averages_leave_out_topics_neither_in_the_gold_set_nor_predicted():
