@@ -11,7 +11,6 @@ Every error is a JSON ErrorBody naming what was wrong and where; bad input never
 from __future__ import annotations
 
 import asyncio
-import hmac
 import json
 import logging
 import math
@@ -37,7 +36,7 @@ from .batching import MicroBatcher, Overloaded, ShuttingDown
 from .observability import CLIENT_CLOSED_REQUEST, ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
     MAX_ERRORS, RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
-    ReloadResponse, Runtime, Status, TagRequest, TagResponse, unknown_label,
+    ReloadResponse, Runtime, Status, TagRequest, TagResponse, check_bearer, unknown_label,
 )
 from .settings import ServeSettings
 
@@ -274,10 +273,7 @@ def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bea
     if token is None:
         raise ApiError(403, "admin endpoints are disabled: the server has no NEWSTAGGER_ADMIN_TOKEN",
                        ("header", "Authorization"), "admin_disabled")
-    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(),
-                                                      token.get_secret_value().encode()):
-        raise ApiError(401, "a valid 'Authorization: Bearer <admin token>' header is required",
-                       ("header", "Authorization"), "unauthorized", headers={"WWW-Authenticate": "Bearer"})
+    check_bearer(credentials, token, "admin token")
 
 
 @admin.post("/reload", response_model=ReloadResponse, responses=_errors(401, 403, 422, 503),

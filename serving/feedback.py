@@ -12,7 +12,8 @@ import logging
 import threading
 from typing import Annotated
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.exceptions import RequestValidationError
 from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
 from sqlalchemy.exc import DataError as DBAPIDataError
@@ -22,7 +23,7 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text, unknown_label
+from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text, check_bearer, unknown_label
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -71,10 +72,21 @@ class FeedbackResponse(BaseModel):
     model_version: str | None
 
 
+feedback_bearer = HTTPBearer(auto_error=False, scheme_name="FeedbackToken",
+                             description="The server's NEWSTAGGER_FEEDBACK_TOKEN, where it has one")
+
+
+def require_feedback_token(request: Request,
+                           credentials: HTTPAuthorizationCredentials | None = Depends(feedback_bearer)) -> None:
+    token = request.app.state.service.settings.feedback_token
+    if token is not None:
+        check_bearer(credentials, token, "feedback token")
+
+
 @router.post("/feedback", response_model=FeedbackResponse, status_code=201,
              responses={200: {"model": FeedbackResponse, "description": "Stored before; nothing changed"},
-                        **{status: {"model": ErrorBody} for status in (409, 413, 415, 422, 503)}},
-             summary="Store a corrected story for retraining")
+                        **{status: {"model": ErrorBody} for status in (401, 409, 413, 415, 422, 503)}},
+             dependencies=[Depends(require_feedback_token)], summary="Store a corrected story for retraining")
 async def feedback(body: FeedbackRequest, request: Request, response: Response) -> FeedbackResponse:
     service = request.app.state.service
     if len(body.text) > service.settings.max_text_chars:

@@ -6,9 +6,12 @@ result is exactly one line of its output. An answer other than 200 is an ErrorBo
 
 from __future__ import annotations
 
+import hmac
 from typing import Annotated
 
-from pydantic import AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, StrictFloat, StrictInt, StrictStr
+from fastapi.security import HTTPAuthorizationCredentials
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, SecretStr, StrictFloat, StrictInt,
+                      StrictStr)
 from pydantic_core import PydanticCustomError
 
 from newstagger.documents import unpaired_surrogate
@@ -27,6 +30,13 @@ class ApiError(Exception):
     def __init__(self, status: int, msg: str, loc: tuple = (), kind: str = "error", headers: dict | None = None):
         super().__init__(msg)
         self.status, self.msg, self.loc, self.kind, self.headers = status, msg, loc, kind, headers
+
+
+def check_bearer(credentials: HTTPAuthorizationCredentials | None, token: SecretStr, what: str) -> None:
+    """ApiError 401 unless the request carries `Authorization: Bearer <token>` (compared in constant time)."""
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
+        raise ApiError(401, f"a valid 'Authorization: Bearer <{what}>' header is required",
+                       ("header", "Authorization"), "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 
 
 def unknown_label(loc: tuple, kind: str, known: list[str], hint: str = "") -> dict:

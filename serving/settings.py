@@ -58,6 +58,10 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin/*; unset disables the admin endpoints."
     )
+    feedback_token: SecretStr | None = Field(
+        None, description="Bearer token POST /v1/feedback requires; unset, any client that reaches the server may "
+                          "send corrections, which become training data."
+    )
     log_format: Literal["json", "text"] = Field("json", description="Access and server log lines: json or text.")
     feedback_url: str = Field(
         DEFAULT_FEEDBACK_URL, description="SQLAlchemy URL of the store POST /v1/feedback writes to: a SQLite file "

@@ -181,6 +181,18 @@ def test_a_correction_is_201_then_200_when_resent(client, url):
     assert stored.to_dict() == {k: v for k, v in CORRECTION.items() if k != "sender"}
 
 
+def test_with_a_feedback_token_only_its_holders_can_send_corrections(tiny_model_dir, url):
+    settings = ServeSettings(model=tiny_model_dir, feedback_url=url, feedback_token="editors")
+    with TestClient(create_app(settings)) as client:
+        wait_ready(client)
+        for headers in ({}, {"Authorization": "Bearer wrong"}):
+            refused = client.post("/v1/feedback", json=CORRECTION, headers=headers)
+            assert refused.status_code == 401 and refused.json()["errors"][0]["loc"] == ["header", "Authorization"]
+        assert FeedbackStore(url).count() == 0
+        accepted = client.post("/v1/feedback", json=CORRECTION, headers={"Authorization": "Bearer editors"})
+        assert accepted.status_code == 201
+
+
 def test_the_model_version_defaults_to_the_one_serving(client):
     response = client.post("/v1/feedback", json=CORRECTION)
     assert response.json()["model_version"] == "0.0.1"
