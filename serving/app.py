@@ -371,15 +371,17 @@ class UnexpectedErrors:
 
 class BodySizeLimit:
     """413 for a body over the limit, before anything parses it; 415 for a compressed one (it would
-    be parsed as the compressed bytes, and its limit would not bound what it expands to).
+    be parsed as the compressed bytes, and its limit would not bound what it expands to); 408 when
+    the next piece of a body takes longer than `timeout_s` to come.
 
     The body is read up front (it is bounded by the limit) and replayed to the app, so the limit
     holds whether or not the client sent Content-Length and however it chunked the body.
     """
 
-    def __init__(self, app: ASGIApp, max_bytes: int):
+    def __init__(self, app: ASGIApp, max_bytes: int, timeout_s: float = 30.0):
         self.app = app
         self.max_bytes = max_bytes
+        self.timeout_s = timeout_s
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -395,7 +397,12 @@ class BodySizeLimit:
             return await self._refuse(scope, receive, send)
         chunks, size = [], 0
         while True:
-            message = await receive()
+            try:
+                message = await asyncio.wait_for(receive(), self.timeout_s)
+            except TimeoutError:
+                return await error_response(408, [{"loc": ["body"], "type": "body_timeout",
+                                                   "msg": f"no more of the body came for {self.timeout_s:g} s"}]
+                                            )(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return
             chunks.append(message.get("body", b""))
@@ -436,7 +443,7 @@ def create_app(settings: ServeSettings | None = None) -> FastAPI:
     app.include_router(feedback.router)
     _install_error_handlers(app)
     app.add_middleware(UnexpectedErrors)
-    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes)
+    app.add_middleware(BodySizeLimit, max_bytes=settings.max_body_bytes, timeout_s=settings.body_timeout_s)
     app.add_middleware(ObservedRequests, metrics=service.metrics)  # added last: outermost, sees every answer
     return app
 

@@ -51,7 +51,8 @@ def run(args) -> int:
         raise UsageError(f"{model} is not a model folder (no {META_FILE}); pass --model or set NEWSTAGGER_MODEL")
     check_can_listen(settings.host, settings.port)
     uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, log_config=None, access_log=False)
+                workers=settings.workers, limit_concurrency=settings.max_connections, log_config=None,
+                access_log=False)
     return 0
 
 

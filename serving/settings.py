@@ -58,6 +58,12 @@ class ServeSettings(BaseSettings):
     admin_token: SecretStr | None = Field(
         None, description="Bearer token for /v1/admin/*; unset disables the admin endpoints."
     )
+    body_timeout_s: float = Field(
+        30.0, gt=0, le=3600, allow_inf_nan=False,
+        description="Longest wait for the next piece of a request body (longer: 408), so clients that open a "
+                    "request and send its body slowly cannot hold connections and memory.")
+    max_connections: int | None = Field(
+        None, ge=1, description="Most connections a worker serves at once (more: 503 from uvicorn); unset, no limit.")
     feedback_token: SecretStr | None = Field(
         None, description="Bearer token POST /v1/feedback requires; unset, any client that reaches the server may "
                           "send corrections, which become training data."

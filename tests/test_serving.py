@@ -301,6 +301,25 @@ def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit():
     assert chunks_read == 2 and sent[0]["status"] == 413
 
 
+def test_a_body_that_stops_coming_is_408():
+    sent = []
+
+    async def receive():
+        if not sent:
+            await asyncio.sleep(60)  # a client that opened the request and went quiet
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("an unfinished body reached the app")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/tag", "headers": []}
+    asyncio.run(app_module.BodySizeLimit(app, max_bytes=10, timeout_s=0.05)(scope, receive, send))
+    assert sent[0]["status"] == 408
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_a_compressed_body_is_415_naming_the_header(client, encoding):
     body = json.dumps(documents("a")).encode()
