@@ -9,13 +9,15 @@ call the tagger sorts windows by length and packs them under its token budget, s
 long stories do not pad each other. Each request then gets its own slice of the results,
 relabelled under its own thresholds and entity types.
 
-A single request over the budget runs alone, in parts of the budget, which bounds memory. When
-others are waiting after a part, the rest of it goes to the back of the queue: requests behind
-a large one wait for one part, not for all of it.
+A single request over the budget runs alone, in parts of the budget, which bounds memory.
+Between its parts, the waiting requests that fit in one part run, oldest first: they wait for one
+part of a large request, not for all of it. Large requests still run one at a time, in order of
+arrival, and count as waiting until they start, so under overload each finishes as soon as it can
+(rather than all of them late) and the queue limit still bounds the work accepted.
 
-The model is read once per batch, so a reload swaps it between batches; a running batch, and
-every part of a request in parts, finishes on the model it started with. Inference runs on the
-worker thread, never on the event loop.
+The model is read once per batch, so a reload swaps it between batches and a running batch
+(every part of a large request included) finishes on the model it started with. Inference runs
+on the worker thread, never on the event loop.
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import logging
 import queue
 import threading
 import time
+from collections import deque
 from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
@@ -58,12 +61,6 @@ class Job:
     enqueued_at: float = field(default_factory=time.perf_counter)
     waiting: bool = True  # counted against the queue limit: queued, not yet taken or cancelled
     abandoned: bool = False  # its client left after it started: its batch stops between parts if all did
-    # A request in parts, queued again for its remaining `texts`: the model its first part ran on,
-    # the results so far, when its first part started and the model time spent on it.
-    tagger: Tagger | None = None
-    done: list[dict] = field(default_factory=list)
-    started_at: float | None = None
-    model_s: float = 0.0
 
     @property
     def chars(self) -> int:
@@ -92,8 +89,12 @@ class MicroBatcher:
         self._queue: queue.Queue = queue.Queue()  # bounded by the live count below, not by its length
         self._waiting = 0
         self._waiting_lock = threading.Lock()
-        self._carried: Job | object | None = None  # taken from the queue but left for the next batch
-        self._started: dict[int, Job] = {}  # started and unfinished (in the model, or queued in parts), by future id
+        # Taken from the queue but left for later, in order of arrival, and still waiting: what did not
+        # fit in a batch, and the large requests passed over between the parts of another.
+        self._held: deque[Job | object] = deque()
+        # Started and unfinished, by id of their futures: a large request in parts, and the batch
+        # served between two of its parts.
+        self._started: dict[int, Job] = {}
         self._stopping = False
         self._thread = threading.Thread(target=self._run, name="newstagger-batcher", daemon=True)
         metrics.queue_depth.set_function(lambda: self._waiting)
@@ -145,63 +146,79 @@ class MicroBatcher:
 
     def _run(self) -> None:
         while (batch := self._gather()) is not None:
-            if batch[0].tagger is not None:  # the rest of a request in parts: alone, on its first part's model
-                if batch[0].abandoned:
-                    batch[0].future.set_exception(Abandoned("its client left"))
-                else:
-                    self._serve(batch[0].tagger, batch)
-                continue
-            # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
-            # Known as started before they start: an abandon() in between finds them, or cancels them unrun.
-            self._started.update({id(job.future): job for job in batch})
-            running = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            for job in batch:
-                if job not in running:
-                    self._started.pop(id(job.future), None)
-            if running:
-                self._serve(self.tagger, running)
+            self._start_and_serve(batch)
         self._fail_leftovers()
 
+    def _start_and_serve(self, batch: list[Job]) -> None:
+        # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
+        # Known as started before they start: an abandon() in between finds them, or cancels them unrun.
+        self._started.update({id(job.future): job for job in batch})
+        running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        for job in batch:
+            if job not in running:
+                self._started.pop(id(job.future), None)
+        if running:
+            self._serve(self.tagger, running)
+
     def _gather(self) -> list[Job] | None:
-        first = self._carried if self._carried is not None else self._taken(self._queue.get())
-        self._carried = None
+        first = self._next(timeout=None)
         if first is _STOP:
             return None
-        if first.tagger is not None:
-            return [first]
+        self._stop_waiting(first)
         batch, chars = [first], first.chars
         deadline = time.perf_counter() + self.max_wait_s
         while chars < self.max_chars:
-            try:
-                job = self._taken(self._queue.get(timeout=max(0.0, deadline - time.perf_counter())))
-            except queue.Empty:
+            job = self._next(timeout=max(0.0, deadline - time.perf_counter()))
+            if job is None:
                 break
-            if job is _STOP or job.tagger is not None or chars + job.chars > self.max_chars:
-                self._carried = job
+            if job is _STOP or chars + job.chars > self.max_chars:
+                self._held.appendleft(job)
                 break
+            self._stop_waiting(job)
             batch.append(job)
             chars += job.chars
         return batch
 
-    def _taken(self, job: Job | object) -> Job | object:
-        if job is not _STOP:
-            self._stop_waiting(job)
-        return job
+    def _next(self, timeout: float | None) -> Job | object | None:
+        """The oldest request (or the stop signal) not taken yet; None when none came within `timeout`."""
+        if self._held:
+            return self._held.popleft()
+        try:
+            return self._queue.get(timeout=timeout)
+        except queue.Empty:
+            return None
+
+    def _serve_small_waiting(self) -> float:
+        """Between two parts of a large request: serve the waiting requests that fit in one part, oldest
+        first, without waiting for more (large ones keep their turn, in order); the seconds it took."""
+        started = time.perf_counter()
+        batch, passed_over, chars = [], [], 0
+        while chars < self.max_chars and (job := self._next(timeout=0)) is not None:
+            if job is not _STOP and chars + job.chars <= self.max_chars:
+                self._stop_waiting(job)
+                batch.append(job)
+                chars += job.chars
+            else:
+                passed_over.append(job)
+                if job is _STOP:  # nothing after it is served
+                    break
+        self._held.extendleft(reversed(passed_over))  # back in front of the rest, in their order
+        if batch:
+            self._start_and_serve(batch)
+        return time.perf_counter() - started
 
     def _serve(self, tagger: Tagger, batch: list[Job]) -> None:
         started = time.perf_counter()
-        for job in batch:
-            job.started_at = job.started_at or started
         texts = [text for job in batch for text in job.texts]
         results: list[dict] = []
+        others_s = 0.0  # spent serving other requests between parts
         try:
             for part in _parts(texts, self.max_chars):
+                if results:  # only a single request over the budget has a second part
+                    others_s += self._serve_small_waiting()
                 if all(job.abandoned for job in batch):  # every client left: the rest would run for nobody
                     for job in batch:
                         job.future.set_exception(Abandoned("every client of the batch left"))
-                    return
-                if results and self._others_waiting():  # only a request in parts has a second part
-                    self._queue_the_rest(batch[0], tagger, results, time.perf_counter() - started)
                     return
                 # Every entity found: each request's own entity threshold is applied when it is finished.
                 results += tagger.tag(part, entity_threshold=0.0)
@@ -216,11 +233,11 @@ class MicroBatcher:
             for job in batch:
                 self._serve(tagger, [job])
             return
-        elapsed = time.perf_counter() - started
-        self._observe(len(batch), len(results), sum(len(text) for text in texts), elapsed)
+        elapsed = time.perf_counter() - started - others_s
+        self._observe(batch, len(results), elapsed)
         offset = 0
         for job in batch:
-            mine = job.done + results[offset : offset + len(job.texts)]
+            mine = results[offset : offset + len(job.texts)]
             offset += len(job.texts)
             try:
                 finished = [tagger.with_options(r, job.thresholds, job.entity_types, job.entity_threshold)
@@ -230,34 +247,18 @@ class MicroBatcher:
                 self.metrics.model_failures.inc()
                 job.future.set_exception(err)
                 continue
-            job.future.set_result(Outcome(finished, tagger.meta, job.started_at - job.enqueued_at,
-                                          job.model_s + elapsed))
+            job.future.set_result(Outcome(finished, tagger.meta, started - job.enqueued_at, elapsed))
 
-    def _others_waiting(self) -> bool:
-        """Whether a request in parts should make way; never while stopping, when it finishes now."""
-        return not self._stopping and (self._carried is not None or not self._queue.empty())
-
-    def _queue_the_rest(self, job: Job, tagger: Tagger, results: list[dict], seconds: float) -> None:
-        """Put the untagged rest of a request in parts at the back of the queue, to go on from `results`."""
-        self._observe(1, len(results), sum(len(text) for text in job.texts[: len(results)]), seconds)
-        job.tagger, job.done, job.texts = tagger, job.done + results, job.texts[len(results):]
-        job.model_s += seconds
-        self._queue.put(job)
-
-    def _observe(self, requests: int, documents: int, characters: int, seconds: float) -> None:
-        self.metrics.batch_requests.observe(requests)
+    def _observe(self, batch: list[Job], documents: int, seconds: float) -> None:
+        self.metrics.batch_requests.observe(len(batch))
         self.metrics.batch_documents.observe(documents)
         self.metrics.batch_seconds.observe(seconds)
         self.metrics.documents.inc(documents)
-        self.metrics.characters.inc(characters)
+        self.metrics.characters.inc(sum(job.chars for job in batch))
 
     def _fail_leftovers(self) -> None:
-        while True:
-            try:
-                job = self._queue.get_nowait()
-            except queue.Empty:
-                return
-            if job is not _STOP and (job.tagger is not None or job.future.set_running_or_notify_cancel()):
+        while (job := self._next(timeout=0)) is not None:
+            if job is not _STOP and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ShuttingDown("the server shut down before running this request"))
 
 

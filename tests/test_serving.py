@@ -456,6 +456,23 @@ def test_requests_behind_one_in_parts_wait_for_one_part_not_all(make_client, tin
     assert gate.calls == [STORIES[:1], ["小"], STORIES[1:2], STORIES[2:]]
 
 
+def test_large_requests_run_one_at_a_time_in_order_and_small_ones_pass_them(make_client):
+    client = make_client(batch_max_chars=len(STORIES[1]))
+    gate = Gate(client)
+    batcher = client.app.state.service.batcher
+    first = batcher.submit(list(STORIES))  # three parts of one story each
+    assert gate.entered.wait(WAIT_S)
+    second = batcher.submit(["乙" + story for story in STORIES])
+    small = batcher.submit(["小"])
+    wait_for(lambda: queue_depth(client) == 2, "both to queue")
+    gate.release.set()
+    for future in (first, second, small):
+        future.result(WAIT_S)
+    # taking turns part by part would finish both large requests late; the small one waits for one part
+    assert gate.calls == [STORIES[:1], ["小"], STORIES[1:2], STORIES[2:],
+                          *[["乙" + story] for story in STORIES]]
+
+
 def _tag_then(client: TestClient, actions: dict) -> list[list[str]]:
     """Make the serving tagger run actions[text] when it is given `text`; returns the calls it sees."""
     tagger = client.app.state.service.batcher.tagger
