@@ -310,11 +310,10 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        too_many = next((e for e in err.errors() if e["type"] == "too_long" and tuple(e["loc"]) == ("body", "documents")),
-                        None)
-        if too_many is not None:  # past MAX_DOCUMENTS_CEILING: the same 413 as past max_documents
+        documents = err.body.get("documents") if isinstance(getattr(err, "body", None), dict) else None
+        if isinstance(documents, list):  # too many is a 413 whatever else is wrong (past the ceiling too)
             try:
-                _check_document_count(too_many["ctx"]["actual_length"], request.app.state.service.settings)
+                _check_document_count(len(documents), request.app.state.service.settings)
             except ApiError as too_large:
                 return await api_error(request, too_large)
         items = [_validation_item(e) for e in err.errors()]
@@ -388,7 +387,7 @@ class BodySizeLimit:
             return await self.app(scope, receive, send)
         headers = dict(scope["headers"])
         encoding = headers.get(b"content-encoding", b"identity").decode("latin-1").strip().lower()
-        if encoding != "identity":
+        if encoding not in ("identity", ""):
             return await error_response(415, [{"loc": ["header", "Content-Encoding"], "type": "content_encoding",
                                                "msg": f"send the body uncompressed, not as {encoding!r}"}]
                                         )(scope, receive, send)

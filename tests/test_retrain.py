@@ -417,6 +417,8 @@ def test_no_replay_needs_no_recorded_data(tmp_path, sample, gold):
         retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0))
     verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0, replay_ratio=0.0))
     assert verdict["documents"]["replayed"] == 0 and verdict["decision"] == "promoted"
+    # still on record, for a later run that replays
+    assert [Path(d["path"]).name for d in registry.manifest().entry("1.0.1").data] == ["moved-away.jsonl", "new.jsonl"]
 
 
 def shuffled_labels(documents: list[Document], seed: int) -> list[Document]:

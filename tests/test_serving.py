@@ -259,10 +259,13 @@ def test_unknown_paths_and_methods_get_json_errors(client):
 # --- limits ---------------------------------------------------------------------------------------
 
 def test_too_many_documents_is_413(make_client):
-    response = make_client(max_documents=2).post("/v1/tag", json=documents("a", "b", "c"))
+    client = make_client(max_documents=2)
+    response = client.post("/v1/tag", json=documents("a", "b", "c"))
     assert response.status_code == 413
     assert response.json()["errors"][0]["loc"] == ["body", "documents"]
     assert "at most 2" in response.json()["detail"]
+    with_bad_items = client.post("/v1/tag", json={"documents": [{"id": 1, "text": "a"}, {"id": 2}, 3]})
+    assert with_bad_items.status_code == 413  # however many of them are also wrong
 
 
 def test_an_oversized_list_fails_at_once_with_a_bounded_answer(client):

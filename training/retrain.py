@@ -183,9 +183,10 @@ def _retrain(config: RetrainConfig) -> dict:
     if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
         raise DataError(f"--gold: no labels for any gated metric ({', '.join(tolerances)}): "
                         f"{', '.join(config.gold)} must label the gated tasks")
-    if config.replay_ratio == 0:
-        replay_sources = []
+    if config.replay_ratio == 0:  # nothing replayed, so nothing read; the earlier data stays on record for later runs
+        replay_sources, earlier = [], start_entry.data
     else:
+        earlier = []
         replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
     gold_texts = {doc.text for doc in gold}
     new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
@@ -229,7 +230,7 @@ def _retrain(config: RetrainConfig) -> dict:
             "gold": [source for source, _ in gold_sources],
             "gated_against": baseline, "gate": gate,
         }, candidate_all_labels)
-        data = once_per_path([source for source, _ in replay_sources + new_sources])
+        data = once_per_path([*earlier, *(source for source, _ in replay_sources + new_sources)])
         registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
             "gold": scores(candidate_all_labels), "validation": scores(validation)}))
 
