@@ -429,12 +429,19 @@ def test_a_request_over_the_batch_budget_runs_in_parts(make_client, tiny_model_d
     assert results == Tagger.load(tiny_model_dir).tag(STORIES)
 
 
-def test_a_request_in_parts_stops_between_parts_once_its_client_left(make_client):
-    client = make_client(batch_max_chars=len(STORIES[0]))
+def large_request_in_the_model(make_client) -> tuple:
+    """(client, gate, batcher, future) of a request in three parts, one story each, with its first
+    part held in the model until the gate is released."""
+    client = make_client(batch_max_chars=len(STORIES[1]))
     gate = Gate(client)
     batcher = client.app.state.service.batcher
-    running = batcher.submit(list(STORIES))  # three parts of one story each
+    large = batcher.submit(list(STORIES))
     assert gate.entered.wait(WAIT_S)
+    return client, gate, batcher, large
+
+
+def test_a_request_in_parts_stops_between_parts_once_its_client_left(make_client):
+    client, gate, batcher, running = large_request_in_the_model(make_client)
     batcher.abandon(running)  # what the route does when its client disconnects
     gate.release.set()
     with pytest.raises(Abandoned):
@@ -444,11 +451,7 @@ def test_a_request_in_parts_stops_between_parts_once_its_client_left(make_client
 
 
 def test_requests_behind_one_in_parts_wait_for_one_part_not_all(make_client, tiny_model_dir):
-    client = make_client(batch_max_chars=len(STORIES[1]))
-    gate = Gate(client)
-    batcher = client.app.state.service.batcher
-    large = batcher.submit(list(STORIES))  # three parts of one story each
-    assert gate.entered.wait(WAIT_S)
+    client, gate, batcher, large = large_request_in_the_model(make_client)
     small = batcher.submit(["小"])
     wait_for(lambda: queue_depth(client) == 1, "the small request to queue")
     gate.release.set()
@@ -460,11 +463,7 @@ def test_requests_behind_one_in_parts_wait_for_one_part_not_all(make_client, tin
 
 
 def test_large_requests_run_one_at_a_time_in_order_and_small_ones_pass_them(make_client):
-    client = make_client(batch_max_chars=len(STORIES[1]))
-    gate = Gate(client)
-    batcher = client.app.state.service.batcher
-    first = batcher.submit(list(STORIES))  # three parts of one story each
-    assert gate.entered.wait(WAIT_S)
+    client, gate, batcher, first = large_request_in_the_model(make_client)
     second = batcher.submit(["乙" + story for story in STORIES])
     small = batcher.submit(["小"])
     wait_for(lambda: queue_depth(client) == 2, "both to queue")
