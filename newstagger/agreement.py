@@ -27,6 +27,7 @@ from .bench import synthetic_stories
 from .cli import UsageError, add_model_argument, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, text_field, utf8_only
 from .model import read_meta, read_metrics, write_description
+from .tag_command import BLANK
 
 SPAN_AGREEMENT_MIN = 0.99
 CHECK_SEED = 20261
@@ -83,11 +84,13 @@ def run(args) -> int:
 
 
 def _read_texts(path: str) -> list[str]:
-    """The 'text' of each line of a JSONL file; DataError names the line of a bad one."""
+    """The 'text' of each line of a JSONL file, blank lines and byte-order marks read as `tag` reads
+    them; DataError names the line of a bad one."""
     texts = []
-    with open(path, encoding="utf-8-sig") as lines, utf8_only(path):
+    with open(path, encoding="utf-8") as lines, utf8_only(path):
         for number, line in enumerate(lines, start=1):
-            if line.strip():
+            line = line.removeprefix("\ufeff")  # files concatenated from Windows tools: one per file
+            if line.strip(BLANK):
                 text = text_field(json_object(line, f"{path}:{number}"), f"{path}:{number}")
                 check_encodable(text, "text", f"{path}:{number}")
                 texts.append(text)

@@ -64,8 +64,9 @@ def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
 def test_check_command_on_a_file_of_texts_records_its_corpus(exported_dir, tmp_path, capsys):
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     texts = tmp_path / "texts.jsonl"
-    texts.write_text("".join(json.dumps({"text": t}, ensure_ascii=False) + "\n" for t in synthetic_stories(5)),
-                     encoding="utf-8")
+    # as `tag` reads them: a byte-order mark at the start of any line (files concatenated), blank lines
+    texts.write_text("".join("\ufeff" + json.dumps({"text": t}, ensure_ascii=False) + "\n\u3000\n"
+                             for t in synthetic_stories(5)), encoding="utf-8")
     assert main(["check", "--model", str(folder), "--texts", str(texts), "--candidates", "onnx-fp32"]) == 0
     assert "onnx-fp32: PASS" in capsys.readouterr().out
     recorded = json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["agreement"]["onnx-fp32"]
