@@ -71,7 +71,7 @@ class Job:
 class Outcome:
     results: list[dict]  # one `tag` result per text, in order
     model: ModelMeta  # the model that produced them
-    queued_s: float  # from submit until its batch started
+    queued_s: float  # from submit until its batch started, plus other requests' time between its parts
     batch_s: float  # model time of the whole batch it ran in
 
 
@@ -104,23 +104,25 @@ class MicroBatcher:
 
     def stop(self) -> None:
         """Finish every request already queued, then end the worker thread."""
-        self._stopping = True
-        self._queue.put(_STOP)
+        with self._waiting_lock:  # no request is queued after the stop signal
+            self._stopping = True
+            self._queue.put(_STOP)
         self._thread.join()
 
     def submit(self, texts: list[str], thresholds: dict[str, float] | None = None,
                entity_types: list[str] | None = None, entity_threshold: float | None = None) -> Future:
-        """A future of the request's Outcome; raises Overloaded when the queue is full."""
-        if self._stopping:
-            raise ShuttingDown("the server is shutting down")
+        """A future of the request's Outcome; raises Overloaded when the queue is full, ShuttingDown
+        once `stop` was called."""
         job = Job(texts, thresholds, entity_types, entity_threshold)
+        job.future.add_done_callback(lambda _: self._stop_waiting(job))  # a cancel frees its place at once
+        job.future.add_done_callback(lambda _: self._started.pop(id(job.future), None))
         with self._waiting_lock:
+            if self._stopping:
+                raise ShuttingDown("the server is shutting down")
             if self._waiting >= self.queue_max:
                 raise Overloaded(f"{self.queue_max} requests are already waiting for the model")
             self._waiting += 1
-        job.future.add_done_callback(lambda _: self._stop_waiting(job))  # a cancel frees its place at once
-        job.future.add_done_callback(lambda _: self._started.pop(id(job.future), None))
-        self._queue.put(job)
+            self._queue.put(job)
         return job.future
 
     def _stop_waiting(self, job: Job) -> None:
@@ -247,7 +249,8 @@ class MicroBatcher:
                 self.metrics.model_failures.inc()
                 job.future.set_exception(err)
                 continue
-            job.future.set_result(Outcome(finished, tagger.meta, started - job.enqueued_at, elapsed))
+            # Time spent on other requests between its parts is time it waited.
+            job.future.set_result(Outcome(finished, tagger.meta, started - job.enqueued_at + others_s, elapsed))
 
     def _observe(self, batch: list[Job], documents: int, seconds: float) -> None:
         self.metrics.batch_requests.observe(len(batch))

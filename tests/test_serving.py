@@ -30,7 +30,7 @@ from newstagger.tagger import Tagger
 from serving import app as app_module
 from serving import command
 from serving.app import create_app
-from serving.batching import Abandoned, Overloaded
+from serving.batching import Abandoned, Overloaded, ShuttingDown
 from serving.observability import TextLogFormatter, log_value
 from serving.settings import ServeSettings
 from serving.schemas import MAX_ERRORS
@@ -475,6 +475,48 @@ def test_large_requests_run_one_at_a_time_in_order_and_small_ones_pass_them(make
                           *[["乙" + story] for story in STORIES]]
 
 
+def test_a_large_request_passed_over_is_dropped_unrun_when_its_client_leaves(make_client):
+    client, gate, batcher, first = large_request_in_the_model(make_client)
+    futures = {}
+    # its client leaves while the small one runs: it has just been passed over, and is waiting
+    _tag_then(client, {"小": lambda: batcher.abandon(futures["second"])})
+    futures["second"] = batcher.submit(["乙" + story for story in STORIES])
+    small = batcher.submit(["小"])
+    wait_for(lambda: queue_depth(client) == 2, "both to queue")
+    gate.release.set()
+    assert len(first.result(WAIT_S).results) == 3 and small.result(WAIT_S).results
+    assert futures["second"].cancelled() and queue_depth(client) == 0
+    assert gate.calls == [STORIES[:1], ["小"], STORIES[1:2], STORIES[2:]]  # it never ran
+
+
+def test_a_failure_between_the_parts_of_a_request_fails_only_its_own_request(make_client):
+    client = make_client(batch_max_chars=len(STORIES[1]))
+    gate = Gate(client, fail_on="BOOM")
+    batcher = client.app.state.service.batcher
+    large = batcher.submit(list(STORIES))
+    assert gate.entered.wait(WAIT_S)
+    bad = batcher.submit(["BOOM"])
+    wait_for(lambda: queue_depth(client) == 1, "the bad request to queue")
+    gate.release.set()
+    assert len(large.result(WAIT_S).results) == 3
+    with pytest.raises(RuntimeError, match="the model broke"):
+        bad.result(WAIT_S)
+    assert gate.calls == [STORIES[:1], ["BOOM"], STORIES[1:2], STORIES[2:]]
+
+
+def test_stopping_finishes_the_large_requests_still_waiting(make_client):
+    client, gate, batcher, first = large_request_in_the_model(make_client)
+    second = batcher.submit(["乙" + story for story in STORIES])
+    stopping = threading.Thread(target=batcher.stop)
+    stopping.start()
+    wait_for(lambda: batcher._stopping, "stop to be called")
+    with pytest.raises(ShuttingDown):
+        batcher.submit(["迟到"])
+    gate.release.set()
+    stopping.join(WAIT_S)
+    assert len(first.result(0).results) == len(second.result(0).results) == 3
+
+
 def _tag_then(client: TestClient, actions: dict) -> list[list[str]]:
     """Make the serving tagger run actions[text] when it is given `text`; returns the calls it sees."""
     tagger = client.app.state.service.batcher.tagger
@@ -507,7 +549,7 @@ def _large_then_small(client: TestClient, when_small) -> tuple:
     return futures["large"], small, calls
 
 
-def test_a_request_in_parts_waiting_for_its_turn_is_dropped_once_its_client_left(make_client):
+def test_a_request_in_parts_whose_client_left_while_others_ran_between_its_parts_is_dropped(make_client):
     client = make_client(batch_max_chars=len(STORIES[1]))
     batcher = client.app.state.service.batcher
     large, small, calls = _large_then_small(client, batcher.abandon)
