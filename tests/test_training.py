@@ -107,6 +107,13 @@ def test_the_best_epoch_is_kept_and_training_stops_after_patience_epochs_without
     assert not torch.equal(saved[name], snapshots[2][name].half().float())
 
 
+def test_a_new_model_tags_in_the_windows_it_was_trained_in(tiny_base, tmp_path):
+    output, _ = train(tiny_train_config(tiny_base, tmp_path / "model", inference_max_length=None,
+                                        inference_stride=None, max_steps=1))
+    meta = load_model_folder(output)[2]
+    assert (meta.max_length, meta.stride) == (32, 8)
+
+
 def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
     output = tmp_path / "model"
     train(tiny_train_config(tiny_base, output, epochs=1))

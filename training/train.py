@@ -23,7 +23,7 @@ import time
 import tomllib
 from collections.abc import Sequence
 from contextlib import contextmanager
-from dataclasses import asdict, dataclass, field, fields, replace
+from dataclasses import MISSING, asdict, dataclass, field, fields, replace
 from pathlib import Path
 
 import numpy as np
@@ -41,7 +41,7 @@ from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span
 from newstagger.lexicon import build_lexicon, jieba_words
-from newstagger.model import (DEFAULT_WINDOW, META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
+from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
                               new_model, read_meta, save_model_folder, windows_past_positions)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -141,9 +141,9 @@ class TrainConfig:
     max_length: int = config_option(128, "encoder window for training, positions including [CLS]/[SEP]")
     stride: int = config_option(32, "tokens of overlap between windows of a long text")
     inference_max_length: int | None = config_option(None, "window the saved model uses when tagging (default: an "
-                                                          "init_model's own, else 256)")
+                                                          "init_model's own, else max_length)")
     inference_stride: int | None = config_option(None, "overlap the saved model uses when tagging (default: an "
-                                                      "init_model's own, else 64)")
+                                                      "init_model's own, else stride)")
     epochs: int = config_option(3, "passes over the training data")
     max_steps: int = config_option(0, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
     batch_tokens: int = config_option(4096, "padded tokens per batch (batches are length-bucketed)")
@@ -613,7 +613,8 @@ def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
     number raised), else the defaults."""
     parent = read_meta(config.init_model) if config.init_model else None
     if parent is None:
-        inherited = {"inference_max_length": DEFAULT_WINDOW[0], "inference_stride": DEFAULT_WINDOW[1],
+        # tag as trained: windows longer than those trained on cost long stories dearly (README)
+        inherited = {"inference_max_length": config.max_length, "inference_stride": config.stride,
                      "name": "newstagger", "version": "0.1.0"}
     else:
         major, _, patch = parent.version.rpartition(".")
@@ -1010,10 +1011,14 @@ def _rng_state_from_json(data) -> tuple:
 
 
 def add_config_arguments(parser: argparse.ArgumentParser, config_class=TrainConfig) -> None:
-    """One flag per field of a config dataclass, help text from the field, default None = 'not given'."""
+    """One flag per field of a config dataclass, help text from the field, default None = 'not given'
+    (the field's own default is applied later, under a config file's values, and shown in the help)."""
     for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
+        if f.default not in (MISSING, None) and "default" not in help_text:
+            shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
+            help_text += f" (default: {shown})"
         kind = f.type.removesuffix(" | None")
         if kind == "bool":
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=None, help=help_text)
