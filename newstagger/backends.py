@@ -156,6 +156,9 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
     if not choices:
         raise UsageError(_unavailable_reason(folder, backend, precision, device))
     chosen_backend, chosen_precision = choices[0]
+    if agreement_record(folder, chosen_backend, chosen_precision).get("passed") is False:  # asked for by name
+        logger.warning("%s-%s failed `newstagger check` on %s: its answers differ from fp32's beyond the "
+                       "tolerance", chosen_backend, chosen_precision, folder)
     if chosen_backend == "onnx":
         made = OnnxBackend(onnx_path(folder, chosen_precision), chosen_precision, threads, model.lexicon)
     else:
@@ -205,8 +208,12 @@ def onnx_export_stale(folder: Path) -> str | None:
 
 def agreement_passed(folder: Path, backend: str, precision: str) -> bool:
     """Whether `newstagger check` recorded that this backend agrees with fp32 on this model."""
-    record = read_metrics(folder).get("agreement", {})
-    return bool(record.get(f"{backend}-{precision}", {}).get("passed"))
+    return bool(agreement_record(folder, backend, precision).get("passed"))
+
+
+def agreement_record(folder: Path, backend: str, precision: str) -> dict:
+    """What `newstagger check` recorded for this backend on this model ({} where it never ran)."""
+    return read_metrics(folder).get("agreement", {}).get(f"{backend}-{precision}", {})
 
 
 def _unavailable_reason(folder: Path, backend: str, precision: str, device: torch.device) -> str:

@@ -72,22 +72,26 @@ def run(args) -> int:
     if unknown:  # as the API does: a misspelt type would otherwise just return nothing
         raise UsageError(f"--types: unknown entity type(s) {unknown}; the model knows {tagger.schema.entity_types}")
     with _open(args.input, "r") as source, _open(args.output, "w") as sink:
-        tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error, entity_types=entity_types,
-                   entity_threshold=entity_threshold)
+        errors = tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error,
+                            entity_types=entity_types, entity_threshold=entity_threshold)
+    if errors:  # said, so a pipeline that watches stderr knows without reading every line
+        print(f"newstagger tag: {errors} line(s) could not be tagged; their output lines hold the error",
+              file=sys.stderr)
     return 0
 
 
 def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512, on_error: str = "stop",
                entity_types: list[str] | None = None, entity_threshold: float | None = None,
-               progress_bar: bool = True) -> None:
-    """Tag JSONL lines from `source` into `sink`, one chunk in memory at a time.
+               progress_bar: bool = True) -> int:
+    """Tag JSONL lines from `source` into `sink`, one chunk in memory at a time; the number of lines
+    answered with an error (under `on_error="record"`).
 
     On a GPU the next chunk is tokenized in a worker thread while the current one runs; on a CPU
     the encoder's threads already use every core, so there it would only contend.
     """
     chunks = _chunks(_read_requests(source, stop_at_error=on_error == "stop"), chunk_size)
     overlap = tagger.backend.device.type == "cuda"
-    characters = 0
+    characters = errors = 0
     # disable=None: a bar on a terminal only
     with tqdm(unit="doc", desc="tagging", disable=None if progress_bar else True, file=sys.stderr) as progress:
         for chunk, encoded in _with_encodings(tagger, chunks, overlap):
@@ -98,6 +102,7 @@ def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512,
                 if error and on_error == "stop":
                     sink.flush()
                     raise DataError(error)
+                errors += error is not None
                 record = {"id": doc_id, "error": error} if error else {"id": doc_id, **next(results)}
                 sink.write(json.dumps(record, ensure_ascii=False) + "\n")
             sink.flush()
@@ -105,6 +110,7 @@ def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512,
             elapsed = max(progress.format_dict["elapsed"], 1e-9)
             progress.set_postfix_str(f"{characters / elapsed:,.0f} chars/s", refresh=False)
             progress.update(len(chunk))
+    return errors
 
 
 def _with_encodings(tagger, chunks, overlap: bool):

@@ -260,7 +260,8 @@ async def info(service: TaggingService = Depends(get_service)) -> Info:
         entity_threshold=meta.entity_threshold,
         limits=Limits(max_documents=settings.max_documents, max_text_chars=settings.max_text_chars,
                       max_body_bytes=settings.max_body_bytes, queue_max=settings.queue_max,
-                      batch_wait_ms=settings.batch_wait_ms, batch_max_chars=settings.batch_max_chars),
+                      batch_wait_ms=settings.batch_wait_ms, batch_max_chars=settings.batch_max_chars,
+                      body_timeout_s=settings.body_timeout_s, max_connections=settings.max_connections),
     )
 
 

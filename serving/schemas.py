@@ -158,6 +158,8 @@ class Limits(BaseModel):
     queue_max: int
     batch_wait_ms: float
     batch_max_chars: int
+    body_timeout_s: float
+    max_connections: int | None = Field(description="Per worker; null: no limit.")
 
 
 class ModelInfo(ModelRef):

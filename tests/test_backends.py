@@ -114,6 +114,13 @@ def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir
     assert "onnx-int8" not in json.loads((folder / "metrics.json").read_text(encoding="utf-8"))["agreement"]
 
 
+def test_a_backend_named_after_it_failed_the_check_runs_with_a_warning(exported_dir, tmp_path, caplog):
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    record_agreement(folder, {"onnx-int8": {"passed": False}})
+    backend = make_backend(folder, load_model_folder(folder)[0], backend="onnx", precision="int8", device="cpu")
+    assert backend.precision == "int8" and "onnx-int8 failed `newstagger check`" in caplog.text
+
+
 def test_a_failed_export_leaves_the_folder_as_it_was(exported_dir, tmp_path, monkeypatch, capsys):
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     before = {path.name: path.read_bytes() for path in (folder / "onnx").iterdir()}

@@ -68,7 +68,7 @@ def test_bad_line_exits_2_with_its_line_number_after_writing_earlier_lines(
     assert [r["id"] for r in read_results(target)] == ["ok"]
 
 
-def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path):
+def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path, capsys):
     source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}', '{"id": "bad"}', '{"id": "z", "text": "后"}'])
     target = tmp_path / "out.jsonl"
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
@@ -76,6 +76,7 @@ def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path):
     results = read_results(target)
     assert [r["id"] for r in results] == ["ok", "bad", "z"]
     assert "field 'text'" in results[1]["error"]
+    assert "1 line(s) could not be tagged" in capsys.readouterr().err
 
 
 def test_record_mode_answers_an_unwritable_id_by_its_line_number(tiny_model_dir, tmp_path):

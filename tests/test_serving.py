@@ -170,6 +170,7 @@ def test_info_describes_model_labels_thresholds_and_limits(make_client):
     assert info["thresholds"] == dict.fromkeys(info["labels"]["topics"], 0.5)
     assert info["entity_threshold"] == 0.0
     assert info["limits"]["max_documents"] == 5
+    assert info["limits"]["body_timeout_s"] == 30.0 and info["limits"]["max_connections"] is None
     assert info["server"]["version"] == newstagger.__version__ and info["server"]["backend"].startswith("torch ")
 
 
