@@ -183,6 +183,9 @@ def test_a_rejected_candidate_is_promoted_only_with_force(registry, capsys):
     assert served_version(registry) == "1.0.0"
     assert main(["models", "promote", "1.0.1", "--registry", root, "--force"]) == 0
     assert served_version(registry) == "1.0.1"
+    assert main(["models", "rollback", "--registry", root]) == 0
+    assert statuses(registry)["1.0.1"] == "retired"
+    assert main(["models", "promote", "1.0.1", "--registry", root]) == 2  # still needs --force
 
 
 def test_a_promotion_gated_against_one_production_model_is_refused_once_another_replaced_it(registry):

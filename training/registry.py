@@ -86,6 +86,9 @@ class Entry:
     metrics: dict = field(default_factory=dict)
     created: str = field(default_factory=lambda: datetime.now(timezone.utc).isoformat(timespec="seconds"))
     status: str = "candidate"
+    # Refused by the retraining gate once: promoting it needs --force even after its status moved on
+    # (a forced promotion and a rollback leave it "retired").
+    rejected_by_gate: bool = False
 
 
 @dataclass
@@ -209,6 +212,7 @@ class Registry:
             if version == manifest.current:
                 raise RegistryError(f"{version} is in production; promote another version or roll back first")
             entry.status = status
+            entry.rejected_by_gate = entry.rejected_by_gate or status == "rejected"
 
     def promote(self, version: str, replacing: str | None | object = ANY_VERSION, force: bool = False) -> Entry:
         """Make `version` the production model; the one it replaces is retired.
@@ -223,7 +227,7 @@ class Registry:
             if replacing is not ANY_VERSION and manifest.current != replacing:
                 raise ProductionChanged(f"production changed from {replacing} to {manifest.current} while {version} "
                                         f"was being made; it was gated against {replacing} only")
-            if entry.status == "rejected" and not force:
+            if entry.rejected_by_gate and not force:
                 raise RegistryError(f"{version} was rejected by the retraining gate; pass --force to promote it "
                                     f"anyway")
             if manifest.current is not None:
