@@ -101,25 +101,30 @@ def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str
                     device: str = "cpu") -> dict[str, dict]:
     """{"backend-precision": result} for each candidate, against PyTorch fp32 on the same texts
     (`corpus` names them in the record)."""
-    from .backends import make_backend, resolve_device
+    from .backends import choose_backend, make_backend, resolve_device
     from .tagger import Tagger
 
+    candidates = list(candidates)
     torch_device = resolve_device(device)
-    reference = Tagger.load(folder, backend="torch", precision="fp32", device=torch_device.type)
-    expected = reference.tag(texts)
-    results = {}
-    for name in candidates:
+    results, runnable = {}, {}
+    for name in candidates:  # before the reference runs: it takes minutes on a slow CPU, maybe for nothing
         backend, _, precision = name.partition("-")
         where = torch_device.type if backend == "torch" else "cpu"
         try:
-            fast = make_backend(folder, reference.model, backend, precision, device=where)
+            choose_backend(Path(folder), backend, precision, where)
+            runnable[name] = backend, precision, where
         except UsageError as err:
             results[name] = {"skipped": str(err)}
-            continue
+    if not runnable:
+        return results
+    reference = Tagger.load(folder, backend="torch", precision="fp32", device=torch_device.type)
+    expected = reference.tag(texts)
+    for name, (backend, precision, where) in runnable.items():
+        fast = make_backend(folder, reference.model, backend, precision, device=where)
         candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
                            topic_lexical=reference.topic_lexical)
         results[name] = {**compare(expected, candidate.tag(texts)), "corpus": corpus, "device": where}
-    return results
+    return {name: results[name] for name in candidates}
 
 
 def compare(expected: Sequence[dict], got: Sequence[dict]) -> dict:

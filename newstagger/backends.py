@@ -142,20 +142,10 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
     `threads` (default: every core this process may use) sets the intra-op threads of both
     runtimes.
     """
-    if backend not in BACKENDS or precision not in PRECISIONS or device not in DEVICES:
-        raise UsageError(f"unknown backend/precision/device {backend}/{precision}/{device}")
     folder = Path(folder)
-    device = resolve_device("cpu" if backend == "onnx" and device == "auto" else device)  # ONNX runs on the CPU
+    chosen_backend, chosen_precision, device = choose_backend(folder, backend, precision, device)
     threads = threads or available_cores()
     torch.set_num_threads(threads)
-    choices = [(b, p) for b, p in ranked_candidates(folder, device)
-               if backend in ("auto", b) and precision in ("auto", p)]
-    if precision == "auto":
-        # Only what the user names explicitly may run unchecked.
-        choices = [(b, p) for b, p in choices if p == "fp32" or agreement_passed(folder, b, p)]
-    if not choices:
-        raise UsageError(_unavailable_reason(folder, backend, precision, device))
-    chosen_backend, chosen_precision = choices[0]
     if agreement_record(folder, chosen_backend, chosen_precision).get("passed") is False:  # asked for by name
         logger.warning("%s-%s failed `newstagger check` on %s: its answers differ from fp32's beyond the "
                        "tolerance", chosen_backend, chosen_precision, folder)
@@ -165,6 +155,23 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
         made = TorchBackend(model, chosen_precision, device)
     logger.info("scoring with %s, %d threads", made, threads)
     return made
+
+
+def choose_backend(folder: Path, backend: str = "auto", precision: str = "auto",
+                   device: str = "auto") -> tuple[str, str, torch.device]:
+    """(backend, precision, device) that `make_backend` would build, or UsageError saying why none can
+    run here; nothing is loaded."""
+    if backend not in BACKENDS or precision not in PRECISIONS or device not in DEVICES:
+        raise UsageError(f"unknown backend/precision/device {backend}/{precision}/{device}")
+    device = resolve_device("cpu" if backend == "onnx" and device == "auto" else device)  # ONNX runs on the CPU
+    choices = [(b, p) for b, p in ranked_candidates(folder, device)
+               if backend in ("auto", b) and precision in ("auto", p)]
+    if precision == "auto":
+        # Only what the user names explicitly may run unchecked.
+        choices = [(b, p) for b, p in choices if p == "fp32" or agreement_passed(folder, b, p)]
+    if not choices:
+        raise UsageError(_unavailable_reason(folder, backend, precision, device))
+    return *choices[0], device
 
 
 def ranked_candidates(folder: Path, device: torch.device) -> list[tuple[str, str]]:

@@ -74,6 +74,16 @@ def test_check_command_on_a_file_of_texts_records_its_corpus(exported_dir, tmp_p
     assert recorded["device"] == "cpu"  # ONNX Runtime runs on the CPU whatever --device says
 
 
+def test_check_runs_nothing_when_no_candidate_can_run(model_copy, monkeypatch):
+    def no_reference(*args, **kwargs):
+        raise AssertionError("the fp32 reference ran for nothing")
+
+    monkeypatch.setattr("newstagger.tagger.Tagger.load", no_reference)
+    results = check_agreement(model_copy, ["onnx-fp32", "onnx-int8"], ["好"], "one text")
+    assert list(results) == ["onnx-fp32", "onnx-int8"]
+    assert all("has no ONNX export" in result["skipped"] for result in results.values())
+
+
 def test_check_on_a_missing_gpu_is_a_usage_error(exported_dir, monkeypatch, capsys):
     monkeypatch.setattr("torch.cuda.is_available", lambda: False)
     assert main(["check", "--model", str(exported_dir), "--device", "cuda", "--no-record"]) == 2
