@@ -132,9 +132,6 @@ def _grown(head: nn.Linear, size: int, std: float) -> nn.Linear:
     return grown
 
 
-DEFAULT_WINDOW = (256, 64)  # tagging window and overlap, in tokens, of a model that sets none
-
-
 @dataclass
 class ModelMeta:
     """What a model folder says about itself, beyond the weights (newstagger.json)."""
@@ -143,8 +140,8 @@ class ModelMeta:
     thresholds: dict[str, float] = field(default_factory=dict)
     # Entities scoring below this are not reported; tuned on validation (0 in folders from before it).
     entity_threshold: float = 0.0
-    max_length: int = DEFAULT_WINDOW[0]
-    stride: int = DEFAULT_WINDOW[1]
+    max_length: int = 256
+    stride: int = 64
     name: str = "newstagger"
     version: str = "0.0.0"
     base_model: str = ""
