@@ -52,6 +52,11 @@ class LabelSchema:
         partial labels, meaning "one of the finer types", not types of their own."""
         return {c for t, c in self.coarse.items() if c != t} - set(self.entity_types)
 
+    @property
+    def scorable_entity_types(self) -> set[str]:
+        """Entity types gold data may use against this schema: its own, and the coarse ones they roll up to."""
+        return set(self.entity_types) | self.coarse_only_types
+
     @classmethod
     def from_documents(cls, documents: Iterable[Document]) -> "LabelSchema":
         """The labels the documents use; where fine and coarse data are mixed (CLUENER + MSRA),

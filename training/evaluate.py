@@ -280,7 +280,7 @@ def run(args) -> int:
     # a topic would silently count as no topic, an entity type as misses that drag the averages.
     schema = tagger.schema
     files = [read_documents(*source, topic_labels=schema.topics,
-                            entity_types=[*schema.entity_types, *set(schema.coarse.values())]) for source in sources]
+                            entity_types=schema.scorable_entity_types) for source in sources]
     if not any(doc.labelled for docs in files for doc in docs):
         raise DataError(f"--data: no labelled documents in {', '.join(args.data)}")
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)

@@ -314,7 +314,7 @@ def _check_gold_labels(gold_sources: list[tuple[dict, list[Document]]], schema: 
     a test: it would count as no topic or as misses for both models alike, and the gate would
     compare nothing (as `newstagger evaluate` refuses it)."""
     topics = {*schema.topics, *new_labels["topics"]}
-    types = {*schema.entity_types, *schema.coarse.values(), *new_labels["entity_types"]}
+    types = schema.scorable_entity_types | set(new_labels["entity_types"])
     for source, docs in gold_sources:
         for doc in docs:
             validate(doc, topic_labels=topics, entity_types=types, where=f"--gold {source['path']}: {doc.id}")
@@ -367,7 +367,7 @@ class KnownLabelsView:
 
 def _only_labels_of(schema: LabelSchema, docs: list[Document]) -> list[Document]:
     """The documents with only the labels `schema` can be scored on (coarse PER/LOC/ORG spans included)."""
-    types = set(schema.entity_types) | schema.coarse_only_types
+    types = schema.scorable_entity_types
     return [replace(doc, topics=None if doc.topics is None else [t for t in doc.topics if t in schema.topics],
                     entities=None if doc.entities is None else [s for s in doc.entities if s.type in types])
             for doc in docs]
