@@ -15,7 +15,8 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, Request, Response
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from fastapi.exceptions import RequestValidationError
-from pydantic import BaseModel, ConfigDict, Field, StrictBool, StrictInt
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, StrictBool, StrictInt, field_validator
+from pydantic_core import PydanticCustomError
 from sqlalchemy.exc import DataError as DBAPIDataError
 from sqlalchemy.exc import SQLAlchemyError
 
@@ -23,11 +24,13 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Text, check_bearer, unknown_label
+from .schemas import (MAX_LABELS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text, check_bearer,
+                      few_labels, unknown_label)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])
 MAX_REVISION = 2**63 - 1  # the store's integer column (SQLite INTEGER, PostgreSQL BIGINT)
+MAX_ID_CHARS = 1_000  # an identifier, stored with every revision
 _opening = threading.Lock()
 
 
@@ -36,7 +39,7 @@ class EntityIn(BaseModel):
 
     start: StrictInt = Field(ge=0, description="Offset of the first character (Python str index).")
     end: StrictInt = Field(ge=0, description="Offset one past the last character.")
-    type: Text = Field(min_length=1, description="Entity type; one the model does not know is a new label.")
+    type: Name = Field(description="Entity type; one the model does not know is a new label.")
 
 
 class FeedbackRequest(BaseModel):
@@ -51,18 +54,35 @@ class FeedbackRequest(BaseModel):
 
     id: DocumentId = Field(description="The story's identifier (string or integer).")
     text: Text = Field(min_length=1, description="The story, exactly as tagged.")
-    topics: list[Annotated[Text, Field(min_length=1)]] | None = Field(
+    topics: Annotated[list[Name], BeforeValidator(few_labels)] | None = Field(
         None, description="All topics that apply ([] for none); absent or null: topics not corrected.")
     entities: list[EntityIn] | None = Field(
         None, description="All entity spans, non-overlapping ([] for none); absent or null: entities not corrected.")
-    sender: Text = Field(min_length=1, max_length=200, description="Who made the correction.")
+    sender: Name = Field(description="Who made the correction.")
     revision: StrictInt = Field(1, ge=1, le=MAX_REVISION, description="Raise it to correct the same story again.")
-    model_version: Text | None = Field(
+    model_version: Name | None = Field(
         None, description="Version of the model whose output was corrected (the `model.version` of its "
                           "/v1/tag answer); default: the version serving now.")
     new_labels: StrictBool = Field(
         False, description="True when a topic or entity type the serving model does not know is meant as a new "
                            "label; otherwise one is a 422, so that a typo is caught now, not at retraining.")
+
+    @field_validator("id")
+    @classmethod
+    def _short_id(cls, value: str | int) -> str | int:
+        if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+            raise PydanticCustomError("too_long", "is {actual} characters long; at most {most}",
+                                      {"actual": len(value), "most": MAX_ID_CHARS})
+        return value
+
+    @field_validator("entities")
+    @classmethod
+    def _few_entity_types(cls, entities: list[EntityIn] | None) -> list[EntityIn] | None:
+        types = {entity.type for entity in entities or ()}
+        if len(types) > MAX_LABELS:
+            raise PydanticCustomError("too_long", "uses {actual} entity types; at most {most}",
+                                      {"actual": len(types), "most": MAX_LABELS})
+        return entities
 
 
 class FeedbackResponse(BaseModel):
@@ -140,7 +160,7 @@ def _checked_document(body: FeedbackRequest) -> Document:
 
 def _check_known_labels(body: FeedbackRequest, document: Document, known: LabelSchema) -> None:
     """A 422 naming each topic and entity type the serving model does not know."""
-    new = known.new_labels(LabelSchema.from_documents([document]))
+    new = {kind: set(labels) for kind, labels in known.new_labels(LabelSchema.from_documents([document])).items()}
     hint = " (a new label: set new_labels)"
     errors = [unknown_label(("body", "topics", i), "topic", known.topics, hint)
               for i, topic in enumerate(body.topics or []) if topic in new["topics"]]

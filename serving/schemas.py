@@ -22,6 +22,7 @@ RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying agai
 MAX_DOCUMENTS_CEILING = 10_000  # the highest max_documents setting; a longer list is the same 413
 MAX_LABELS = 1_000  # more topics or entity types than any model has
 MAX_ERRORS = 20  # an error body lists at most this many; its detail counts the rest
+MAX_NAME_CHARS = 200  # a label, sender or model version: a name, never a text
 
 
 class ApiError(Exception):
@@ -60,7 +61,7 @@ def _string_or_integer(value):
     return _utf8_encodable(value) if isinstance(value, str) else value
 
 
-def _few_labels(value):
+def few_labels(value):
     if isinstance(value, (dict, list)) and len(value) > MAX_LABELS:
         raise PydanticCustomError("too_long", "names {actual} labels; at most {most}",
                                   {"actual": len(value), "most": MAX_LABELS})
@@ -68,6 +69,7 @@ def _few_labels(value):
 
 
 Text = Annotated[StrictStr, AfterValidator(_utf8_encodable)]
+Name = Annotated[Text, Field(min_length=1, max_length=MAX_NAME_CHARS)]
 DocumentId = Annotated[StrictStr | StrictInt, BeforeValidator(_string_or_integer)]
 Threshold = Annotated[StrictFloat, Field(ge=0.0, le=1.0, allow_inf_nan=False)]
 
@@ -87,10 +89,10 @@ class TagRequest(BaseModel):
         min_length=1, max_length=MAX_DOCUMENTS_CEILING,
         description="Stories to tag; see /v1/info for the most one request may carry."
     )
-    thresholds: Annotated[dict[Text, Threshold], BeforeValidator(_few_labels)] | None = Field(
+    thresholds: Annotated[dict[Text, Threshold], BeforeValidator(few_labels)] | None = Field(
         None, description="Per-topic label thresholds for this request, overriding the model's own."
     )
-    entity_types: Annotated[list[Text], BeforeValidator(_few_labels)] | None = Field(
+    entity_types: Annotated[list[Text], BeforeValidator(few_labels)] | None = Field(
         None, description="Entity types to return (default: all the model knows)."
     )
     entity_threshold: Threshold | None = Field(
