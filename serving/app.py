@@ -75,7 +75,8 @@ class TaggingService:
 
     def _start_serving(self, tagger: Tagger) -> None:
         batcher = MicroBatcher(tagger, self.metrics, max_wait_s=self.settings.batch_wait_ms / 1000,
-                               max_chars=self.settings.batch_max_chars, queue_max=self.settings.queue_max)
+                               max_chars=self.settings.batch_max_chars, queue_max=self.settings.queue_max,
+                               queue_max_chars=self.settings.queue_max_chars)
         batcher.start()
         self.metrics.serving_model(tagger.meta)
         self.batcher, self.load_error = batcher, None
@@ -260,6 +261,7 @@ async def info(service: TaggingService = Depends(get_service)) -> Info:
         entity_threshold=meta.entity_threshold,
         limits=Limits(max_documents=settings.max_documents, max_text_chars=settings.max_text_chars,
                       max_body_bytes=settings.max_body_bytes, queue_max=settings.queue_max,
+                      queue_max_chars=settings.queue_max_chars,
                       batch_wait_ms=settings.batch_wait_ms, batch_max_chars=settings.batch_max_chars,
                       body_timeout_s=settings.body_timeout_s, max_connections=settings.max_connections),
     )
@@ -372,7 +374,7 @@ class UnexpectedErrors:
 class BodySizeLimit:
     """413 for a body over the limit, before anything parses it; 415 for a compressed one (it would
     be parsed as the compressed bytes, and its limit would not bound what it expands to); 408 when
-    the next piece of a body takes longer than `timeout_s` to come.
+    the whole body takes longer than `timeout_s` to come.
 
     The body is read up front (it is bounded by the limit) and replayed to the app, so the limit
     holds whether or not the client sent Content-Length and however it chunked the body.
@@ -396,12 +398,13 @@ class BodySizeLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send)
         chunks, size = [], 0
+        deadline = asyncio.get_running_loop().time() + self.timeout_s  # for the whole body: a byte at a time is slow too
         while True:
             try:
-                message = await asyncio.wait_for(receive(), self.timeout_s)
+                message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())
             except TimeoutError:
                 return await error_response(408, [{"loc": ["body"], "type": "body_timeout",
-                                                   "msg": f"no more of the body came for {self.timeout_s:g} s"}]
+                                                   "msg": f"the body did not arrive within {self.timeout_s:g} s"}]
                                             )(scope, receive, send)
             if message["type"] == "http.disconnect":
                 return

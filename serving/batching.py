@@ -1,8 +1,9 @@
 """Dynamic micro-batching: concurrent requests share forward passes.
 
-Requests wait in a queue of at most `queue_max` live requests (a full queue is the overload signal,
-answered with 429; a request whose client left stops counting at once, though it is only dropped
-when the worker reaches it). One
+Requests wait in a queue of at most `queue_max` live requests holding at most `queue_max_chars`
+characters between them (a full queue is the overload signal, answered with 429; the characters bound
+the memory that waiting requests hold, whatever their size; a request whose client left stops
+counting at once, though it is only dropped when the worker reaches it). One
 worker thread takes the oldest request, keeps gathering others for up to `max_wait_s` or until
 the character budget is spent, and runs the model once over every document gathered. Inside that
 call the tagger sorts windows by length and packs them under its token budget, so short and
@@ -80,14 +81,15 @@ _STOP = object()
 
 class MicroBatcher:
     def __init__(self, tagger: Tagger, metrics: ServingMetrics, *, max_wait_s: float, max_chars: int,
-                 queue_max: int):
+                 queue_max: int, queue_max_chars: int):
         self.tagger = tagger  # replaced whole by swap(); read once per batch
         self.metrics = metrics
         self.max_wait_s = max_wait_s
         self.max_chars = max_chars
         self.queue_max = queue_max
+        self.queue_max_chars = queue_max_chars
         self._queue: queue.Queue = queue.Queue()  # bounded by the live count below, not by its length
-        self._waiting = 0
+        self._waiting = self._waiting_chars = 0
         self._waiting_lock = threading.Lock()
         # Taken from the queue but left for later, in order of arrival, and still waiting: what did not
         # fit in a batch, and the large requests passed over between the parts of another.
@@ -121,7 +123,12 @@ class MicroBatcher:
                 raise ShuttingDown("the server is shutting down")
             if self._waiting >= self.queue_max:
                 raise Overloaded(f"{self.queue_max} requests are already waiting for the model")
+            # An empty queue takes any request: one larger than the bound would otherwise never run.
+            if self._waiting and self._waiting_chars + job.chars > self.queue_max_chars:
+                raise Overloaded(f"{self._waiting_chars} characters are already waiting for the model; "
+                                 f"{job.chars} more would pass {self.queue_max_chars}")
             self._waiting += 1
+            self._waiting_chars += job.chars
             self._queue.put(job)
         return job.future
 
@@ -130,6 +137,7 @@ class MicroBatcher:
             if job.waiting:
                 job.waiting = False
                 self._waiting -= 1
+                self._waiting_chars -= job.chars
                 if job.future.cancelled():
                     job.texts = []  # a cancelled job lingers in the queue until reached; its stories need not
 

@@ -158,6 +158,7 @@ class Limits(BaseModel):
     max_text_chars: int
     max_body_bytes: int
     queue_max: int
+    queue_max_chars: int
     batch_wait_ms: float
     batch_max_chars: int
     body_timeout_s: float

@@ -49,6 +49,11 @@ class ServeSettings(BaseSettings):
     queue_max: int = Field(
         256, ge=1, description="Requests allowed to wait for the model; beyond this the server answers 429."
     )
+    queue_max_chars: int = Field(
+        4_000_000, ge=1,
+        description="Characters the waiting requests may hold between them; beyond this the server answers 429 "
+                    "(a request arriving at an empty queue is always taken). Bounds their memory: a full queue of "
+                    "the largest requests would otherwise hold gigabytes.")
     torch_threads: int | None = Field(
         None, ge=1,
         description="Threads torch may use per worker process; unset: one fewer than the cores the process "
@@ -60,8 +65,8 @@ class ServeSettings(BaseSettings):
     )
     body_timeout_s: float = Field(
         30.0, gt=0, le=3600, allow_inf_nan=False,
-        description="Longest wait for the next piece of a request body (longer: 408), so clients that open a "
-                    "request and send its body slowly cannot hold connections and memory.")
+        description="Longest time a request body may take to arrive, from its first byte to its last (longer: 408), "
+                    "so clients that open a request and send its body slowly cannot hold connections and memory.")
     max_connections: int | None = Field(
         None, ge=1, description="Most connections a worker serves at once (more: 503 from uvicorn); unset, no limit.")
     feedback_token: SecretStr | None = Field(

@@ -324,6 +324,27 @@ def test_a_body_that_stops_coming_is_408():
     assert sent[0]["status"] == 408
 
 
+def test_a_body_that_trickles_in_is_408_when_the_whole_of_it_is_late():
+    """A byte now and then, each within the timeout, must not hold the connection for ever."""
+    sent, pieces = [], 0
+
+    async def receive():
+        nonlocal pieces
+        pieces += 1
+        await asyncio.sleep(0.02)
+        return {"type": "http.request", "body": b"{", "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    async def app(scope, receive, send):
+        raise AssertionError("an unfinished body reached the app")
+
+    scope = {"type": "http", "method": "POST", "path": "/v1/tag", "headers": []}
+    asyncio.run(app_module.BodySizeLimit(app, max_bytes=10_000, timeout_s=0.2)(scope, receive, send))
+    assert sent[0]["status"] == 408 and pieces < 20
+
+
 @pytest.mark.parametrize("encoding", ["gzip", "br"])
 def test_a_compressed_body_is_415_naming_the_header(client, encoding):
     body = json.dumps(documents("a")).encode()
@@ -373,6 +394,25 @@ def test_a_full_queue_is_429_with_retry_after(make_client):
         assert running.result().status_code == waiting.result().status_code == 200
     assert refused.status_code == 429
     assert refused.headers["retry-after"] == "1" and "busy" in refused.json()["detail"]
+
+
+def test_the_queue_is_also_bounded_in_characters(make_client):
+    client = make_client(queue_max_chars=5)
+    gate = Gate(client)
+    with ThreadPoolExecutor(2) as pool:
+        running = pool.submit(client.post, "/v1/tag", json=documents("开场"))
+        assert gate.entered.wait(WAIT_S)
+        # Over the bound alone, yet taken: the queue was empty, and it would otherwise never run.
+        waiting = pool.submit(client.post, "/v1/tag", json=documents("八个字的一篇稿件"))
+        wait_for(lambda: queue_depth(client) == 1, "the long request to queue")
+
+        refused = client.post("/v1/tag", json=documents("短稿"))
+
+        gate.release.set()
+        assert running.result().status_code == waiting.result().status_code == 200
+    assert refused.status_code == 429
+    assert "8 characters are already waiting" in refused.json()["detail"]
+    assert client.post("/v1/tag", json=documents("短稿")).status_code == 200
 
 
 # --- batching ---------------------------------------------------------------------------------------
