@@ -5,6 +5,8 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+import threading
+from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 from conftest import REPO, build_tiny_model_folder
@@ -86,6 +88,35 @@ def test_an_unreadable_manifest_or_a_file_for_a_registry_is_a_registry_error(reg
 def test_a_server_address_that_is_no_url_is_a_deploy_error(tmp_path):
     with pytest.raises(DeployError, match="could not reach"):
         reload_server("http://[::1", tmp_path, None)
+
+
+def test_a_redirecting_server_is_a_deploy_error_and_the_token_stays_home(tmp_path):
+    """urllib follows a 302 by default, resending the Authorization header to wherever it points."""
+    seen = []
+
+    class Redirect(BaseHTTPRequestHandler):
+        def do_POST(self):
+            self.send_response(302)
+            self.send_header("Location", f"http://127.0.0.1:{self.server.server_port}/elsewhere")
+            self.end_headers()
+
+        def do_GET(self):
+            seen.append(self.headers.get("Authorization"))
+            self.send_response(200)
+            self.end_headers()
+            self.wfile.write(b"{}")
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Redirect)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        with pytest.raises(DeployError, match="redirects to .*/elsewhere"):
+            reload_server(f"http://127.0.0.1:{server.server_port}", tmp_path, "admin-secret")
+    finally:
+        server.shutdown()
+    assert seen == []
 
 
 def test_a_saved_datasets_folder_is_fingerprinted_by_its_files(tmp_path):

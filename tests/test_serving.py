@@ -669,6 +669,7 @@ def test_readyz_reports_a_model_that_failed_to_load_and_a_reload_recovers(tmp_pa
         wait_for(lambda: client.app.state.service.load_error, "the load to fail")
         response = client.get("/readyz")
         assert response.status_code == 503 and "failed to load" in response.json()["detail"]
+        assert str(tmp_path) not in response.text  # the server's paths are for its log, not for any client
         assert "retry-after" not in response.headers  # retrying cannot help now
         reload = client.post("/v1/admin/reload", json={"model": str(tiny_model_dir)},
                              headers={"Authorization": "Bearer secret"})

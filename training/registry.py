@@ -317,6 +317,14 @@ def once_per_path(sources: list[dict]) -> list[dict]:
     return list({source["path"]: source for source in sources}.values())
 
 
+class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
+    def redirect_request(self, *args, **kwargs) -> None:
+        return None  # urllib then raises the 3xx as an HTTPError
+
+
+_NO_REDIRECTS = urllib.request.build_opener(_RefuseRedirects)
+
+
 def reload_server(server: str, folder: Path, token: str | None) -> dict:
     """Ask a running `newstagger serve` to swap in `folder` (POST /v1/admin/reload); its JSON answer.
 
@@ -327,9 +335,12 @@ def reload_server(server: str, folder: Path, token: str | None) -> dict:
             server.rstrip("/") + "/v1/admin/reload", method="POST",
             data=json.dumps({"model": str(folder)}).encode(),
             headers={"Content-Type": "application/json", **({"Authorization": f"Bearer {token}"} if token else {})})
-        with urllib.request.urlopen(request, timeout=RELOAD_TIMEOUT_S) as response:
+        with _NO_REDIRECTS.open(request, timeout=RELOAD_TIMEOUT_S) as response:
             return json.loads(response.read())
     except urllib.error.HTTPError as err:
+        if 300 <= err.code < 400:
+            raise DeployError(f"{server} redirects to {err.headers.get('Location')} ({err.code}); give --server the "
+                              "server's own address (a redirect would carry the admin token elsewhere)") from None
         raise DeployError(f"{server} refused the reload ({err.code}): {err.read().decode(errors='replace')}") from None
     except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
         raise DeployError(f"could not reach {server}: {err}") from None
