@@ -237,6 +237,16 @@ def test_a_folder_that_cannot_be_loaded_is_not_added(registry, tmp_path, capsys)
     assert "9.9.9" not in statuses(registry) and served_version(registry) == "1.0.0"
 
 
+def test_a_folder_with_a_link_is_not_added(registry, tmp_path, capsys):
+    """Copying follows links: what one points at (a secret, a folder elsewhere) would enter the registry."""
+    folder = build_tiny_model_folder(tmp_path / "linked", version="9.9.9")
+    (tmp_path / "private").write_text("AWS_SECRET=x")
+    (folder / "NOTES.txt").symlink_to(tmp_path / "private")
+    assert main(["models", "add", str(folder), "--registry", str(registry.root)]) == 2
+    assert "NOTES.txt is a symbolic link" in capsys.readouterr().err
+    assert "9.9.9" not in statuses(registry)
+
+
 @pytest.mark.parametrize("argv, message", [
     (["models", "promote", "7.7.7"], "no model '7.7.7'"),
     (["models", "rollback"], "no earlier production model"),

@@ -470,6 +470,11 @@ def run_add(args) -> int:
         check_server_arguments(args)
     source = Path(args.folder)
     meta = read_meta(source)
+    links = [Path(root, name) for root, folders, files in os.walk(source) for name in folders + files
+             if os.path.islink(os.path.join(root, name))]
+    if links:  # copying would follow it: a link to a secret or a folder elsewhere would enter the registry
+        raise RegistryError(f"{links[0]} is a symbolic link; a registry takes only a model's own files "
+                            "(copy in what it points to)")
     retrained_from = [f"{source['path']}:{source['format']}" for kind in ("new", "replayed")
                       for source in meta.training.get("retraining", {}).get(kind, [])]
     specs = args.data or meta.training.get("config", {}).get("train", []) + retrained_from
@@ -483,6 +488,8 @@ def run_add(args) -> int:
         else:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
     data = once_per_path(data)
+    for source_data in data:  # retraining will read these: the operator sees what the folder named
+        print(f"recorded for replay: {source_data['path']} ({source_data['format']})")
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
     load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)
