@@ -151,6 +151,9 @@ def validate(
     where = where or f"document {doc.id!r}"
     check_encodable(doc.id, "id", where)
     check_encodable(doc.text, "text", where)
+    for label in [*(doc.topics or ()), *(span.type for span in doc.entities or ())]:
+        if not label or label != label.strip():  # "" and " economy" would each become a label of their own
+            raise DataError(f"{where}: label {label!r} is empty or has spaces around it")
     if doc.topics is not None:
         if len(set(doc.topics)) != len(doc.topics):
             raise DataError(f"{where}: duplicate topic in {doc.topics}")

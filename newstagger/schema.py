@@ -10,7 +10,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .checks import is_string_list
-from .documents import Document
+from .documents import Document, validate
 
 # How the fine types roll up into the coarse view editors and MSRA-style data use.
 DEFAULT_COARSE = {
@@ -56,6 +56,14 @@ class LabelSchema:
     def scorable_entity_types(self) -> set[str]:
         """Entity types gold data may use against this schema: its own, and the coarse ones they roll up to."""
         return set(self.entity_types) | self.coarse_only_types
+
+    def check_known(self, documents: Iterable[Document], where: str) -> None:
+        """DataError at the first document using a label this schema does not know. In data a model is
+        scored on (validation, gold), such a label is more often a typo than a test: it would count as
+        a miss for every model alike, and as a class no training example taught."""
+        for doc in documents:
+            validate(doc, topic_labels=self.topics, entity_types=self.scorable_entity_types,
+                     where=f"{where}: document {doc.id!r}")
 
     @classmethod
     def from_documents(cls, documents: Iterable[Document]) -> "LabelSchema":

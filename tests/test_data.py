@@ -6,7 +6,7 @@ from pathlib import Path
 import datasets
 import pytest
 
-from newstagger.documents import DataError, Document, Span
+from newstagger.documents import DataError, Document, Span, validate
 from conftest import CLUENER_TYPES, SAMPLE, SHARED, TOPICS, needs_shared
 from training.data import (
     FORMATS,
@@ -65,9 +65,19 @@ def test_label_studio_uses_latest_live_annotation(caplog):
     # Annotation 3 is newer but cancelled; annotation 2 is newer than 1.
     assert first.topics == ["city_management", "livelihood"]
     assert mentions(first) == [("滨江新区", "address"), ("市长", "position"), ("刘洋", "name")]
-    # The export labels spans, so a task without any has no entities rather than unknown ones.
+    # The export labels spans and topics, so a task without spans has no entities rather than unknown
+    # ones, and one with no choice ticked (Label Studio then stores no choices result) no topic.
     assert market.topics == ["city_management"] and market.entities == []
-    assert park.topics is None and park.entities == []
+    assert park.topics == [] and park.entities == []
+
+
+def test_a_label_studio_export_without_choices_has_no_topic_labels(tmp_path):
+    task = {"id": 1, "data": {"text": "刘洋出席。"}, "annotations": [{"id": 1, "result": [
+        {"type": "labels", "value": {"start": 0, "end": 2, "labels": ["name"]}}]}]}
+    path = tmp_path / "spans-only.json"
+    path.write_text(json.dumps([task]), encoding="utf-8")
+    (doc,) = read_documents(path, "labelstudio")
+    assert doc.topics is None and doc.entities == [Span(0, 2, "name")]
 
 
 def test_doccano_span_labels():
@@ -358,3 +368,21 @@ def test_shared_data_loads(caplog):
     assert set(corpus_stats(msra)["entity_types"]) == {"PER", "LOC", "ORG"}
     assert all(doc.group for doc in topics)
     assert time.perf_counter() - started < 30
+
+
+def test_an_entity_that_carries_its_text_is_checked_against_its_offsets(tmp_path):
+    """As `tag` output carries it: corrected output whose story was edited after tagging is caught."""
+    path = tmp_path / "corrected.jsonl"
+    line = {"id": "a", "text": "刘洋出席。", "entities": [{"start": 0, "end": 2, "type": "name", "text": "刘洋"}]}
+    path.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    assert read_documents(path)[0].entities == [Span(0, 2, "name")]
+    line["entities"][0]["text"] = "出席"
+    path.write_text(json.dumps(line, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"corrected.jsonl:1: span \[0, 2\) covers '刘洋' but the source says '出席'"):
+        read_documents(path)
+
+
+@pytest.mark.parametrize("topics, entities", [([" economy"], None), ([""], None), (None, [Span(0, 2, "")])])
+def test_an_empty_label_or_one_with_spaces_around_it_is_an_error(topics, entities):
+    with pytest.raises(DataError, match="is empty or has spaces around it"):
+        validate(Document("a", "刘洋出席。", topics=topics, entities=entities))

@@ -400,7 +400,7 @@ def test_a_gold_label_neither_model_nor_new_data_knows_is_refused_naming_it(regi
     write_jsonl(sample[:20], tmp_path / "new.jsonl")
     typo = replace(sample[-1], topics=["ecolgy"])
     write_jsonl([*sample[-12:-1], typo], tmp_path / "typo.jsonl")
-    with pytest.raises(DataError, match=f"--gold .*typo.jsonl: {typo.id}: unknown topic 'ecolgy'"):
+    with pytest.raises(DataError, match=f"--gold .*typo.jsonl: document '{typo.id}': unknown topic 'ecolgy'"):
         retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "typo.jsonl"))
     assert len(registry.manifest().models) == 1
 

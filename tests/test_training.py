@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import re
 import shutil
 import random
@@ -359,11 +360,46 @@ def test_a_base_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, 
     assert named.format(tmp=tmp_path) in line
 
 
-def test_training_data_without_documents_exits_2(tmp_path, capsys):
-    empty = tmp_path / "empty.jsonl"
-    empty.write_text("")
-    assert main(["train", "--train", f"{empty}:internal", "--output", str(tmp_path / "m")]) == 2
-    assert "no training documents" in capsys.readouterr().err
+@pytest.mark.parametrize("content, message", [
+    ("", "no documents"),
+    # doccano's layout read as the internal format: nothing labelled, where it would have added nothing
+    ('{"id": "a", "text": "滨江市", "label": [[0, 3, "address"]]}\n', "none of its 1 documents has topics or entities"),
+    ('{"id": "a", "text": "滨江市", "entites": []}\n', "unknown field 'entites' (did you mean 'entities'?)"),
+])
+@pytest.mark.parametrize("option", ["--train", "--validation"])
+def test_a_data_file_that_adds_no_labels_exits_2_naming_it(tmp_path, capsys, content, message, option):
+    """Beside other files too: an empty or misread --validation file would turn validation off."""
+    labelled, bad = tmp_path / "labelled.jsonl", tmp_path / "bad.jsonl"
+    labelled.write_text('{"id": "b", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
+    bad.write_text(content, encoding="utf-8")
+    argv = ["train", "--train", str(labelled), option, f"{bad}:internal", "--output", str(tmp_path / "m")]
+    assert main(argv) == 2
+    (line,) = capsys.readouterr().err.splitlines()
+    assert str(bad) in line and message in line
+
+
+def test_a_long_validation_file_is_sampled_not_cut_to_its_head(tiny_base, tmp_path, caplog):
+    """A gold file sorted by date or desk would otherwise be scored on its first stories only."""
+    validation = tmp_path / "validation.jsonl"
+    validation.write_text("".join(json.dumps({"id": str(i), "text": f"滨江市第{i}号。", "topics": []}) + "\n"
+                                  for i in range(50)), encoding="utf-8")
+    config = tiny_train_config(tiny_base, tmp_path / "m", validation=[str(validation)], max_validation_documents=10)
+    with caplog.at_level(logging.WARNING):
+        _, _, [(_, docs)] = training.train._read_data(config, [])
+    ids = [int(doc.id) for doc in docs]
+    assert len(ids) == 10 and ids == sorted(ids) and ids != list(range(10))
+    assert "scoring a random 10 of its 50 documents" in caplog.text
+
+
+def test_a_label_only_the_validation_data_has_exits_2(tiny_base, tmp_path, capsys):
+    """It would become a class no example taught, with an untuned threshold in the card."""
+    train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"
+    train.write_text('{"id": "a", "text": "滨江市招商。", "topics": ["economy"]}\n', encoding="utf-8")
+    validation.write_text('{"id": "b", "text": "滨江市比赛。", "topics": ["sports"]}\n', encoding="utf-8")
+    argv = ["train", "--train", str(train), "--validation", str(validation), "--output", str(tmp_path / "m"),
+            "--base-model", str(tiny_base)]
+    assert main(argv) == 2
+    assert "--validation" in (err := capsys.readouterr().err) and "unknown topic 'sports'" in err
 
 
 def test_token_tags_label_first_token_begin_rest_inside():

@@ -22,6 +22,7 @@ given two types, stay errors.
 
 from __future__ import annotations
 
+import difflib
 import json
 import logging
 from collections import Counter
@@ -44,6 +45,7 @@ Labels = Iterable[str] | None  # an allowed label set; None allows any
 # the records of every format in one place.
 Record = tuple[str, Callable[[], tuple[Document, dict[Span, str] | None]]]
 
+INTERNAL_FIELDS = ("id", "text", "topics", "entities", "group")
 COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
 # How many leading records format guessing may read before giving up.
 GUESS_LIMIT = 50
@@ -81,9 +83,10 @@ def read_columns(path: str | Path, *, topic_labels: Labels = None, entity_types:
 def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """A Label Studio JSON export, reading each task's latest annotation that was not cancelled.
 
-    `labels` results become entities, `choices` results topics. A task with a choices result gets
-    topics (maybe []), otherwise None. Entities are [] for a task without spans when any task of
-    the export has spans (the project labels entities, and no span means none), otherwise None.
+    `labels` results become entities, `choices` results topics. Each task is read as labelled for
+    a task when any task of the export is (the project labels it): then a task without spans has
+    entities [], and one with no choice ticked has topics [] (Label Studio stores no result for an
+    empty choice); otherwise None.
     Tasks nobody annotated are skipped with a warning: exports routinely include them.
     """
     with open(path, encoding="utf-8-sig") as handle:
@@ -104,14 +107,15 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
     if unannotated:
         logger.warning("%s: skipped %d of %d tasks with no annotation that was not cancelled",
                        path, unannotated, len(tasks))
-    labels_entities = any(_has_spans(annotation) for _, _, annotation in annotated if annotation is not None)
+    labelled_for = {kind: any(_has_result(annotation, kind) for _, _, annotation in annotated if annotation is not None)
+                    for kind in ("labels", "choices")}
     stem = Path(path).stem
 
     def records() -> Iterator[Record]:
         for index, task, annotation in annotated:
             if annotation is not None:
                 where = f"{path}[{index}]"
-                build = partial(_label_studio_document, task, annotation, f"{stem}-{index}", labels_entities, where)
+                build = partial(_label_studio_document, task, annotation, f"{stem}-{index}", labelled_for, where)
                 yield where, build
 
     return _load(records(), topic_labels, entity_types)
@@ -342,7 +346,17 @@ def _internal_document(line: str, where: str):
 
 
 def _row_document(row: dict, where: str):
-    return Document.from_dict(row, where), None
+    """A document in the internal format's fields, with the mention an entity carries as `text` (as
+    `tag` output does) checked against its offsets. A field close to a known one is an error: a
+    misspelt "entites" would otherwise read as a document not labelled for entities."""
+    for name in set(row) - set(INTERNAL_FIELDS):
+        near = difflib.get_close_matches(name, INTERNAL_FIELDS, n=1, cutoff=0.7)
+        if near and near[0] not in row:
+            raise DataError(f"{where}: unknown field {name!r} (did you mean {near[0]!r}?)")
+    doc = Document.from_dict(row, where)
+    entities = row.get("entities") or ()
+    mentions = {span: entity["text"] for span, entity in zip(doc.entities or (), entities) if "text" in entity}
+    return doc, mentions
 
 
 def _string_list(value, field: str, where: str) -> list[str]:
@@ -457,12 +471,12 @@ def _latest_annotation(task) -> dict | None:
                                       a["id"] if isinstance(a.get("id"), int) else -1))
 
 
-def _has_spans(annotation: dict) -> bool:
+def _has_result(annotation: dict, kind: str) -> bool:
     result = annotation.get("result")
-    return isinstance(result, list) and any(isinstance(item, dict) and item.get("type") == "labels" for item in result)
+    return isinstance(result, list) and any(isinstance(item, dict) and item.get("type") == kind for item in result)
 
 
-def _label_studio_document(task, annotation: dict, fallback_id: str, labels_entities: bool, where: str):
+def _label_studio_document(task, annotation: dict, fallback_id: str, labelled_for: dict[str, bool], where: str):
     data = task.get("data")
     if not isinstance(data, dict):
         raise DataError(f"{where}: task has no 'data' object")
@@ -470,7 +484,7 @@ def _label_studio_document(task, annotation: dict, fallback_id: str, labels_enti
     result = annotation.get("result")
     if not isinstance(result, list):
         raise DataError(f"{where}: annotation 'result' must be a list")
-    topics: list[str] | None = None
+    topics: list[str] | None = [] if labelled_for["choices"] else None
     mentions: dict[Span, str] = {}
     spans: list[Span] = []
     for item in result:
@@ -493,7 +507,7 @@ def _label_studio_document(task, annotation: dict, fallback_id: str, labels_enti
         id=str(task_id) if task_id is not None else fallback_id,
         text=text,
         topics=topics,
-        entities=_flat_spans(spans, text, mentions, where) if labels_entities else None,
+        entities=_flat_spans(spans, text, mentions, where) if labelled_for["labels"] else None,
         group=str(data["group"]) if data.get("group") is not None else None,
     ), mentions
 

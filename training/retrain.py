@@ -37,7 +37,7 @@ from pathlib import Path
 from newstagger.backends import resolve_device
 from newstagger.checks import check_rules
 from newstagger.cli import UsageError
-from newstagger.documents import DataError, Document, validate
+from newstagger.documents import DataError, Document
 from newstagger.model import read_meta, read_metrics, write_description
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -310,14 +310,11 @@ def _recorded_sources(entry: Entry) -> list[tuple[dict, list[Document]]]:
 
 def _check_gold_labels(gold_sources: list[tuple[dict, list[Document]]], schema: LabelSchema,
                        new_labels: dict[str, list[str]]) -> None:
-    """A gold label that neither the starting model nor the new data knows is more often a typo than
-    a test: it would count as no topic or as misses for both models alike, and the gate would
-    compare nothing (as `newstagger evaluate` refuses it)."""
-    topics = {*schema.topics, *new_labels["topics"]}
-    types = schema.scorable_entity_types | set(new_labels["entity_types"])
+    """Gold labels must be known to the starting model or the new data (as `newstagger evaluate` refuses
+    others): the gate would otherwise compare two models on a label neither learnt."""
+    grown = schema.merged_with(LabelSchema(topics=new_labels["topics"], entity_types=new_labels["entity_types"]))
     for source, docs in gold_sources:
-        for doc in docs:
-            validate(doc, topic_labels=topics, entity_types=types, where=f"--gold {source['path']}: {doc.id}")
+        grown.check_known(docs, f"--gold {source['path']}")
 
 
 def _without(texts: set[str], docs: list[Document]) -> list[Document]:

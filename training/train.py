@@ -508,9 +508,12 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     saved = _saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
     output, device = start_run(config, "model", may_write_into=saved is not None or config.overwrite_output)
 
-    train_sets, weights, validation_files = _read_data(config, sources)
-    data_schema = LabelSchema.from_documents([doc for docs in [*train_sets, validation_files] for doc in docs])
-    model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
+    train_sets, weights, validation_sets = _read_data(config, sources)
+    model, tokenizer, schema, parent_meta = _starting_model(config, LabelSchema.from_documents(
+        doc for docs in train_sets for doc in docs))
+    for spec, docs in validation_sets:
+        schema.check_known(docs, f"--validation {spec}")
+    validation_files = [doc for _, docs in validation_sets for doc in docs]
     model.to(device)
     bf16 = use_bf16(config.bf16, device)
     train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, validation_files, tokenizer,
@@ -697,18 +700,36 @@ def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, b
 
 
 def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
-    """(training sets: the files, then `sources`; each set's entity-loss weight; validation documents
-    read from files)."""
-    train_sets = [*(read_documents(*parse_data_spec(spec)) for spec in config.train), *sources]
-    validation_files: list[Document] = []
+    """(training sets: the files, then `sources`; each set's entity-loss weight; validation sets read
+    from files, as (spec, documents))."""
+    train_sets = [*(_labelled_file(spec, "--train") for spec in config.train), *sources]
+    validation_sets = []
     for spec in config.validation:
-        validation_files += read_documents(*parse_data_spec(spec))[: config.max_validation_documents]
+        docs = _labelled_file(spec, "--validation")
+        if len(docs) > config.max_validation_documents:  # a sample, not the head of a file sorted by date or desk
+            log.warning("--validation %s: scoring a random %d of its %d documents (max_validation_documents)",
+                        spec, config.max_validation_documents, len(docs))
+            kept = sorted(random.Random(config.seed).sample(range(len(docs)), config.max_validation_documents))
+            docs = [docs[i] for i in kept]
+        validation_sets.append((spec, docs))
     if not any(train_sets):
         raise DataError("no training documents: give at least one --train PATH[:FORMAT] with documents in it")
     if not any(doc.labelled for docs in train_sets for doc in docs):
         raise DataError("no labelled training documents: none has topics or entities")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
-    return train_sets, weights, validation_files
+    return train_sets, weights, validation_sets
+
+
+def _labelled_file(spec: str, option: str) -> list[Document]:
+    """The documents of a data file, at least one of them labelled: an empty file or one read in the
+    wrong format (or with misnamed fields) would otherwise add nothing, or turn validation off."""
+    docs = read_documents(*parse_data_spec(spec))
+    if not docs:
+        raise DataError(f"{option} {spec}: no documents")
+    if not any(doc.labelled for doc in docs):
+        raise DataError(f"{option} {spec}: none of its {len(docs)} documents has topics or entities; is the "
+                        "format right, and are the fields named as the format names them?")
+    return docs
 
 
 def _starting_model(config: TrainConfig, data_schema: LabelSchema):
