@@ -35,7 +35,8 @@ class EncodedText:
 
 
 def encode_texts(tokenizer, texts: list[str]) -> list[EncodedText]:
-    """Tokenize whole texts in one batched call, without special tokens or truncation."""
+    """Tokenize whole texts in one batched call, without special tokens or truncation. "[SEP]" or
+    "[PAD]" written in a story is text: read as the control token, it would cut or blank its window."""
     if not texts:
         return []
     batch = tokenizer(
@@ -45,6 +46,7 @@ def encode_texts(tokenizer, texts: list[str]) -> list[EncodedText]:
         return_attention_mask=False,
         return_token_type_ids=False,
         truncation=False,
+        split_special_tokens=True,
         verbose=False,
     )
     return [

@@ -147,6 +147,15 @@ def test_tokenizer_offsets_index_the_original_string():
             assert 0 <= start < end <= len(text)
 
 
+def test_special_token_names_in_a_story_are_text():
+    tokenizer = tiny_tokenizer()
+    text = "市长[CLS]和[SEP]、[PAD]"
+    (encoded,) = encode_texts(tokenizer, [text])
+    control = {tokenizer.cls_token_id, tokenizer.sep_token_id, tokenizer.pad_token_id}
+    assert not set(encoded.ids) & control  # this vocabulary has no "[" or "cls": those characters are [UNK]
+    assert [text[start:end] for start, end in encoded.offsets][2:5] == ["[", "CLS", "]"]
+
+
 def test_tag_offsets_are_exact_on_long_mixed_and_emoji_text(tagger):
     results = tagger.tag(MIXED_TEXTS)
     assert len(results) == len(MIXED_TEXTS)

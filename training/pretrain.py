@@ -98,7 +98,8 @@ def text_blocks(texts: list[str], tokenizer, max_length: int) -> list[np.ndarray
     cls, sep = tokenizer.cls_token_id, tokenizer.sep_token_id
     pieces = [np.empty(0, dtype=np.int32)]
     for first in range(0, len(texts), TOKENIZE_CHUNK):
-        for ids in tokenizer(texts[first : first + TOKENIZE_CHUNK], add_special_tokens=False)["input_ids"]:
+        for ids in tokenizer(texts[first : first + TOKENIZE_CHUNK], add_special_tokens=False,
+                               split_special_tokens=True)["input_ids"]:
             if ids:  # a text of characters the tokenizer drops (zero-width spaces) adds nothing
                 pieces.append(np.array([*ids, sep], dtype=np.int32))
     stream = np.concatenate(pieces)
