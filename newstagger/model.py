@@ -341,7 +341,8 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         "",
         "| topic | threshold |",
         "|---|---|",
-        *[f"| {_cell(t)} | {meta.threshold(t):.3f} |" for t in schema.topics],
+        *[f"| {_cell(t)} | {meta.threshold(t):.3f}{'' if t in meta.thresholds else ' (default: not tuned)'} |"
+          for t in schema.topics],
     ]
     blend = meta.training.get("topic_blend")
     if blend and blend.get("weight"):
@@ -350,6 +351,9 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
                   + (f"kept from {blend['kept_from']}." if "kept_from" in blend else "chosen on validation.")]
     if metrics:
         lines += ["", "## Metrics", ""]
+        tuned = meta.training.get("tuned_on_validation")
+        if tuned:
+            lines += [f"The {', '.join(tuned)} were chosen on this validation set, so its figures are optimistic.", ""]
         lines += _metrics_tables(metrics)
     if meta.training:
         lines += ["", "## Training", "", "```json", json.dumps(meta.training, ensure_ascii=False, indent=2), "```"]

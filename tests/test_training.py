@@ -77,12 +77,14 @@ def test_round_trip_train_save_load_tag(trained):
     card = (folder / "README.md").read_text()
     assert "Metrics" in card and "9.9.9" in card and "Highest-scoring topic is a gold topic" in card
     assert "| entity threshold |" in card
+    tuned = tagger.meta.training["tuned_on_validation"]
+    assert "topic thresholds" in tuned and f"The {', '.join(tuned)} were chosen on this validation set" in card
 
 
 def test_a_card_escapes_labels_for_its_tables_and_says_what_was_not_measured():
     schema = LabelSchema(topics=["a|b"], entity_types=["x|y"])
     card = render_model_card(ModelMeta(schema=schema, max_length=32, stride=8), {"validation": {}})
-    assert "| a\\|b | 0.500 |" in card and "| entity types | x\\|y |" in card
+    assert "| a\\|b | 0.500 (default: not tuned) |" in card and "| entity types | x\\|y |" in card
     assert "- validation: not measured" in card
 
 

@@ -577,8 +577,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 
     model.load_state_dict(best_state)
     model.eval()
-    metrics, topic_lexical, topic_blend = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
-                                                              config, parent_meta)
+    metrics, topic_lexical, tuning = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
+                                                         config, parent_meta)
     meta.training = {
         "config": asdict(replace(config, base_model=meta.base_model)),  # continued models: their base, not a default
         "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
@@ -590,7 +590,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         "precision": "bf16 autocast" if bf16 else "fp32",
         **({"lexicon": model.lexicon.config} if model.lexicon is not None else {}),
         "crf": model.crf is not None,
-        **({"topic_blend": topic_blend} if topic_blend else {}),
+        **tuning,
     }
     save_model_folder(output, model.cpu(), tokenizer, meta, metrics={"validation": metrics},
                       topic_lexical=topic_lexical)
@@ -885,7 +885,8 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     """The trained model's final validation metrics, with its cuts (entity threshold, topic blend, topic
     thresholds) chosen on them and set in `tagger.meta`; where validation has fewer than
     `min_tuning_documents` of a task, the parent model's cuts are kept (the defaults without one).
-    Returns (metrics, lexical topic model or None, blend report)."""
+    Returns (metrics, lexical topic model or None, what was tuned and the blend report, for the
+    training record)."""
     meta, schema = tagger.meta, tagger.schema
     keeping = f"keeping {parent_meta.name} {parent_meta.version}'s" if parent_meta else "keeping the default"
     if parent_meta is not None:
@@ -893,7 +894,9 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
         meta.thresholds = {t: parent_meta.threshold(t) for t in schema.topics if t in parent_meta.schema.topics}
     predictions = predict_documents(tagger, valid_docs) if valid_docs else Predictions()
     metrics = prediction_metrics(predictions, tagger) if valid_docs else {}
+    tuned = []
     if len(predictions.gold_spans) >= config.min_tuning_documents:
+        tuned.append("entity threshold")
         meta.entity_threshold, entity_metrics = tune_entity_threshold(
             predictions.gold_spans, predictions.predicted_spans, predictions.lengths, schema, predictions.coarse_only)
         metrics.update(entity_metrics)
@@ -908,6 +911,7 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     gold, topic_probs = predictions.topic_gold, predictions.topic_probs
     tune_topics = len(valid_texts) >= config.min_tuning_documents
     if tune_topics and can_fit_lexical:
+        tuned.append("topic blend")
         topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs, schema.topics)
     elif not tune_topics:
         log.info("%d topic-labelled validation documents, under min_tuning_documents: %s topic thresholds and "
@@ -920,11 +924,12 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
         if topic_lexical is not None:
             topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
         if tune_topics:
+            tuned.append("topic thresholds")
             meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
         else:
             metrics["topics"] = topic_metrics(gold, topic_probs, [meta.threshold(t) for t in schema.topics],
                                               schema.topics)
-    return metrics, topic_lexical, topic_blend
+    return metrics, topic_lexical, {"tuned_on_validation": tuned, **({"topic_blend": topic_blend} if topic_blend else {})}
 
 
 def _kept_topic_lexical(parent_folder: str, parent_meta: ModelMeta, schema: LabelSchema,
