@@ -191,7 +191,7 @@ def json_object(line: str, where: str) -> dict:
     try:
         obj = json.loads(line)
     except json.JSONDecodeError as err:
-        raise DataError(f"{where}: not valid JSON ({err.msg})") from None
+        raise DataError(f"{where}: not valid JSON ({err.msg} at column {err.colno})") from None
     except ValueError as err:  # e.g. an integer of more digits than Python converts
         raise DataError(f"{where}: not valid JSON ({err})") from None
     except RecursionError:

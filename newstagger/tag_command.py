@@ -72,8 +72,11 @@ def run(args) -> int:
     if unknown:  # as the API does: a misspelt type would otherwise just return nothing
         raise UsageError(f"--types: unknown entity type(s) {unknown}; the model knows {tagger.schema.entity_types}")
     with _open(args.input, "r") as source, _open(args.output, "w") as sink:
-        errors = tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error,
-                            entity_types=entity_types, entity_threshold=entity_threshold)
+        try:
+            errors = tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error,
+                                entity_types=entity_types, entity_threshold=entity_threshold)
+        except DataError as err:  # its line number, and which file it is in
+            raise DataError(f"--input {args.input}: {err}") from None
     if errors:  # said, so a pipeline that watches stderr knows without reading every line
         print(f"newstagger tag: {errors} line(s) could not be tagged; their output lines hold the error",
               file=sys.stderr)

@@ -45,7 +45,7 @@ def test_tag_writes_one_result_per_story_in_order(tiny_model_dir, tmp_path):
 @pytest.mark.parametrize(
     ("bad_line", "reason"),
     [
-        ("{not json", "line 2: not valid JSON"),
+        ("{not json", "line 2: not valid JSON (Expecting property name enclosed in double quotes at column 2)"),
         ('{"id": "x"}', "line 2: field 'text' must be a string"),
         ('{"text": "没有编号"}', "line 2: field 'id' is missing"),
         ('["a", "b"]', "line 2: expected a JSON object"),
@@ -64,7 +64,7 @@ def test_bad_line_exits_2_with_its_line_number_after_writing_earlier_lines(
     target = tmp_path / "out.jsonl"
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 2
     error = capsys.readouterr().err.strip()
-    assert reason in error and len(error.splitlines()) == 1
+    assert f"--input {source}: {reason}" in error and len(error.splitlines()) == 1
     assert [r["id"] for r in read_results(target)] == ["ok"]
 
 

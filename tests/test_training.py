@@ -544,6 +544,17 @@ def test_a_config_file_that_does_not_parse_is_named(tmp_path):
         config_from_file(TrainConfig, tmp_path / "list.json")
 
 
+def test_config_files_are_read_as_windows_tools_write_them_and_other_kinds_are_named(tmp_path):
+    (tmp_path / "BOM.TOML").write_bytes("\ufeffepochs = 2\n".encode("utf-8"))
+    assert config_from_file(TrainConfig, tmp_path / "BOM.TOML", train=["a.jsonl"]).epochs == 2
+    (tmp_path / "run.yaml").write_text("epochs: 2\n")
+    with pytest.raises(ValueError, match=r"run.yaml: a config file is .toml or .json"):
+        config_from_file(TrainConfig, tmp_path / "run.yaml")
+    (tmp_path / "gbk.toml").write_bytes('name = "新闻"\n'.encode("gbk"))
+    with pytest.raises(ValueError, match=r"gbk.toml: not UTF-8"):
+        config_from_file(TrainConfig, tmp_path / "gbk.toml")
+
+
 def test_a_config_files_train_weights_may_count_the_sources_flags_give(tmp_path):
     (tmp_path / "weights.toml").write_text("train_weights = [1.0, 0.5]\n")
     config = config_from_file(TrainConfig, tmp_path / "weights.toml", train=["a.jsonl", "b.bio"])

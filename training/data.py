@@ -93,7 +93,7 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
         try:
             tasks = json.load(handle)
         except json.JSONDecodeError as err:
-            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno})") from None
+            raise DataError(f"{path}: not valid JSON ({err.msg} at line {err.lineno}, column {err.colno})") from None
         except (ValueError, RecursionError) as err:  # too deeply nested, or a number too long to read
             raise DataError(f"{path}: not readable JSON ({err})") from None
     if not isinstance(tasks, list):
@@ -101,7 +101,8 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
     for index, task in enumerate(tasks):
         if not isinstance(task, dict) or "annotations" not in task:
             raise DataError(f"{path}[{index}]: not a Label Studio task with 'annotations'; export as \"JSON\", "
-                            f"not \"JSON-MIN\" (which leaves out the annotations)")
+                            f"not \"JSON-MIN\" (which leaves out the annotations). Documents in the internal "
+                            f"format go one JSON object per line (JSONL), not in an array")
     annotated = [(index, task, _latest_annotation(task)) for index, task in enumerate(tasks)]
     unannotated = sum(annotation is None for _, _, annotation in annotated)
     if unannotated:

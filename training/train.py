@@ -39,7 +39,7 @@ from newstagger.backends import DEVICES, cpu_has_bf16, resolve_device
 from newstagger.checks import check_rules, is_finite_number, is_integer, is_string_list, window_rules
 from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
-from newstagger.documents import DataError, Document, Span
+from newstagger.documents import DataError, Document, Span, utf8_only
 from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
                               new_model, read_meta, save_model_folder, windows_past_positions)
@@ -83,12 +83,15 @@ def config_from_file(config_class, path: str | Path, **overrides):
     """A config dataclass from the settings of a TOML or JSON file with `overrides` (command-line flags)
     over them, checked once merged: a training file's train_weights may count sources that flags give."""
     path = Path(path)
-    raw = path.read_text(encoding="utf-8")
+    kind = path.suffix.lower().lstrip(".")
+    if kind not in ("toml", "json"):
+        raise ValueError(f"{path}: a config file is .toml or .json")
+    with utf8_only(str(path)):
+        raw = path.read_text(encoding="utf-8-sig")  # a byte-order mark is fine, as in data files
     try:
-        values = tomllib.loads(raw) if path.suffix == ".toml" else json.loads(raw)
+        values = tomllib.loads(raw) if kind == "toml" else json.loads(raw)
     except ValueError as err:  # TOMLDecodeError and JSONDecodeError both are
-        raise ValueError(f"{path}: not valid {'TOML' if path.suffix == '.toml' else 'JSON'} ({err}); "
-                         f"a config file is .toml or .json") from None
+        raise ValueError(f"{path}: not valid {kind.upper()} ({err})") from None
     if not isinstance(values, dict):
         raise ValueError(f"{path}: expected a table of settings, got {type(values).__name__}")
     known = {f.name for f in fields(config_class)}
