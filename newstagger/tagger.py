@@ -1,9 +1,8 @@
 """Texts in, topics and entity spans out: the one tagging path behind the CLI and the server.
 
 Steps: tokenize the whole batch once, cut long texts into windows, run windows of similar length
-together under a token budget, stitch each document's token scores back from the windows that hold
-them (see newstagger.windowing), decode spans with the constrained Viterbi, and average topic
-probabilities over windows.
+together under a token budget, stitch each document's token scores back from the windows that own
+them, decode spans with the constrained Viterbi, and average topic probabilities over windows.
 """
 
 from __future__ import annotations
@@ -180,13 +179,11 @@ class Tagger:
         encoded = encoded if encoded is not None else self.encode(texts)
         windows = [w for d, enc in enumerate(encoded)
                    for w in plan_windows(d, len(enc.ids), self.meta.max_length, self.meta.stride)]
-        # Each window's tag scores go straight into arrays for the whole chunk, so no batch output
-        # outlives its batch: keeping slices of them kept every batch's memory (and fragmented the
-        # heap: RSS grew by ~5 MB per batch). Summed as probabilities, in log space so that a token
-        # one window holds keeps that window's log-probabilities exactly.
+        # Each window's owned tokens go straight into one array for the whole chunk, so no batch
+        # output outlives its batch: keeping slices of them kept every batch's memory (and
+        # fragmented the heap: RSS grew by ~5 MB per batch).
         doc_starts = np.cumsum([0] + [len(enc.ids) for enc in encoded])
-        token_log_probs = np.full((doc_starts[-1], len(self.schema.tags)), -np.inf, dtype=np.float32)
-        token_weights = np.zeros(doc_starts[-1], dtype=np.float32)
+        token_log_probs = np.empty((doc_starts[-1], len(self.schema.tags)), dtype=np.float32)
         topic_sums = np.zeros((len(texts), len(self.schema.topics)), dtype=np.float64)
         weights = np.zeros(len(texts), dtype=np.float64)
         special = self.tokenizer.cls_token_id, self.tokenizer.sep_token_id, self.tokenizer.pad_token_id
@@ -196,16 +193,12 @@ class Tagger:
             topic_logits, tag_log_probs = self.backend(input_ids, attention_mask)
             topic_probs = expit(topic_logits)
             for row, w in enumerate(batch_windows):
-                held = slice(doc_starts[w.doc] + w.start, doc_starts[w.doc] + w.end)
-                context = w.context_weights()
+                owned = doc_starts[w.doc] + w.own_start, doc_starts[w.doc] + w.own_end
                 # +1: position 0 of every window is [CLS]
-                weighted = np.log(context)[:, None] + tag_log_probs[row, 1 : 1 + w.end - w.start]
-                np.logaddexp(token_log_probs[held], weighted, out=token_log_probs[held])
-                token_weights[held] += context
+                token_log_probs[owned[0] : owned[1]] = tag_log_probs[row, 1 + w.own_start - w.start : 1 + w.own_end - w.start]
                 weight = max(w.own_end - w.own_start, 1)
                 topic_sums[w.doc] += weight * topic_probs[row]
                 weights[w.doc] += weight
-        token_log_probs -= np.log(np.maximum(token_weights, 1))[:, None]  # every token is held: weights >= 1
         doc_log_probs = [token_log_probs[start:end] for start, end in zip(doc_starts[:-1], doc_starts[1:])]
         doc_topic_probs = topic_sums / weights[:, None]
         if self.topic_lexical is not None:

@@ -2,12 +2,9 @@
 
 Texts are tokenized once, whole, by the fast tokenizer (its `offset_mapping` gives Python `str`
 indices into the text as sent, whatever the normalizer did to full-width characters, accents or
-emoji). The token sequence is then cut into overlapping windows. A token's tag scores are the
-average of every window that holds it, each weighted by how far the token sits from that window's
-nearer edge (`Window.context_weights`): the best-placed window counts most, and an entity crossing
-from one window into the next is scored by both, so no seam cuts it in two. Each token is also
-*owned* by exactly one window, the one in which it sits furthest from an edge, which weighs the
-window's topic scores.
+emoji). The token sequence is then cut into overlapping windows. Each token is *owned* by exactly
+one window, the one in which it sits furthest from an edge, so per-token scores can be stitched
+back into one sequence per document with no duplicates and the best context for every token.
 """
 
 from __future__ import annotations
@@ -22,13 +19,8 @@ class Window:
     doc: int  # index of the document in the batch
     start: int  # first content token of the window (document token index)
     end: int  # one past the last content token
-    own_start: int  # tokens [own_start, own_end) of the document are owned by this window
+    own_start: int  # tokens [own_start, own_end) of the document take their scores from here
     own_end: int
-
-    def context_weights(self) -> np.ndarray:
-        """Per content token: its distance (1, 2, ...) from the window's nearer edge."""
-        position = np.arange(self.end - self.start)
-        return np.minimum(position + 1, self.end - self.start - position).astype(np.float32)
 
     @property
     def length(self) -> int:
