@@ -24,13 +24,12 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import (MAX_LABELS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text, check_bearer,
+from .schemas import (MAX_LABELS, MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text, check_bearer,
                       few_labels, unknown_label)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])
 MAX_REVISION = 2**63 - 1  # the store's integer column (SQLite INTEGER, PostgreSQL BIGINT)
-MAX_ID_CHARS = 1_000  # an identifier, stored with every revision
 _opening = threading.Lock()
 
 
@@ -70,9 +69,9 @@ class FeedbackRequest(BaseModel):
     @field_validator("id")
     @classmethod
     def _short_id(cls, value: str | int) -> str | int:
-        if isinstance(value, str) and len(value) > MAX_ID_CHARS:
+        if len(str(value)) > MAX_NAME_CHARS:  # stored as a string, and indexed
             raise PydanticCustomError("too_long", "is {actual} characters long; at most {most}",
-                                      {"actual": len(value), "most": MAX_ID_CHARS})
+                                      {"actual": len(str(value)), "most": MAX_NAME_CHARS})
         return value
 
     @field_validator("entities")

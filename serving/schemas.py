@@ -22,7 +22,7 @@ RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying agai
 MAX_DOCUMENTS_CEILING = 10_000  # the highest max_documents setting; a longer list is the same 413
 MAX_LABELS = 1_000  # more topics or entity types than any model has
 MAX_ERRORS = 20  # an error body lists at most this many; its detail counts the rest
-MAX_NAME_CHARS = 200  # a label, sender or model version: a name, never a text
+MAX_NAME_CHARS = 200  # a label, sender, model version or stored id: a name, never a text (and indexable)
 
 
 class ApiError(Exception):

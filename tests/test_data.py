@@ -386,3 +386,16 @@ def test_an_entity_that_carries_its_text_is_checked_against_its_offsets(tmp_path
 def test_an_empty_label_or_one_with_spaces_around_it_is_an_error(topics, entities):
     with pytest.raises(DataError, match="is empty or has spaces around it"):
         validate(Document("a", "刘洋出席。", topics=topics, entities=entities))
+
+
+def test_a_misspelt_label_field_is_warned_about_and_other_fields_are_not(tmp_path, caplog):
+    lines = [{"id": "a", "text": "刘洋出席。", "topic": ["economy"]},  # misspelt: its topics are not read
+             {"id": "b", "text": "刘洋出席。", "topic": ["economy"], "group_id": "r1"},
+             {"id": "c", "text": "刘洋出席。", "topics": [], "pred_topics": ["economy"], "topic": "体育"}]
+    path = tmp_path / "stories.jsonl"
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
+    with caplog.at_level(logging.WARNING):
+        docs = read_documents(path)
+    assert [doc.topics for doc in docs] == [None, None, []]
+    (warning,) = caplog.messages
+    assert "field 'topic' (2 records) is not read: did you mean 'topics'?" in warning

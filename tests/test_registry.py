@@ -245,6 +245,12 @@ def test_a_folder_with_a_link_is_not_added(registry, tmp_path, capsys):
     assert main(["models", "add", str(folder), "--registry", str(registry.root)]) == 2
     assert "NOTES.txt is a symbolic link" in capsys.readouterr().err
     assert "9.9.9" not in statuses(registry)
+    # A checkpoint kept on other storage is fine: it is never copied.
+    (folder / "NOTES.txt").unlink()
+    (tmp_path / "scratch").mkdir()
+    (folder / "checkpoint").symlink_to(tmp_path / "scratch")
+    assert main(["models", "add", str(folder), "--registry", str(registry.root)]) == 0
+    assert not (registry.folder("9.9.9") / "checkpoint").exists()
 
 
 @pytest.mark.parametrize("argv, message", [

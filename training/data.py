@@ -46,6 +46,7 @@ Labels = Iterable[str] | None  # an allowed label set; None allows any
 Record = tuple[str, Callable[[], tuple[Document, dict[Span, str] | None]]]
 
 INTERNAL_FIELDS = ("id", "text", "topics", "entities", "group")
+LABEL_FIELDS = ("topics", "entities")
 COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
 # How many leading records format guessing may read before giving up.
 GUESS_LIMIT = 50
@@ -53,8 +54,11 @@ GUESS_LIMIT = 50
 
 def read_internal(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """The project's own JSONL (see newstagger.documents)."""
-    records = ((where, partial(_internal_document, line, where)) for _, where, line in _json_lines(path))
-    return _load(records, topic_labels, entity_types)
+    misnamed: Counter = Counter()
+    records = ((where, partial(_internal_document, line, where, misnamed)) for _, where, line in _json_lines(path))
+    docs = _load(records, topic_labels, entity_types)
+    _warn_misnamed(path, misnamed)
+    return docs
 
 
 def read_cluener(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
@@ -146,8 +150,11 @@ def read_hf(path: str | Path, *, topic_labels: Labels = None, entity_types: Labe
         raise DataError(f"{path}: not a saved Hugging Face dataset ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path} holds the splits {', '.join(dataset)}; name one, e.g. {Path(path) / next(iter(dataset))}")
-    records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]")) for i, row in enumerate(dataset))
-    return _load(records, topic_labels, entity_types)
+    misnamed: Counter = Counter()
+    records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]", misnamed)) for i, row in enumerate(dataset))
+    docs = _load(records, topic_labels, entity_types)
+    _warn_misnamed(path, misnamed)
+    return docs
 
 
 _READERS = {
@@ -342,22 +349,39 @@ def _json_lines(path) -> Iterator[tuple[int, str, str]]:
             yield number, f"{path}:{number}", line
 
 
-def _internal_document(line: str, where: str):
-    return _row_document(json_object(line, where), where)
+def _internal_document(line: str, where: str, misnamed: Counter):
+    return _row_document(json_object(line, where), where, misnamed)
 
 
-def _row_document(row: dict, where: str):
+def _row_document(row: dict, where: str, misnamed: Counter):
     """A document in the internal format's fields, with the mention an entity carries as `text` (as
-    `tag` output does) checked against its offsets. A field close to a known one is an error: a
-    misspelt "entites" would otherwise read as a document not labelled for entities."""
-    for name in set(row) - set(INTERNAL_FIELDS):
-        near = difflib.get_close_matches(name, INTERNAL_FIELDS, n=1, cutoff=0.7)
-        if near and near[0] not in row:
-            raise DataError(f"{where}: unknown field {name!r} (did you mean {near[0]!r}?)")
+    `tag` output does) checked against its offsets; fields that look like misspelt label fields are
+    counted in `misnamed`."""
+    for name in row:
+        meant = _misspelt_label_field(name, row)
+        if meant:
+            misnamed[name, meant] += 1
     doc = Document.from_dict(row, where)
     entities = row.get("entities") or ()
     mentions = {span: entity["text"] for span, entity in zip(doc.entities or (), entities) if "text" in entity}
     return doc, mentions
+
+
+def _misspelt_label_field(name: str, row: dict) -> str | None:
+    """The label field that `name` misspells ("topic", "entites"): close to it, holding a list as it
+    would, and in a row without it. Names built on it ("pred_topics") are other fields."""
+    if name in INTERNAL_FIELDS:
+        return None
+    meant = difflib.get_close_matches(name, LABEL_FIELDS, n=1, cutoff=0.7)
+    if meant and meant[0] not in row and meant[0] not in name and isinstance(row[name], list):
+        return meant[0]
+    return None
+
+
+def _warn_misnamed(path, misnamed: Counter) -> None:
+    for (name, meant), count in misnamed.items():
+        logger.warning("%s: field %r (%d records) is not read: did you mean %r? Those documents count as not "
+                       "labelled for %s", path, name, count, meant, meant)
 
 
 def _string_list(value, field: str, where: str) -> list[str]:

@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import fcntl
+import fnmatch
 import hashlib
 import json
 import logging
@@ -45,6 +46,7 @@ log = logging.getLogger("newstagger.registry")
 MANIFEST = "manifest.json"
 CURRENT_LINK = "current"
 STAGING = ".staging"
+CHECKPOINT = "checkpoint*"  # training state beside a model: never part of a registry's copy
 LOCK = ".lock"
 RETRAIN_LOCK = ".retrain.lock"
 STATUSES = ("candidate", "production", "retired", "rejected")
@@ -470,8 +472,7 @@ def run_add(args) -> int:
         check_server_arguments(args)
     source = Path(args.folder)
     meta = read_meta(source)
-    links = [Path(root, name) for root, folders, files in os.walk(source) for name in folders + files
-             if os.path.islink(os.path.join(root, name))]
+    links = _links_to_copy(source)
     if links:  # copying would follow it: a link to a secret or a folder elsewhere would enter the registry
         raise RegistryError(f"{links[0]} is a symbolic link; a registry takes only a model's own files "
                             "(copy in what it points to)")
@@ -488,21 +489,33 @@ def run_add(args) -> int:
         else:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
     data = once_per_path(data)
-    for source_data in data:  # retraining will read these: the operator sees what the folder named
-        print(f"recorded for replay: {source_data['path']} ({source_data['format']})")
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
     load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)
     with registry.staging() as staged:
         # Only what serving needs: the training checkpoint (weights twice more, optimizer state) stays behind.
-        shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns("checkpoint*"))
+        shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKPOINT))
         entry = registry.register(staged, Entry(version=meta.version, parent=meta.parent_version,
                                                 data=data, metrics=metrics))
     print(f"added {entry.version} to {args.registry}")
+    for recorded in data:  # retraining will read these: the operator sees what the folder named
+        print(f"recorded for replay: {recorded['path']} ({recorded['format']})")
     if args.promote:
         registry.promote(entry.version)
         print(f"{entry.version} is now in production")
     return deploy(args, registry.folder(entry.version)) if args.promote else 0
+
+
+def _links_to_copy(folder: Path) -> list[Path]:
+    """Symbolic links in what `models add` copies of a model folder (its checkpoint stays behind)."""
+    links = []
+    for root, folders, files in os.walk(folder):
+        names = folders + files
+        if Path(root) == folder:
+            names = [name for name in names if not fnmatch.fnmatch(name, CHECKPOINT)]
+            folders[:] = [name for name in folders if name in names]
+        links += [Path(root, name) for name in names if os.path.islink(os.path.join(root, name))]
+    return links
 
 
 def run_promote(args) -> int:

@@ -894,7 +894,7 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     keeping = f"keeping {parent_meta.name} {parent_meta.version}'s" if parent_meta else "keeping the default"
     if parent_meta is not None:
         meta.entity_threshold = parent_meta.entity_threshold
-        meta.thresholds = {t: parent_meta.threshold(t) for t in schema.topics if t in parent_meta.schema.topics}
+        meta.thresholds = {t: parent_meta.thresholds[t] for t in schema.topics if t in parent_meta.thresholds}
     predictions = predict_documents(tagger, valid_docs) if valid_docs else Predictions()
     metrics = prediction_metrics(predictions, tagger) if valid_docs else {}
     tuned = []
