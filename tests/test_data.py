@@ -388,14 +388,13 @@ def test_an_empty_label_or_one_with_spaces_around_it_is_an_error(topics, entitie
         validate(Document("a", "刘洋出席。", topics=topics, entities=entities))
 
 
-def test_a_misspelt_label_field_is_warned_about_and_other_fields_are_not(tmp_path, caplog):
-    lines = [{"id": "a", "text": "刘洋出席。", "topic": ["economy"]},  # misspelt: its topics are not read
-             {"id": "b", "text": "刘洋出席。", "topic": ["economy"], "group_id": "r1"},
-             {"id": "c", "text": "刘洋出席。", "topics": [], "pred_topics": ["economy"], "topic": "体育"}]
+def test_a_misspelt_label_field_is_an_error_and_metadata_is_not(tmp_path):
+    metadata = [{"id": "b", "text": "刘洋出席。", "topics": [], "group_id": "r1", "pred_topics": ["economy"]},
+                {"id": "c", "text": "刘洋出席。", "topic": "体育", "entity_ids": [3]}]  # a CMS's own fields
     path = tmp_path / "stories.jsonl"
-    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in lines), encoding="utf-8")
-    with caplog.at_level(logging.WARNING):
-        docs = read_documents(path)
-    assert [doc.topics for doc in docs] == [None, None, []]
-    (warning,) = caplog.messages
-    assert "field 'topic' (2 records) is not read: did you mean 'topics'?" in warning
+    path.write_text("".join(json.dumps(line, ensure_ascii=False) + "\n" for line in metadata), encoding="utf-8")
+    assert [doc.topics for doc in read_documents(path)] == [[], None]
+    misspelt = {"id": "a", "text": "刘洋出席。", "topics": [], "entites": [{"start": 0, "end": 2, "type": "name"}]}
+    path.write_text(json.dumps(misspelt, ensure_ascii=False) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match=r"stories.jsonl:1: field 'entites' is not read; did you mean 'entities'\?"):
+        read_documents(path)

@@ -237,6 +237,19 @@ def test_a_folder_that_cannot_be_loaded_is_not_added(registry, tmp_path, capsys)
     assert "9.9.9" not in statuses(registry) and served_version(registry) == "1.0.0"
 
 
+def test_models_add_records_the_training_data_it_finds_and_says_so_once_added(registry, tmp_path, capsys):
+    data = tmp_path / "stories.jsonl"
+    data.write_text('{"id": "a", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
+    folder = build_tiny_model_folder(tmp_path / "trained", version="3.0.0")
+    meta = json.loads((folder / "newstagger.json").read_text())
+    meta["training"] = {"config": {"train": [f"{data}:internal", str(tmp_path / "gone.jsonl")]}}
+    (folder / "newstagger.json").write_text(json.dumps(meta))
+    assert main(["models", "add", str(folder), "--registry", str(registry.root)]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == ["added 3.0.0 to " + str(registry.root), f"recorded for replay: {data} (internal)"]
+    assert [source["path"] for source in registry.manifest().entry("3.0.0").data] == [str(data)]
+
+
 def test_a_folder_with_a_link_is_not_added(registry, tmp_path, capsys):
     """Copying follows links: what one points at (a secret, a folder elsewhere) would enter the registry."""
     folder = build_tiny_model_folder(tmp_path / "linked", version="9.9.9")

@@ -369,6 +369,7 @@ def test_a_base_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, 
     ("", "no documents"),
     # doccano's layout read as the internal format: nothing labelled, where it would have added nothing
     ('{"id": "a", "text": "滨江市", "label": [[0, 3, "address"]]}\n', "none of its 1 documents has topics or entities"),
+    ('{"id": "a", "text": "滨江市", "entites": []}\n', "field 'entites' is not read; did you mean 'entities'?"),
 ])
 @pytest.mark.parametrize("option", ["--train", "--validation"])
 def test_a_data_file_that_adds_no_labels_exits_2_naming_it(tmp_path, capsys, content, message, option):

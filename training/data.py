@@ -54,11 +54,8 @@ GUESS_LIMIT = 50
 
 def read_internal(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """The project's own JSONL (see newstagger.documents)."""
-    misnamed: Counter = Counter()
-    records = ((where, partial(_internal_document, line, where, misnamed)) for _, where, line in _json_lines(path))
-    docs = _load(records, topic_labels, entity_types)
-    _warn_misnamed(path, misnamed)
-    return docs
+    records = ((where, partial(_internal_document, line, where)) for _, where, line in _json_lines(path))
+    return _load(records, topic_labels, entity_types)
 
 
 def read_cluener(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
@@ -150,11 +147,8 @@ def read_hf(path: str | Path, *, topic_labels: Labels = None, entity_types: Labe
         raise DataError(f"{path}: not a saved Hugging Face dataset ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path} holds the splits {', '.join(dataset)}; name one, e.g. {Path(path) / next(iter(dataset))}")
-    misnamed: Counter = Counter()
-    records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]", misnamed)) for i, row in enumerate(dataset))
-    docs = _load(records, topic_labels, entity_types)
-    _warn_misnamed(path, misnamed)
-    return docs
+    records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]")) for i, row in enumerate(dataset))
+    return _load(records, topic_labels, entity_types)
 
 
 _READERS = {
@@ -349,18 +343,18 @@ def _json_lines(path) -> Iterator[tuple[int, str, str]]:
             yield number, f"{path}:{number}", line
 
 
-def _internal_document(line: str, where: str, misnamed: Counter):
-    return _row_document(json_object(line, where), where, misnamed)
+def _internal_document(line: str, where: str):
+    return _row_document(json_object(line, where), where)
 
 
-def _row_document(row: dict, where: str, misnamed: Counter):
+def _row_document(row: dict, where: str):
     """A document in the internal format's fields, with the mention an entity carries as `text` (as
-    `tag` output does) checked against its offsets; fields that look like misspelt label fields are
-    counted in `misnamed`."""
+    `tag` output does) checked against its offsets. A misspelt label field is an error: its labels
+    would otherwise go unread, and a gold set or corrections would lose a task without a word."""
     for name in row:
         meant = _misspelt_label_field(name, row)
         if meant:
-            misnamed[name, meant] += 1
+            raise DataError(f"{where}: field {name!r} is not read; did you mean {meant!r}?")
     doc = Document.from_dict(row, where)
     entities = row.get("entities") or ()
     mentions = {span: entity["text"] for span, entity in zip(doc.entities or (), entities) if "text" in entity}
@@ -368,20 +362,16 @@ def _row_document(row: dict, where: str, misnamed: Counter):
 
 
 def _misspelt_label_field(name: str, row: dict) -> str | None:
-    """The label field that `name` misspells ("topic", "entites"): close to it, holding a list as it
-    would, and in a row without it. Names built on it ("pred_topics") are other fields."""
+    """The label field that `name` misspells ("topic", "entites"): close to it, holding what it would
+    (a list of strings, of span objects), and in a row without it. Names built on it ("pred_topics")
+    and values of other shapes (a CMS's "topic": "体育", "entity_ids": [3]) are metadata, ignored."""
     if name in INTERNAL_FIELDS:
         return None
     meant = difflib.get_close_matches(name, LABEL_FIELDS, n=1, cutoff=0.7)
-    if meant and meant[0] not in row and meant[0] not in name and isinstance(row[name], list):
-        return meant[0]
-    return None
-
-
-def _warn_misnamed(path, misnamed: Counter) -> None:
-    for (name, meant), count in misnamed.items():
-        logger.warning("%s: field %r (%d records) is not read: did you mean %r? Those documents count as not "
-                       "labelled for %s", path, name, count, meant, meant)
+    if not meant or meant[0] in row or meant[0] in name or not isinstance(row[name], list):
+        return None
+    item_type = str if meant[0] == "topics" else dict
+    return meant[0] if all(isinstance(item, item_type) for item in row[name]) else None
 
 
 def _string_list(value, field: str, where: str) -> list[str]:

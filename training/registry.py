@@ -507,14 +507,12 @@ def run_add(args) -> int:
 
 
 def _links_to_copy(folder: Path) -> list[Path]:
-    """Symbolic links in what `models add` copies of a model folder (its checkpoint stays behind)."""
+    """Symbolic links in what `models add` copies of a model folder (never checkpoint*, at any depth)."""
     links = []
     for root, folders, files in os.walk(folder):
-        names = folders + files
-        if Path(root) == folder:
-            names = [name for name in names if not fnmatch.fnmatch(name, CHECKPOINT)]
-            folders[:] = [name for name in folders if name in names]
-        links += [Path(root, name) for name in names if os.path.islink(os.path.join(root, name))]
+        folders[:] = [name for name in folders if not fnmatch.fnmatch(name, CHECKPOINT)]
+        links += [Path(root, name) for name in folders + files
+                  if not fnmatch.fnmatch(name, CHECKPOINT) and os.path.islink(os.path.join(root, name))]
     return links
 
 
