@@ -24,8 +24,8 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import (MAX_LABELS, MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text, check_bearer,
-                      few_labels, unknown_label)
+from .schemas import (MAX_LABELS, MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text,
+                      check_bearer, few_labels, unknown_label)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])

@@ -99,7 +99,7 @@ def text_blocks(texts: list[str], tokenizer, max_length: int) -> list[np.ndarray
     pieces = [np.empty(0, dtype=np.int32)]
     for first in range(0, len(texts), TOKENIZE_CHUNK):
         for ids in tokenizer(texts[first : first + TOKENIZE_CHUNK], add_special_tokens=False,
-                               split_special_tokens=True)["input_ids"]:
+                             split_special_tokens=True)["input_ids"]:
             if ids:  # a text of characters the tokenizer drops (zero-width spaces) adds nothing
                 pieces.append(np.array([*ids, sep], dtype=np.int32))
     stream = np.concatenate(pieces)
