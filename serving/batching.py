@@ -163,9 +163,11 @@ class MicroBatcher:
         # Requests whose callers gave up (cancelled futures) are dropped here, unrun.
         # Known as started before they start: an abandon() in between finds them, or cancels them unrun.
         self._started.update({id(job.future): job for job in batch})
-        running = [job for job in batch if job.future.set_running_or_notify_cancel()]
+        running = []
         for job in batch:
-            if job not in running:
+            if job.future.set_running_or_notify_cancel():
+                running.append(job)
+            else:
                 self._started.pop(id(job.future), None)
         if running:
             self._serve(self.tagger, running)

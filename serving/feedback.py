@@ -24,7 +24,7 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import (MAX_LABELS, MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text,
+from .schemas import (MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text,
                       check_bearer, few_labels, unknown_label)
 
 logger = logging.getLogger(__name__)
@@ -77,10 +77,7 @@ class FeedbackRequest(BaseModel):
     @field_validator("entities")
     @classmethod
     def _few_entity_types(cls, entities: list[EntityIn] | None) -> list[EntityIn] | None:
-        types = {entity.type for entity in entities or ()}
-        if len(types) > MAX_LABELS:
-            raise PydanticCustomError("too_long", "uses {actual} entity types; at most {most}",
-                                      {"actual": len(types), "most": MAX_LABELS})
+        few_labels(list({entity.type for entity in entities or ()}))
         return entities
 
 
