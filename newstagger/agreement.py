@@ -27,7 +27,7 @@ from .bench import synthetic_stories
 from .cli import UsageError, add_model_argument, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, text_field, utf8_only
 from .model import read_meta, read_metrics, write_description
-from .tag_command import BLANK
+from .tag_command import story_line
 
 SPAN_AGREEMENT_MIN = 0.99
 CHECK_SEED = 20261
@@ -89,8 +89,8 @@ def _read_texts(path: str) -> list[str]:
     texts = []
     with open(path, encoding="utf-8") as lines, utf8_only(path):
         for number, line in enumerate(lines, start=1):
-            line = line.removeprefix("\ufeff")  # files concatenated from Windows tools: one per file
-            if line.strip(BLANK):
+            line = story_line(line, number)
+            if line is not None:
                 text = text_field(json_object(line, f"{path}:{number}"), f"{path}:{number}")
                 check_encodable(text, "text", f"{path}:{number}")
                 texts.append(text)

@@ -400,8 +400,8 @@ def _metrics_tables(metrics: dict) -> list[str]:
                       "|---|---|---|---|---|"]
             for backend, row in result.items():
                 if "span_agreement" in row:
-                    lines.append(f"| {backend} | {row.get('device', 'cpu')} | {row['span_agreement']:.2%} | {row['max_topic_difference']:.4f} "
-                                 f"| {'yes' if row['passed'] else 'no'} |")
+                    lines.append(f"| {backend} | {row.get('device', 'cpu')} | {row['span_agreement']:.2%} "
+                                 f"| {row['max_topic_difference']:.4f} | {'yes' if row['passed'] else 'no'} |")
             lines.append("")
         else:
             lines += [f"- {section}: `{json.dumps(result, ensure_ascii=False)}`", ""]

@@ -151,10 +151,8 @@ def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator
     stream when stopping, so every line before it is still tagged and written."""
     for number, line in enumerate(source, start=1):
         try:
-            line = _decoded(line, number)
-            # JSON's whitespace, a BOM or a full-width space: blank. Not str.strip()'s wider set, so a
-            # line of other control or separator characters is reported, never dropped.
-            if not line.strip(BLANK):
+            line = story_line(line, number)
+            if line is None:
                 continue
             doc_id, text = parse_request(line, f"line {number}")
         except DataError as err:
@@ -165,14 +163,17 @@ def _read_requests(source: IO[str] | IO[bytes], stop_at_error: bool) -> Iterator
         yield doc_id, text, None
 
 
-def _decoded(line: str | bytes, number: int) -> str:
-    """The line as text. Files are read as bytes so that a line that is not UTF-8 is an error of that
-    line alone; a byte-order mark at its start is dropped (Windows tools begin each file they write
-    with one, and files get concatenated)."""
+def story_line(line: str | bytes, number: int) -> str | None:
+    """The line as text, None where it is blank. Files are read as bytes so that a line that is not
+    UTF-8 is an error of that line alone; a byte-order mark at its start is dropped (Windows tools
+    begin each file they write with one, and files get concatenated). Blank is JSON's whitespace, a
+    BOM or a full-width space: not str.strip()'s wider set, so a line of other control or separator
+    characters is reported, never dropped."""
     if isinstance(line, bytes):
         with utf8_only(f"line {number}"):
             line = line.decode("utf-8")
-    return line.removeprefix("\ufeff")
+    line = line.removeprefix("\ufeff")
+    return line if line.strip(BLANK) else None
 
 
 def _best_effort_id(line: str, number: int):

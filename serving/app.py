@@ -399,7 +399,8 @@ class BodySizeLimit:
         if declared.isdigit() and int(declared) > self.max_bytes:
             return await self._refuse(scope, receive, send)
         chunks, size = [], 0
-        deadline = asyncio.get_running_loop().time() + self.timeout_s  # for the whole body: a byte at a time is slow too
+        # For the whole body: a byte at a time is slow too.
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
         while True:
             try:
                 message = await asyncio.wait_for(receive(), deadline - asyncio.get_running_loop().time())

@@ -35,7 +35,8 @@ class ApiError(Exception):
 
 def check_bearer(credentials: HTTPAuthorizationCredentials | None, token: SecretStr, what: str) -> None:
     """ApiError 401 unless the request carries `Authorization: Bearer <token>` (compared in constant time)."""
-    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), token.get_secret_value().encode()):
+    expected = token.get_secret_value().encode()
+    if credentials is None or not hmac.compare_digest(credentials.credentials.encode(), expected):
         raise ApiError(401, f"a valid 'Authorization: Bearer <{what}>' header is required",
                        ("header", "Authorization"), "unauthorized", headers={"WWW-Authenticate": "Bearer"})
 

@@ -34,9 +34,9 @@ from newstagger.documents import DataError, Document
 from newstagger.model import META_FILE, check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
-from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, check_field_types, check_tokenizer_fits, check_windows_fit,
-                    config_from_args, config_option, device_option, device_rule, loading_base, optimizer_step,
-                    seed_rule, start_run, use_bf16, warmup_then_decay)
+from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, check_field_types, check_tokenizer_fits,
+                    check_windows_fit, config_from_args, config_option, device_option, device_rule, loading_base,
+                    optimizer_step, seed_rule, start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"

@@ -689,7 +689,8 @@ def _train_epoch(model: NewsTaggerModel, bar: tqdm, loss_fn: JointLoss, optimize
     return running or 0.0
 
 
-def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, bar: tqdm, running: float | None) -> float:
+def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, bar: tqdm,
+                   running: float | None) -> float:
     """Backpropagate `loss` with gradients clipped to norm 1, step the optimizer and the schedule; the
     smoothed loss after it (`running` before), shown on the progress bar with the learning rate."""
     optimizer.zero_grad(set_to_none=True)
@@ -932,7 +933,8 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
         else:
             metrics["topics"] = topic_metrics(gold, topic_probs, [meta.threshold(t) for t in schema.topics],
                                               schema.topics)
-    return metrics, topic_lexical, {"tuned_on_validation": tuned, **({"topic_blend": topic_blend} if topic_blend else {})}
+    tuning = {"tuned_on_validation": tuned, **({"topic_blend": topic_blend} if topic_blend else {})}
+    return metrics, topic_lexical, tuning
 
 
 def _kept_topic_lexical(parent_folder: str, parent_meta: ModelMeta, schema: LabelSchema,
