@@ -1,6 +1,5 @@
 import json
 import logging
-import time
 from pathlib import Path
 
 import datasets
@@ -356,7 +355,6 @@ def test_sample_corpus_is_complete_and_valid():
 @needs_shared
 @pytest.mark.slow
 def test_shared_data_loads(caplog):
-    started = time.perf_counter()
     with caplog.at_level(logging.WARNING):
         cluener = read_documents(SHARED_DATA / "cluener" / "train.json", entity_types=CLUENER_TYPES)
     msra = read_documents(SHARED_DATA / "msra" / "train.bio")
@@ -367,7 +365,6 @@ def test_shared_data_loads(caplog):
     assert caplog.text.count("nested inside") == 2
     assert set(corpus_stats(msra)["entity_types"]) == {"PER", "LOC", "ORG"}
     assert all(doc.group for doc in topics)
-    assert time.perf_counter() - started < 30
 
 
 def test_an_entity_that_carries_its_text_is_checked_against_its_offsets(tmp_path):
