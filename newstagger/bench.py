@@ -204,12 +204,12 @@ def machine_summary(threads: int | None) -> str:
     import onnxruntime
     import torch
 
-    from .backends import available_cores, cpu_has_bf16
+    from .backends import available_cores, cpu_bf16_units
 
     model_name = next((line.split(":", 1)[1].strip() for line in Path("/proc/cpuinfo").read_text().splitlines()
                        if line.startswith("model name")), platform.processor())
     return (f"{model_name}, {available_cores()} cores, {threads or available_cores()} threads, "
-            f"bf16 matrix units: {'yes' if cpu_has_bf16() else 'no'}, CUDA: {torch.cuda.is_available()}; "
+            f"bf16 instructions: {cpu_bf16_units() or 'none'}, CUDA: {torch.cuda.is_available()}; "
             f"torch {torch.__version__}, onnxruntime {onnxruntime.__version__}, Python {platform.python_version()}, "
             f"OMP_WAIT_POLICY={os.environ.get('OMP_WAIT_POLICY', 'unset')}")
 

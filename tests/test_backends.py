@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from newstagger.agreement import check_agreement, compare, record_agreement
-from newstagger.backends import OnnxBackend, TorchBackend, available_cores, cpu_has_bf16, make_backend
+from newstagger.backends import OnnxBackend, TorchBackend, available_cores, cpu_bf16_units, make_backend
 from newstagger.bench import synthetic_stories
 from newstagger.cli import UsageError, main
 from newstagger.export import export_onnx
@@ -51,13 +51,13 @@ def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
     onnx_fp32 = results["onnx-fp32"]
     assert onnx_fp32["passed"] and onnx_fp32["max_topic_difference"] <= 1e-3
     assert onnx_fp32["entities"] > 0  # the comparison had something to compare
-    approximate = ["onnx-int8", "torch-bf16"] if cpu_has_bf16() else ["onnx-int8"]
+    approximate = ["onnx-int8", "torch-bf16"] if cpu_bf16_units() else ["onnx-int8"]
     for name in approximate:
         # A random tiny model is far less decisive than a trained one, so only the figures'
         # sanity is asserted here; `newstagger check` on the real model decides what passes.
         assert 0.5 <= results[name]["span_agreement"] <= 1.0
         assert results[name]["max_topic_difference"] <= 0.1
-    if not cpu_has_bf16():
+    if not cpu_bf16_units():
         assert "skipped" in results["torch-bf16"]
 
 
@@ -151,10 +151,25 @@ def test_onnx_under_device_auto_runs_on_the_cpu_of_a_gpu_machine(exported_dir, m
 
 
 def test_check_that_could_measure_nothing_does_not_pass(model_copy, monkeypatch, capsys):
-    # no export, and (as on CPUs without bf16) torch-bf16 skipped
-    monkeypatch.setattr("newstagger.backends.cpu_has_bf16", lambda: False)
+    # no export, and (as on CPUs without bf16 instructions) torch-bf16 skipped
+    monkeypatch.setattr("newstagger.backends.cpu_bf16_units", lambda: None)
     assert main(["check", "--model", str(model_copy), "--documents", "2", "--no-record"]) == 1
     assert "nothing was checked" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("units, auto, named", [("amx", "bf16", "bf16"), ("avx512_bf16", "fp32", "bf16"),
+                                                 (None, "fp32", "no bf16 matrix instructions")])
+def test_bf16_is_auto_only_with_amx_and_runs_when_named_where_the_cpu_has_it(model_copy, monkeypatch, units, auto,
+                                                                              named):
+    monkeypatch.setattr("newstagger.backends.cpu_bf16_units", lambda: units)
+    record_agreement(model_copy, {"torch-bf16": {"passed": True}})
+    model = load_model_folder(model_copy)[0]
+    assert make_backend(model_copy, model, device="cpu").precision == auto
+    if units:
+        assert make_backend(model_copy, model, precision="bf16", device="cpu").precision == named
+    else:
+        with pytest.raises(UsageError, match=named):
+            make_backend(model_copy, model, precision="bf16", device="cpu")
 
 
 def test_auto_falls_back_to_torch_when_there_is_no_export(model_copy):

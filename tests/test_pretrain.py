@@ -106,6 +106,7 @@ def test_the_loss_counts_masked_tokens_only(tiny_mlm_base):
     (["--device", "tpu"], "device"),
     (["--batch-size", "0"], "batch_size"),
     (["--seed", "4294967296"], "seed"),
+    (["--attention-dropout=-0.1"], "attention_dropout"),
 ])
 def test_pretrain_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["pretrain", "--text", str(SAMPLE), *flags]) == 2

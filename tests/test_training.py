@@ -27,7 +27,7 @@ from training.data import read_documents, split_validation
 from training.evaluate import (at_or_over, entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
 from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, build_examples, collate,
-                            config_from_file, pack_documents, token_tags, train)
+                            config_from_file, pack_documents, set_attention_dropout, token_tags, train)
 
 from conftest import SAMPLE, damaged_copy, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -64,6 +64,8 @@ def test_round_trip_train_save_load_tag(trained):
     assert "entities" in metrics and "topics" in metrics
     saved = json.loads((folder / "metrics.json").read_text())
     assert saved["validation"]["topics"]["micro"] == metrics["topics"]["micro"]
+    # trained at the training default, not at the base's 0.1
+    assert json.loads((folder / "config.json").read_text())["attention_probs_dropout_prob"] == 0.0
 
     tagger = Tagger.load(folder)
     assert tagger.meta.version == "9.9.9"
@@ -235,6 +237,7 @@ def test_a_checkpoint_holds_no_pickle_and_one_from_before_is_refused(tiny_base, 
                                            ("tokenizer past the embeddings", "more than the encoder's")])
 def test_a_base_model_that_would_train_badly_exits_2_before_training(tiny_base, tmp_path, capsys, damage, named):
     base = damaged_copy(tiny_base, tmp_path / "base", damage)
+    capsys.readouterr()  # transformers' own progress bars while the copy was saved
     argv = ["train", "--train", f"{SAMPLE}:internal", "--base-model", str(base), "--output", str(tmp_path / "m")]
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -264,18 +267,18 @@ def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_base, tmp_path
 
 
 def test_bf16_autocast_training_saves_a_working_model(tiny_base, tmp_path, monkeypatch):
-    monkeypatch.setattr("training.train.cpu_has_bf16", lambda: True)  # emulated where it has none: slow, not wrong
+    monkeypatch.setattr("training.train.cpu_bf16_units", lambda: "amx")  # slow where it has none, not wrong
     folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", bf16=True, max_steps=3))
     assert json.loads((folder / "newstagger.json").read_text())["training"]["precision"] == "bf16 autocast"
     (result,) = Tagger.load(folder).tag(["王五住在北京"])
     assert set(result["topics"]) == set(tiny_schema().topics)
 
 
-def test_bf16_without_bf16_hardware_trains_in_fp32_and_says_so(tiny_base, tmp_path, monkeypatch, caplog):
-    monkeypatch.setattr("training.train.cpu_has_bf16", lambda: False)
+def test_bf16_without_amx_trains_in_fp32_and_says_so(tiny_base, tmp_path, monkeypatch, caplog):
+    monkeypatch.setattr("training.train.cpu_bf16_units", lambda: "avx512_bf16")
     folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", bf16=True, max_steps=1))
     assert json.loads((folder / "newstagger.json").read_text())["training"]["precision"] == "fp32"
-    assert any("no bf16 matrix instructions" in record.message for record in caplog.records)
+    assert any("no bf16 matrix units" in record.message for record in caplog.records)
 
 
 def test_lexicon_training_builds_jiebas_dictionary_into_the_model_folder(tiny_base, tmp_path):
@@ -316,12 +319,22 @@ def test_train_command_rejects_a_config_with_unknown_settings(tmp_path, capsys):
     assert "learning_rat" in capsys.readouterr().err
 
 
+def test_attention_dropout_reaches_every_attention_layer():
+    model = BertModel(tiny_config(50), add_pooling_layer=False)
+    set_attention_dropout(model, 0.25)
+    attention = [m.dropout.p for n, m in model.named_modules() if n.endswith("attention.self")]
+    assert attention == [0.25] * model.config.num_hidden_layers
+    assert model.config.attention_probs_dropout_prob == 0.25
+    assert model.config.hidden_dropout_prob == 0.1  # the other dropouts are left as they are
+
+
 @pytest.mark.parametrize("flags, named", [(["--epochs", "0"], "epochs must be at least 1"),
                                           (["--max-length", "64", "--stride", "64"], "stride must be"),
                                           (["--inference-stride", "300"], "inference_stride must be"),
                                           (["--learning-rate=-1e-4"], "learning_rate must be positive"),
                                           (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
-                                          (["--seed=-1"], "seed must be from 0 to 4294967295")])
+                                          (["--seed=-1"], "seed must be from 0 to 4294967295"),
+                                          (["--attention-dropout", "1"], "attention_dropout must be from 0 to under")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

@@ -34,9 +34,10 @@ from newstagger.documents import DataError, Document
 from newstagger.model import META_FILE, check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
-from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, check_field_types, check_tokenizer_fits,
-                    check_windows_fit, config_from_args, config_option, device_option, device_rule, loading_base,
-                    optimizer_step, seed_rule, start_run, use_bf16, warmup_then_decay)
+from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option, attention_dropout_rule,
+                    check_field_types, check_tokenizer_fits, check_windows_fit, config_from_args, config_option,
+                    device_option, device_rule, loading_base, optimizer_step, seed_rule, set_attention_dropout,
+                    start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -65,8 +66,9 @@ class PretrainConfig:
     validation_fraction: float = config_option(0.02, "share of the documents held out to measure MLM loss and accuracy")
     max_validation_blocks: int = config_option(512, "most held-out blocks measured, to keep evaluation quick")
     device: str = device_option()
+    attention_dropout: float = attention_dropout_option()
     bf16: bool = config_option(False, "train under bfloat16 autocast where the hardware has it (CUDA, or a CPU "
-                                      "with AMX / AVX512-BF16); fp32 elsewhere, with a warning")
+                                      "with AMX); fp32 elsewhere, with a warning")
     seed: int = config_option(13, "random seed (also fixes the held-out masks)")
     overwrite_output: bool = config_option(False, "pretrain into an OUTPUT folder that is not empty, replacing the "
                                                    "checkpoint there")
@@ -86,6 +88,7 @@ class PretrainConfig:
             ("validation_fraction", 0 < self.validation_fraction < 1, "between 0 and 1"),
             ("max_validation_blocks", self.max_validation_blocks >= 1, "at least 1"),
             device_rule(self.device),
+            attention_dropout_rule(self.attention_dropout),
             ("threads", self.threads >= 0, "0 or more"),
             seed_rule(self.seed),
         ))
@@ -160,6 +163,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     if not train_docs:
         raise DataError("no text to pretrain on: every text is also held out (the same text over and over?)")
     model, tokenizer, base_record = _base_checkpoint(config.base_model)
+    set_attention_dropout(model, config.attention_dropout)
     check_windows_fit(model.config, max_length=config.max_length)
     model.to(device)
     blocks = text_blocks([doc.text for doc in train_docs], tokenizer, config.max_length)

@@ -35,7 +35,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer
 
 from newstagger import lexical
-from newstagger.backends import DEVICES, cpu_has_bf16, resolve_device
+from newstagger.backends import DEVICES, cpu_bf16_units, resolve_device
 from newstagger.checks import check_rules, is_finite_number, is_integer, is_string_list, window_rules
 from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
@@ -106,6 +106,27 @@ def device_option():
     return config_option("auto", f"where to train: {', '.join(DEVICES)} (auto: CUDA when present)")
 
 
+def attention_dropout_option():
+    """The `attention_dropout` field of a training config (train, pretrain, retrain)."""
+    return config_option(0.0, "dropout on the encoder's attention probabilities while training, in place of the "
+                              "base's own (BERT's: 0.1). Above 0, attention on a CPU leaves its fused kernel: "
+                              "the 6-layer base's forward and backward take twice as long (README, Training on "
+                              "your own data)")
+
+
+def attention_dropout_rule(probability: float) -> tuple:
+    return "attention_dropout", 0 <= probability < 1, "from 0 to under 1"
+
+
+def set_attention_dropout(model: nn.Module, probability: float) -> None:
+    """Train a BERT with this dropout on its attention probabilities: each attention layer reads its
+    dropout's p at call time, and the config records it for the saved model."""
+    model.config.attention_probs_dropout_prob = probability
+    for name, module in model.named_modules():
+        if name.endswith("attention.self"):
+            module.dropout.p = probability
+
+
 def device_rule(device: str) -> tuple:
     return "device", device in DEVICES, f"one of {', '.join(DEVICES)}"
 
@@ -163,10 +184,11 @@ class TrainConfig:
                                                       "training windows of random length up to max_length, so the entity "
                                                       "head learns every position it meets when tagging long stories")
     device: str = device_option()
+    attention_dropout: float = attention_dropout_option()
     bf16: bool = config_option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
                                       "CPUs with AMX (Sapphire Rapids and later), and on CUDA GPUs that support it. "
-                                      "Where the CPU has no bf16 matrix instructions, training stays fp32 with a "
-                                      "warning: emulated bf16 is ~10x slower")
+                                      "On a CPU without AMX, training stays fp32 with a warning: bf16 steps are "
+                                      "slower there (1.6x with AVX512-BF16 alone, ~10x emulated on AVX2)")
     lexicon: bool = config_option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
                                          "that has them keeps them")
     crf: bool = config_option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
@@ -216,6 +238,7 @@ class TrainConfig:
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("threads", self.threads >= 0, "0 or more"),
             device_rule(self.device),
+            attention_dropout_rule(self.attention_dropout),
             seed_rule(self.seed),
         ))
 
@@ -659,14 +682,14 @@ def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, tor
 
 def use_bf16(asked: bool, device: torch.device) -> bool:
     """Whether to train under bf16 autocast: where asked for and the device has bf16 matrix units (a CUDA
-    GPU that supports bf16, or a CPU with AMX or AVX512-BF16)."""
+    GPU that supports bf16, or a CPU with AMX)."""
     on_gpu = device.type == "cuda"
-    bf16 = asked and (torch.cuda.is_bf16_supported() if on_gpu else cpu_has_bf16())
+    bf16 = asked and (torch.cuda.is_bf16_supported() if on_gpu else cpu_bf16_units() == "amx")
     if asked and not bf16 and on_gpu:
         log.warning("bf16 asked for, but this GPU does not support it; training in fp32")
     elif asked and not bf16:
-        log.warning("bf16 asked for, but this CPU has no bf16 matrix instructions (AMX or AVX512-BF16), where "
-                    "bf16 autocast steps ran 11x slower than fp32 (AMD EPYC, AVX2: 38.5 vs 3.4 s); training in fp32")
+        log.warning("bf16 asked for, but this CPU has no bf16 matrix units (AMX), where bf16 autocast steps ran "
+                    "slower than fp32 (AMD EPYC, AVX2: 11x; a Xeon with AVX512-BF16 alone: 1.6x); training in fp32")
     return bf16
 
 
@@ -764,6 +787,7 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         log.info("lexicon: %s", model.lexicon.config)
     if config.crf and model.crf is None:
         model.attach_crf()
+    set_attention_dropout(model, config.attention_dropout)
     check_windows_fit(model.config, max_length=config.max_length, inference_max_length=config.inference_max_length)
     return model, tokenizer, schema, parent_meta
 
