@@ -255,9 +255,8 @@ def resolve_device(device: str) -> torch.device:
 def cpu_bf16_units() -> str | None:
     """The CPU's bf16 matrix instructions: "amx", the tiles with which bf16 beats fp32; "avx512_bf16",
     dot products alone, correct but slower than fp32; None, where bf16 is emulated and far slower.
-    Measured with the 6-layer model on 2 cores: bf16 tagged at 3.6x fp32's speed on a Xeon with AMX;
-    on a Xeon whose AMX a hypervisor hides, leaving AVX512-BF16, its forward ran at 0.7x and a
-    training step at 0.64x."""
+    Measured with the 6-layer model on 2 cores (README, Performance): bf16 tagged at 3.6x fp32's speed
+    on a Xeon with AMX, and at 0.89x on a Xeon whose AMX a hypervisor hides, leaving AVX512-BF16."""
     try:
         cpuinfo = Path("/proc/cpuinfo").read_text()
     except OSError:  # not Linux: no cheap way to tell, so stay with fp32

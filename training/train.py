@@ -110,7 +110,7 @@ def attention_dropout_option():
     """The `attention_dropout` field of a training config (train, pretrain, retrain)."""
     return config_option(0.0, "dropout on the encoder's attention probabilities while training, in place of the "
                               "base's own (BERT's: 0.1). Above 0, attention on a CPU leaves its fused kernel: "
-                              "the 6-layer base's forward and backward take twice as long (README, Training on "
+                              "the 6-layer base's forward and backward take nearly twice as long (README, Training on "
                               "your own data)")
 
 
@@ -188,7 +188,7 @@ class TrainConfig:
     bf16: bool = config_option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
                                       "CPUs with AMX (Sapphire Rapids and later), and on CUDA GPUs that support it. "
                                       "On a CPU without AMX, training stays fp32 with a warning: bf16 steps are "
-                                      "slower there (1.6x with AVX512-BF16 alone, ~10x emulated on AVX2)")
+                                      "slower there (1.6-1.8x with AVX512-BF16 alone, ~10x emulated on AVX2)")
     lexicon: bool = config_option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
                                          "that has them keeps them")
     crf: bool = config_option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
@@ -689,7 +689,7 @@ def use_bf16(asked: bool, device: torch.device) -> bool:
         log.warning("bf16 asked for, but this GPU does not support it; training in fp32")
     elif asked and not bf16:
         log.warning("bf16 asked for, but this CPU has no bf16 matrix units (AMX), where bf16 autocast steps ran "
-                    "slower than fp32 (AMD EPYC, AVX2: 11x; a Xeon with AVX512-BF16 alone: 1.6x); training in fp32")
+                    "slower than fp32 (AMD EPYC, AVX2: 11x; a Xeon with AVX512-BF16 alone: 1.6-1.8x); training in fp32")
     return bf16
 
 
