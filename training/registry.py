@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import fnmatch
 import hashlib
 import json
 import logging
@@ -46,7 +45,9 @@ log = logging.getLogger("newstagger.registry")
 MANIFEST = "manifest.json"
 CURRENT_LINK = "current"
 STAGING = ".staging"
-CHECKPOINT = "checkpoint*"  # training state beside a model: never part of a registry's copy
+# What `models add` leaves out of a model folder: training state (weights twice more, optimizer
+# state) that serving never reads.
+NOT_COPIED = shutil.ignore_patterns("checkpoint*")
 LOCK = ".lock"
 RETRAIN_LOCK = ".retrain.lock"
 STATUSES = ("candidate", "production", "retired", "rejected")
@@ -493,8 +494,7 @@ def run_add(args) -> int:
     load_model_folder(source)  # a folder that cannot serve never enters the registry
     registry = Registry(args.registry)
     with registry.staging() as staged:
-        # Only what serving needs: the training checkpoint (weights twice more, optimizer state) stays behind.
-        shutil.copytree(source, staged, dirs_exist_ok=True, ignore=shutil.ignore_patterns(CHECKPOINT))
+        shutil.copytree(source, staged, dirs_exist_ok=True, ignore=NOT_COPIED)
         entry = registry.register(staged, Entry(version=meta.version, parent=meta.parent_version,
                                                 data=data, metrics=metrics))
     print(f"added {entry.version} to {args.registry}")
@@ -507,12 +507,14 @@ def run_add(args) -> int:
 
 
 def _links_to_copy(folder: Path) -> list[Path]:
-    """Symbolic links in what `models add` copies of a model folder (never checkpoint*, at any depth)."""
+    """Symbolic links in what `models add` copies of a model folder: at any depth, and never in what
+    NOT_COPIED leaves out."""
     links = []
     for root, folders, files in os.walk(folder):
-        folders[:] = [name for name in folders if not fnmatch.fnmatch(name, CHECKPOINT)]
+        skipped = NOT_COPIED(root, folders + files)
+        folders[:] = [name for name in folders if name not in skipped]
         links += [Path(root, name) for name in folders + files
-                  if not fnmatch.fnmatch(name, CHECKPOINT) and os.path.islink(os.path.join(root, name))]
+                  if name not in skipped and os.path.islink(os.path.join(root, name))]
     return links
 
 
