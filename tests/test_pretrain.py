@@ -8,9 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import BertForMaskedLM
 
+import training.pretrain
 from newstagger.cli import main
+from newstagger.documents import DataError
 from newstagger.tagger import Tagger
 from training.pretrain import RECORD_FILE, PretrainConfig, masked_lm_loss, pretrain, text_blocks
 from training.train import TrainConfig, train
@@ -74,6 +77,47 @@ def test_a_pretrained_folder_is_a_base_model_for_training(pretrained, tiny_mlm_b
     assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
 
 
+def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_mlm_base, tmp_path, monkeypatch):
+    """Stopped mid-epoch (a GPU lease ending), resumed: the same batches, masks and dropout follow,
+    through the next epoch's shuffle too."""
+    settings = dict(epochs=2, batch_size=32, checkpoint_minutes=0)  # about 6 steps an epoch, a checkpoint after each
+    straight, expected = pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "straight", **settings))
+    save, saves = training.pretrain.save_checkpoint, []
+
+    def save_then_stop(*args):
+        save(*args)
+        saves.append(args)
+        if len(saves) == 3:
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.pretrain, "save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "resumed", **settings))
+    assert json.loads((tmp_path / "resumed" / "checkpoint" / "trainer_state.json").read_text())["epoch"] == 0
+    resumed, got = pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "resumed", resume=True, **settings))
+    assert (got["steps"], got["tokens_seen"], got["held_out"]) == (expected["steps"], expected["tokens_seen"],
+                                                                 expected["held_out"])
+    assert got["history"] == expected["history"]
+    weights = [load_file(folder / "model.safetensors") for folder in (straight, resumed)]
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+
+
+def test_resuming_pretraining_under_other_settings_is_refused(tiny_mlm_base, tmp_path, capsys):
+    output = tmp_path / "out"
+    pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=1))
+    with pytest.raises(DataError, match="from a run with other learning_rate; resume with the same settings"):
+        pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=2, resume=True, learning_rate=5e-4))
+    # without --resume, the folder is refused, and the message says a run waits there
+    capsys.readouterr()
+    assert main(["pretrain", "--text", f"{SAMPLE}:internal", "--base-model", str(tiny_mlm_base),
+                 "--output", str(output)]) == 2
+    (line,) = capsys.readouterr().err.strip().splitlines()
+    assert "--resume continues the run there" in line
+    _, record = pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=2, resume=True))
+    assert record["steps"] == 2
+
+
 def test_text_is_cut_into_blocks_with_cls_and_sep():
     tokenizer = tiny_tokenizer()
     blocks = text_blocks(["一二三四五", "六七"], tokenizer, max_length=5)
@@ -107,6 +151,7 @@ def test_the_loss_counts_masked_tokens_only(tiny_mlm_base):
     (["--batch-size", "0"], "batch_size"),
     (["--seed", "4294967296"], "seed"),
     (["--attention-dropout=-0.1"], "attention_dropout"),
+    (["--checkpoint-minutes=-1"], "checkpoint_minutes"),
 ])
 def test_pretrain_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["pretrain", "--text", str(SAMPLE), *flags]) == 2

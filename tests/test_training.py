@@ -129,14 +129,14 @@ def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
 
 def test_a_resumed_run_ends_with_the_weights_of_an_uninterrupted_one(tiny_base, tmp_path, monkeypatch):
     straight, _ = train(tiny_train_config(tiny_base, tmp_path / "straight", epochs=2, patience=5))
-    save = training.train._save_checkpoint
+    save = training.train.save_checkpoint
 
     def save_then_crash(*args):
         save(*args)
         raise KeyboardInterrupt
 
     with monkeypatch.context() as patch:
-        patch.setattr(training.train, "_save_checkpoint", save_then_crash)
+        patch.setattr(training.train, "save_checkpoint", save_then_crash)
         with pytest.raises(KeyboardInterrupt):
             train(tiny_train_config(tiny_base, tmp_path / "resumed", epochs=2, patience=5))
     resumed, _ = train(tiny_train_config(tiny_base, tmp_path / "resumed", epochs=2, patience=5, resume=True))

@@ -36,8 +36,9 @@ from newstagger.model import META_FILE, check_encoder_loaded
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
 from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option, attention_dropout_rule,
                     check_field_types, check_tokenizer_fits, check_windows_fit, config_from_args, config_option,
-                    device_option, device_rule, loading_base, optimizer_step, seed_rule, set_attention_dropout,
-                    start_run, use_bf16, warmup_then_decay)
+                    device_option, device_rule, loading_base, optimizer_step, resume_checkpoint, resume_option,
+                    rng_state_to_json, save_checkpoint, saved_checkpoint, seed_rule, set_attention_dropout, start_run,
+                    use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -73,6 +74,9 @@ class PretrainConfig:
     overwrite_output: bool = config_option(False, "pretrain into an OUTPUT folder that is not empty, replacing the "
                                                    "checkpoint there")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
+    resume: bool = resume_option()
+    checkpoint_minutes: float = config_option(10.0, "minutes of training between checkpoints for --resume (one is "
+                                                    "also saved at each epoch's end); 0: after every step")
 
     def __post_init__(self):
         check_field_types(self)
@@ -90,8 +94,15 @@ class PretrainConfig:
             device_rule(self.device),
             attention_dropout_rule(self.attention_dropout),
             ("threads", self.threads >= 0, "0 or more"),
+            ("checkpoint_minutes", self.checkpoint_minutes >= 0, "0 or more"),
             seed_rule(self.seed),
         ))
+
+
+# What decides a run's text, blocks, masks and optimizer: resuming under other values would continue
+# the weights on other text or another schedule. epochs and max_steps may change, as for train.
+RUN_SETTINGS = ("text", "base_model", "max_length", "batch_size", "learning_rate", "weight_decay", "warmup_ratio",
+                "mlm_probability", "validation_fraction", "max_validation_blocks", "attention_dropout", "seed")
 
 
 def text_blocks(texts: list[str], tokenizer, max_length: int) -> list[np.ndarray]:
@@ -152,7 +163,8 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     started = time.time()
     if (Path(config.output) / META_FILE).is_file():
         raise UsageError(f"output {config.output} holds a newstagger model; name another folder for the checkpoint")
-    output, device = start_run(config, "checkpoint", may_write_into=config.overwrite_output)
+    saved = saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
+    output, device = start_run(config, "checkpoint", may_write_into=saved is not None or config.overwrite_output)
     bf16 = use_bf16(config.bf16, device)
 
     documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]
@@ -184,37 +196,51 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     scheduler = warmup_then_decay(optimizer, config.warmup_ratio, total_steps)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability)
     rng = random.Random(config.seed)
-
-    before = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
-    log.info("held out, before: %s", before)
-    history, step, tokens, after = [], 0, 0, before
-    for epoch in range(1, config.epochs + 1):
-        if step >= total_steps:
-            break
+    run = {name: getattr(config, name) for name in RUN_SETTINGS}
+    # epoch: epochs done; position: batches of the next one done; rng: the state its order is shuffled from
+    state = {"epoch": 0, "step": 0, "position": 0, "rng": rng_state_to_json(rng.getstate()), "tokens": 0,
+             "running_loss": None, "seconds": 0.0, "history": []}
+    if saved:
+        state, _ = resume_checkpoint(saved, run, model, optimizer, scheduler, rng)
+    else:
+        state["before"] = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
+        log.info("held out, before: %s", state["before"])
+    state["run"] = run
+    checkpoint = Checkpoint(output / "checkpoint", model, optimizer, scheduler, state, config.checkpoint_minutes, started)
+    while state["epoch"] < config.epochs and state["step"] < total_steps:
         order = list(range(len(blocks)))
         rng.shuffle(order)
         batches = [order[i : i + config.batch_size] for i in range(0, len(order), config.batch_size)]
-        bar = tqdm(batches[: total_steps - step], desc=f"epoch {epoch}/{config.epochs}", unit="batch", file=sys.stderr)
-        loss, epoch_steps, epoch_tokens = _mlm_epoch(model, blocks, bar, collator, optimizer, scheduler, device, bf16)
-        step, tokens = step + epoch_steps, tokens + epoch_tokens
+        bar = tqdm(total=len(batches), initial=state["position"], desc=f"epoch {state['epoch'] + 1}/{config.epochs}",
+                   unit="batch", file=sys.stderr)
+        _mlm_epoch(model, blocks, batches, bar, collator, optimizer, scheduler, device, bf16, state, total_steps,
+                   checkpoint)
+        if state["position"] == len(batches):  # else max_steps ended it, and a resume with more continues it
+            state["epoch"], state["position"] = state["epoch"] + 1, 0
+            state["rng"] = rng_state_to_json(rng.getstate())
         after = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
-        history.append({"epoch": epoch, "step": step, "training_loss": round(loss, 4), "held_out": after})
-        log.info("epoch %d: %s", epoch, history[-1])
+        epochs_done = round(state["epoch"] + state["position"] / len(batches), 3) if state["position"] else state["epoch"]
+        state["history"].append({"epoch": epochs_done, "step": state["step"],
+                                 "training_loss": round(state["running_loss"] or 0.0, 4), "held_out": after})
+        log.info("epoch %s: %s", epochs_done, state["history"][-1])
+        checkpoint.save()
 
-    if not step:
+    if not state["step"]:
         raise DataError("too little text: no batch had a token to mask, so nothing was trained")
+    before = state["before"]
+    after = state["history"][-1]["held_out"] if state["history"] else before
     record = {
         "continued_from": config.base_model,
         "config": asdict(config),
         "text": {"train": _text_stats(train_docs), "held_out": _text_stats(held_out), "blocks": len(blocks)},
-        "steps": step,
-        "tokens_seen": tokens,
-        "seconds": round(time.time() - started, 1),
+        "steps": state["step"],
+        "tokens_seen": state["tokens"],
+        "seconds": round(checkpoint.seconds(), 1),
         "device": device.type,
         "precision": "bf16 autocast" if bf16 else "fp32",
         "torch": torch.__version__,
         "held_out": {"before": before, "after": after},
-        "history": history,
+        "history": state["history"],
         **({"base_pretraining": base_record} if base_record else {}),
     }
     _save(output, model, tokenizer, record)
@@ -223,22 +249,52 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     return output, record
 
 
-def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], bar: tqdm, collator, optimizer, scheduler,
-               device: torch.device, bf16: bool) -> tuple[float, int, int]:
-    """One pass over the batches (lists of block indices) of a progress bar, skipping any with nothing
-    masked; returns the smoothed loss, the optimizer steps taken and the tokens trained on."""
+class Checkpoint:
+    """Saves a run's state for --resume into `folder` when asked, or after `minutes` of training since
+    the last save: an epoch over a large archive can outlast a GPU lease. Also keeps the run's time,
+    sessions before a resume included, in `state["seconds"]`."""
+
+    def __init__(self, folder: Path, model, optimizer, scheduler, state: dict, minutes: float, started: float):
+        self.folder, self.model, self.optimizer, self.scheduler, self.state = folder, model, optimizer, scheduler, state
+        self.interval, self.last = minutes * 60, time.monotonic()
+        self.earlier_seconds, self.started = state["seconds"], started
+
+    def seconds(self) -> float:
+        return self.earlier_seconds + time.time() - self.started
+
+    def save_if_due(self) -> None:
+        if time.monotonic() - self.last >= self.interval:
+            self.save()
+
+    def save(self) -> None:
+        if not self.state["step"]:  # nothing trained, nothing to resume (and no output folder yet)
+            return
+        self.state["seconds"] = self.seconds()
+        save_checkpoint(self.folder, self.model, self.optimizer, self.scheduler, self.state)
+        self.last = time.monotonic()
+
+
+def _mlm_epoch(model: BertForMaskedLM, blocks: list[np.ndarray], batches: list[list[int]], bar: tqdm, collator,
+               optimizer, scheduler, device: torch.device, bf16: bool, state: dict, total_steps: int,
+               checkpoint: Checkpoint) -> None:
+    """The rest of an epoch's batches (lists of block indices) from `state["position"]`, to the end or
+    to `total_steps`, skipping any with nothing masked; counts steps, tokens, the smoothed loss and the
+    position in `state`."""
     model.train()
-    running, steps, tokens = None, 0, 0
-    for ids in bar:
-        batch = _masked_batch(collator, [blocks[i] for i in ids], device)
+    for position in range(state["position"], len(batches)):
+        if state["step"] >= total_steps:
+            break
+        batch = _masked_batch(collator, [blocks[i] for i in batches[position]], device)
+        state["position"] = position + 1
+        bar.update()
         if not (batch["labels"] != IGNORE).any():  # a few short blocks can come out with nothing masked
             continue
         loss, _ = masked_lm_loss(model, batch, bf16)
-        running = optimizer_step(model, loss, optimizer, scheduler, bar, running)
-        steps += 1
-        tokens += int(batch["attention_mask"].sum())
+        state["running_loss"] = optimizer_step(model, loss, optimizer, scheduler, bar, state["running_loss"])
+        state["step"] += 1
+        state["tokens"] += int(batch["attention_mask"].sum())
+        checkpoint.save_if_due()
     bar.close()
-    return running or 0.0, steps, tokens
 
 
 def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict | None]:

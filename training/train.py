@@ -29,7 +29,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file, load_model, save_file, save_model
 from torch import nn
 from tqdm import tqdm
 from transformers import AutoTokenizer
@@ -104,6 +104,11 @@ def config_from_file(config_class, path: str | Path, **overrides):
 def device_option():
     """The `device` field of a training config (train, pretrain, retrain); check it with `device_rule`."""
     return config_option("auto", f"where to train: {', '.join(DEVICES)} (auto: CUDA when present)")
+
+
+def resume_option():
+    """The `resume` field of a training config (train, pretrain)."""
+    return config_option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
 
 
 def attention_dropout_option():
@@ -203,7 +208,7 @@ class TrainConfig:
                                                   "with fewer, an --init-model keeps its own, a new model the defaults")
     seed: int = config_option(13, "random seed")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
-    resume: bool = config_option(False, "continue from the checkpoint in OUTPUT/checkpoint if there is one")
+    resume: bool = resume_option()
     overwrite_output: bool = config_option(False, "train into an OUTPUT folder that is not empty, replacing the model "
                                                    "there (without it, or --resume, such a folder is refused)")
     version: str | None = config_option(None, "version written into the model folder (default: an init_model's with "
@@ -531,7 +536,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     config = _with_inherited_settings(config)
     # --resume writes into the folder only where there is a run to continue: a model whose checkpoint
     # was deleted once it was final stays refused
-    saved = _saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
+    saved = saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
     output, device = start_run(config, "model", may_write_into=saved is not None or config.overwrite_output)
 
     train_sets, weights, validation_sets = _read_data(config, sources)
@@ -567,12 +572,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     checkpoint = output / "checkpoint"
     best_state = None
     if saved:
-        try:
-            state, best_state = _resume(saved, run_identity(config), model, optimizer, scheduler, rng)
-        except DataError:
-            raise
-        except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged, another run's
-            raise DataError(f"{saved} cannot be resumed from ({err!r}); delete it to train afresh") from None
+        state, best_state = resume_checkpoint(saved, run_identity(config), model, optimizer, scheduler, rng)
     state["run"] = run_identity(config)
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
@@ -598,8 +598,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
             state["best_score"], state["best_epoch"] = -1.0 if score is None else score, state["epoch"]
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         stale_epochs = state["epoch"] - state["best_epoch"]
-        state["rng"] = _rng_state_to_json(rng.getstate())
-        _save_checkpoint(checkpoint, model, optimizer, scheduler, best_state, state)
+        state["rng"] = rng_state_to_json(rng.getstate())
+        save_checkpoint(checkpoint, model, optimizer, scheduler, state, best_state)
 
     model.load_state_dict(best_state)
     model.eval()
@@ -630,7 +630,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "max_validation_documents",
                 "max_length", "stride", "batch_tokens", "learning_rate", "head_learning_rate", "weight_decay",
                 "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample",
-                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "seed")
+                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout", "seed")
 
 
 def run_identity(config: TrainConfig) -> dict:
@@ -670,7 +670,7 @@ def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, tor
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
     if not may_write_into and output.is_dir() and any(output.iterdir()):
-        interrupted = _saved_checkpoint(output / "checkpoint") is not None
+        interrupted = saved_checkpoint(output / "checkpoint") is not None
         raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if interrupted else
                          f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
@@ -884,9 +884,20 @@ def warmup_then_decay(optimizer, warmup_ratio: float, total_steps: int) -> torch
         optimizer, lambda step: min((step + 1) / warmup, max(0.0, (total_steps - step) / max(1, total_steps - warmup))))
 
 
-def _resume(checkpoint: Path, run: dict, model, optimizer, scheduler, rng: random.Random) -> tuple[dict, dict | None]:
-    """Restore a `_save_checkpoint` folder of the run `run` (`run_identity`) into the model, optimizer,
-    scheduler and rng; returns the trainer state and the best state so far."""
+def resume_checkpoint(checkpoint: Path, run: dict, model, optimizer, scheduler,
+                      rng: random.Random) -> tuple[dict, dict | None]:
+    """Restore a `save_checkpoint` folder of the run `run` (the settings it must have been made with)
+    into the model, optimizer, scheduler and rng (train, pretrain); returns the trainer state and the
+    best state so far (None where the run keeps none). DataError where it is another run's or damaged."""
+    try:
+        return _restore(checkpoint, run, model, optimizer, scheduler, rng)
+    except DataError:
+        raise
+    except (OSError, ValueError, KeyError, TypeError, RuntimeError, SafetensorError) as err:  # damaged, another run's
+        raise DataError(f"{checkpoint} cannot be resumed from ({err!r}); delete it to train afresh") from None
+
+
+def _restore(checkpoint: Path, run: dict, model, optimizer, scheduler, rng: random.Random) -> tuple[dict, dict | None]:
     state = json.loads((checkpoint / "trainer_state.json").read_text())
     # A new split or schedule under weights trained on the old one would tune on trained-on text; checked
     # before the weights load, whose errors (another head, no CRF) would not say which setting changed.
@@ -894,7 +905,7 @@ def _resume(checkpoint: Path, run: dict, model, optimizer, scheduler, rng: rando
     if changed:
         raise DataError(f"{checkpoint} is from a run with other {', '.join(changed)}; resume with the same settings, "
                         f"or delete it to train afresh")
-    model.load_state_dict(load_file(checkpoint / "model.safetensors"))
+    load_model(model, checkpoint / "model.safetensors")
     _load_optimizer(checkpoint, optimizer, scheduler)
     best_state = load_file(checkpoint / "best.safetensors") if (checkpoint / "best.safetensors").is_file() else None
     rng.setstate(_rng_state_from_json(state["rng"]))
@@ -992,12 +1003,15 @@ def _summary(metrics: dict) -> dict:
             for task in ("entities", "topics") if task in metrics for avg in ("micro", "macro")}
 
 
-def _save_checkpoint(folder: Path, model, optimizer, scheduler, best_state, state: dict) -> None:
-    """Everything `--resume` needs; written to a temporary name first so a crash leaves the last one."""
+def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, best_state: dict | None = None) -> None:
+    """Everything `--resume` needs (train, pretrain); written to a temporary name first so a crash
+    leaves the last one."""
     staging = folder.with_name(folder.name + ".tmp")
     staging.mkdir(parents=True, exist_ok=True)
-    save_file({k: v.cpu().contiguous() for k, v in model.state_dict().items()}, staging / "model.safetensors")
-    save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
+    # save_model, unlike save_file, takes weights tied to others (pretrain's masked-LM head)
+    save_model(model, staging / "model.safetensors", force_contiguous=True)
+    if best_state is not None:
+        save_file({k: v.cpu().contiguous() for k, v in best_state.items()}, staging / "best.safetensors")
     _save_optimizer(staging, optimizer, scheduler)
     rng_states = {"cpu": torch.get_rng_state()}  # so that dropout continues its sequence
     if torch.cuda.is_initialized():
@@ -1043,16 +1057,16 @@ def _previous(folder: Path) -> Path:
     return folder.with_name(folder.name + ".old")
 
 
-def _saved_checkpoint(folder: Path) -> Path | None:
+def saved_checkpoint(folder: Path) -> Path | None:
     """The checkpoint to resume from: `folder`, or the previous one where a crash between
-    `_save_checkpoint`'s two renames left only that."""
+    `save_checkpoint`'s two renames left only that."""
     for candidate in (folder, _previous(folder)):
         if (candidate / "trainer_state.json").is_file():
             return candidate
     return None
 
 
-def _rng_state_to_json(rng_state) -> list:
+def rng_state_to_json(rng_state) -> list:
     version, internal, gauss = rng_state
     return [version, list(internal), gauss]
 
