@@ -216,13 +216,14 @@ def test_empty_new_data_or_gold_set_is_refused_naming_it(registry, gold, tmp_pat
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "new.jsonl").write_text('{"id": "n1", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
     data, gold = (tmp_path / "empty.jsonl", gold) if empty == "data" else (tmp_path / "new.jsonl", tmp_path / "empty.jsonl")
-    with pytest.raises(DataError, match=f"{option}: no documents in .*empty.jsonl:internal"):
+    with pytest.raises(DataError, match=f"{option} .*empty.jsonl:internal: no documents"):
         retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal"))
     assert registry.manifest().current == "1.0.0" and len(registry.manifest().models) == 1
 
 
 @pytest.mark.parametrize("unlabelled, message", [
-    ("data", "--data: no labelled documents in"), ("gold", "--gold: no labels for any gated metric")])
+    ("data", "--data .*bare.jsonl:internal: none of its 20 documents has topics or entities"),
+    ("gold", "--gold .*bare.jsonl:internal: none of its 20 documents has topics or entities")])
 def test_unlabelled_new_data_or_gold_set_is_refused_before_training(registry, sample, gold, tmp_path, unlabelled,
                                                                       message):
     write_jsonl([Document(doc.id, doc.text) for doc in sample[:20]], tmp_path / "bare.jsonl")
@@ -232,6 +233,30 @@ def test_unlabelled_new_data_or_gold_set_is_refused_before_training(registry, sa
     with pytest.raises(DataError, match=message):  # even with earlier data to replay, which would train alone
         retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal", replay=[f"{SAMPLE}:internal"]))
     assert [entry.version for entry in registry.manifest().models] == ["1.0.0"]  # no version used up
+
+
+def test_an_unlabelled_file_beside_labelled_new_data_is_refused_naming_it(registry, sample, gold, tmp_path):
+    """A second file read in the wrong format would otherwise add nothing, and the run would not say so."""
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    write_jsonl([Document(doc.id, doc.text) for doc in sample[20:25]], tmp_path / "bare.jsonl")
+    config = tiny_config(registry, tmp_path / "new.jsonl", gold)
+    config.data.append(f"{tmp_path / 'bare.jsonl'}:internal")
+    with pytest.raises(DataError, match="--data .*bare.jsonl:internal: none of its 5 documents has topics"):
+        retrain(config)
+    assert [entry.version for entry in registry.manifest().models] == ["1.0.0"]
+
+
+def test_new_data_labelled_only_where_it_is_also_gold_is_refused(registry, sample, gold, tmp_path):
+    write_jsonl([*sample[-12:], *(Document(doc.id, doc.text) for doc in sample[:5])], tmp_path / "new.jsonl")
+    with pytest.raises(DataError, match="no labelled documents in .*new.jsonl that are not also in the gold set"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", gold))
+
+
+def test_a_gold_set_without_labels_for_the_gated_metrics_is_refused(registry, sample, tmp_path):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    write_jsonl([Document(doc.id, doc.text, entities=doc.entities) for doc in sample[-12:]], tmp_path / "gold.jsonl")
+    with pytest.raises(DataError, match="--gold: no labels for any gated metric \\(topics.micro.f1\\)"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl", gate=["topics.micro.f1"]))
 
 
 def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(

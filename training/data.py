@@ -221,6 +221,18 @@ def parse_data_spec(spec: str) -> tuple[Path, str | None]:
     return Path(spec), None
 
 
+def labelled_file(docs: list[Document], where: str) -> list[Document]:
+    """The documents of one data file (`where` names it), refused unless at least one is labelled: an
+    empty file, or one read in the wrong format or with misnamed fields, would otherwise add nothing
+    (or turn validation off, or leave a gate nothing to measure)."""
+    if not docs:
+        raise DataError(f"{where}: no documents")
+    if not any(doc.labelled for doc in docs):
+        raise DataError(f"{where}: none of its {len(docs)} documents has topics or entities; is the format right, "
+                        "and are the fields named as the format names them?")
+    return docs
+
+
 def not_held_out(docs: list[Document], held_out_texts: set[str]) -> list[Document]:
     """`docs` less those whose text is also held out (the same story in two files, or twice in one):
     trained on, it would leak into what is measured on it."""

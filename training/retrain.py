@@ -171,13 +171,9 @@ def _retrain(config: RetrainConfig) -> dict:
     start_entry, production, version = _versions(config, registry)
     start, baseline = start_entry.version, production or start_entry.version
 
-    new_sources = _read_sources(config.data)
-    gold_sources = _read_sources(config.gold)
+    new_sources = _read_sources(config.data, "--data")
+    gold_sources = _read_sources(config.gold, "--gold")
     gold = [doc for _, docs in gold_sources for doc in docs]
-    if not any(docs for _, docs in new_sources):
-        raise DataError(f"--data: no documents in {', '.join(config.data)}")
-    if not gold:
-        raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
     measured = {task for task, labelled in (("topics", any(doc.topics is not None for doc in gold)),
                                             ("entities", any(doc.entities is not None for doc in gold))) if labelled}
     if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
@@ -201,7 +197,7 @@ def _retrain(config: RetrainConfig) -> dict:
         raise DataError("every new document is also in the gold set; nothing is left to train on")
     if not any(doc.labelled for doc in new_docs):
         # the replayed data would train alone, and the gate would promote a copy of the old skills
-        raise DataError(f"--data: no labelled documents in {', '.join(config.data)} (no topics, no entities)")
+        raise DataError(f"--data: no labelled documents in {', '.join(config.data)} that are not also in the gold set")
 
     start_folder = registry.folder(start)
     start_tagger = exact_tagger(start_folder)
@@ -280,14 +276,17 @@ def _settle(registry: Registry, version: str, production: str | None, passed: bo
     return "promoted"
 
 
-def _read_sources(specs: list[str]) -> list[tuple[dict, list[Document]]]:
-    """(fingerprint, documents) per data spec."""
-    from training.data import guess_format, parse_data_spec, read_documents
+def _read_sources(specs: list[str], option: str | None = None) -> list[tuple[dict, list[Document]]]:
+    """(fingerprint, documents) per data spec; with the `option` that names them, each must hold a
+    labelled document (`labelled_file`)."""
+    from training.data import guess_format, labelled_file, parse_data_spec, read_documents
 
     sources = []
-    for path, format in map(parse_data_spec, specs):
+    for spec in specs:
+        path, format = parse_data_spec(spec)
         format = format or guess_format(path)  # recorded, so a replay reads the file the same way
-        sources.append((fingerprint(path, format), read_documents(path, format)))
+        docs = read_documents(path, format)
+        sources.append((fingerprint(path, format), labelled_file(docs, f"{option} {spec}") if option else docs))
     return sources
 
 

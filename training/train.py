@@ -47,7 +47,7 @@ from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
 
-from .data import corpus_stats, not_held_out, parse_data_spec, read_documents, split_validation
+from .data import corpus_stats, labelled_file, not_held_out, parse_data_spec, read_documents, split_validation
 from .evaluate import (Predictions, evaluate_tagger, predict_documents, prediction_metrics, topic_metrics,
                        tune_entity_threshold, tune_thresholds)
 
@@ -748,15 +748,7 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
 
 
 def _labelled_file(spec: str, option: str) -> list[Document]:
-    """The documents of a data file, at least one of them labelled: an empty file or one read in the
-    wrong format (or with misnamed fields) would otherwise add nothing, or turn validation off."""
-    docs = read_documents(*parse_data_spec(spec))
-    if not docs:
-        raise DataError(f"{option} {spec}: no documents")
-    if not any(doc.labelled for doc in docs):
-        raise DataError(f"{option} {spec}: none of its {len(docs)} documents has topics or entities; is the "
-                        "format right, and are the fields named as the format names them?")
-    return docs
+    return labelled_file(read_documents(*parse_data_spec(spec)), f"{option} {spec}")
 
 
 def _starting_model(config: TrainConfig, data_schema: LabelSchema):
