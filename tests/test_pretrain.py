@@ -114,8 +114,32 @@ def test_resuming_pretraining_under_other_settings_is_refused(tiny_mlm_base, tmp
                  "--output", str(output)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "--resume continues the run there" in line
+    one_step = load_file(output / "model.safetensors")
     _, record = pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=2, resume=True))
     assert record["steps"] == 2
+    # the step past the old schedule's end trains at the new schedule's rate, not the old end's 0
+    two_steps = load_file(output / "model.safetensors")
+    assert not all(torch.equal(one_step[name], two_steps[name]) for name in one_step)
+
+
+def test_resumed_with_fewer_epochs_than_a_mid_epoch_checkpoint_holds_the_record_describes_the_weights(
+        tiny_mlm_base, tmp_path, monkeypatch):
+    output, save, saves = tmp_path / "out", training.pretrain.save_checkpoint, []
+
+    def save_then_stop(*args):
+        save(*args)
+        saves.append(args)
+        if len(saves) == 8:  # in epoch 2, after the first epoch's checkpoint and history row
+            raise KeyboardInterrupt
+
+    with monkeypatch.context() as patch:
+        patch.setattr(training.pretrain, "save_checkpoint", save_then_stop)
+        with pytest.raises(KeyboardInterrupt):
+            pretrain(tiny_pretrain_config(tiny_mlm_base, output, epochs=2, batch_size=32, checkpoint_minutes=0))
+    _, record = pretrain(tiny_pretrain_config(tiny_mlm_base, output, epochs=1, batch_size=32, checkpoint_minutes=0,
+                                              resume=True))
+    assert record["history"][-1]["step"] == record["steps"] > record["history"][0]["step"]
+    assert 1 < record["history"][-1]["epoch"] < 2 and record["held_out"]["after"] == record["history"][-1]["held_out"]
 
 
 def test_text_is_cut_into_blocks_with_cls_and_sep():

@@ -216,7 +216,7 @@ def test_empty_new_data_or_gold_set_is_refused_naming_it(registry, gold, tmp_pat
     (tmp_path / "empty.jsonl").write_text("")
     (tmp_path / "new.jsonl").write_text('{"id": "n1", "text": "滨江市", "topics": ["economy"]}\n', encoding="utf-8")
     data, gold = (tmp_path / "empty.jsonl", gold) if empty == "data" else (tmp_path / "new.jsonl", tmp_path / "empty.jsonl")
-    with pytest.raises(DataError, match=f"{option} .*empty.jsonl:internal: no documents"):
+    with pytest.raises(DataError, match=f"{option}: no documents in .*empty.jsonl:internal"):
         retrain(tiny_config(registry, f"{data}:internal", f"{gold}:internal"))
     assert registry.manifest().current == "1.0.0" and len(registry.manifest().models) == 1
 
@@ -244,6 +244,17 @@ def test_an_unlabelled_file_beside_labelled_new_data_is_refused_naming_it(regist
     with pytest.raises(DataError, match="--data .*bare.jsonl:internal: none of its 5 documents has topics"):
         retrain(config)
     assert [entry.version for entry in registry.manifest().models] == ["1.0.0"]
+
+
+def test_an_empty_file_beside_labelled_new_data_is_let_through_with_a_warning(registry, sample, gold, tmp_path,
+                                                                             caplog):
+    """A feedback export before any correction, beside a labelled export, as the README's workflow has it."""
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    (tmp_path / "feedback.jsonl").write_text("")
+    config = tiny_config(registry, tmp_path / "new.jsonl", gold)
+    config.data.append(f"{tmp_path / 'feedback.jsonl'}:internal")
+    assert retrain(config)["candidate"]["version"] == "1.0.1"
+    assert "feedback.jsonl:internal holds no documents (or none annotated yet): it adds nothing" in caplog.text
 
 
 def test_new_data_labelled_only_where_it_is_also_gold_is_refused(registry, sample, gold, tmp_path):

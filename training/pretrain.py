@@ -218,17 +218,15 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         if state["position"] == len(batches):  # else max_steps ended it, and a resume with more continues it
             state["epoch"], state["position"] = state["epoch"] + 1, 0
             state["rng"] = rng_state_to_json(rng.getstate())
-        after = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
-        epochs_done = round(state["epoch"] + state["position"] / len(batches), 3) if state["position"] else state["epoch"]
-        state["history"].append({"epoch": epochs_done, "step": state["step"],
-                                 "training_loss": round(state["running_loss"] or 0.0, 4), "held_out": after})
-        log.info("epoch %s: %s", epochs_done, state["history"][-1])
+        _measure(model, valid_blocks, tokenizer, config, device, bf16, state, steps_per_epoch)
         checkpoint.save()
 
     if not state["step"]:
         raise DataError("too little text: no batch had a token to mask, so nothing was trained")
-    before = state["before"]
-    after = state["history"][-1]["held_out"] if state["history"] else before
+    if not state["history"] or state["history"][-1]["step"] != state["step"]:
+        # resumed with fewer epochs or steps than a checkpoint taken mid-epoch holds: its weights are saved
+        _measure(model, valid_blocks, tokenizer, config, device, bf16, state, steps_per_epoch)
+    before, after = state["before"], state["history"][-1]["held_out"]
     record = {
         "continued_from": config.base_model,
         "config": asdict(config),
@@ -247,6 +245,17 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     log.info("saved %s: held-out MLM accuracy %s -> %s", output, before.get("mlm_accuracy", "-"),
              after.get("mlm_accuracy", "-"))
     return output, record
+
+
+def _measure(model: BertForMaskedLM, valid_blocks: list[np.ndarray], tokenizer, config: PretrainConfig,
+             device: torch.device, bf16: bool, state: dict, steps_per_epoch: int) -> None:
+    """Held-out MLM figures of the weights as they stand, as a row of `state["history"]`, whose epoch
+    is fractional where the weights stand inside one."""
+    after = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
+    epochs_done = round(state["epoch"] + state["position"] / steps_per_epoch, 3) if state["position"] else state["epoch"]
+    state["history"].append({"epoch": epochs_done, "step": state["step"],
+                             "training_loss": round(state["running_loss"] or 0.0, 4), "held_out": after})
+    log.info("epoch %s: %s", epochs_done, state["history"][-1])
 
 
 class Checkpoint:

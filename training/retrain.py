@@ -174,6 +174,10 @@ def _retrain(config: RetrainConfig) -> dict:
     new_sources = _read_sources(config.data, "--data")
     gold_sources = _read_sources(config.gold, "--gold")
     gold = [doc for _, docs in gold_sources for doc in docs]
+    if not any(docs for _, docs in new_sources):
+        raise DataError(f"--data: no documents in {', '.join(config.data)}")
+    if not gold:
+        raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
     measured = {task for task, labelled in (("topics", any(doc.topics is not None for doc in gold)),
                                             ("entities", any(doc.entities is not None for doc in gold))) if labelled}
     if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
@@ -277,8 +281,9 @@ def _settle(registry: Registry, version: str, production: str | None, passed: bo
 
 
 def _read_sources(specs: list[str], option: str | None = None) -> list[tuple[dict, list[Document]]]:
-    """(fingerprint, documents) per data spec; with the `option` that names them, each must hold a
-    labelled document (`labelled_file`)."""
+    """(fingerprint, documents) per data spec; with the `option` that names them, each file with
+    documents must hold a labelled one (`labelled_file`). An empty one is let through with a warning:
+    a feedback export before any correction, a Label Studio project with nothing annotated yet."""
     from training.data import guess_format, labelled_file, parse_data_spec, read_documents
 
     sources = []
@@ -286,7 +291,11 @@ def _read_sources(specs: list[str], option: str | None = None) -> list[tuple[dic
         path, format = parse_data_spec(spec)
         format = format or guess_format(path)  # recorded, so a replay reads the file the same way
         docs = read_documents(path, format)
-        sources.append((fingerprint(path, format), labelled_file(docs, f"{option} {spec}") if option else docs))
+        if option and docs:
+            labelled_file(docs, f"{option} {spec}")
+        elif option:
+            log.warning("%s %s holds no documents (or none annotated yet): it adds nothing", option, spec)
+        sources.append((fingerprint(path, format), docs))
     return sources
 
 

@@ -1011,8 +1011,8 @@ def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, best
     save_file(rng_states, staging / "torch_rng.safetensors")
     (staging / "trainer_state.json").write_text(json.dumps(state, indent=1))
     previous = _previous(folder)
-    shutil.rmtree(previous, ignore_errors=True)
-    if folder.exists():
+    if folder.exists():  # else `previous` may be the one checkpoint there is (resumed after a crash): kept till now
+        shutil.rmtree(previous, ignore_errors=True)
         folder.rename(previous)
     staging.rename(folder)
     shutil.rmtree(previous, ignore_errors=True)
@@ -1042,6 +1042,10 @@ def _load_optimizer(folder: Path, optimizer, scheduler) -> None:
     groups = [group | {"betas": tuple(group["betas"])} for group in settings["param_groups"]]  # JSON has no tuples
     optimizer.load_state_dict({"state": moments, "param_groups": groups})
     scheduler.load_state_dict(settings["scheduler"])
+    # The saved learning rates are the old schedule's: with more epochs or steps than before, the one
+    # saved at the old end is 0, and the next step would train nothing. This schedule's, at this step:
+    for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
+        group["lr"] = base_lr * factor(scheduler.last_epoch)
 
 
 def _previous(folder: Path) -> Path:
