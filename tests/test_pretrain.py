@@ -122,6 +122,21 @@ def test_resuming_pretraining_under_other_settings_is_refused(tiny_mlm_base, tmp
     assert not all(torch.equal(one_step[name], two_steps[name]) for name in one_step)
 
 
+def test_a_run_that_replaces_another_deletes_its_checkpoint_first(tiny_mlm_base, tmp_path, monkeypatch):
+    """Else a crash before the new run's first checkpoint, then --resume, would continue the old run."""
+    output = tmp_path / "out"
+    pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=1))
+    assert (output / "checkpoint").is_dir()
+
+    def crash(*args):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(training.pretrain, "save_checkpoint", crash)
+    with pytest.raises(KeyboardInterrupt):
+        pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=1, overwrite_output=True, learning_rate=5e-4))
+    assert not list(output.glob("checkpoint*"))
+
+
 def test_resumed_with_fewer_epochs_than_a_mid_epoch_checkpoint_holds_the_record_describes_the_weights(
         tiny_mlm_base, tmp_path, monkeypatch):
     output, save, saves = tmp_path / "out", training.pretrain.save_checkpoint, []

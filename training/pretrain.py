@@ -164,7 +164,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     if (Path(config.output) / META_FILE).is_file():
         raise UsageError(f"output {config.output} holds a newstagger model; name another folder for the checkpoint")
     saved = saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
-    output, device = start_run(config, "checkpoint", may_write_into=saved is not None or config.overwrite_output)
+    output, device = start_run(config, "checkpoint", resuming=saved is not None)
     bf16 = use_bf16(config.bf16, device)
 
     documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]

@@ -537,7 +537,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     # --resume writes into the folder only where there is a run to continue: a model whose checkpoint
     # was deleted once it was final stays refused
     saved = saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
-    output, device = start_run(config, "model", may_write_into=saved is not None or config.overwrite_output)
+    output, device = start_run(config, "model", resuming=saved is not None)
 
     train_sets, weights, validation_sets = _read_data(config, sources)
     model, tokenizer, schema, parent_meta = _starting_model(config, LabelSchema.from_documents(
@@ -656,11 +656,13 @@ def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
                          f"{'stride' if config.inference_stride is None else 'window'})") from None
 
 
-def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, torch.device]:
+def start_run(config, output_kind: str, resuming: bool) -> tuple[Path, torch.device]:
     """(output folder, device) of a training run (train or pretrain), after seeding every random
     generator it draws from and setting its torch CPU threads; UsageError where the output is a file,
-    cannot be written, or holds files and `may_write_into` is false (a model trained earlier, or the
-    very init_model the run starts from, would be replaced without a word)."""
+    cannot be written, or holds files while the run neither resumes the checkpoint there nor has
+    `overwrite_output` (a model trained earlier, or the very init_model the run starts from, would be
+    replaced without a word). A run that replaces one deletes its checkpoint first: until the new
+    run's first checkpoint, a --resume after a crash would continue the replaced run."""
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -669,7 +671,7 @@ def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, tor
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
-    if not may_write_into and output.is_dir() and any(output.iterdir()):
+    if not (resuming or config.overwrite_output) and output.is_dir() and any(output.iterdir()):
         interrupted = saved_checkpoint(output / "checkpoint") is not None
         raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if interrupted else
                          f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
@@ -677,6 +679,10 @@ def start_run(config, output_kind: str, may_write_into: bool) -> tuple[Path, tor
     nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
     if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
         raise UsageError(f"output {output}: cannot create or write in {nearest}")
+    if not resuming:
+        checkpoint = output / "checkpoint"
+        for folder in (checkpoint, _previous(checkpoint), _staging(checkpoint)):
+            shutil.rmtree(folder, ignore_errors=True)
     return output, resolve_device(config.device)
 
 
@@ -998,7 +1004,7 @@ def _summary(metrics: dict) -> dict:
 def save_checkpoint(folder: Path, model, optimizer, scheduler, state: dict, best_state: dict | None = None) -> None:
     """Everything `--resume` needs (train, pretrain); written to a temporary name first so a crash
     leaves the last one."""
-    staging = folder.with_name(folder.name + ".tmp")
+    staging = _staging(folder)
     staging.mkdir(parents=True, exist_ok=True)
     # save_model, unlike save_file, takes weights tied to others (pretrain's masked-LM head)
     save_model(model, staging / "model.safetensors", force_contiguous=True)
@@ -1046,6 +1052,11 @@ def _load_optimizer(folder: Path, optimizer, scheduler) -> None:
     # saved at the old end is 0, and the next step would train nothing. This schedule's, at this step:
     for group, base_lr, factor in zip(optimizer.param_groups, scheduler.base_lrs, scheduler.lr_lambdas):
         group["lr"] = base_lr * factor(scheduler.last_epoch)
+
+
+def _staging(folder: Path) -> Path:
+    """Where a checkpoint is written before it is renamed into place."""
+    return folder.with_name(folder.name + ".tmp")
 
 
 def _previous(folder: Path) -> Path:
