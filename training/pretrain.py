@@ -8,6 +8,8 @@ token, 10% kept) by transformers' DataCollatorForLanguageModeling. The output is
 BERT folder (safetensors, with its MLM head, so it can be continued again): give it to `newstagger
 train --base-model`. Held-out MLM loss and accuracy, measured before and after on the same masked
 tokens, go into its `pretraining.json`, beside the base checkpoint's own record where it had one.
+A run that stops (a crash, a GPU lease that ends) continues with `--resume` from the checkpoint it
+saves every `--checkpoint-minutes` and at each epoch's end.
 """
 
 from __future__ import annotations
