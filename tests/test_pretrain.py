@@ -108,6 +108,14 @@ def test_resuming_pretraining_under_other_settings_is_refused(tiny_mlm_base, tmp
     pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=1))
     with pytest.raises(DataError, match="from a run with other learning_rate; resume with the same settings"):
         pretrain(tiny_pretrain_config(tiny_mlm_base, output, max_steps=2, resume=True, learning_rate=5e-4))
+    # the texts' contents too, not only their paths: an archive edited in place would move the blocks
+    edited = tmp_path / "news.jsonl"
+    edited.write_text(SAMPLE.read_text(encoding="utf-8"), encoding="utf-8")
+    pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "edited", text=[f"{edited}:internal"], max_steps=1))
+    edited.write_text("\n".join(SAMPLE.read_text(encoding="utf-8").splitlines()[1:]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="from a run with other data_sha256"):
+        pretrain(tiny_pretrain_config(tiny_mlm_base, tmp_path / "edited", text=[f"{edited}:internal"], max_steps=2,
+                                      resume=True))
     # without --resume, the folder is refused, and the message says a run waits there
     capsys.readouterr()
     assert main(["pretrain", "--text", f"{SAMPLE}:internal", "--base-model", str(tiny_mlm_base),

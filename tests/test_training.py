@@ -159,6 +159,17 @@ def test_resuming_under_settings_that_change_the_split_or_schedule_is_refused(ti
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True, crf=True))
 
 
+def test_resuming_over_an_edited_data_file_is_refused(tiny_base, tmp_path):
+    """The same path with other stories in it would move the split and the batches under the weights."""
+    data = tmp_path / "news.jsonl"
+    shutil.copy(SAMPLE, data)
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, train=[f"{data}:internal"]))
+    data.write_text("\n".join(data.read_text(encoding="utf-8").splitlines()[:-1]) + "\n", encoding="utf-8")
+    with pytest.raises(DataError, match="from a run with other data_sha256; resume with the same settings"):
+        train(tiny_train_config(tiny_base, output, train=[f"{data}:internal"], epochs=2, resume=True))
+
+
 def test_training_into_a_folder_that_is_not_empty_needs_overwrite_output(tiny_base, tmp_path, capsys):
     output = tmp_path / "model"
     train(tiny_train_config(tiny_base, output, max_steps=1))

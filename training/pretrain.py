@@ -39,8 +39,8 @@ from .data import not_held_out, parse_data_spec, read_documents, split_validatio
 from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option, attention_dropout_rule,
                     check_field_types, check_tokenizer_fits, check_windows_fit, config_from_args, config_option,
                     device_option, device_rule, loading_base, optimizer_step, resume_checkpoint, resume_option,
-                    rng_state_to_json, save_checkpoint, saved_checkpoint, seed_rule, set_attention_dropout, start_run,
-                    use_bf16, warmup_then_decay)
+                    rng_state_to_json, run_identity, save_checkpoint, saved_checkpoint, seed_rule,
+                    set_attention_dropout, start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"
@@ -198,7 +198,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     scheduler = warmup_then_decay(optimizer, config.warmup_ratio, total_steps)
     collator = DataCollatorForLanguageModeling(tokenizer, mlm_probability=config.mlm_probability)
     rng = random.Random(config.seed)
-    run = {name: getattr(config, name) for name in RUN_SETTINGS}
+    run = run_identity(config, RUN_SETTINGS, config.text)
     # epoch: epochs done; position: batches of the next one done; rng: the state its order is shuffled from
     state = {"epoch": 0, "step": 0, "position": 0, "rng": rng_state_to_json(rng.getstate()), "tokens": 0,
              "running_loss": None, "seconds": 0.0, "history": []}

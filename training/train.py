@@ -50,6 +50,7 @@ from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_
 from .data import corpus_stats, labelled_file, not_held_out, parse_data_spec, read_documents, split_validation
 from .evaluate import (Predictions, evaluate_tagger, predict_documents, prediction_metrics, topic_metrics,
                        tune_entity_threshold, tune_thresholds)
+from .registry import fingerprint
 
 log = logging.getLogger("newstagger.train")
 IGNORE = -100
@@ -571,9 +572,10 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
     checkpoint = output / "checkpoint"
     best_state = None
+    run = run_identity(config, RUN_SETTINGS, [*config.train, *config.validation])
     if saved:
-        state, best_state = resume_checkpoint(saved, run_identity(config), model, optimizer, scheduler, rng)
-    state["run"] = run_identity(config)
+        state, best_state = resume_checkpoint(saved, run, model, optimizer, scheduler, rng)
+    state["run"] = run
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
                      name=config.name, version=config.version,
@@ -633,8 +635,12 @@ RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "
                 "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout", "seed")
 
 
-def run_identity(config: TrainConfig) -> dict:
-    return {name: getattr(config, name) for name in RUN_SETTINGS}
+def run_identity(config, settings: Sequence[str], data_specs: Sequence[str]) -> dict:
+    """What a checkpoint must have been made with to be resumed (train, pretrain): the `settings`
+    named, and the contents of the data files, which edited between a crash and a resume would move
+    the split and the batches under the weights."""
+    return {**{name: getattr(config, name) for name in settings},
+            "data_sha256": [fingerprint(path)["sha256"] for path, _ in map(parse_data_spec, data_specs)]}
 
 
 def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
