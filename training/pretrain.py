@@ -36,10 +36,10 @@ from newstagger.documents import DataError, Document
 from newstagger.model import META_FILE, check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
-from .train import (DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option, attention_dropout_rule,
-                    check_field_types, check_tokenizer_fits, check_windows_fit, config_from_args, config_option,
-                    device_option, device_rule, loading_base, optimizer_step, resume_checkpoint, resume_option,
-                    rng_state_to_json, run_identity, save_checkpoint, saved_checkpoint, seed_rule,
+from .train import (CHECKPOINT, DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option,
+                    attention_dropout_rule, check_field_types, check_tokenizer_fits, check_windows_fit,
+                    config_from_args, config_option, device_option, device_rule, loading_base, optimizer_step,
+                    resume_checkpoint, resume_option, rng_state_to_json, run_identity, save_checkpoint, seed_rule,
                     set_attention_dropout, start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
@@ -165,8 +165,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
     started = time.time()
     if (Path(config.output) / META_FILE).is_file():
         raise UsageError(f"output {config.output} holds a newstagger model; name another folder for the checkpoint")
-    saved = saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
-    output, device = start_run(config, "checkpoint", resuming=saved is not None)
+    output, device, saved = start_run(config, "checkpoint")
     bf16 = use_bf16(config.bf16, device)
 
     documents = [doc for spec in config.text for doc in read_documents(*parse_data_spec(spec)) if doc.text.strip()]
@@ -208,7 +207,7 @@ def pretrain(config: PretrainConfig) -> tuple[Path, dict]:
         state["before"] = evaluate_mlm(model, valid_blocks, tokenizer, config, device, bf16)
         log.info("held out, before: %s", state["before"])
     state["run"] = run
-    checkpoint = Checkpoint(output / "checkpoint", model, optimizer, scheduler, state, config.checkpoint_minutes, started)
+    checkpoint = Checkpoint(output / CHECKPOINT, model, optimizer, scheduler, state, config.checkpoint_minutes, started)
     while state["epoch"] < config.epochs and state["step"] < total_steps:
         order = list(range(len(blocks)))
         rng.shuffle(order)

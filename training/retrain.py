@@ -47,7 +47,7 @@ from .registry import (
     DEFAULT_REGISTRY, Entry, ProductionChanged, Registry, RegistryError, add_server_arguments, check_server_arguments,
     check_version, deploy, fingerprint, metric, once_per_path, scores,
 )
-from .train import (TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
+from .train import (CHECKPOINT, TrainConfig, add_config_arguments, check_field_types, config_from_args, config_option,
                     device_option, device_rule, seed_rule, train)
 
 log = logging.getLogger("newstagger.retrain")
@@ -218,7 +218,7 @@ def _retrain(config: RetrainConfig) -> dict:
         # One set per file, as `train` reads files: each is split for validation on its own, and a set
         # labelled only with coarse types (MSRA) trains as partial labels, which it would not be in a pool.
         _, validation = train(train_config, sources=[docs for docs in new_sets + replay_sets if docs])
-        shutil.rmtree(staged / "checkpoint", ignore_errors=True)  # optimizer state: not part of a model
+        shutil.rmtree(staged / CHECKPOINT, ignore_errors=True)  # optimizer state: not part of a model
         baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
         candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger,
                                                                             [docs for _, docs in gold_sources])

@@ -54,6 +54,7 @@ from .registry import fingerprint
 
 log = logging.getLogger("newstagger.train")
 IGNORE = -100
+CHECKPOINT = "checkpoint"  # inside a run's output folder: what --resume continues from
 
 
 # What a config field's declared type admits; a config file can say anything.
@@ -535,10 +536,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     """
     started = time.time()
     config = _with_inherited_settings(config)
-    # --resume writes into the folder only where there is a run to continue: a model whose checkpoint
-    # was deleted once it was final stays refused
-    saved = saved_checkpoint(Path(config.output) / "checkpoint") if config.resume else None
-    output, device = start_run(config, "model", resuming=saved is not None)
+    output, device, saved = start_run(config, "model")
 
     train_sets, weights, validation_sets = _read_data(config, sources)
     model, tokenizer, schema, parent_meta = _starting_model(config, LabelSchema.from_documents(
@@ -570,7 +568,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
                         config.entity_loss_weight, TagTargets.for_schema(schema), model.crf).to(device)
 
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
-    checkpoint = output / "checkpoint"
+    checkpoint = output / CHECKPOINT
     best_state = None
     run = run_identity(config, RUN_SETTINGS, [*config.train, *config.validation])
     if saved:
@@ -662,13 +660,15 @@ def _with_inherited_settings(config: TrainConfig) -> TrainConfig:
                          f"{'stride' if config.inference_stride is None else 'window'})") from None
 
 
-def start_run(config, output_kind: str, resuming: bool) -> tuple[Path, torch.device]:
-    """(output folder, device) of a training run (train or pretrain), after seeding every random
-    generator it draws from and setting its torch CPU threads; UsageError where the output is a file,
-    cannot be written, or holds files while the run neither resumes the checkpoint there nor has
-    `overwrite_output` (a model trained earlier, or the very init_model the run starts from, would be
-    replaced without a word). A run that replaces one deletes its checkpoint first: until the new
-    run's first checkpoint, a --resume after a crash would continue the replaced run."""
+def start_run(config, output_kind: str) -> tuple[Path, torch.device, Path | None]:
+    """(output folder, device, the checkpoint --resume continues from or None) of a training run
+    (train or pretrain), after seeding every random generator it draws from and setting its torch CPU
+    threads; UsageError where the output is a file, cannot be written, or holds files while the run
+    neither resumes a checkpoint there nor has `overwrite_output` (a model trained earlier, or the
+    very init_model the run starts from, would be replaced without a word; one whose checkpoint was
+    deleted once it was final stays refused under --resume). A run that replaces one deletes its
+    checkpoint first: until the new run's first checkpoint, a --resume after a crash would continue
+    the replaced run."""
     random.seed(config.seed)
     np.random.seed(config.seed)
     torch.manual_seed(config.seed)
@@ -677,19 +677,20 @@ def start_run(config, output_kind: str, resuming: bool) -> tuple[Path, torch.dev
     output = Path(config.output)
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
-    if not (resuming or config.overwrite_output) and output.is_dir() and any(output.iterdir()):
-        interrupted = saved_checkpoint(output / "checkpoint") is not None
+    checkpoint = output / CHECKPOINT
+    saved = saved_checkpoint(checkpoint) if config.resume else None
+    if not (saved or config.overwrite_output) and output.is_dir() and any(output.iterdir()):
+        interrupted = saved_checkpoint(checkpoint) is not None
         raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if interrupted else
                          f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
     nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
     if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
         raise UsageError(f"output {output}: cannot create or write in {nearest}")
-    if not resuming:
-        checkpoint = output / "checkpoint"
+    if not saved:
         for folder in (checkpoint, _previous(checkpoint), _staging(checkpoint)):
             shutil.rmtree(folder, ignore_errors=True)
-    return output, resolve_device(config.device)
+    return output, resolve_device(config.device), saved
 
 
 def use_bf16(asked: bool, device: torch.device) -> bool:
