@@ -148,6 +148,15 @@ def test_a_model_trained_on_a_gpu_retrains_on_the_device_retrain_is_given(tiny_m
     assert _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2").device == "auto"
 
 
+def test_a_recipe_from_before_attention_dropout_replays_the_dropout_it_was_trained_at(tiny_model_dir, tmp_path):
+    tagger = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
+    tagger.model.config.attention_probs_dropout_prob = 0.1
+    tagger.meta = replace(tagger.meta, training={"config": {"epochs": 1}})
+    assert _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2").attention_dropout == 0.1
+    tagger.meta = replace(tagger.meta, training={"config": {"epochs": 1, "attention_dropout": 0.0}})
+    assert _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2").attention_dropout == 0.0
+
+
 def test_the_replay_sample_takes_an_equal_share_of_each_source():
     sources = [[Document(f"{name}{i}", "x") for i in range(size)] for name, size in (("a", 100), ("b", 3), ("c", 50))]
     sample = replay_sample(sources, 30, random.Random(0))

@@ -389,11 +389,14 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
                      version: str) -> TrainConfig:
     """The starting model's own recipe, continued from its weights into `output`.
 
-    A model that records no recipe gets the defaults, at the window it serves with.
+    A model that records no recipe gets the defaults, at the window it serves with. A recipe from
+    before `attention_dropout` was a setting trained at the encoder's own, which its config records.
     """
     meta = start.meta
     known = {f.name for f in fields(TrainConfig)}
     recorded = {k: v for k, v in meta.training.get("config", {}).items() if k in known}
+    if recorded:
+        recorded.setdefault("attention_dropout", start.model.config.attention_probs_dropout_prob)
     try:
         recipe = TrainConfig(**recorded) if recorded else TrainConfig(max_length=meta.max_length, stride=meta.stride)
     except ValueError as err:  # a hand-edited newstagger.json
