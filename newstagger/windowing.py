@@ -9,6 +9,7 @@ back into one sequence per document with no duplicates and the best context for 
 
 from __future__ import annotations
 
+import unicodedata
 from dataclasses import dataclass
 
 import numpy as np
@@ -50,9 +51,24 @@ def encode_texts(tokenizer, texts: list[str]) -> list[EncodedText]:
         verbose=False,
     )
     return [
-        EncodedText(ids=ids, offsets=np.asarray(offsets, dtype=np.int64).reshape(-1, 2))
-        for ids, offsets in zip(batch["input_ids"], batch["offset_mapping"])
+        EncodedText(ids=ids, offsets=_marks_joined(text, np.asarray(offsets, dtype=np.int64).reshape(-1, 2)))
+        for text, ids, offsets in zip(texts, batch["input_ids"], batch["offset_mapping"])
     ]
+
+
+def _marks_joined(text: str, offsets: np.ndarray) -> np.ndarray:
+    """`offsets` with each token's end moved past the combining marks that follow it. The normalizer
+    strips accents, so a decomposed "é" (e + U+0301) ending a name would otherwise leave its accent
+    out of the entity, and its text would not be the name as written."""
+    if not len(offsets):
+        return offsets
+    next_starts = np.append(offsets[1:, 0], len(text))
+    for k in np.nonzero(next_starts > offsets[:, 1])[0]:  # only where a gap follows: spaces, marks, controls
+        end = offsets[k, 1]
+        while end < next_starts[k] and unicodedata.combining(text[end]):
+            end += 1
+        offsets[k, 1] = end
+    return offsets
 
 
 def plan_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> list[Window]:
