@@ -25,6 +25,7 @@ from newstagger.tagger import Tagger
 from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
+from training.evaluate import evaluate_tagger
 from training.registry import Entry, Registry, RegistryError
 from training.train import _labelled_coarse_only, train
 from training.retrain import (RetrainConfig, _only_labels_of, _training_config, decide, gate_tolerances,
@@ -110,7 +111,8 @@ def test_a_grown_model_is_compared_on_the_labels_the_older_one_knows(tiny_model_
     gold = [replace(doc, topics=[*doc.topics, "culture"], entities=[*doc.entities, Span(0, 1, "event")])
             for doc in sample[:10]]
 
-    candidate, baseline, candidate_all_labels = score_on_gold(grown, old, [gold])
+    candidate_all_labels = evaluate_tagger(grown, gold)
+    candidate, baseline = score_on_gold(grown, old, [gold], candidate_all_labels)
     assert candidate == baseline
     assert "culture" in candidate_all_labels["topics"]["per_label"]
     assert "culture" not in candidate["topics"]["per_label"] and "event" not in candidate["entities"]["per_label"]
@@ -218,6 +220,26 @@ def test_a_refused_candidate_stays_in_the_registry_as_rejected(registry, sample,
     other = Registry(tmp_path / "other")  # so that another registry knows what to replay for it
     assert main(["models", "add", str(registry.root / "1.0.1"), "--registry", str(other.root)]) == 0
     assert [Path(d["path"]).name for d in other.manifest().entry("1.0.1").data] == ["new.jsonl"]
+
+
+def test_an_anchor_gates_the_candidate_against_an_earlier_version_too(registry, sample, gold, tmp_path):
+    """Drops each within the tolerance of the model they replace would otherwise add up over retrains."""
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    assert retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0))["decision"] == "promoted"
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, anchor="1.0.0", gate=["topics.micro.f1=-1"]))
+    assert verdict["current"]["version"] == "1.0.1" and verdict["anchor"]["version"] == "1.0.0"
+    assert verdict["decision"] == "rejected" and len(verdict["reasons"]) == 2
+    assert verdict["reasons"][1].startswith("against 1.0.0: topics.micro.f1 changed by")
+    assert set(verdict["anchor"]["deltas"]) == set(verdict["deltas"])
+    retraining = read_meta(registry.root / "1.0.2").training["retraining"]
+    assert retraining["anchored_to"] == "1.0.0" and retraining["anchor_gate"] == verdict["anchor"]["gate"]
+
+
+def test_an_unknown_anchor_is_refused_before_training(registry, sample, gold, tmp_path):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    with pytest.raises(RegistryError, match="no model '0.9.0' in the registry"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, anchor="0.9.0"))
+    assert [entry.version for entry in registry.manifest().models] == ["1.0.0"]
 
 
 @pytest.mark.parametrize("empty, option", [("data", "--data"), ("gold", "--gold")])

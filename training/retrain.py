@@ -8,7 +8,9 @@ only if it is no worse.
 3. Score the candidate and the production model on the same fixed gold set, and on the same
    labels: those the production model knows (a new label is scored, but not gated).
 4. Promote the candidate only if no gated metric drops by more than its tolerance; otherwise keep
-   the production model (the candidate stays in the registry, status `rejected`).
+   the production model (the candidate stays in the registry, status `rejected`). With `--anchor
+   VERSION` the candidate must also clear the same gate against that version (the first production
+   model, say), so that drops each within the tolerance cannot add up over many retrains.
 
 Prints a JSON verdict: both models' gold scores, the deltas, the decision and its reasons. Exit
 code 0 when the candidate passed the gate (and was promoted, unless `--no-promote`), 1 when it was
@@ -72,6 +74,9 @@ class RetrainConfig:
                                     metavar="METRIC[=TOLERANCE]")
     tolerance: float = config_option(0.01, "largest drop of a gated metric that still lets the candidate through "
                                            "(negative: demand an improvement)")
+    anchor: str | None = config_option(None, "registry version the candidate is also gated against, at the same "
+                                             "tolerances (such as the first production model): small drops "
+                                             "cannot add up over retrains")
     allow_new_labels: bool = config_option(False, "grow the model for labels the new data adds, instead of stopping")
     promote: bool = config_option(True, "promote a candidate that passes the gate (--no-promote: only register it)")
     epochs: int | None = config_option(None, "passes over the mix (default: as the starting model was trained)")
@@ -94,6 +99,8 @@ class RetrainConfig:
             seed_rule(self.seed),
         ))
         gate_tolerances(self)  # a misspelt --gate too
+        if self.anchor is not None:
+            check_version(self.anchor)
 
 
 def gate_tolerances(config: RetrainConfig) -> dict[str, float]:
@@ -170,6 +177,8 @@ def _retrain(config: RetrainConfig) -> dict:
     registry = Registry(config.registry)
     start_entry, production, version = _versions(config, registry)
     start, baseline = start_entry.version, production or start_entry.version
+    if config.anchor is not None:
+        registry.manifest().entry(config.anchor)  # an unknown version fails now, not after training
 
     new_sources = _read_sources(config.data, "--data")
     gold_sources = _read_sources(config.gold, "--gold")
@@ -220,15 +229,25 @@ def _retrain(config: RetrainConfig) -> dict:
         _, validation = train(train_config, sources=[docs for docs in new_sets + replay_sets if docs])
         shutil.rmtree(staged / CHECKPOINT, ignore_errors=True)  # optimizer state: not part of a model
         baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
-        candidate_gold, baseline_gold, candidate_all_labels = score_on_gold(exact_tagger(staged), baseline_tagger,
-                                                                            [docs for _, docs in gold_sources])
+        candidate, gold_files = exact_tagger(staged), [docs for _, docs in gold_sources]
+        candidate_all_labels = evaluate_tagger(candidate, *gold_files)
+        candidate_gold, baseline_gold = score_on_gold(candidate, baseline_tagger, gold_files, candidate_all_labels)
         gate = decide(candidate_gold, baseline_gold, tolerances,
                       dropped=read_meta(staged).schema.new_labels(baseline_tagger.schema))
+        anchor = None
+        if config.anchor is not None:
+            anchor_tagger = baseline_tagger if config.anchor == baseline else exact_tagger(registry.folder(config.anchor))
+            anchor = _anchor_verdict(config.anchor, candidate, anchor_tagger, gold_files, candidate_all_labels,
+                                     tolerances)
+            gate = {"passed": gate["passed"] and anchor["gate"]["passed"],
+                    "reasons": gate["reasons"] + [f"against {config.anchor}: {r}" for r in anchor["gate"]["reasons"]],
+                    "checks": gate["checks"]}
         _describe_retraining(staged, registry.root / version, {
             "new": [source for source, _ in new_sources],
             "replayed": [{**source, "documents": len(docs)} for (source, _), docs in zip(replay_sources, replay_sets)],
             "gold": [source for source, _ in gold_sources],
             "gated_against": baseline, "gate": gate,
+            **({"anchored_to": config.anchor, "anchor_gate": anchor["gate"]} if anchor else {}),
         }, candidate_all_labels)
         data = once_per_path([*earlier, *(source for source, _ in replay_sources + new_sources)])
         registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
@@ -243,6 +262,7 @@ def _retrain(config: RetrainConfig) -> dict:
         "current": {"version": baseline, "gold": scores(baseline_gold)},
         "deltas": _deltas(candidate_gold, baseline_gold),
         "gate": gate["checks"],
+        **({"anchor": anchor} if anchor else {}),
         "new_labels": {**new_labels, "gold_f1": _label_f1(candidate_all_labels, new_labels)},
         "documents": {"new": len(new_docs), "replayed": len(replayed), "replay_pool": sum(map(len, pool)),
                       "gold": len(gold)},
@@ -334,19 +354,18 @@ def exact_tagger(folder: Path) -> Tagger:
     return Tagger.load(folder, backend="torch", precision="fp32")
 
 
-def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[list[Document]]) -> tuple[dict, dict, dict]:
+def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[list[Document]],
+                  candidate_all_labels: dict) -> tuple[dict, dict]:
     """Gold metrics, on the gold files, of the candidate and the baseline on the labels the baseline
-    knows, and of the candidate on all its own labels.
+    knows; `candidate_all_labels` are the candidate's on all its own labels.
 
     A candidate that grew new labels is seen through the baseline's schema, so that a new label,
     hard to learn from a few examples, neither sinks the comparison nor lifts it.
     """
-    candidate_all_labels = evaluate_tagger(candidate, *gold)
     if candidate.schema == baseline.schema or not candidate.schema.extends(baseline.schema):
-        return candidate_all_labels, evaluate_tagger(baseline, *gold), candidate_all_labels
+        return candidate_all_labels, evaluate_tagger(baseline, *gold)
     shared = [_only_labels_of(baseline.schema, docs) for docs in gold]
-    return (evaluate_tagger(KnownLabelsView(candidate, baseline.schema), *shared),
-            evaluate_tagger(baseline, *shared), candidate_all_labels)
+    return evaluate_tagger(KnownLabelsView(candidate, baseline.schema), *shared), evaluate_tagger(baseline, *shared)
 
 
 class KnownLabelsView:
@@ -417,6 +436,14 @@ def _describe_retraining(staged: Path, final: Path, retraining: dict, gold_metri
     meta.training["config"]["output"] = str(final.absolute())
     meta.training["retraining"] = retraining
     write_description(staged, meta, {**metrics, "gold": gold_metrics})
+
+
+def _anchor_verdict(version: str, candidate: Tagger, anchor: Tagger, gold: list[list[Document]],
+                    candidate_all_labels: dict, tolerances: dict[str, float]) -> dict:
+    """The anchor's gold scores, the candidate's deltas from them, and the gate against it."""
+    candidate_gold, anchor_gold = score_on_gold(candidate, anchor, gold, candidate_all_labels)
+    return {"version": version, "gold": scores(anchor_gold), "deltas": _deltas(candidate_gold, anchor_gold),
+            "gate": decide(candidate_gold, anchor_gold, tolerances)}
 
 
 def _deltas(candidate: dict, current: dict) -> dict[str, float]:
