@@ -133,6 +133,12 @@ def test_training_fits_weights_and_saves_the_component_and_a_zero_weight_removes
     assert "topic_blend" not in json.loads((output / "newstagger.json").read_text())["training"]
 
 
+def test_the_blend_weight_is_chosen_up_to_max_topic_blend(tiny_base, tmp_path):
+    train(tiny_train_config(tiny_base, tmp_path / "model", max_topic_blend=0.25))
+    report = json.loads((tmp_path / "model" / "newstagger.json").read_text())["training"]["topic_blend"]
+    assert set(report["mean_f1_by_weight"]) == {"0.0", "0.25"} and report["weight"] <= 0.25
+
+
 def test_a_continued_model_keeps_its_parents_cuts_where_validation_is_too_small(tiny_base, tmp_path, monkeypatch):
     """Retraining on a few corrections holds out a few stories: no cut is chosen on those."""
     parent = tmp_path / "parent"

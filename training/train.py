@@ -203,6 +203,9 @@ class TrainConfig:
     patience: int = config_option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = config_option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                               "blend it into the topic head, with a weight chosen on validation")
+    max_topic_blend: float = config_option(0.75, "largest blend weight of the lexical topic model tried on validation "
+                                                 "(of 0, 0.25, 0.5, 0.75): validation paragraphs in the style of "
+                                                 "the training data can favour it more than other text does")
     # Cuts chosen on a handful of stories are noise: retraining on 29 corrections held 3 out, which set
     # every topic threshold to 0.5 and dropped the lexical topic model, and the gate rejected a better model.
     min_tuning_documents: int = config_option(50, "validation documents a task (entities, topics) needs for its cuts "
@@ -243,6 +246,7 @@ class TrainConfig:
              f"one weight per train source ({len(self.train)})"),
             ("patience", self.patience >= 1, "at least 1"),
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
+            ("max_topic_blend", 0 <= self.max_topic_blend <= 1, "from 0 to 1"),
             ("threads", self.threads >= 0, "0 or more"),
             device_rule(self.device),
             attention_dropout_rule(self.attention_dropout),
@@ -503,10 +507,10 @@ def fit_topic_lexical(train_docs: list[Document], topics: list[str]) -> lexical.
 
 
 def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np.ndarray, bert_probs: np.ndarray,
-                    topics: list[str]) -> tuple[lexical.LexicalTopicModel, dict]:
-    """The lexical topic model fitted on topic-labelled training documents, with the blend weight that
-    scores best on validation, and a report: topic F1s of the head alone, the lexical model alone and
-    the blend, each after threshold tuning.
+                    topics: list[str], max_weight: float = 1.0) -> tuple[lexical.LexicalTopicModel, dict]:
+    """The lexical topic model fitted on topic-labelled training documents, with the blend weight (of
+    BLEND_WEIGHTS, up to `max_weight`) that scores best on validation, and a report: topic F1s of the
+    head alone, the lexical model alone and the blend, each after threshold tuning.
 
     A weight scores the mean of topic micro and macro F1 (macro so that rare topics count); ties go to
     the lighter weight.
@@ -519,8 +523,9 @@ def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np
         micro, macro = result["micro"]["f1"], result["macro"]["f1"]
         return {"micro_f1": micro, "macro_f1": macro, "mean_f1": round((micro + macro) / 2, 4)}
 
-    by_weight = {w: f1s(lexical.blend(bert_probs, lexical_probs, w)) for w in BLEND_WEIGHTS}
-    model.weight = max(BLEND_WEIGHTS, key=lambda w: by_weight[w]["mean_f1"])
+    weights = [w for w in BLEND_WEIGHTS if w <= max_weight]
+    by_weight = {w: f1s(lexical.blend(bert_probs, lexical_probs, w)) for w in weights}
+    model.weight = max(weights, key=lambda w: by_weight[w]["mean_f1"])
     report = {"weight": model.weight, "bert": f1s(bert_probs), "lexical": f1s(lexical_probs),
               "blend": by_weight[model.weight],
               "mean_f1_by_weight": {str(w): scores["mean_f1"] for w, scores in by_weight.items()}}
@@ -956,7 +961,8 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     tune_topics = len(valid_texts) >= config.min_tuning_documents
     if tune_topics and can_fit_lexical:
         tuned.append("topic blend")
-        topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs, schema.topics)
+        topic_lexical, topic_blend = fit_topic_blend(topic_train_docs, valid_texts, gold, topic_probs, schema.topics,
+                                                     config.max_topic_blend)
     elif not tune_topics:
         log.info("%d topic-labelled validation documents, under min_tuning_documents: %s topic thresholds and "
                  "blend", len(valid_texts), keeping)
