@@ -507,7 +507,7 @@ def fit_topic_lexical(train_docs: list[Document], topics: list[str]) -> lexical.
 
 
 def fit_topic_blend(train_docs: list[Document], valid_texts: list[str], gold: np.ndarray, bert_probs: np.ndarray,
-                    topics: list[str], max_weight: float = 1.0) -> tuple[lexical.LexicalTopicModel, dict]:
+                    topics: list[str], max_weight: float) -> tuple[lexical.LexicalTopicModel, dict]:
     """The lexical topic model fitted on topic-labelled training documents, with the blend weight (of
     BLEND_WEIGHTS, up to `max_weight`) that scores best on validation, and a report: topic F1s of the
     head alone, the lexical model alone and the blend, each after threshold tuning.
