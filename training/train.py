@@ -683,10 +683,10 @@ def start_run(config, output_kind: str) -> tuple[Path, torch.device, Path | None
     if output.exists() and not output.is_dir():
         raise UsageError(f"output {output} is a file; name a folder for the {output_kind}")
     checkpoint = output / CHECKPOINT
-    saved = saved_checkpoint(checkpoint) if config.resume else None
+    found = saved_checkpoint(checkpoint)
+    saved = found if config.resume else None
     if not (saved or config.overwrite_output) and output.is_dir() and any(output.iterdir()):
-        interrupted = saved_checkpoint(checkpoint) is not None
-        raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if interrupted else
+        raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if found else
                          f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
     nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
