@@ -177,8 +177,6 @@ def _retrain(config: RetrainConfig) -> dict:
     registry = Registry(config.registry)
     start_entry, production, version = _versions(config, registry)
     start, baseline = start_entry.version, production or start_entry.version
-    if config.anchor is not None:
-        registry.manifest().entry(config.anchor)  # an unknown version fails now, not after training
 
     new_sources = _read_sources(config.data, "--data")
     gold_sources = _read_sources(config.gold, "--gold")
@@ -271,8 +269,11 @@ def _retrain(config: RetrainConfig) -> dict:
 
 
 def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str | None, str]:
-    """(the registry entry to start from, the production version or None, the new version)."""
+    """(the registry entry to start from, the production version or None, the new version); an unknown
+    --start or --anchor fails here, not after training."""
     manifest = registry.manifest()
+    if config.anchor is not None:
+        manifest.entry(config.anchor)
     start = config.start or manifest.current
     if start is None:
         raise RegistryError(f"{config.registry} has no production model; add one with `newstagger models add "
