@@ -159,6 +159,16 @@ def test_a_recipe_from_before_attention_dropout_replays_the_dropout_it_was_train
     assert _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2").attention_dropout == 0.0
 
 
+def test_a_recipes_adversarial_training_and_kept_start_are_replayed_unless_overridden(tiny_model_dir, tmp_path):
+    tagger = Tagger.load(tiny_model_dir, backend="torch", precision="fp32")
+    tagger.meta = replace(tagger.meta, training={"config": {"adversarial_epsilon": 1.0, "keep_start": 0.5}})
+    replayed = _training_config(RetrainConfig(), tagger, tiny_model_dir, tmp_path / "out", "0.0.2")
+    assert (replayed.adversarial_epsilon, replayed.keep_start) == (1.0, 0.5)
+    plain = _training_config(RetrainConfig(adversarial_epsilon=0, keep_start=0), tagger, tiny_model_dir,
+                             tmp_path / "out", "0.0.2")
+    assert (plain.adversarial_epsilon, plain.keep_start) == (0, 0)
+
+
 def test_the_replay_sample_takes_an_equal_share_of_each_source():
     sources = [[Document(f"{name}{i}", "x") for i in range(size)] for name, size in (("a", 100), ("b", 3), ("c", 50))]
     sample = replay_sample(sources, 30, random.Random(0))

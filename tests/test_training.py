@@ -26,8 +26,9 @@ import training.train
 from training.data import read_documents, split_validation
 from training.evaluate import (at_or_over, entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
-from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, build_examples, collate,
-                            config_from_file, pack_documents, set_attention_dropout, token_tags, train)
+from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, add_adversarial_gradients,
+                            build_examples, collate, config_from_file, pack_documents, set_attention_dropout,
+                            token_tags, train)
 
 from conftest import SAMPLE, damaged_copy, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -345,7 +346,9 @@ def test_attention_dropout_reaches_every_attention_layer():
                                           (["--learning-rate=-1e-4"], "learning_rate must be positive"),
                                           (["--device", "tpu"], "device must be one of auto, cpu, cuda"),
                                           (["--seed=-1"], "seed must be from 0 to 4294967295"),
-                                          (["--attention-dropout", "1"], "attention_dropout must be from 0 to under")])
+                                          (["--attention-dropout", "1"], "attention_dropout must be from 0 to under"),
+                                          (["--keep-start", "1"], "keep_start must be from 0 to under 1"),
+                                          (["--adversarial-epsilon=-1"], "adversarial_epsilon must be 0 or more")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -549,6 +552,46 @@ def test_crf_training_round_trip_and_a_retrained_model_keeps_its_crf(tiny_base, 
     assert Tagger.load(retrained).model.crf is not None
     recorded = json.loads((retrained / "newstagger.json").read_text())
     assert recorded["training"]["config"]["base_model"] == recorded["base_model"] == str(tiny_base)  # ... not recorded
+
+
+def test_keep_start_saves_the_weights_between_the_start_and_the_trained_ones(trained, tiny_base, tmp_path):
+    start, _ = trained
+    runs = {keep: train(tiny_train_config(tiny_base, tmp_path / str(keep), init_model=str(start), keep_start=keep,
+                                          max_steps=2))[0] for keep in (0.0, 0.75)}
+    before = load_file(start / "model.safetensors")
+    after = load_file(runs[0.0] / "checkpoint" / "best.safetensors")  # the trained weights in fp32, before saving
+    kept = load_file(runs[0.75] / "model.safetensors")
+    moved = [name for name in after if after[name].is_floating_point() and not torch.equal(after[name],
+                                                                                             before[name].float())]
+    assert moved
+    for name in moved:
+        expected = (0.75 * before[name].float() + 0.25 * after[name]).half()
+        torch.testing.assert_close(kept[name], expected, atol=1e-3, rtol=1e-3)
+
+
+def test_an_adversarial_step_adds_the_gradients_at_the_moved_embeddings_and_moves_them_back(tiny_model_dir):
+    model, _, _ = load_model_folder(tiny_model_dir)
+    model.eval()  # no dropout: the same batch gives the same loss
+    input_ids = torch.randint(5, model.config.vocab_size, (2, 12))
+
+    def batch_loss():
+        topic_logits, tag_logits = model(input_ids, torch.ones_like(input_ids))
+        return topic_logits.sum() + tag_logits.pow(2).mean()
+
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    batch_loss().backward()
+    clean, before = embeddings.grad.clone(), embeddings.detach().clone()
+    add_adversarial_gradients(model, batch_loss, 0.5)
+    torch.testing.assert_close(embeddings, before)  # moved back, to the last bit or so
+
+    both = embeddings.grad.clone()
+
+    model.zero_grad()
+    with torch.no_grad():
+        embeddings.add_(0.5 * clean / clean.norm())
+    batch_loss().backward()
+    assert not torch.equal(embeddings.grad, clean)  # the moved embeddings give other gradients
+    torch.testing.assert_close(both, clean + embeddings.grad)
 
 
 @pytest.mark.parametrize(("setting", "message"), [

@@ -82,6 +82,10 @@ class RetrainConfig:
     epochs: int | None = config_option(None, "passes over the mix (default: as the starting model was trained)")
     max_steps: int | None = config_option(None, "stop after this many optimizer steps (0 = no limit; for smoke tests)")
     learning_rate: float | None = config_option(None, "peak learning rate (default: as the starting model was trained)")
+    adversarial_epsilon: float | None = config_option(None, "adversarial training (FGM) distance, 0 = off (default: as "
+                                                           "the starting model was trained)")
+    keep_start: float | None = config_option(None, "share of the starting model's weights kept in the candidate, 0 = "
+                                                   "none (default: as the starting model was trained)")
     threads: int | None = config_option(None, "torch CPU threads (default: as the starting model was trained)")
     seed: int = config_option(13, "seed of the replay sample and of training")
     device: str = device_option()  # this machine's, not the recipe's: a model trained on a GPU retrains anywhere
@@ -94,6 +98,8 @@ class RetrainConfig:
             ("epochs", self.epochs is None or self.epochs >= 1, "at least 1"),
             ("max_steps", self.max_steps is None or self.max_steps >= 0, "0 or more"),
             ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "positive"),
+            ("adversarial_epsilon", self.adversarial_epsilon is None or self.adversarial_epsilon >= 0, "0 or more"),
+            ("keep_start", self.keep_start is None or 0 <= self.keep_start < 1, "from 0 to under 1"),
             ("threads", self.threads is None or self.threads >= 0, "0 or more"),
             device_rule(self.device),
             seed_rule(self.seed),
@@ -421,7 +427,8 @@ def _training_config(config: RetrainConfig, start: Tagger, start_folder: Path, o
         recipe = TrainConfig(**recorded) if recorded else TrainConfig(max_length=meta.max_length, stride=meta.stride)
     except ValueError as err:  # a hand-edited newstagger.json
         raise DataError(f"{start_folder}: its recorded training settings cannot be used: {err}") from None
-    overrides = {name: getattr(config, name) for name in ("epochs", "max_steps", "learning_rate", "threads")
+    overrides = {name: getattr(config, name) for name in ("epochs", "max_steps", "learning_rate", "adversarial_epsilon",
+                                                          "keep_start", "threads")
                  if getattr(config, name) is not None}
     # The new and replayed documents come as in-memory sets, trained at weight 1: per-file weights do not apply.
     return replace(recipe, **overrides, train=[], train_weights=[], validation=[], output=str(output),

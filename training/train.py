@@ -21,9 +21,10 @@ import shutil
 import sys
 import time
 import tomllib
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from dataclasses import MISSING, asdict, dataclass, field, fields, replace
+from functools import partial
 from pathlib import Path
 
 import numpy as np
@@ -200,6 +201,14 @@ class TrainConfig:
                                          "that has them keeps them")
     crf: bool = config_option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
                                      "head with its sequence likelihood; a model that has one keeps it")
+    adversarial_epsilon: float = config_option(0.0, "adversarial training (FGM, Miyato et al., 2017): each step also "
+                                                    "learns from the batch with its word embeddings moved this far along "
+                                                    "the loss's gradient (0 = off; the default model's third stage "
+                                                    "uses 1.0); a step then costs two forward and backward passes")
+    keep_start: float = config_option(0.0, "share of the run's starting weights kept in the saved model, each weight "
+                                           "keep_start x start + (1 - keep_start) x trained (WiSE-FT, Wortsman et al., "
+                                           "2022), before the cuts are tuned: a continued model keeps part of what its "
+                                           "init_model knew that the new training wears away (0 = the trained weights)")
     patience: int = config_option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = config_option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                               "blend it into the topic head, with a weight chosen on validation")
@@ -244,6 +253,8 @@ class TrainConfig:
             ("train_weights", all(w >= 0 for w in self.train_weights), "0 or more each"),
             ("train_weights", not self.train_weights or len(self.train_weights) == len(self.train),
              f"one weight per train source ({len(self.train)})"),
+            ("adversarial_epsilon", self.adversarial_epsilon >= 0, "0 or more"),
+            ("keep_start", 0 <= self.keep_start < 1, "from 0 to under 1"),
             ("patience", self.patience >= 1, "at least 1"),
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("max_topic_blend", 0 <= self.max_topic_blend <= 1, "from 0 to 1"),
@@ -550,6 +561,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         schema.check_known(docs, f"--validation {spec}")
     validation_files = [doc for _, docs in validation_sets for doc in docs]
     model.to(device)
+    start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.keep_start else None
     bf16 = use_bf16(config.bf16, device)
     train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, validation_files, tokenizer,
                                                           schema)
@@ -590,7 +602,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         bar = tqdm((collate([examples[i] for i in ids], tokenizer, len(schema.topics)) for ids in batch_ids),
                    total=len(batch_ids), desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                    file=sys.stderr)
-        loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16, device)
+        loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16, device,
+                            config.adversarial_epsilon)
         state["epoch"] += 1
 
         metrics = _validate(model, tokenizer, meta, valid_docs)
@@ -606,7 +619,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         state["rng"] = rng_state_to_json(rng.getstate())
         save_checkpoint(checkpoint, model, optimizer, scheduler, state, best_state)
 
-    model.load_state_dict(best_state)
+    model.load_state_dict(best_state if start_weights is None else
+                          interpolated(start_weights, best_state, config.keep_start))
     model.eval()
     metrics, topic_lexical, tuning = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
                                                          config, parent_meta)
@@ -712,17 +726,22 @@ def use_bf16(asked: bool, device: torch.device) -> bool:
 
 
 def _train_epoch(model: NewsTaggerModel, bar: tqdm, loss_fn: JointLoss, optimizer, scheduler, state: dict,
-                 total_steps: int, bf16: bool, device: torch.device) -> float:
+                 total_steps: int, bf16: bool, device: torch.device, adversarial_epsilon: float = 0.0) -> float:
     """One pass over the collated batches of a progress bar (stopping at `total_steps`), counting steps
-    in `state`; returns the smoothed loss."""
+    in `state`, with adversarial steps where `adversarial_epsilon` is above 0; returns the smoothed loss."""
     model.train()
     running = None
     for batch in bar:
         batch = {key: value.to(device, non_blocking=True) for key, value in batch.items()}
-        with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
-            topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
-        loss = loss_fn(topic_logits.float(), tag_logits.float(), batch)
-        running = optimizer_step(model, loss, optimizer, scheduler, bar, running)
+
+        def batch_loss() -> torch.Tensor:
+            with torch.autocast(device_type=device.type, dtype=torch.bfloat16, enabled=bf16):
+                topic_logits, tag_logits = model(batch["input_ids"], batch["attention_mask"])
+            return loss_fn(topic_logits.float(), tag_logits.float(), batch)
+
+        adversarial = (partial(add_adversarial_gradients, model, batch_loss, adversarial_epsilon)
+                       if adversarial_epsilon else None)
+        running = optimizer_step(model, batch_loss(), optimizer, scheduler, bar, running, adversarial)
         state["step"] += 1
         if state["step"] >= total_steps:
             break
@@ -731,17 +750,43 @@ def _train_epoch(model: NewsTaggerModel, bar: tqdm, loss_fn: JointLoss, optimize
 
 
 def optimizer_step(model: nn.Module, loss: torch.Tensor, optimizer, scheduler, bar: tqdm,
-                   running: float | None) -> float:
-    """Backpropagate `loss` with gradients clipped to norm 1, step the optimizer and the schedule; the
-    smoothed loss after it (`running` before), shown on the progress bar with the learning rate."""
+                   running: float | None, after_backward: Callable[[], None] | None = None) -> float:
+    """Backpropagate `loss` (then run `after_backward`, which may add gradients) with gradients clipped
+    to norm 1, step the optimizer and the schedule; the smoothed loss after it (`running` before), shown
+    on the progress bar with the learning rate."""
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
+    if after_backward is not None:
+        after_backward()
     torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
     optimizer.step()
     scheduler.step()
     running = loss.item() if running is None else 0.98 * running + 0.02 * loss.item()
     bar.set_postfix(loss=f"{running:.4f}", lr=f"{scheduler.get_last_lr()[0]:.2e}")
     return running
+
+
+def add_adversarial_gradients(model: NewsTaggerModel, batch_loss: Callable[[], torch.Tensor], epsilon: float) -> None:
+    """FGM: add the gradients of the loss at the word embeddings moved by `epsilon` along their
+    gradient, normalised over the whole embedding matrix, to those already there; the embeddings are
+    moved back before the optimizer steps."""
+    embeddings = model.bert.embeddings.word_embeddings.weight
+    norm = embeddings.grad.norm()
+    if not (norm > 0 and torch.isfinite(norm)):
+        return
+    delta = epsilon * embeddings.grad / norm
+    with torch.no_grad():
+        embeddings.add_(delta)
+    batch_loss().backward()
+    with torch.no_grad():
+        embeddings.sub_(delta)
+
+
+def interpolated(start: dict[str, torch.Tensor], trained: dict[str, torch.Tensor], keep_start: float) -> dict:
+    """The state dict keep_start x start + (1 - keep_start) x trained; tensors that are not floating
+    point (buffers of ids) are the trained ones."""
+    return {name: keep_start * start[name] + (1 - keep_start) * value if value.is_floating_point() else value
+            for name, value in trained.items()}
 
 
 def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
