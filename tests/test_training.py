@@ -583,7 +583,6 @@ def test_an_adversarial_step_adds_the_gradients_at_the_moved_embeddings_and_move
     clean, before = embeddings.grad.clone(), embeddings.detach().clone()
     add_adversarial_gradients(model, batch_loss, 0.5)
     torch.testing.assert_close(embeddings, before)  # moved back, to the last bit or so
-
     both = embeddings.grad.clone()
 
     model.zero_grad()
