@@ -619,8 +619,12 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         state["rng"] = rng_state_to_json(rng.getstate())
         save_checkpoint(checkpoint, model, optimizer, scheduler, state, best_state)
 
-    model.load_state_dict(best_state if start_weights is None else
-                          interpolated(start_weights, best_state, config.keep_start))
+    if start_weights is None:
+        model.load_state_dict(best_state)
+    else:  # the epochs' validation scores in the history are those of the trained weights, not these
+        log.info("saving %.2f x the starting weights + %.2f x epoch %d's (keep_start)", config.keep_start,
+                 1 - config.keep_start, state["best_epoch"])
+        model.load_state_dict(interpolated(start_weights, best_state, config.keep_start))
     model.eval()
     metrics, topic_lexical, tuning = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
                                                          config, parent_meta)
