@@ -24,8 +24,9 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from .bench import synthetic_stories
-from .cli import UsageError, add_model_argument, names_from, positive_int
+from .cli import add_model_argument, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, text_field, utf8_only
+from .errors import UsageError
 from .model import read_meta, read_metrics, write_description
 from .tag_command import story_line
 

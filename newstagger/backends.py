@@ -26,7 +26,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from .cli import UsageError
+from .errors import UsageError
 from .lexicon import TokenLexicon
 from .model import EXPORT_RECORD, ONNX_DIR, NewsTaggerModel, read_metrics, weights_sha256
 

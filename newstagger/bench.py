@@ -32,6 +32,7 @@ from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 from .cli import add_model_argument, names_from, positive_int
+from .errors import UsageError
 from .tag_command import add_runtime_arguments
 
 CONFIGURATIONS = ("torch-fp32", "torch-bf16", "onnx-fp32", "onnx-int8")
@@ -86,7 +87,7 @@ def run(args) -> int:
 
 def measure(folder: Path, name: str, documents: int, repeats: int, threads: int | None, device: str) -> dict:
     """One backend-precision pair, end to end and forward only (runs in its own process)."""
-    from .cli import UsageError, _quiet_library_chatter
+    from .cli import _quiet_library_chatter
     from .tag_command import tag_stream
     from .tagger import Tagger
 

@@ -17,6 +17,7 @@ from collections.abc import Iterable
 from pathlib import Path
 
 from .documents import DataError
+from .errors import UsageError
 
 COMMAND_MODULES = (
     "newstagger.tag_command",
@@ -31,10 +32,6 @@ COMMAND_MODULES = (
     "training.registry",
     "training.retrain",
 )
-
-
-class UsageError(Exception):
-    """The user asked for something that cannot be done as asked (exit code 2)."""
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:

@@ -20,8 +20,9 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import UsageError, add_model_argument, check_fraction, positive_int, refuse_overwriting
+from .cli import add_model_argument, check_fraction, positive_int, refuse_overwriting
 from .documents import DataError, check_encodable, id_and_text, json_object, utf8_only
+from .errors import UsageError
 
 
 def register(subparsers) -> None:

@@ -15,7 +15,7 @@ import numpy as np
 from scipy.special import expit
 
 from .backends import TorchBackend, make_backend
-from .cli import UsageError
+from .errors import UsageError
 from .decoding import SCORE_DECIMALS, constrained_viterbi, tag_marginals, tags_to_spans
 from .documents import unpaired_surrogate
 from .lexical import LexicalTopicModel, blend

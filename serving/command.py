@@ -11,7 +11,8 @@ import os
 import socket
 from pathlib import Path
 
-from newstagger.cli import UsageError, add_model_argument
+from newstagger.cli import add_model_argument
+from newstagger.errors import UsageError
 
 FLAGS = ("model", "host", "port", "workers")
 

@@ -13,7 +13,8 @@ from safetensors.torch import load_file, save_file
 from newstagger.agreement import check_agreement, compare, record_agreement
 from newstagger.backends import OnnxBackend, TorchBackend, available_cores, cpu_bf16_units, make_backend
 from newstagger.bench import synthetic_stories
-from newstagger.cli import UsageError, main
+from newstagger.cli import main
+from newstagger.errors import UsageError
 from newstagger.export import export_onnx
 from newstagger.model import load_model_folder, save_model_folder, weights_sha256
 from newstagger.tagger import Tagger

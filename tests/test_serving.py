@@ -24,7 +24,7 @@ from fastapi.testclient import TestClient
 
 import newstagger
 from newstagger import cli
-from newstagger.cli import UsageError
+from newstagger.errors import UsageError
 from newstagger.model import load_model_folder, save_model_folder
 from newstagger.tagger import Tagger
 from serving import app as app_module

@@ -18,9 +18,10 @@ from seqeval.scheme import IOB2
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
-from newstagger.cli import UsageError, add_model_argument, check_fraction, refuse_overwriting
+from newstagger.cli import add_model_argument, check_fraction, refuse_overwriting
 from newstagger.decoding import SCORE_DECIMALS, char_spans
 from newstagger.documents import DataError, Document
+from newstagger.errors import UsageError
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 

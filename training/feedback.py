@@ -30,6 +30,7 @@ from sqlalchemy.exc import ArgumentError, DatabaseError, IntegrityError
 from sqlalchemy.schema import CreateTable
 
 from newstagger.documents import Document, Span, write_jsonl
+from newstagger.errors import UsageError
 
 DEFAULT_URL = "sqlite:///feedback.db"
 URL_VARIABLE = "NEWSTAGGER_FEEDBACK_URL"
@@ -197,7 +198,7 @@ def register(subparsers) -> None:
 
 
 def run_export(args) -> int:
-    from newstagger.cli import UsageError, refuse_overwriting
+    from newstagger.cli import refuse_overwriting
 
     url = args.store or default_url()
     try:

@@ -31,7 +31,7 @@ from tqdm import tqdm
 from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
 
 from newstagger.checks import MIN_WINDOW, check_rules
-from newstagger.cli import UsageError
+from newstagger.errors import UsageError
 from newstagger.documents import DataError, Document
 from newstagger.model import META_FILE, check_encoder_loaded
 

@@ -37,7 +37,7 @@ from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 
-from newstagger.cli import UsageError
+from newstagger.errors import UsageError
 from newstagger.model import replace_text
 
 log = logging.getLogger("newstagger.registry")

@@ -38,7 +38,7 @@ from pathlib import Path
 
 from newstagger.backends import resolve_device
 from newstagger.checks import check_rules
-from newstagger.cli import UsageError
+from newstagger.errors import UsageError
 from newstagger.documents import DataError, Document
 from newstagger.model import read_meta, read_metrics, write_description
 from newstagger.schema import LabelSchema

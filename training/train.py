@@ -38,9 +38,9 @@ from transformers import AutoTokenizer
 from newstagger import lexical
 from newstagger.backends import DEVICES, cpu_bf16_units, resolve_device
 from newstagger.checks import check_rules, is_finite_number, is_integer, is_string_list, window_rules
-from newstagger.cli import UsageError
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span, utf8_only
+from newstagger.errors import UsageError
 from newstagger.lexicon import build_lexicon, jieba_words
 from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
                               new_model, read_meta, save_model_folder, windows_past_positions)
