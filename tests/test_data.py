@@ -1,5 +1,7 @@
 import json
 import logging
+import random
+import re
 from pathlib import Path
 
 import datasets
@@ -11,6 +13,7 @@ from training.data import (
     FORMATS,
     corpus_stats,
     guess_format,
+    no_topic_documents,
     parse_data_spec,
     read_documents,
     split_validation,
@@ -395,3 +398,18 @@ def test_a_misspelt_label_field_is_an_error_and_metadata_is_not(tmp_path):
     path.write_text(json.dumps(misspelt, ensure_ascii=False) + "\n", encoding="utf-8")
     with pytest.raises(DataError, match=r"stories.jsonl:1: field 'entites' is not read; did you mean 'entities'\?"):
         read_documents(path)
+
+
+def test_no_topic_documents_are_bare_mentions_and_text_without_chinese():
+    docs = read_documents(SAMPLE, "internal")
+    mentions = {doc.text[span.start : span.end] for doc in docs for span in doc.entities or ()}
+    made = no_topic_documents(docs, 41, ["hello", "world"], random.Random(7))
+    assert len(made) == 41 and len({doc.id for doc in made}) == 41
+    assert all(doc.topics == [] and doc.entities is None and doc.text.strip() for doc in made)
+    from_mentions = [doc.text for doc in made if doc.text in mentions]
+    assert len(from_mentions) == 20
+    assert not any(re.search(r"[\u4e00-\u9fff]", doc.text) for doc in made if doc.text not in mentions)
+    assert [doc.text for doc in made] == [doc.text for doc in no_topic_documents(docs, 41, ["hello", "world"],
+                                                                                  random.Random(7))]
+    # nothing to take mentions from: all of them without Chinese
+    assert len(no_topic_documents([Document("a", "无实体", topics=[])], 3, [], random.Random(7))) == 3

@@ -348,7 +348,8 @@ def test_attention_dropout_reaches_every_attention_layer():
                                           (["--seed=-1"], "seed must be from 0 to 4294967295"),
                                           (["--attention-dropout", "1"], "attention_dropout must be from 0 to under"),
                                           (["--keep-start", "1"], "keep_start must be from 0 to under 1"),
-                                          (["--adversarial-epsilon=-1"], "adversarial_epsilon must be 0 or more")])
+                                          (["--adversarial-epsilon=-1"], "adversarial_epsilon must be 0 or more"),
+                                          (["--topic-negatives=-0.5"], "topic_negatives must be 0 or more")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -787,3 +788,23 @@ def test_coarse_labelled_data_is_scored_in_the_coarse_view(tiny_model_dir):
     assert "entities" not in metrics
     assert set(metrics["entities_coarse"]["per_label"]) <= {"PER", "LOC", "ORG"}
     assert metrics["entities_coarse"]["micro"]["support"] == 2
+
+
+
+def test_topic_negatives_add_no_topic_documents_to_the_topic_training_data():
+    texts = [f"滨江市第{i}号新闻稿。" for i in range(40)]
+    by_topics = [Document(f"t{i}", text, topics=["economy"]) for i, text in enumerate(texts)]
+    by_entities = [Document(f"e{i}", text, entities=[Span(0, 3, "address")]) for i, text in enumerate(texts)]
+    runs = {}
+    for share in (0.0, 0.5):
+        config = TrainConfig(train=["a", "b"], max_length=32, stride=8, topic_negatives=share)
+        runs[share] = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [], tiny_tokenizer(),
+                                         tiny_schema())
+    (plain_docs, plain_examples, _), (train_docs, examples, valid_docs) = runs[0.0], runs[0.5]
+    topic_documents = sum(doc.topics is not None for doc in plain_docs)
+    added = train_docs[len(plain_docs):]
+    assert len(added) == round(0.5 * topic_documents) and train_docs[: len(plain_docs)] == plain_docs
+    assert all(doc.topics == [] and doc.entities is None for doc in added)
+    no_topic_rows = [e for e in examples if e.topics is not None and not any(e.topics)]
+    assert len(examples) - len(plain_examples) == len(no_topic_rows) >= len(added)
+    assert not {doc.text for doc in valid_docs} & {doc.text for doc in added}

@@ -25,8 +25,9 @@ from __future__ import annotations
 import difflib
 import json
 import logging
+import random
 from collections import Counter
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from functools import partial
 from itertools import islice
 from pathlib import Path
@@ -271,6 +272,44 @@ def split_validation(
     except ValueError:  # scikit-learn: the share leaves an empty training side
         raise DataError(f"holding out {fraction} of {len(docs)} documents leaves none to train on") from None
     return [docs[i] for i in sorted(train_index)], [docs[i] for i in sorted(validation_index)]
+
+
+# Pieces of text that carry no topic in any language the model reads: digits (ASCII and
+# full-width), emoji and punctuation, beside Latin words (see no_topic_documents).
+_DIGITS = "0123456789"
+_FULL_WIDTH_DIGITS = "０１２３４５６７８９"
+_PUNCTUATION = "。，、！？；：…—“”‘’《》（）()[]#@*&-_/.,!?:%"
+_EMOJI = (0x1F300, 0x1F64F)  # symbols, pictographs and emoticons
+
+
+def no_topic_documents(documents: Sequence[Document], count: int, latin_words: Sequence[str],
+                       rng: random.Random) -> list[Document]:
+    """`count` short texts about no topic, labelled for topics only (`topics == []`): half bare entity
+    mentions from `documents` (a name alone is no topic: a passing word is not enough, by the topic
+    guidelines), half text without Chinese (`latin_words`, numbers, emoji, punctuation).
+
+    Topic data is paragraphs; a topic head that never saw anything shorter answered "hello world"
+    and a lone emoji with topics over their thresholds.
+    """
+    mentions = [doc.text[span.start : span.end] for doc in documents for span in doc.entities or ()]
+    texts = [rng.choice(mentions) for _ in range(count // 2)] if mentions else []
+    while len(texts) < count:
+        texts.append(_contentless_text(latin_words, rng))
+    return [Document(id=f"no-topic-{i}", text=text, topics=[]) for i, text in enumerate(texts)]
+
+
+def _contentless_text(latin_words: Sequence[str], rng: random.Random) -> str:
+    def piece() -> str:
+        kind = rng.randrange(4) if latin_words else rng.randrange(1, 4)
+        if kind == 0:
+            return rng.choice(latin_words)
+        if kind == 1:
+            return "".join(rng.choice(rng.choice((_DIGITS, _FULL_WIDTH_DIGITS))) for _ in range(rng.randint(1, 8)))
+        if kind == 2:
+            return "".join(chr(rng.randint(*_EMOJI)) for _ in range(rng.randint(1, 3)))
+        return "".join(rng.choice(_PUNCTUATION) for _ in range(rng.randint(1, 4)))
+
+    return rng.choice(("", " ")).join(piece() for _ in range(rng.randint(1, 6)))
 
 
 def corpus_stats(docs: Iterable[Document]) -> dict:

@@ -48,7 +48,8 @@ from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
 
-from .data import corpus_stats, labelled_file, not_held_out, parse_data_spec, read_documents, split_validation
+from .data import (corpus_stats, labelled_file, no_topic_documents, not_held_out, parse_data_spec, read_documents,
+                   split_validation)
 from .evaluate import (Predictions, evaluate_tagger, predict_documents, prediction_metrics, topic_metrics,
                        tune_entity_threshold, tune_thresholds)
 from .registry import fingerprint
@@ -209,6 +210,11 @@ class TrainConfig:
                                            "keep_start x start + (1 - keep_start) x trained (WiSE-FT, Wortsman et al., "
                                            "2022), before the cuts are tuned: a continued model keeps part of what its "
                                            "init_model knew that the new training wears away (0 = the trained weights)")
+    topic_negatives: float = config_option(0.0, "short texts about no topic added to the topic training data, as a "
+                                                "share of its documents: bare entity mentions from the entity data and "
+                                                "text without Chinese (training.data.no_topic_documents), so a topic "
+                                                "head that only sees paragraphs learns that a name or an emoji is about "
+                                                "nothing (0 = none)")
     patience: int = config_option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = config_option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                               "blend it into the topic head, with a weight chosen on validation")
@@ -255,6 +261,7 @@ class TrainConfig:
              f"one weight per train source ({len(self.train)})"),
             ("adversarial_epsilon", self.adversarial_epsilon >= 0, "0 or more"),
             ("keep_start", 0 <= self.keep_start < 1, "from 0 to under 1"),
+            ("topic_negatives", self.topic_negatives >= 0, "0 or more"),
             ("patience", self.patience >= 1, "at least 1"),
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("max_topic_blend", 0 <= self.max_topic_blend <= 1, "from 0 to 1"),
@@ -652,7 +659,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 # (more steps stretch the learning-rate decay from where it stands).
 RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "max_validation_documents",
                 "max_length", "stride", "batch_tokens", "learning_rate", "head_learning_rate", "weight_decay",
-                "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample",
+                "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample", "topic_negatives",
                 "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout", "seed")
 
 
@@ -893,8 +900,8 @@ def check_windows_fit(encoder_config, **windows: int) -> None:
 
 def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
                        validation_files: list[Document], tokenizer, schema: LabelSchema):
-    """(training documents, their windows as examples with topic rows oversampled, validation documents
-    with each set's held-out share added)."""
+    """(training documents with the no-topic ones `topic_negatives` asks for, their windows as examples
+    with topic rows oversampled, validation documents with each set's held-out share added)."""
     valid_docs = list(validation_files)
     kept_sets = []
     for docs in train_sets:
@@ -916,6 +923,13 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
         examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse, weight)
+    if config.topic_negatives:
+        topic_documents = sum(doc.topics is not None for doc in train_docs)
+        latin_words = [token for token in tokenizer.get_vocab() if token.isascii() and token.isalpha() and len(token) > 1]
+        negatives = no_topic_documents(train_docs, round(config.topic_negatives * topic_documents), latin_words,
+                                       random.Random(config.seed))
+        train_docs += negatives
+        examples += build_examples(negatives, tokenizer, schema, config.max_length, config.stride)
     topic_examples = [e for e in examples if e.topics is not None]
     extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
     examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
