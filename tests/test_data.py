@@ -82,6 +82,20 @@ def test_a_label_studio_export_without_choices_has_no_topic_labels(tmp_path):
     assert doc.topics is None and doc.entities == [Span(0, 2, "name")]
 
 
+def test_a_label_studio_export_of_two_projects_reads_what_each_project_labels(tmp_path):
+    spans = {"type": "labels", "value": {"start": 0, "end": 2, "labels": ["name"]}}
+    topics = {"type": "choices", "value": {"choices": ["livelihood"]}}
+    tasks = [{"id": 1, "project": 3, "data": {"text": "刘洋出席。"}, "annotations": [{"id": 1, "result": [spans]}]},
+             {"id": 2, "project": 4, "data": {"text": "刘洋出席。"}, "annotations": [{"id": 2, "result": [topics]}]},
+             {"id": 3, "project": 4, "data": {"text": "今天开会。"}, "annotations": [{"id": 3, "result": []}]}]
+    path = tmp_path / "two-projects.json"
+    path.write_text(json.dumps(tasks), encoding="utf-8")
+    spans_project, topics_project, no_topic = read_documents(path, "labelstudio")
+    assert spans_project.topics is None and spans_project.entities == [Span(0, 2, "name")]
+    assert topics_project.topics == ["livelihood"] and topics_project.entities is None
+    assert no_topic.topics == [] and no_topic.entities is None
+
+
 def test_doccano_span_labels():
     docs = read_documents(FIXTURES / "doccano_spans.jsonl", "doccano")
     assert [doc.id for doc in docs] == ["1", "2", "doccano_spans-3"]

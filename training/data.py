@@ -86,7 +86,7 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
     """A Label Studio JSON export, reading each task's latest annotation that was not cancelled.
 
     `labels` results become entities, `choices` results topics. Each task is read as labelled for
-    a task when any task of the export is (the project labels it): then a task without spans has
+    a task when any task of its project is (the project labels it): then a task without spans has
     entities [], and one with no choice ticked has topics [] (Label Studio stores no result for an
     empty choice); otherwise None.
     Tasks nobody annotated are skipped with a warning: exports routinely include them.
@@ -110,15 +110,22 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
     if unannotated:
         logger.warning("%s: skipped %d of %d tasks with no annotation that was not cancelled",
                        path, unannotated, len(tasks))
-    labelled_for = {kind: any(_has_result(annotation, kind) for _, _, annotation in annotated if annotation is not None)
-                    for kind in ("labels", "choices")}
+    # What a project labels is decided per project: an export of several (a spans project beside a
+    # topics project) would otherwise read the spans project's stories as labelled "no topic".
+    labelled_for: dict[str, dict[str, bool]] = {}
+    for _, task, annotation in annotated:
+        if annotation is not None:
+            kinds = labelled_for.setdefault(_project(task), {"labels": False, "choices": False})
+            for kind in kinds:
+                kinds[kind] = kinds[kind] or _has_result(annotation, kind)
     stem = Path(path).stem
 
     def records() -> Iterator[Record]:
         for index, task, annotation in annotated:
             if annotation is not None:
                 where = f"{path}[{index}]"
-                build = partial(_label_studio_document, task, annotation, f"{stem}-{index}", labelled_for, where)
+                build = partial(_label_studio_document, task, annotation, f"{stem}-{index}",
+                                labelled_for[_project(task)], where)
                 yield where, build
 
     return _load(records(), topic_labels, entity_types)
@@ -535,6 +542,12 @@ def _latest_annotation(task) -> dict | None:
     # ISO timestamps compare correctly as strings; the id (an integer in Label Studio) breaks ties.
     return max(usable, key=lambda a: (str(a.get("updated_at") or a.get("created_at") or ""),
                                       a["id"] if isinstance(a.get("id"), int) else -1))
+
+
+def _project(task: dict) -> str:
+    """The Label Studio project a task comes from (exports write its id in each task); tasks
+    without one are taken as one project."""
+    return json.dumps(task.get("project"), sort_keys=True)
 
 
 def _has_result(annotation: dict, kind: str) -> bool:
