@@ -349,7 +349,8 @@ def test_attention_dropout_reaches_every_attention_layer():
                                           (["--attention-dropout", "1"], "attention_dropout must be from 0 to under"),
                                           (["--keep-start", "1"], "keep_start must be from 0 to under 1"),
                                           (["--adversarial-epsilon=-1"], "adversarial_epsilon must be 0 or more"),
-                                          (["--topic-negatives=-0.5"], "topic_negatives must be 0 or more")])
+                                          (["--topic-negatives=-0.5"], "topic_negatives must be 0 or more"),
+                                          (["--validation-seed=-1"], "validation_seed must be from 0 to")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
@@ -808,3 +809,17 @@ def test_topic_negatives_add_no_topic_documents_to_the_topic_training_data():
     no_topic_rows = [e for e in examples if e.topics is not None and not any(e.topics)]
     assert len(examples) - len(plain_examples) == len(no_topic_rows) >= len(added)
     assert not {doc.text for doc in valid_docs} & {doc.text for doc in added}
+    # the same texts from another load of the tokenizer, whose vocabulary comes in another order
+    again = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [], tiny_tokenizer(), tiny_schema())[0]
+    assert [doc.text for doc in again] == [doc.text for doc in train_docs]
+
+
+def test_validation_seed_keeps_the_split_while_seed_changes_the_training_order():
+    docs = [Document(f"t{i}", f"滨江市第{i}号新闻稿。", topics=["economy"]) for i in range(40)]
+
+    def split(**seeds):
+        config = TrainConfig(train=["a"], max_length=32, stride=8, **seeds)
+        train_docs, _, valid_docs = _training_examples(config, [docs], [1.0], [], tiny_tokenizer(), tiny_schema())
+        return {doc.id for doc in train_docs}, {doc.id for doc in valid_docs}
+
+    assert split(seed=14, validation_seed=13) == split(seed=13) != split(seed=14)

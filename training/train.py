@@ -140,8 +140,8 @@ def device_rule(device: str) -> tuple:
     return "device", device in DEVICES, f"one of {', '.join(DEVICES)}"
 
 
-def seed_rule(seed: int) -> tuple:
-    return "seed", 0 <= seed < 2**32, "from 0 to 4294967295"  # what numpy's seed takes
+def seed_rule(seed: int, name: str = "seed") -> tuple:
+    return name, 0 <= seed < 2**32, "from 0 to 4294967295"  # what numpy's seed takes
 
 
 def config_option(default, help: str, metavar: str | None = None):
@@ -227,6 +227,10 @@ class TrainConfig:
                                                   "(entity threshold, topic thresholds and blend) to be chosen on them; "
                                                   "with fewer, an --init-model keeps its own, a new model the defaults")
     seed: int = config_option(13, "random seed")
+    validation_seed: int | None = config_option(None, "seed of the validation split and sample (default: seed): "
+                                                      "a run continuing a model keeps its split, so the documents "
+                                                      "that model trained on stay out of validation, while "
+                                                      "`seed` draws another training order")
     threads: int = config_option(0, "torch CPU threads (0 = torch's default)")
     resume: bool = resume_option()
     overwrite_output: bool = config_option(False, "train into an OUTPUT folder that is not empty, replacing the model "
@@ -269,6 +273,7 @@ class TrainConfig:
             device_rule(self.device),
             attention_dropout_rule(self.attention_dropout),
             seed_rule(self.seed),
+            *((seed_rule(self.validation_seed, "validation_seed"),) if self.validation_seed is not None else ()),
         ))
 
 
@@ -660,7 +665,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "max_validation_documents",
                 "max_length", "stride", "batch_tokens", "learning_rate", "head_learning_rate", "weight_decay",
                 "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample", "topic_negatives",
-                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout", "seed")
+                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout", "seed",
+                "validation_seed")
 
 
 def run_identity(config, settings: Sequence[str], data_specs: Sequence[str]) -> dict:
@@ -810,7 +816,8 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
         if len(docs) > config.max_validation_documents:  # a sample, not the head of a file sorted by date or desk
             log.warning("--validation %s: scoring a random %d of its %d documents (max_validation_documents)",
                         spec, config.max_validation_documents, len(docs))
-            kept = sorted(random.Random(config.seed).sample(range(len(docs)), config.max_validation_documents))
+            kept = sorted(random.Random(_validation_seed(config)).sample(range(len(docs)),
+                                                                         config.max_validation_documents))
             docs = [docs[i] for i in kept]
         validation_sets.append((spec, docs))
     if not any(train_sets):
@@ -819,6 +826,10 @@ def _read_data(config: TrainConfig, sources: Sequence[list[Document]]):
         raise DataError("no labelled training documents: none has topics or entities")
     weights = [*(config.train_weights or [1.0] * len(config.train)), *[1.0] * len(sources)]
     return train_sets, weights, validation_sets
+
+
+def _validation_seed(config: TrainConfig) -> int:
+    return config.seed if config.validation_seed is None else config.validation_seed
 
 
 def _labelled_file(spec: str, option: str) -> list[Document]:
@@ -909,7 +920,7 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
         if docs and not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
             # a smaller share where the usual one would pass the cap, so nothing held out goes unused
             fraction = min(config.validation_fraction, config.max_validation_documents / len(docs))
-            docs, held = split_validation(docs, fraction, seed=config.seed)
+            docs, held = split_validation(docs, fraction, seed=_validation_seed(config))
             valid_docs += held
         kept_sets.append((docs, coarse))
     # A story in two sets (topics in one file, entities in another), or in --validation too, is
@@ -925,7 +936,9 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
         examples += build_examples(docs, tokenizer, schema, config.max_length, config.stride, coarse, weight)
     if config.topic_negatives:
         topic_documents = sum(doc.topics is not None for doc in train_docs)
-        latin_words = [token for token in tokenizer.get_vocab() if token.isascii() and token.isalpha() and len(token) > 1]
+        # sorted: get_vocab's order changes from one load to the next, and the draw must not
+        latin_words = sorted(token for token in tokenizer.get_vocab() if token.isascii() and token.isalpha()
+                             and len(token) > 1)
         negatives = no_topic_documents(train_docs, round(config.topic_negatives * topic_documents), latin_words,
                                        random.Random(config.seed))
         train_docs += negatives
