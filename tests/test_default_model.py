@@ -61,6 +61,13 @@ def test_korean_names_split_into_letters_give_no_overlapping_entities(tagger):
         assert all(text[e["start"] : e["end"]] == e["text"] for e in result["entities"])
 
 
+def test_text_about_nothing_gets_no_topic(tagger):
+    """Trained on paragraphs alone, the topic head once gave "hello world" all four topics."""
+    texts = ["hello world", "🙂", "2026-11-30", "（完）", "本报讯", "李卫东", "点击查看更多", "N/A"]
+    labelled = {text: result["labels"] for text, result in zip(texts, tagger.tag(texts)) if result["labels"]}
+    assert len(labelled) <= 2, labelled
+
+
 @needs_shared
 def test_validation_scores_on_the_shared_data_hold(tagger):
     from training.data import read_documents, split_validation
