@@ -791,17 +791,16 @@ def test_coarse_labelled_data_is_scored_in_the_coarse_view(tiny_model_dir):
     assert metrics["entities_coarse"]["micro"]["support"] == 2
 
 
-
 def test_topic_negatives_add_no_topic_documents_to_the_topic_training_data():
     texts = [f"滨江市第{i}号新闻稿。" for i in range(40)]
     by_topics = [Document(f"t{i}", text, topics=["economy"]) for i, text in enumerate(texts)]
     by_entities = [Document(f"e{i}", text, entities=[Span(0, 3, "address")]) for i, text in enumerate(texts)]
-    runs = {}
-    for share in (0.0, 0.5):
+
+    def examples_with(share: float):
         config = TrainConfig(train=["a", "b"], max_length=32, stride=8, topic_negatives=share)
-        runs[share] = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [], tiny_tokenizer(),
-                                         tiny_schema())
-    (plain_docs, plain_examples, _), (train_docs, examples, valid_docs) = runs[0.0], runs[0.5]
+        return _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [], tiny_tokenizer(), tiny_schema())
+
+    (plain_docs, plain_examples, _), (train_docs, examples, valid_docs) = examples_with(0.0), examples_with(0.5)
     topic_documents = sum(doc.topics is not None for doc in plain_docs)
     added = train_docs[len(plain_docs):]
     assert len(added) == round(0.5 * topic_documents) and train_docs[: len(plain_docs)] == plain_docs
@@ -810,8 +809,7 @@ def test_topic_negatives_add_no_topic_documents_to_the_topic_training_data():
     assert len(examples) - len(plain_examples) == len(no_topic_rows) >= len(added)
     assert not {doc.text for doc in valid_docs} & {doc.text for doc in added}
     # the same texts from another load of the tokenizer, whose vocabulary comes in another order
-    again = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [], tiny_tokenizer(), tiny_schema())[0]
-    assert [doc.text for doc in again] == [doc.text for doc in train_docs]
+    assert [doc.text for doc in examples_with(0.5)[0]] == [doc.text for doc in train_docs]
 
 
 def test_validation_seed_keeps_the_split_while_seed_changes_the_training_order():
