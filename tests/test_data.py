@@ -414,16 +414,19 @@ def test_a_misspelt_label_field_is_an_error_and_metadata_is_not(tmp_path):
         read_documents(path)
 
 
-def test_no_topic_documents_are_bare_mentions_and_text_without_chinese():
+def test_no_topic_documents_are_bare_mentions_newsroom_credits_and_text_without_chinese():
     docs = read_documents(SAMPLE, "internal")
     mentions = {doc.text[span.start : span.end] for doc in docs for span in doc.entities or ()}
     made = no_topic_documents(docs, 41, ["hello", "world"], random.Random(7))
     assert len(made) == 41 and len({doc.id for doc in made}) == 41
     assert all(doc.topics == [] and doc.entities is None and doc.text.strip() for doc in made)
-    from_mentions = [doc.text for doc in made if doc.text in mentions]
-    assert len(from_mentions) == 20
-    assert not any(re.search(r"[\u4e00-\u9fff]", doc.text) for doc in made if doc.text not in mentions)
-    assert [doc.text for doc in made] == [doc.text for doc in no_topic_documents(docs, 41, ["hello", "world"],
-                                                                                  random.Random(7))]
+    texts = [doc.text for doc in made]
+    assert all(text in mentions for text in texts[:13])
+    newsroom = texts[13:26]
+    assert not any(text in mentions for text in newsroom)
+    people = {doc.text[span.start : span.end] for doc in docs for span in doc.entities or () if span.type == "name"}
+    assert sum(any(name in text for name in people) for text in newsroom) >= 7  # credits name people
+    assert not any(re.search(r"[\u4e00-\u9fff]", text) for text in texts[26:])
+    assert texts == [doc.text for doc in no_topic_documents(docs, 41, ["hello", "world"], random.Random(7))]
     # nothing to take mentions from: all of them without Chinese
     assert len(no_topic_documents([Document("a", "无实体", topics=[])], 3, [], random.Random(7))) == 3

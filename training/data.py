@@ -35,6 +35,7 @@ from typing import TYPE_CHECKING
 
 from newstagger.checks import is_integer, is_string_list
 from newstagger.documents import DataError, Document, Span, json_object, text_field, utf8_only, validate
+from newstagger.schema import DEFAULT_COARSE
 
 if TYPE_CHECKING:
     import datasets
@@ -287,22 +288,44 @@ _DIGITS = "0123456789"
 _FULL_WIDTH_DIGITS = "０１２３４５６７８９"
 _PUNCTUATION = "。，、！？；：…—“”‘’《》（）()[]#@*&-_/.,!?:%"
 _EMOJI = (0x1F300, 0x1F64F)  # symbols, pictographs and emoticons
+# What a newsroom wraps around a story: credits (a role and a name) and marks that stand alone.
+# Ingest pipelines send them as fields or fragments of their own, and they are about nothing.
+_CREDIT_ROLES = ("记者", "本报记者", "通讯员", "实习生", "编辑", "责任编辑", "校对", "审核", "摄影", "摄", "图", "文",
+                 "来源", "作者", "主编")
+_CREDIT_FORMS = ("{role} {name}", "{role}：{name}", "{role}/{name}", "（{role} {name}）", "{role} {name} {other}",
+                 "{name} {role}", "（{name} {role}）", "{role}：{name} {other}")
+_STORY_MARKS = ("（完）", "（全文完）", "未完待续", "阅读原文", "点击查看", "展开全文", "返回顶部", "上一篇", "下一篇",
+                "分享到", "扫码关注", "更多精彩内容", "编者按", "本报讯", "据新华社电", "本版图片", "第{number}版",
+                "图为{name}")
 
 
 def no_topic_documents(documents: Sequence[Document], count: int, latin_words: Sequence[str],
                        rng: random.Random) -> list[Document]:
-    """`count` short texts about no topic, labelled for topics only (`topics == []`): half bare entity
+    """`count` short texts about no topic, labelled for topics only (`topics == []`): a third bare entity
     mentions from `documents` (a name alone is no topic: a passing word is not enough, by the topic
-    guidelines), half text without Chinese (`latin_words`, numbers, emoji, punctuation).
+    guidelines), a third newsroom credits and marks ("记者 <name>", "（完）"; the names are people's
+    where the data has any), and the rest text without Chinese (`latin_words`, numbers, emoji,
+    punctuation).
 
     Topic data is paragraphs; a topic head that never saw anything shorter answered "hello world"
     and a lone emoji with topics over their thresholds.
     """
-    mentions = [doc.text[span.start : span.end] for doc in documents for span in doc.entities or ()]
-    texts = [rng.choice(mentions) for _ in range(count // 2)] if mentions else []
+    spans = [(doc.text[span.start : span.end], span.type) for doc in documents for span in doc.entities or ()]
+    mentions = [mention for mention, _ in spans]
+    people = [mention for mention, type_ in spans if DEFAULT_COARSE.get(type_) == "PER"] or mentions
+    texts = []
+    if mentions:
+        texts += [rng.choice(mentions) for _ in range(count // 3)]
+        texts += [_newsroom_text(people, rng) for _ in range(count // 3)]
     while len(texts) < count:
         texts.append(_contentless_text(latin_words, rng))
     return [Document(id=f"no-topic-{i}", text=text, topics=[]) for i, text in enumerate(texts)]
+
+
+def _newsroom_text(people: Sequence[str], rng: random.Random) -> str:
+    template = rng.choice(_CREDIT_FORMS) if rng.random() < 0.6 else rng.choice(_STORY_MARKS)
+    return template.format(role=rng.choice(_CREDIT_ROLES), name=rng.choice(people), other=rng.choice(people),
+                           number=rng.randint(1, 24))
 
 
 def _contentless_text(latin_words: Sequence[str], rng: random.Random) -> str:

@@ -211,10 +211,11 @@ class TrainConfig:
                                            "2022), before the cuts are tuned: a continued model keeps part of what its "
                                            "init_model knew that the new training wears away (0 = the trained weights)")
     topic_negatives: float = config_option(0.0, "short texts about no topic added to the topic training data, as a "
-                                                "share of its documents: bare entity mentions from the entity data and "
-                                                "text without Chinese (training.data.no_topic_documents), so a topic "
-                                                "head that only sees paragraphs learns that a name or an emoji is about "
-                                                "nothing (0 = none)")
+                                                "share of its documents: bare entity mentions from the entity data, "
+                                                "newsroom credits and marks around them, and text without Chinese "
+                                                "(training.data.no_topic_documents), so a topic head that only sees "
+                                                "paragraphs learns that a name, a byline or an emoji is about nothing "
+                                                "(0 = none)")
     patience: int = config_option(2, "epochs without improvement before stopping early")
     topic_lexical: bool = config_option(True, "at the end, fit a char n-gram TF-IDF + logistic regression topic model and "
                                               "blend it into the topic head, with a weight chosen on validation")
