@@ -151,9 +151,11 @@ def validate(
     where = where or f"document {doc.id!r}"
     check_encodable(doc.id, "id", where)
     check_encodable(doc.text, "text", where)
-    for label in [*(doc.topics or ()), *(span.type for span in doc.entities or ())]:
+    labels = [("topics", topic) for topic in doc.topics or ()] + [("entities", span.type) for span in doc.entities or ()]
+    for field, label in labels:
         if not label or label != label.strip():  # "" and " economy" would each become a label of their own
             raise DataError(f"{where}: label {label!r} is empty or has spaces around it")
+        check_encodable(label, field, where)
     if doc.topics is not None:
         if len(set(doc.topics)) != len(doc.topics):
             raise DataError(f"{where}: duplicate topic in {doc.topics}")

@@ -112,6 +112,32 @@ def test_doccano_categories_and_entity_objects():
     assert docs[2].topics == [] and docs[2].entities is None
 
 
+def test_doccano_labels_is_read_as_label_and_a_misspelt_label_field_is_an_error(tmp_path):
+    """Some doccano versions write "labels"; a misspelt field would otherwise drop its record's labels."""
+    labels = write(tmp_path, "labels.jsonl", '{"id": 1, "text": "李四在上海", "labels": [[0, 2, "name"], [3, 5, "address"]]}\n')
+    assert guess_format(labels) == "doccano"
+    assert mentions(read_documents(labels)[0]) == [("李四", "name"), ("上海", "address")]
+    both = write(tmp_path, "both.jsonl", '{"id": 1, "text": "李四", "label": [[0, 2, "name"]], "labels": [[0, 2, "name"]]}\n')
+    with pytest.raises(DataError, match=r"both.jsonl:1: both 'label' and 'labels' given"):
+        read_documents(both, "doccano")
+    misspelt = write(tmp_path, "misspelt.jsonl", '{"id": 1, "text": "张三在北京", "label": [[0, 2, "name"]]}\n'
+                     '{"id": 2, "text": "李四在上海", "lable": [[0, 2, "name"]]}\n')
+    with pytest.raises(DataError, match=r"misspelt.jsonl:2: field 'lable' is not read; did you mean 'label'\?"):
+        read_documents(misspelt, "doccano")
+
+
+def test_a_doccano_file_whose_first_line_json_cannot_read_fails_on_that_line(tmp_path):
+    for name, line in [("deep.jsonl", "[" * 100_000), ("long.jsonl", '{"id": ' + "9" * 5000 + ', "text": "x"}')]:
+        with pytest.raises(DataError, match=rf"{name}:1: not valid JSON"):
+            read_documents(write(tmp_path, name, line + "\n"), "doccano")
+
+
+def test_a_cluener_span_given_as_two_mentions_is_an_error(tmp_path):
+    line = '{"text": "青澜市叶老桂出席", "label": {"name": {"叶老": [[3, 5]], "叶老桂": [[3, 5]]}}}\n'
+    with pytest.raises(DataError, match=r"two.json:1: name span \[3, 5\] is given as both '叶老' and '叶老桂'"):
+        read_documents(write(tmp_path, "two.json", line), "cluener")
+
+
 def test_internal_jsonl():
     docs = read_documents(FIXTURES / "internal.jsonl", "internal")
     assert [(doc.id, doc.group) for doc in docs] == [("a1", "city-a"), ("a2", "city-a"), ("b1", "city-b"), ("c1", None)]
@@ -243,6 +269,13 @@ def test_label_studio_annotations_with_mixed_id_and_timestamp_types(tmp_path):
     assert doc.entities == [Span(0, 3, "address")]  # the integer id breaks the tie
     number_and_text = task(annotation.format(id=1, at=5, end=2), annotation.format(id=2, at='"2024-05-01"', end=3))
     assert len(read_documents(write(tmp_path, "ls2.json", number_and_text), "labelstudio")) == 1
+
+
+def test_a_record_with_topics_is_internal_whatever_else_it_holds(tmp_path):
+    """A source's own `label` list beside the internal fields is metadata, not doccano categories."""
+    path = write(tmp_path, "stories.jsonl", '{"id": "a", "text": "国足晋级", "topics": ["economy"], "label": ["头条"]}\n')
+    assert guess_format(path) == "internal"
+    assert read_documents(path)[0].topics == ["economy"]
 
 
 def test_format_guessing_gives_up_with_advice(tmp_path):
@@ -399,6 +432,13 @@ def test_an_entity_that_carries_its_text_is_checked_against_its_offsets(tmp_path
 @pytest.mark.parametrize("topics, entities", [([" economy"], None), ([""], None), (None, [Span(0, 2, "")])])
 def test_an_empty_label_or_one_with_spaces_around_it_is_an_error(topics, entities):
     with pytest.raises(DataError, match="is empty or has spaces around it"):
+        validate(Document("a", "刘洋出席。", topics=topics, entities=entities))
+
+
+@pytest.mark.parametrize("topics, entities, field", [(["\ud800体育"], None, "topics"),
+                                                     (None, [Span(0, 2, "ORG\udfff")], "entities")])
+def test_a_label_with_an_unpaired_surrogate_is_an_error(topics, entities, field):
+    with pytest.raises(DataError, match=rf"field '{field}' has an unpaired surrogate"):
         validate(Document("a", "刘洋出席。", topics=topics, entities=entities))
 
 

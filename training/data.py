@@ -11,7 +11,7 @@ Formats (names as used by `read_documents` and `PATH:FORMAT` data specs):
 - `columns`: one character and its tag per line (BIO, BIOES or BMES), blank line between sentences.
 - `labelstudio`: a Label Studio JSON export (an array of tasks with `labels` and `choices` results).
 - `doccano`: doccano JSONL, spans as `"label": [[start, end, type]]` or `"entities": [...]`,
-  categories as `"cats"` or `"label": [str, ...]`.
+  categories as `"cats"` or `"label": [str, ...]` (`"labels"` in some doccano versions).
 - `hf`: a Hugging Face `datasets` folder (`Dataset.save_to_disk`) with the internal format's
   columns, read through `datasets` (memory-mapped Arrow); `to_hf_dataset` writes one.
 
@@ -48,7 +48,9 @@ Labels = Iterable[str] | None  # an allowed label set; None allows any
 Record = tuple[str, Callable[[], tuple[Document, dict[Span, str] | None]]]
 
 INTERNAL_FIELDS = ("id", "text", "topics", "entities", "group")
-LABEL_FIELDS = ("topics", "entities")
+INTERNAL_LABEL_FIELDS = {"topics": (str,), "entities": (dict,)}
+# doccano's label fields and what their items are: "label" holds spans or categories by file.
+DOCCANO_LABEL_FIELDS = {"label": (list, str), "entities": (dict, list), "cats": (str,)}
 COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
 # How many leading records format guessing may read before giving up.
 GUESS_LIMIT = 50
@@ -134,9 +136,9 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
 
 def read_doccano(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
     """doccano JSONL. Spans from `"entities": [{"start_offset", "end_offset", "label"}]` or
-    `"label": [[start, end, type], ...]`; topics from `"cats"` or `"label": [str, ...]`. An empty
-    `"label": []` means whatever `label` holds elsewhere in the file. Ids from `"id"`, else
-    `<file stem>-<line number>`."""
+    `"label": [[start, end, type], ...]`; topics from `"cats"` or `"label": [str, ...]` (`"labels"`,
+    as some doccano versions write it, is read as `"label"`). An empty `"label": []` means whatever
+    `label` holds elsewhere in the file. Ids from `"id"`, else `<file stem>-<line number>`."""
     stem = Path(path).stem
     file_label_kind = _doccano_file_label_kind(path)
     records = (
@@ -433,7 +435,7 @@ def _row_document(row: dict, where: str):
     `tag` output does) checked against its offsets. A misspelt label field is an error: its labels
     would otherwise go unread, and a gold set or corrections would lose a task without a word."""
     for name in row:
-        meant = _misspelt_label_field(name, row)
+        meant = _misspelt_label_field(name, row, INTERNAL_LABEL_FIELDS) if name not in INTERNAL_FIELDS else None
         if meant:
             raise DataError(f"{where}: field {name!r} is not read; did you mean {meant!r}?")
     doc = Document.from_dict(row, where)
@@ -442,17 +444,17 @@ def _row_document(row: dict, where: str):
     return doc, mentions
 
 
-def _misspelt_label_field(name: str, row: dict) -> str | None:
+def _misspelt_label_field(name: str, row: dict, label_fields: dict[str, tuple[type, ...]]) -> str | None:
     """The label field that `name` misspells ("topic", "entites"): close to it, holding what it would
-    (a list of strings, of span objects), and in a row without it. Names built on it ("pred_topics")
-    and values of other shapes (a CMS's "topic": "体育", "entity_ids": [3]) are metadata, ignored."""
-    if name in INTERNAL_FIELDS:
+    (a non-empty list of `label_fields[field]` items), and in a row without it. Names built on it
+    ("pred_topics") and values of other shapes (a CMS's "topic": "体育", "entity_ids": [3]) are
+    metadata, ignored."""
+    if name in label_fields:
         return None
-    meant = difflib.get_close_matches(name, LABEL_FIELDS, n=1, cutoff=0.7)
+    meant = difflib.get_close_matches(name, label_fields, n=1, cutoff=0.7)
     if not meant or meant[0] in row or meant[0] in name or not isinstance(row[name], list):
         return None
-    item_type = str if meant[0] == "topics" else dict
-    return meant[0] if all(isinstance(item, item_type) for item in row[name]) else None
+    return meant[0] if all(isinstance(item, label_fields[meant[0]]) for item in row[name]) else None
 
 
 def _string_list(value, field: str, where: str) -> list[str]:
@@ -502,7 +504,11 @@ def _cluener_document(line: str, doc_id: str, where: str):
                 raise DataError(f"{where}: offsets of {mention!r} must be a list of [start, end] pairs")
             for start, inclusive_end in offsets:
                 span = _span(start, inclusive_end, entity_type, where)
-                mentions[Span(span.start, span.end + 1, span.type)] = mention
+                span = Span(span.start, span.end + 1, span.type)
+                if mentions.get(span, mention) != mention:  # one of the two is not what the text says there
+                    raise DataError(f"{where}: {entity_type} span [{span.start}, {inclusive_end}] is given as both "
+                                    f"{mentions[span]!r} and {mention!r}")
+                mentions[span] = mention
     return Document(doc_id, text, entities=_flat_spans(mentions, text, mentions, where)), mentions
 
 
@@ -631,22 +637,34 @@ def _doccano_file_label_kind(path) -> str | None:
     """What `label` holds in this file, from the first record that tells; None if none does."""
     for _, where, line in _json_lines(path):
         try:
-            obj = json.loads(line)
-            if not isinstance(obj, dict):
-                continue
+            obj = _doccano_fields(json_object(line, where), where)
             if "entities" in obj:
                 return "categories"  # spans live in 'entities', so 'label' can only be categories
             if "label" in obj:
                 kind = _doccano_label_kind(obj["label"], where)
                 if kind:
                     return kind
-        except (json.JSONDecodeError, DataError):
+        except DataError:
             continue  # the bad record fails on its own when it is read
     return None
 
 
+def _doccano_fields(obj: dict, where: str) -> dict:
+    """The record with `labels` read as `label`; a misspelt label field is an error, as in the
+    internal format, since its labels would otherwise go unread."""
+    if "labels" in obj:
+        if "label" in obj:
+            raise DataError(f"{where}: both 'label' and 'labels' given; doccano writes one of them")
+        obj = {("label" if name == "labels" else name): value for name, value in obj.items()}
+    for name in obj:
+        meant = _misspelt_label_field(name, obj, DOCCANO_LABEL_FIELDS)
+        if meant:
+            raise DataError(f"{where}: field {name!r} is not read; did you mean {meant!r}?")
+    return obj
+
+
 def _doccano_document(line: str, fallback_id: str, file_label_kind: str | None, where: str):
-    obj = json_object(line, where)
+    obj = _doccano_fields(json_object(line, where), where)
     text = text_field(obj, where)
     spans: list[Span] | None = None
     topics: list[str] | None = None
@@ -689,16 +707,16 @@ def _format_of_record(obj) -> str | None:
     """The JSON-lines format one record belongs to, or None if it does not tell."""
     if not isinstance(obj, dict):
         return None
+    if "topics" in obj:  # only the internal format has it; a 'label' beside it is the source's metadata
+        return "internal"
     label = obj.get("label")
     if isinstance(label, dict):
         return "cluener"
-    if isinstance(label, list) or "cats" in obj:
+    if isinstance(label, list) or isinstance(obj.get("labels"), list) or "cats" in obj:
         return "doccano"
     if "relations" in obj:  # doccano's export of spans with relations
         return "doccano"
     entities = obj.get("entities")
     if isinstance(entities, list) and entities and isinstance(entities[0], dict):
         return "doccano" if "start_offset" in entities[0] else "internal"
-    if "topics" in obj:
-        return "internal"
     return None
