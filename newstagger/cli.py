@@ -8,6 +8,7 @@ code. Bad input raises UsageError or DataError and ends as exit code 2 with a on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
 import logging
 import os
@@ -63,13 +64,23 @@ def names_from(known: tuple[str, ...]):
 
 
 def refuse_overwriting(output: str | None, inputs: Iterable[str | Path]) -> None:
-    """UsageError when `output` is an existing file that is also an input: opening it for writing would
-    empty what is still to be read, or replace labelled data with results."""
+    """UsageError when `output` is an existing file that is also an input (`-`: whatever stdin reads,
+    `< out.jsonl`): opening it for writing would empty what is still to be read, or replace labelled
+    data with results."""
     if not output or output == "-" or not os.path.exists(output):
         return
     for source in inputs:
-        if str(source) != "-" and os.path.exists(source) and os.path.samefile(output, source):
+        if _same_file(output, str(source)):
             raise UsageError(f"--output {output} is also an input ({source}); writing it would destroy that input")
+
+
+def _same_file(output: str, source: str) -> bool:
+    if source != "-":
+        return os.path.exists(source) and os.path.samefile(output, source)
+    try:
+        return os.path.samestat(os.fstat(sys.stdin.fileno()), os.stat(output))
+    except (OSError, ValueError, AttributeError):  # stdin closed, or no file behind it (a test's StringIO)
+        return False
 
 
 def check_fraction(option: str, value: float | None) -> float | None:
@@ -111,8 +122,18 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         return 130
     except BrokenPipeError:  # the reader went away (`newstagger tag ... -o - | head`): stop quietly, as `cat` does
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # so the exit's flush cannot fail again
+        _drop_stdout()
         return 128 + signal.SIGPIPE
+    except OSError as err:  # the disk is full, a device failed: the environment's error, in one line
+        _drop_stdout()
+        print(f"newstagger {args.command}: error: {err}", file=sys.stderr)
+        return 1
+
+
+def _drop_stdout() -> None:
+    """Point stdout at the null device, so the exit's flush of what could not be written cannot fail again."""
+    with contextlib.suppress(OSError, ValueError):  # a stdout with no descriptor (a test's) has nothing to flush
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
 def _quiet_library_chatter() -> None:

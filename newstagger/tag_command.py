@@ -1,10 +1,12 @@
 """`newstagger tag`: JSONL stories in, one JSONL result per story out, in order, streaming.
 
 Input lines are `{"id", "text"}`; output lines `{"id", "topics", "labels", "entities"}`. The file
-is read and written in chunks, so memory stays flat however large the input is. A bad line stops
-the run with its line number (exit 2) after every earlier line has been written, or, with
-`--on-error record`, is answered in place by `{"id", "error"}` so output stays aligned with the
-non-blank input lines (blank lines hold no story and are skipped).
+is read and written in chunks, so memory stays flat however large the input is. A file output is
+written as OUTPUT.partial and takes its name when the run ends well, so a stopped run never leaves
+a file that looks complete (nor empties an earlier one). A bad line stops the run with its line
+number (exit 2), every earlier line written to OUTPUT.partial, or, with `--on-error record`, is
+answered in place by `{"id", "error"}` so output stays aligned with the non-blank input lines
+(blank lines hold no story and are skipped).
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -64,6 +67,7 @@ def run(args) -> int:
     from .tagger import Tagger
 
     refuse_overwriting(args.output, [args.input])
+    refuse_overwriting(f"{args.output}.partial", [args.input])  # where a file output is written first
     _check_paths(args.input, args.output)
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
@@ -72,12 +76,13 @@ def run(args) -> int:
     unknown = [t for t in entity_types or () if t not in tagger.schema.entity_types]
     if unknown:  # as the API does: a misspelt type would otherwise just return nothing
         raise UsageError(f"--types: unknown entity type(s) {unknown}; the model knows {tagger.schema.entity_types}")
-    with _open(args.input, "r") as source, _open(args.output, "w") as sink:
+    with _input(args.input) as source, _output(args.output) as (sink, written_to):
         try:
             errors = tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error,
                                 entity_types=entity_types, entity_threshold=entity_threshold)
-        except DataError as err:  # its line number, and which file it is in
-            raise DataError(f"--input {args.input}: {err}") from None
+        except DataError as err:  # its line number, which file it is in, and where the lines before it are
+            kept = f" (the lines before it are in {written_to})" if written_to != args.output else ""
+            raise DataError(f"--input {args.input}: {err}{kept}") from None
     if errors:  # said, so a pipeline that watches stderr knows without reading every line
         print(f"newstagger tag: {errors} line(s) could not be tagged; their output lines hold the error",
               file=sys.stderr)
@@ -178,11 +183,13 @@ def story_line(line: str | bytes, number: int) -> str | None:
 
 
 def _best_effort_id(line: str, number: int):
-    """The bad line's own id where it can be echoed (UnicodeEncodeError is a ValueError), else `line-N`."""
+    """The bad line's own id where it is one an id may be (a string or an integer) and can be echoed
+    (UnicodeEncodeError is a ValueError), else `line-N`."""
     with contextlib.suppress(ValueError, AttributeError, RecursionError):
-        doc_id = json.loads(line).get("id", f"line-{number}")
-        json.dumps(doc_id, ensure_ascii=False, allow_nan=False).encode("utf-8")  # NaN would make the line not JSON
-        return doc_id
+        doc_id = json.loads(line).get("id")
+        if isinstance(doc_id, str) or (isinstance(doc_id, int) and not isinstance(doc_id, bool)):
+            json.dumps(doc_id, ensure_ascii=False).encode("utf-8")
+            return doc_id
     return f"line-{number}"
 
 
@@ -207,12 +214,26 @@ def _check_paths(source: str, sink: str) -> None:
 
 
 @contextlib.contextmanager
-def _open(path: str, mode: str):
+def _input(path: str):
     if path == "-":
-        yield getattr(sys.stdin, "buffer", sys.stdin) if mode == "r" else sys.stdout
-    elif mode == "r":
+        yield getattr(sys.stdin, "buffer", sys.stdin)
+    else:
         with open(path, "rb") as handle:
             yield handle
-    else:
-        with open(path, mode, encoding="utf-8") as handle:
-            yield handle
+
+
+@contextlib.contextmanager
+def _output(path: str):
+    """(the stream to write, the path it goes to): a new or regular file is written as PATH.partial,
+    renamed to PATH once everything is in; stdout, a pipe or a device (/dev/null) is written as is."""
+    if path == "-":
+        yield sys.stdout, path
+        return
+    if os.path.exists(path) and not os.path.isfile(path):
+        with open(path, "w", encoding="utf-8") as handle:
+            yield handle, path
+        return
+    partial = f"{path}.partial"
+    with open(partial, "w", encoding="utf-8") as handle:
+        yield handle, partial
+    os.replace(partial, path)

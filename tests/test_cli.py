@@ -58,14 +58,17 @@ def test_tag_writes_one_result_per_story_in_order(tiny_model_dir, tmp_path):
         ('{"id": ' + "9" * 5000 + ', "text": "x"}', "line 2: not valid JSON (Exceeds the limit"),
     ],
 )
-def test_bad_line_exits_2_with_its_line_number_after_writing_earlier_lines(
+def test_bad_line_exits_2_with_its_line_number_earlier_lines_written_aside(
         tiny_model_dir, tmp_path, capsys, bad_line, reason):
     source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}', bad_line, '{"id": "z", "text": "后"}'])
     target = tmp_path / "out.jsonl"
+    target.write_text("an earlier run's results\n")
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 2
     error = capsys.readouterr().err.strip()
     assert f"--input {source}: {reason}" in error and len(error.splitlines()) == 1
-    assert [r["id"] for r in read_results(target)] == ["ok"]
+    assert error.endswith(f"(the lines before it are in {target}.partial)")
+    assert [r["id"] for r in read_results(tmp_path / "out.jsonl.partial")] == ["ok"]
+    assert target.read_text() == "an earlier run's results\n"  # a stopped run does not look complete
 
 
 def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path, capsys):
@@ -81,11 +84,13 @@ def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path, capsys
 
 def test_record_mode_answers_an_unwritable_id_by_its_line_number(tiny_model_dir, tmp_path):
     source = write_lines(tmp_path / "in.jsonl", ['{"id": "\\ud800", "text": "好的"}', "[" * 100_000,
-                                                 '{"id": NaN, "text": "好"}', '{"id": "z", "text": "后"}'])
+                                                 '{"id": NaN, "text": "好"}', '{"id": {"x": 1}, "text": 5}',
+                                                 '{"id": true, "text": 5}', '{"id": 7, "text": 5}',
+                                                 '{"id": "z", "text": "后"}'])
     target = tmp_path / "out.jsonl"
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
                  "--on-error", "record"]) == 0
-    assert [r["id"] for r in read_results(target)] == ["line-1", "line-2", "line-3", "z"]
+    assert [r["id"] for r in read_results(target)] == ["line-1", "line-2", "line-3", "line-4", "line-5", 7, "z"]
 
 
 def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_model_dir, tmp_path, capsys):
@@ -96,9 +101,10 @@ def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_m
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "line 2: not UTF-8" in line and "iconv" in line
-    assert [r["id"] for r in read_results(target)] == ["ok"]
+    assert [r["id"] for r in read_results(tmp_path / "out.jsonl.partial")] == ["ok"]
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target),
                  "--on-error", "record"]) == 0
+    assert not (tmp_path / "out.jsonl.partial").exists()
     assert [r.get("error", "")[:17] for r in read_results(target)] == ["", "line 2: not UTF-8", ""]
 
 
@@ -148,6 +154,28 @@ def test_an_output_that_is_the_input_is_refused_before_it_is_emptied(tiny_model_
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", f"{source}:internal", "-o", str(source)]) == 2
     assert "is also an input" in capsys.readouterr().err
     assert source.read_bytes() == before
+
+
+def test_an_output_that_is_the_file_stdin_reads_is_refused(tiny_model_dir, tmp_path):
+    """`newstagger tag -i - -o stories.jsonl < stories.jsonl` would empty the stories before reading them."""
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}'])
+    before = source.read_bytes()
+    with source.open("rb") as stdin:
+        done = subprocess.run([sys.executable, "-m", "newstagger.cli", "tag", "--model", str(tiny_model_dir),
+                               "-i", "-", "-o", str(source)], stdin=stdin, capture_output=True)
+    assert done.returncode == 2 and b"is also an input (-)" in done.stderr
+    assert source.read_bytes() == before
+
+
+@pytest.mark.skipif(not os.path.exists("/dev/full"), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("output", ["/dev/full", "-"])
+def test_a_full_disk_is_a_one_line_error(tiny_model_dir, tmp_path, output):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}'])
+    with open("/dev/full", "wb") as full:
+        done = subprocess.run([sys.executable, "-m", "newstagger.cli", "tag", "--model", str(tiny_model_dir),
+                               "-i", str(source), "-o", output], stdout=full, stderr=subprocess.PIPE)
+    assert done.returncode == 1
+    assert done.stderr.decode().strip().splitlines()[-1] == "newstagger tag: error: [Errno 28] No space left on device"
 
 
 def test_missing_input_output_folder_or_model_exits_2_before_the_model_loads(tiny_model_dir, tmp_path, capsys):
