@@ -39,6 +39,10 @@ class EntityIn(BaseModel):
     start: StrictInt = Field(ge=0, description="Offset of the first character (Python str index).")
     end: StrictInt = Field(ge=0, description="Offset one past the last character.")
     type: Name = Field(description="Entity type; one the model does not know is a new label.")
+    # An entity as /v1/tag returns it can be sent back as it is: its text is checked, its score ignored.
+    text: Text | None = Field(None, description="The span's text, if given checked against text[start:end] (so "
+                                                "offsets counted another way, e.g. in UTF-16, are caught).")
+    score: float | None = Field(None, description="Ignored: the model's score, where the entity came from /v1/tag.")
 
 
 class FeedbackRequest(BaseModel):
@@ -123,9 +127,10 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
                        "unstorable_value") from None
     # The URL was checked at start-up; the database may still be down or broken, or its folder not creatable.
     except (SQLAlchemyError, OSError) as err:
-        logger.warning("feedback store error: %s", err)  # in full, with its SQL; the client gets one line without it
-        raise ApiError(503, f"the feedback store is unavailable: {_first_line(err)}", kind="feedback_store_unavailable",
-                       headers={"Retry-After": str(RETRY_AFTER_S)}) from None
+        # in full in the log; the client, who may hold no token, learns no path, host or SQL
+        logger.warning("feedback store error: %s", err)
+        raise ApiError(503, "the feedback store is unavailable; the server's log says why",
+                       kind="feedback_store_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if not stored:
         response.status_code = 200
     return FeedbackResponse(id=document.id, revision=body.revision, stored=stored, model_version=model_version)
@@ -143,14 +148,21 @@ def _checked_document(body: FeedbackRequest) -> Document:
         raise RequestValidationError([{"loc": ("body",), "msg": "a correction needs topics, entities or both",
                                        "type": "nothing_to_store"}])
     entities = None if body.entities is None else [Span(e.start, e.end, e.type) for e in body.entities]
+    mentions = {Span(e.start, e.end, e.type): e.text for e in body.entities or () if e.text is not None}
     document = Document(id=str(body.id), text=body.text, topics=body.topics, entities=entities)
     for field, labelled in (("topics", Document(document.id, document.text, topics=document.topics)),
                             ("entities", Document(document.id, document.text, entities=document.entities))):
         try:
-            validate(labelled)  # the message names the document; `loc` names the field
+            validate(labelled, mentions=mentions)  # the message names the document; `loc` names the field
         except DataError as err:
             error = {"loc": ("body", field), "msg": str(err), "type": "invalid_labels"}
             raise RequestValidationError([error]) from None
+    for index, span in enumerate(entities or ()):
+        mention = body.text[span.start : span.end]
+        if mention != mention.strip():  # an editor's slip, which would teach the tagger to take spaces in
+            error = {"loc": ("body", "entities", index), "type": "invalid_labels",
+                     "msg": f"span [{span.start}, {span.end}) covers {mention!r}: it begins or ends with a space"}
+            raise RequestValidationError([error])
     return document
 
 

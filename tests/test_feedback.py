@@ -251,11 +251,24 @@ def test_the_same_revision_with_other_labels_is_409(client):
     ({"model_version": "v" * 201}, ["body", "model_version"]),
     ({"id": "i" * 201}, ["body", "id"]),
     ({"id": 10**201}, ["body", "id"]),
+    # offsets counted in UTF-16 (two units for 𠀀), caught by the entity's text
+    ({"text": "𠀀张三在上海工作", "entities": [{"start": 2, "end": 4, "type": "name", "text": "张三"}]},
+     ["body", "entities"]),
+    ({"text": "张三  在上海", "entities": [{"start": 2, "end": 4, "type": "name"}]}, ["body", "entities", 0]),
+    ({"text": "张三 在上海", "entities": [{"start": 0, "end": 3, "type": "name"}]}, ["body", "entities", 0]),
 ])
 def test_bad_corrections_are_422_naming_the_field(client, change, loc):
     response = client.post("/v1/feedback", json=CORRECTION | change)
     assert response.status_code == 422, response.text
     assert response.json()["errors"][0]["loc"] == loc
+
+
+def test_an_entity_as_tag_returned_it_can_be_sent_back(client):
+    tagged = [{"start": 0, "end": 2, "type": "name", "text": "张三", "score": 0.97},
+              {"start": 3, "end": 8, "type": "government", "text": "青澜市环保局", "score": 0.88}]
+    assert client.post("/v1/feedback", json=CORRECTION | {"entities": tagged}).status_code == 422  # 青澜市环保局 is [3, 9)
+    tagged[1] |= {"end": 9}
+    assert client.post("/v1/feedback", json=CORRECTION | {"entities": tagged}).status_code == 201
 
 
 def test_a_missing_sender_is_422(client):
