@@ -63,7 +63,8 @@ def test_korean_names_split_into_letters_give_no_overlapping_entities(tagger):
 
 def test_text_about_nothing_gets_no_topic(tagger):
     """Trained on paragraphs alone, the topic head once gave "hello world" all four topics."""
-    texts = ["hello world", "🙂", "2026-11-30", "（完）", "本报讯", "李卫东", "点击查看更多", "N/A"]
+    texts = ["hello world", "🙂", "2026-11-30", "（完）", "本报讯", "李卫东", "点击查看更多", "N/A",
+             "记者 张三", "责任编辑：李四", "未完待续", "阅读原文"]
     labelled = {text: result["labels"] for text, result in zip(texts, tagger.tag(texts)) if result["labels"]}
     assert len(labelled) <= 2, labelled
 
