@@ -164,6 +164,22 @@ def test_a_crash_after_moving_a_model_in_but_before_the_manifest_is_recovered(re
     assert statuses(registry)["1.0.2"] == "candidate"
 
 
+def test_a_folder_that_holds_other_things_is_no_registry_and_stays_as_it_was(registry, tmp_path, capsys):
+    """A mistyped --registry: its folder named like the version used to be taken for a crash's leftover."""
+    source = registry.folder("1.0.0")
+    elsewhere = tmp_path / "my stuff"
+    (elsewhere / "1.0.0").mkdir(parents=True)
+    (elsewhere / "1.0.0" / "notes.txt").write_text("precious")
+    for argv in (["add", str(source)], ["list"]):
+        assert main(["models", *argv, "--registry", str(elsewhere)]) == 2
+        assert "holds '1.0.0' and no manifest.json: not a registry" in capsys.readouterr().err
+    assert sorted(p.name for p in elsewhere.iterdir()) == ["1.0.0"]
+    assert (elsewhere / "1.0.0" / "notes.txt").read_text() == "precious"
+    # nor may a registry sit inside the folder it would copy
+    assert main(["models", "add", str(source), "--registry", str(source / "registry")]) == 2
+    assert "inside the model folder" in capsys.readouterr().err and not (source / "registry").exists()
+
+
 CRASH_MID_TRAINING = """
 import os, sys
 from training.registry import Registry

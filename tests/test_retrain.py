@@ -36,8 +36,10 @@ TINY_TRAINING = ["--max-steps", "2", "--threads", "1"]
 
 
 def scores(entities: float, topics_micro: float, topics_macro: float) -> dict:
-    return {"entities": {"micro": {"f1": entities}},
-            "topics": {"micro": {"f1": topics_micro}, "macro": {"f1": topics_macro}}}
+    """evaluate_tagger's shape, with gold labels of both tasks to find."""
+    return {"entities": {"micro": {"f1": entities}, "per_label": {"name": {"support": 5}}},
+            "topics": {"micro": {"f1": topics_micro}, "macro": {"f1": topics_macro},
+                       "per_label": {"economy": {"support": 5}}}}
 
 
 GATE = gate_tolerances(RetrainConfig())
@@ -94,10 +96,14 @@ def test_a_candidate_without_a_label_the_current_model_serves_is_refused():
 
 
 def test_metrics_the_gold_set_cannot_measure_are_skipped_but_one_must_be_measured():
-    entities_only = {"entities": {"micro": {"f1": 0.7}}}
+    entities_only = {"entities": {"micro": {"f1": 0.7}, "per_label": {"name": {"f1": 0.7, "support": 3}}}}
     verdict = decide(entities_only, entities_only, GATE)
     assert verdict["passed"] and verdict["checks"]["topics.micro.f1"] == {"skipped": "not measured on the gold set"}
     assert not decide({}, {}, GATE)["passed"]
+    # stories labelled with no topic at all: every model scores 0, which measures nothing
+    no_topics = {"topics": {"micro": {"f1": 0.0}, "macro": {"f1": 0.0}, "per_label": {"economy": {"support": 0}}}}
+    verdict = decide(no_topics, no_topics, GATE)
+    assert not verdict["passed"] and verdict["checks"]["topics.micro.f1"] == {"skipped": "not measured on the gold set"}
 
 
 def test_a_grown_model_is_compared_on_the_labels_the_older_one_knows(tiny_model_dir, sample):
@@ -294,8 +300,10 @@ def test_an_empty_file_beside_labelled_new_data_is_let_through_with_a_warning(re
     (tmp_path / "feedback.jsonl").write_text("")
     config = tiny_config(registry, tmp_path / "new.jsonl", gold)
     config.data.append(f"{tmp_path / 'feedback.jsonl'}:internal")
+    config.data.append(str(tmp_path / "feedback.jsonl"))  # no format to guess from an empty file: none needed
     assert retrain(config)["candidate"]["version"] == "1.0.1"
     assert "feedback.jsonl:internal holds no documents (or none annotated yet): it adds nothing" in caplog.text
+    assert "feedback.jsonl holds no documents: it adds nothing" in caplog.text
 
 
 def test_new_data_labelled_only_where_it_is_also_gold_is_refused(registry, sample, gold, tmp_path):
@@ -309,6 +317,10 @@ def test_a_gold_set_without_labels_for_the_gated_metrics_is_refused(registry, sa
     write_jsonl([Document(doc.id, doc.text, entities=doc.entities) for doc in sample[-12:]], tmp_path / "gold.jsonl")
     with pytest.raises(DataError, match="--gold: no labels for any gated metric \\(topics.micro.f1\\)"):
         retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl", gate=["topics.micro.f1"]))
+    # labelled, but with nothing to find: "no topic" and "no entity" everywhere
+    write_jsonl([Document(doc.id, doc.text, topics=[], entities=[]) for doc in sample[-12:]], tmp_path / "gold.jsonl")
+    with pytest.raises(DataError, match="--gold: no labels for any gated metric"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl"))
 
 
 def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(
@@ -461,8 +473,9 @@ def test_a_server_that_could_never_be_told_is_refused_before_the_registry_change
 
 
 def test_registry_commands_on_a_mistyped_registry_leave_nothing_behind(tmp_path, capsys):
-    assert main(["models", "promote", "1.0.0", "--registry", str(tmp_path / "nope")]) == 2
-    assert "no registry here" in capsys.readouterr().err and not (tmp_path / "nope").exists()
+    for argv in (["promote", "1.0.0"], ["list"]):
+        assert main(["models", *argv, "--registry", str(tmp_path / "nope")]) == 2
+        assert "no registry here" in capsys.readouterr().err and not (tmp_path / "nope").exists()
 
 
 def test_one_retrain_at_a_time_on_a_registry(registry, sample, gold, tmp_path):

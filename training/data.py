@@ -221,6 +221,11 @@ def guess_format(path: str | Path) -> str:
     )
 
 
+def holds_no_records(path: str | Path) -> bool:
+    """A file of blank lines only, such as an export of a store with nothing in it: no format to guess."""
+    return Path(path).is_file() and next(_json_lines(path), None) is None
+
+
 def parse_data_spec(spec: str) -> tuple[Path, str | None]:
     """`path[:format]` from a command-line flag. Only a suffix naming a known format is taken as
     the format, so a path that itself contains ':' still works."""

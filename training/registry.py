@@ -60,6 +60,7 @@ RELOAD_TIMEOUT_S = 300  # loading a model on a busy server can take a while
 # the registry itself or its parent), and not one of the registry's own entries.
 VERSION_PATTERN = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]*")
 RESERVED_NAMES = (MANIFEST, CURRENT_LINK)
+OWN_ENTRIES = {MANIFEST, CURRENT_LINK, STAGING, LOCK, RETRAIN_LOCK}
 
 
 class RegistryError(UsageError):
@@ -179,6 +180,7 @@ class Registry:
         It holds a lock for as long as it is in use, so a writer can tell an abandoned staging
         folder (its process died) from one still being written, and clear only the former.
         """
+        self._check_not_foreign()
         staging_root = self.root / STAGING
         staging_root.mkdir(parents=True, exist_ok=True)
         # The lock exists, and is held, before the folder does: a writer clearing abandoned
@@ -265,7 +267,7 @@ class Registry:
     def retraining(self) -> Iterator[None]:
         """Held for a whole retrain: a second one on the same registry would pick the same version and
         find out only when registering it, hours later, so it is refused at once instead."""
-        self._check_exists()
+        self.check_exists()
         with open(self.root / RETRAIN_LOCK, "w") as lock:
             try:
                 fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -273,15 +275,26 @@ class Registry:
                 raise RegistryError(f"another retrain is running on {self.root}; wait for it to finish") from None
             yield
 
-    def _check_exists(self) -> None:
+    def check_exists(self) -> None:
         if not self.root.is_dir():
             raise RegistryError(f"{self.root}: no registry here (`newstagger models add FOLDER --registry "
                                 f"{self.root}` starts one)")
+        self._check_not_foreign()
+
+    def _check_not_foreign(self) -> None:
+        """RegistryError for a folder that holds other things and no manifest: a mistyped --registry,
+        whose folder named like a version the registry would take for a crash's leftover and replace."""
+        if not self.root.is_dir() or (self.root / MANIFEST).is_file():
+            return
+        foreign = sorted(entry.name for entry in self.root.iterdir() if entry.name not in OWN_ENTRIES)
+        if foreign:
+            raise RegistryError(f"{self.root} holds {foreign[0]!r} and no {MANIFEST}: not a registry; name a new or "
+                                f"empty folder to start one")
 
     @contextmanager
     def _writing(self) -> Iterator[Manifest]:
         """The manifest to change, under the registry lock; written back (with the link) on success."""
-        self._check_exists()  # a mistyped --registry must not leave a folder behind
+        self.check_exists()  # a mistyped --registry must not leave a folder behind
         with open(self.root / LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
             self._clear_abandoned_staging()
@@ -437,7 +450,9 @@ def register(subparsers) -> None:
 
 
 def run_list(args) -> int:
-    manifest = Registry(args.registry).manifest()
+    registry = Registry(args.registry)
+    registry.check_exists()
+    manifest = registry.manifest()
     if args.json:
         print(json.dumps(manifest.to_dict(), ensure_ascii=False, indent=2))
         return 0
@@ -492,6 +507,9 @@ def run_add(args) -> int:
     data = once_per_path(data)
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
     load_model_folder(source)  # a folder that cannot serve never enters the registry
+    if Path(args.registry).absolute().resolve().is_relative_to(source.absolute().resolve()):
+        raise RegistryError(f"--registry {args.registry} is inside the model folder {source}, which would be "
+                            f"copied into itself")
     registry = Registry(args.registry)
     with registry.staging() as staged:
         shutil.copytree(source, staged, dirs_exist_ok=True, ignore=NOT_COPIED)

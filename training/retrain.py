@@ -138,7 +138,7 @@ def decide(candidate: dict, current: dict, tolerances: dict[str, float],
                        f"the production model")
     for name, tolerance in tolerances.items():
         new, old = metric(candidate, name), metric(current, name)
-        if new is None or old is None:
+        if new is None or old is None or not _gold_positives(candidate, name):
             checks[name] = {"skipped": "not measured on the gold set"}
             continue
         delta = round(new - old, 4)
@@ -150,6 +150,13 @@ def decide(candidate: dict, current: dict, tolerances: dict[str, float],
     if all("skipped" in check for check in checks.values()):
         reasons.append("the gold set measures none of the gated metrics; it needs labels for the gated tasks")
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
+
+
+def _gold_positives(metrics: dict, name: str) -> int:
+    """How many gold labels the task of metric `name` (`topics.macro.f1`: topics) had to find. With none,
+    every score of it is 0 for any model, so comparing them would pass anything."""
+    per_label = metrics.get(name.split(".")[0], {}).get("per_label", {})
+    return sum(row.get("support", 0) for row in per_label.values())
 
 
 def replay_sample(sources: list[list[Document]], size: int, rng: random.Random) -> list[list[Document]]:
@@ -191,8 +198,9 @@ def _retrain(config: RetrainConfig) -> dict:
         raise DataError(f"--data: no documents in {', '.join(config.data)}")
     if not gold:
         raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
-    measured = {task for task, labelled in (("topics", any(doc.topics is not None for doc in gold)),
-                                            ("entities", any(doc.entities is not None for doc in gold))) if labelled}
+    # labelled and not all empty: a gold set of stories without topics gives every model the same 0
+    measured = {task for task, labelled in (("topics", any(doc.topics for doc in gold)),
+                                            ("entities", any(doc.entities for doc in gold))) if labelled}
     if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
         raise DataError(f"--gold: no labels for any gated metric ({', '.join(tolerances)}): "
                         f"{', '.join(config.gold)} must label the gated tasks")
@@ -311,11 +319,14 @@ def _read_sources(specs: list[str], option: str | None = None) -> list[tuple[dic
     """(fingerprint, documents) per data spec; with the `option` that names them, each file with
     documents must hold a labelled one (`labelled_file`). An empty one is let through with a warning:
     a feedback export before any correction, a Label Studio project with nothing annotated yet."""
-    from training.data import guess_format, labelled_file, parse_data_spec, read_documents
+    from training.data import guess_format, holds_no_records, labelled_file, parse_data_spec, read_documents
 
     sources = []
     for spec in specs:
         path, format = parse_data_spec(spec)
+        if option and not format and holds_no_records(path):  # no format to guess, nothing to record
+            log.warning("%s %s holds no documents: it adds nothing", option, spec)
+            continue
         format = format or guess_format(path)  # recorded, so a replay reads the file the same way
         docs = read_documents(path, format)
         if option and docs:
