@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import logging
 import re
 import shutil
@@ -120,9 +121,10 @@ def test_a_new_model_tags_in_the_windows_it_was_trained_in(tiny_base, tmp_path):
     assert (meta.max_length, meta.stride) == (32, 8)
 
 
-def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path):
+def test_resume_continues_from_the_last_epoch(tiny_base, tmp_path, caplog):
     output = tmp_path / "model"
-    train(tiny_train_config(tiny_base, output, epochs=1))
+    train(tiny_train_config(tiny_base, output, epochs=1, resume=True))  # killed before any checkpoint: starts over
+    assert f"--resume: no checkpoint in {output} to continue; training from the start" in caplog.text
     train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
     history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
     assert [h["epoch"] for h in history] == [1, 2]
@@ -518,6 +520,24 @@ def test_the_topic_loss_counts_only_documents_labelled_with_topics():
     assert torch.allclose(loss_fn(topic_logits, torch.randn(2, 3, len(schema.tags)), batch), expected)
 
 
+def test_data_whose_every_topic_label_is_none_trains_and_scores_an_entity_model(tiny_base, tmp_path, capsys):
+    """Labelled for topics, none of which apply: no topic to learn, and a BCE over no topics is NaN."""
+    stories = [{**doc.to_dict(), "topics": []} for doc in read_documents(SAMPLE, "internal")]
+    data = tmp_path / "no-topics.jsonl"
+    data.write_text("".join(json.dumps(story, ensure_ascii=False) + "\n" for story in stories), encoding="utf-8")
+    folder, metrics = train(tiny_train_config(tiny_base, tmp_path / "m", train=[f"{data}:internal"]))
+    state = json.loads((folder / "checkpoint" / "trainer_state.json").read_text())
+    assert math.isfinite(state["history"][0]["loss"]) and "topics" not in metrics
+    assert Tagger.load(folder).schema.topics == []
+    assert main(["evaluate", "--model", str(folder), "--data", f"{data}:internal"]) == 0
+    assert "topics" not in json.loads(capsys.readouterr().out)
+    nothing = tmp_path / "nothing.jsonl"
+    nothing.write_text("".join(json.dumps({**story, "entities": []}, ensure_ascii=False) + "\n" for story in stories),
+                       encoding="utf-8")
+    with pytest.raises(DataError, match="names no topic and no entity type"):
+        train(tiny_train_config(tiny_base, tmp_path / "m2", train=[f"{nothing}:internal"]))
+
+
 def test_crf_joint_loss_is_the_weighted_sequence_likelihood_per_labelled_token():
     schema = tiny_schema()
     targets = TagTargets.for_schema(schema)
@@ -720,6 +740,8 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
 def test_threshold_tuning_ties_stay_near_one_half_and_a_topic_without_positives_keeps_it():
     assert tune_thresholds(np.array([[1], [0]]), np.array([[0.8], [0.2]]), ["t"]) == {"t": 0.5}
     assert tune_thresholds(np.array([[0], [0]]), np.array([[0.8], [0.2]]), ["t"]) == {"t": 0.5}
+    # a continued model keeps the cut its parent tuned where this validation has no positive to tune on
+    assert tune_thresholds(np.array([[0], [0]]), np.array([[0.8], [0.2]]), ["t"], {"t": 0.34}) == {"t": 0.34}
 
 
 def test_a_score_counts_as_tag_shows_it_rounded():
@@ -810,6 +832,19 @@ def test_topic_negatives_add_no_topic_documents_to_the_topic_training_data():
     assert not {doc.text for doc in valid_docs} & {doc.text for doc in added}
     # the same texts from another load of the tokenizer, whose vocabulary comes in another order
     assert [doc.text for doc in examples_with(0.5)[0]] == [doc.text for doc in train_docs]
+
+
+def test_no_group_is_on_both_sides_of_the_split_across_sets_or_with_a_validation_file():
+    """Each set is split on its own groups; a group held out from one must not train in another."""
+    topic_docs = [Document(f"t{i}", f"滨江市第{i}号报告。", topics=["economy"], group=f"r{i // 2}") for i in range(40)]
+    entity_docs = [Document(f"e{i}", f"滨江市第{i}号新闻。", entities=[Span(0, 3, "address")], group=f"r{10 + i // 2}")
+                   for i in range(40)]
+    validation_file = [Document("v", "滨江市另一号报告。", topics=["economy"], group="r0")]
+    config = TrainConfig(train=["a", "b"], max_length=32, stride=8, validation_fraction=0.25)
+    train_docs, _, valid_docs = _training_examples(config, [topic_docs, entity_docs], [1.0, 1.0], validation_file,
+                                                   tiny_tokenizer(), tiny_schema())
+    assert not {doc.group for doc in train_docs} & {doc.group for doc in valid_docs}
+    assert "r0" not in {doc.group for doc in train_docs}
 
 
 def test_validation_seed_keeps_the_split_while_seed_changes_the_training_order():

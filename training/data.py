@@ -249,12 +249,15 @@ def labelled_file(docs: list[Document], where: str) -> list[Document]:
     return docs
 
 
-def not_held_out(docs: list[Document], held_out_texts: set[str]) -> list[Document]:
-    """`docs` less those whose text is also held out (the same story in two files, or twice in one):
-    trained on, it would leak into what is measured on it."""
-    unseen = [doc for doc in docs if doc.text not in held_out_texts]
+def not_held_out(docs: list[Document], held_out_texts: set[str], held_out_groups: set[str] = frozenset()
+                 ) -> list[Document]:
+    """`docs` less those whose text is also held out (the same story in two files, or twice in one),
+    or whose group is (a report with paragraphs in two files): trained on, it would leak into what is
+    measured on it."""
+    unseen = [doc for doc in docs if doc.text not in held_out_texts and doc.group not in held_out_groups]
     if len(unseen) < len(docs):
-        logger.warning("left %d training documents out: their text is also held out", len(docs) - len(unseen))
+        logger.warning("left %d training documents out: their text or group is also held out",
+                       len(docs) - len(unseen))
     return unseen
 
 

@@ -94,16 +94,18 @@ def at_or_over(probs: np.ndarray, thresholds: np.ndarray) -> np.ndarray:
     return np.round(probs, SCORE_DECIMALS) >= thresholds
 
 
-def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str]) -> dict[str, float]:
+def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str],
+                    current: dict[str, float] | None = None) -> dict[str, float]:
     """Per-topic threshold maximising that topic's F1 on the given (validation) documents.
 
-    Ties go to the threshold nearest 0.5, so a topic the data cannot inform keeps the default.
+    A topic without a positive there keeps its `current` threshold (a continued model's, tuned on
+    data that had some), else 0.5; ties go to the threshold nearest 0.5.
     """
     grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
     thresholds = {}
     for k, topic in enumerate(topics):
         if gold[:, k].sum() == 0:
-            thresholds[topic] = 0.5
+            thresholds[topic] = (current or {}).get(topic, 0.5)
             continue
         predicted = at_or_over(probs[:, k][None, :], grid[:, None])
         tp = (predicted & (gold[:, k] == 1)).sum(1)
@@ -168,7 +170,7 @@ def predict_documents(tagger: Tagger, documents: Sequence[Document], decoding: s
             predictions.gold_spans.append([(s.start, s.end, s.type) for s in doc.entities])
             predictions.lengths.append(len(doc.text))
         for doc, doc_probs in zip(batch, probs):
-            if doc.topics is not None:
+            if doc.topics is not None and schema.topics:  # a model without topics has none to score
                 row = np.zeros(len(schema.topics), dtype=np.int64)
                 row[[topic_index[t] for t in doc.topics if t in topic_index]] = 1
                 topic_gold.append(row)

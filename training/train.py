@@ -472,7 +472,7 @@ class JointLoss(nn.Module):
         if labelled.any():
             summed = self._crf_loss_sum if self.crf is not None else self._token_loss_sum
             loss = loss + self.entity_weight * summed(tag_logits, batch, labelled) / labelled.sum()
-        if batch["has_topics"].any():
+        if batch["has_topics"].any() and topic_logits.shape[-1]:  # no topics, no topic loss (BCE of nothing is NaN)
             rows = batch["has_topics"]
             loss = loss + self.topic_weight * self.topic_loss(topic_logits[rows], batch["topics"][rows])
         return loss
@@ -519,9 +519,11 @@ BLEND_WEIGHTS = (0.0, 0.25, 0.5, 0.75)
 MIN_LEXICAL_DOCUMENTS = 2  # the lexical topic model's vocabulary keeps n-grams of 2+ documents
 
 
-def tuned_topic_metrics(gold: np.ndarray, probs: np.ndarray, topics: list[str]) -> tuple[dict[str, float], dict]:
-    """Per-topic thresholds tuned on these probabilities, and the topic metrics under them."""
-    thresholds = tune_thresholds(gold, probs, topics)
+def tuned_topic_metrics(gold: np.ndarray, probs: np.ndarray, topics: list[str],
+                        current: dict[str, float] | None = None) -> tuple[dict[str, float], dict]:
+    """Per-topic thresholds tuned on these probabilities (`current` kept where they cannot say), and the
+    topic metrics under them."""
+    thresholds = tune_thresholds(gold, probs, topics, current)
     return thresholds, topic_metrics(gold, probs, [thresholds[t] for t in topics], topics)
 
 
@@ -568,8 +570,11 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     output, device, saved = start_run(config, "model")
 
     train_sets, weights, validation_sets = _read_data(config, sources)
-    model, tokenizer, schema, parent_meta = _starting_model(config, LabelSchema.from_documents(
-        doc for docs in train_sets for doc in docs))
+    data_schema = LabelSchema.from_documents(doc for docs in train_sets for doc in docs)
+    if not (data_schema.topics or data_schema.entity_types or config.init_model):
+        raise DataError("the training data names no topic and no entity type (every label is 'none'), so a new "
+                        "model would learn nothing")
+    model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
     for spec, docs in validation_sets:
         schema.check_known(docs, f"--validation {spec}")
     validation_files = [doc for _, docs in validation_sets for doc in docs]
@@ -724,6 +729,8 @@ def start_run(config, output_kind: str) -> tuple[Path, torch.device, Path | None
     nearest = next(folder for folder in (output.absolute(), *output.absolute().parents) if folder.exists())
     if not (nearest.is_dir() and os.access(nearest, os.W_OK | os.X_OK)):
         raise UsageError(f"output {output}: cannot create or write in {nearest}")
+    if config.resume and not saved:  # killed before its first checkpoint: said, since the run starts over
+        log.warning("--resume: no checkpoint in %s to continue; training from the start", output)
     if not saved:
         for folder in (checkpoint, _previous(checkpoint), _staging(checkpoint)):
             shutil.rmtree(folder, ignore_errors=True)
@@ -926,11 +933,13 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
         kept_sets.append((docs, coarse))
     # A story in two sets (topics in one file, entities in another), or in --validation too, is
     # validated on, so it is trained on in neither: its text would leak into the scores and the cuts.
+    # So is the rest of a group held out from another set.
     validated = {doc.text for doc in valid_docs}
+    validated_groups = {doc.group for doc in valid_docs if doc.group is not None}
     train_docs: list[Document] = []
     examples: list[Example] = []
     for (docs, coarse), weight in zip(kept_sets, weights):
-        docs = not_held_out(docs, validated)
+        docs = not_held_out(docs, validated, validated_groups)
         train_docs += docs
         if config.pack_entity_documents:
             docs = pack_documents(docs, config.max_length - 2, random.Random(config.seed))
@@ -1033,7 +1042,7 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
     can_fit_lexical = config.topic_lexical and len(topic_train_docs) >= MIN_LEXICAL_DOCUMENTS
-    valid_texts = [doc.text for doc in valid_docs if doc.topics is not None]  # the rows of topic_gold
+    valid_texts = [doc.text for doc in valid_docs if doc.topics is not None and schema.topics]  # topic_gold's rows
     gold, topic_probs = predictions.topic_gold, predictions.topic_probs
     tune_topics = len(valid_texts) >= config.min_tuning_documents
     if tune_topics and can_fit_lexical:
@@ -1052,7 +1061,7 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
             topic_probs = lexical.blend(topic_probs, topic_lexical.predict(valid_texts), topic_lexical.weight)
         if tune_topics:
             tuned.append("topic thresholds")
-            meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics)
+            meta.thresholds, metrics["topics"] = tuned_topic_metrics(gold, topic_probs, schema.topics, meta.thresholds)
         else:
             metrics["topics"] = topic_metrics(gold, topic_probs, [meta.threshold(t) for t in schema.topics],
                                               schema.topics)
