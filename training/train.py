@@ -587,8 +587,9 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
     if not examples:
-        raise DataError("no labelled training documents are left once validation is held out; add data, or give "
-                        "--validation")
+        raise DataError("no labelled training documents are left once validation is held out; add data, or "
+                        + ("give --validation files that do not hold the training stories" if config.validation
+                           else "give --validation"))
     if not valid_docs:
         log.warning("no validation documents (coarse-only or too-small training sets are not split): every "
                     "epoch runs and the last is kept; no cut is tuned")
