@@ -205,6 +205,23 @@ def test_a_process_killed_mid_training_corrupts_nothing_and_its_leftovers_are_cl
     assert served_version(registry) == "1.0.1"
 
 
+def test_a_deploy_tells_the_server_what_production_is_when_it_tells_it(registry, monkeypatch):
+    """Two commands changing production at once: whichever tells the server last tells it the
+    production model of that moment, not the version it changed it to."""
+    told = []
+    monkeypatch.setattr(registry_module, "reload_server", lambda server, folder, token: told.append(folder.name) or
+                        {"model": {"name": "m", "version": folder.name}, "previous": None})
+    monkeypatch.setenv("NEWSTAGGER_ADMIN_TOKEN", "admin-secret")
+    root = str(registry.root)
+    registry.promote("1.0.1")  # another command's promotion, made before this one's deploy runs
+    registry.rollback()
+    assert main(["models", "deploy", "--registry", root, "--server", "http://127.0.0.1:9"]) == 0
+    assert main(["models", "promote", "1.0.1", "--registry", root, "--server", "http://127.0.0.1:9"]) == 0
+    assert told == ["1.0.0", "1.0.1"]
+    assert (registry.root / ".deploy.lock").exists()  # the registry's own: not a reason to call the folder foreign
+    assert main(["models", "list", "--registry", root]) == 0
+
+
 def test_models_commands(registry, tmp_path, capsys):
     root = str(registry.root)
     assert main(["models", "promote", "1.0.1", "--registry", root]) == 0

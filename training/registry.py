@@ -50,6 +50,7 @@ STAGING = ".staging"
 NOT_COPIED = shutil.ignore_patterns("checkpoint*")
 LOCK = ".lock"
 RETRAIN_LOCK = ".retrain.lock"
+DEPLOY_LOCK = ".deploy.lock"
 STATUSES = ("candidate", "production", "retired", "rejected")
 DEFAULT_REGISTRY = "registry"
 TOKEN_VARIABLE = "NEWSTAGGER_ADMIN_TOKEN"
@@ -60,7 +61,7 @@ RELOAD_TIMEOUT_S = 300  # loading a model on a busy server can take a while
 # the registry itself or its parent), and not one of the registry's own entries.
 VERSION_PATTERN = re.compile(r"[0-9A-Za-z][0-9A-Za-z._+-]*")
 RESERVED_NAMES = (MANIFEST, CURRENT_LINK)
-OWN_ENTRIES = {MANIFEST, CURRENT_LINK, STAGING, LOCK, RETRAIN_LOCK}
+OWN_ENTRIES = {MANIFEST, CURRENT_LINK, STAGING, LOCK, RETRAIN_LOCK, DEPLOY_LOCK}
 
 
 class RegistryError(UsageError):
@@ -275,6 +276,19 @@ class Registry:
                 raise RegistryError(f"another retrain is running on {self.root}; wait for it to finish") from None
             yield
 
+    @contextmanager
+    def deploying(self) -> Iterator[Path]:
+        """The production model's folder, read and held under the deploy lock while a server is told to
+        serve it: of two commands changing production at once, the one that tells the server last
+        tells it what production is then, whichever version it changed it to."""
+        self.check_exists()
+        with open(self.root / DEPLOY_LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.manifest().current
+            if current is None:
+                raise RegistryError(f"{self.root} has no production model to deploy")
+            yield self.folder(current)
+
     def check_exists(self) -> None:
         if not self.root.is_dir():
             raise RegistryError(f"{self.root}: no registry here (`newstagger models add FOLDER --registry "
@@ -394,12 +408,13 @@ def check_server_arguments(args) -> None:
         raise UsageError(f"--server needs the server's admin token: --token or ${TOKEN_VARIABLE}")
 
 
-def deploy(args, folder: Path) -> int:
-    """Exit code after telling `--server`, if given, to serve `folder`."""
+def deploy(args, registry: Registry) -> int:
+    """Exit code after telling `--server`, if given, to serve the registry's production model."""
     if not args.server:
         return 0
     try:
-        answer = reload_server(args.server, folder, args.token)
+        with registry.deploying() as folder:
+            answer = reload_server(args.server, folder, args.token)
     except DeployError as err:
         print(f"newstagger {args.command}: the registry is updated but the server is not: {err}; once it can be "
               f"reached, `newstagger models deploy --server {args.server}` makes it serve production", file=sys.stderr)
@@ -521,7 +536,7 @@ def run_add(args) -> int:
     if args.promote:
         registry.promote(entry.version)
         print(f"{entry.version} is now in production")
-    return deploy(args, registry.folder(entry.version)) if args.promote else 0
+    return deploy(args, registry) if args.promote else 0
 
 
 def _links_to_copy(folder: Path) -> list[Path]:
@@ -541,7 +556,7 @@ def run_promote(args) -> int:
     registry = Registry(args.registry)
     entry = registry.promote(args.version, force=args.force)
     print(f"{entry.version} is now in production")
-    return deploy(args, registry.folder(entry.version))
+    return deploy(args, registry)
 
 
 def run_rollback(args) -> int:
@@ -549,13 +564,9 @@ def run_rollback(args) -> int:
     registry = Registry(args.registry)
     restored, retired = registry.rollback()
     print(f"rolled back: {restored.version} is in production again ({retired.version} retired)")
-    return deploy(args, registry.folder(restored.version))
+    return deploy(args, registry)
 
 
 def run_deploy(args) -> int:
     check_server_arguments(args)
-    registry = Registry(args.registry)
-    current = registry.manifest().current
-    if current is None:
-        raise RegistryError(f"{args.registry} has no production model to deploy")
-    return deploy(args, registry.folder(current))
+    return deploy(args, Registry(args.registry))

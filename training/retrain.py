@@ -489,5 +489,5 @@ def run(args) -> int:
     if not verdict["passed"]:
         return 1
     if verdict["decision"] == "promoted":
-        return deploy(args, Path(verdict["candidate"]["folder"]))
+        return deploy(args, Registry(config.registry))
     return NOT_PROMOTED if config.promote else 0
