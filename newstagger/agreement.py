@@ -7,10 +7,12 @@ test. A candidate passes when
 
 - at least 99% of entities are identical (same start, end and type), counted over the union of
   both outputs, so both a missed and an extra entity count against it, and
-- every topic score is within 0.02 of the reference.
+- every topic score is within 0.02 of the reference, and
+- at least 100 entities were compared: texts that hold (almost) none test nothing.
 
-Results go into the model folder's metrics.json under "agreement" (and so into its model card);
-`--backend auto` picks bf16 or int8 only once they are recorded there as passed. The reference and
+Results go into the model folder's metrics.json under "agreement" (and so into its model card),
+each with the sha256 of the weights it was measured on; `--backend auto` picks bf16 or int8 only
+once they are recorded there as passed for the weights the folder holds. The reference and
 the PyTorch candidate run on `--device` (CUDA where present), ONNX Runtime on the CPU: a GPU
 host whose CPU has no bf16 units checks bf16 where it will run it. A bf16 pass on either device
 stands for both, as it says the model's answers survive bf16 rounding.
@@ -27,10 +29,11 @@ from .bench import synthetic_stories
 from .cli import add_model_argument, names_from, positive_int
 from .documents import DataError, check_encodable, json_object, text_field, utf8_only
 from .errors import UsageError
-from .model import read_meta, read_metrics, write_description
+from .model import read_meta, read_metrics, weights_sha256, write_description
 from .tag_command import story_line
 
 SPAN_AGREEMENT_MIN = 0.99
+MIN_ENTITIES_COMPARED = 100
 CHECK_SEED = 20261
 TOPIC_TOLERANCE = 0.02
 CANDIDATES = ("torch-bf16", "onnx-fp32", "onnx-int8")
@@ -73,8 +76,10 @@ def run(args) -> int:
             print(f"{name}: skipped ({result['skipped']})")
         else:
             verdict = "PASS" if result["passed"] else "FAIL"
-            print(f"{name}: {verdict}  identical entities {result['span_agreement']:.2%} of {result['entities']}, "
-                  f"max topic score difference {result['max_topic_difference']:.4f}")
+            too_few = (f" (too few entities to judge: a pass needs {MIN_ENTITIES_COMPARED})"
+                       if result["entities"] < MIN_ENTITIES_COMPARED else "")
+            print(f"{name}: {verdict}  identical entities {result['span_agreement']:.2%} of {result['entities']}"
+                  f"{too_few}, max topic score difference {result['max_topic_difference']:.4f}")
     checked = {name: result for name, result in results.items() if "skipped" not in result}
     if not args.no_record:
         record_agreement(folder, checked)
@@ -120,11 +125,13 @@ def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str
         return results
     reference = Tagger.load(folder, backend="torch", precision="fp32", device=torch_device.type)
     expected = reference.tag(texts)
+    weights = weights_sha256(Path(folder))  # a verdict holds for these weights only
     for name, (backend, precision, where) in runnable.items():
         fast = make_backend(folder, reference.model, backend, precision, device=where)
         candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
                            topic_lexical=reference.topic_lexical)
-        results[name] = {**compare(expected, candidate.tag(texts)), "corpus": corpus, "device": where}
+        results[name] = {**compare(expected, candidate.tag(texts)), "corpus": corpus, "device": where,
+                         "weights_sha256": weights}
     return {name: results[name] for name in candidates}
 
 
@@ -145,7 +152,8 @@ def compare(expected: Sequence[dict], got: Sequence[dict]) -> dict:
         "entities": union,
         "span_agreement": round(span_agreement, 4),
         "max_topic_difference": round(topic_difference, 4),
-        "passed": span_agreement >= SPAN_AGREEMENT_MIN and topic_difference <= TOPIC_TOLERANCE,
+        "passed": (span_agreement >= SPAN_AGREEMENT_MIN and topic_difference <= TOPIC_TOLERANCE
+                   and union >= MIN_ENTITIES_COMPARED),
         "checked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -222,8 +222,10 @@ def agreement_passed(folder: Path, backend: str, precision: str) -> bool:
 
 
 def agreement_record(folder: Path, backend: str, precision: str) -> dict:
-    """What `newstagger check` recorded for this backend on this model ({} where it never ran)."""
-    return read_metrics(folder).get("agreement", {}).get(f"{backend}-{precision}", {})
+    """What `newstagger check` recorded for this backend on the weights the folder holds ({} where it
+    never ran on them: a record of weights copied over by hand says nothing of these)."""
+    record = read_metrics(folder).get("agreement", {}).get(f"{backend}-{precision}", {})
+    return record if record.get("weights_sha256") == weights_sha256(folder) else {}
 
 
 def _unavailable_reason(folder: Path, backend: str, precision: str, device: torch.device) -> str:

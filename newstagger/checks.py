@@ -8,6 +8,8 @@ from __future__ import annotations
 import math
 
 MIN_WINDOW = 8  # positions: [CLS], [SEP] and a few tokens beyond the overlap
+# No machine has the cores, and torch and ONNX Runtime fail on more (an overflow, a MemoryError).
+MAX_THREADS = 1024
 
 
 def is_integer(value) -> bool:

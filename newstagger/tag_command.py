@@ -23,7 +23,7 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import add_model_argument, check_fraction, positive_int, refuse_overwriting
+from .cli import add_model_argument, check_fraction, positive_int, refuse_overwriting, thread_count
 from .documents import DataError, check_encodable, id_and_text, json_object, utf8_only
 from .errors import UsageError
 
@@ -60,7 +60,7 @@ def add_runtime_arguments(parser) -> None:
     from .backends import DEVICES
 
     parser.add_argument("--device", choices=DEVICES, default="auto", help="auto: CUDA when available")
-    parser.add_argument("--threads", type=positive_int, help="intra-op threads (default: all cores this process may use)")
+    parser.add_argument("--threads", type=thread_count, help="intra-op threads (default: all cores this process may use)")
 
 
 def run(args) -> int:

@@ -10,6 +10,7 @@ from typing import Literal
 from pydantic import Field, SecretStr, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from newstagger.checks import MAX_THREADS
 from training.feedback import DEFAULT_URL as DEFAULT_FEEDBACK_URL
 from training.feedback import check_store_url
 
@@ -55,7 +56,7 @@ class ServeSettings(BaseSettings):
                     "(a request arriving at an empty queue is always taken). Bounds their memory: a full queue of "
                     "the largest requests would otherwise hold gigabytes.")
     torch_threads: int | None = Field(
-        None, ge=1,
+        None, ge=1, le=MAX_THREADS,
         description="Threads torch may use per worker process; unset: one fewer than the cores the process "
                     "may use, shared out among the workers (at least one each), so HTTP work never preempts the "
                     "encoder's threads mid-step and workers do not oversubscribe the cores.",

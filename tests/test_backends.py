@@ -108,7 +108,19 @@ def test_compare_counts_missing_and_extra_entities_against_agreement():
     assert result["span_agreement"] == 0.25
     assert result["max_topic_difference"] == pytest.approx(0.03)
     assert not result["passed"]
-    assert compare(expected, expected)["passed"]
+    assert not compare(expected, expected)["passed"]  # 2 entities: too few for 99% to mean anything
+    many = [{"topics": {"a": 0.5}, "entities": [entity(3 * i) for i in range(100)]}]
+    assert compare(many, many)["passed"]
+
+
+def test_a_check_on_texts_without_entities_does_not_pass(exported_dir, tmp_path, capsys):
+    """It would compare nothing, and `auto` would then trust the backend."""
+    texts = tmp_path / "blanks.jsonl"
+    texts.write_text('{"text": ""}\n{"text": "   "}\n', encoding="utf-8")
+    assert main(["check", "--model", str(exported_dir), "--texts", str(texts), "--candidates", "onnx-fp32",
+                 "--no-record"]) == 1
+    out = capsys.readouterr().out
+    assert "FAIL  identical entities 100.00% of 0 (too few entities to judge: a pass needs 100)" in out
 
 
 def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir, tmp_path):
@@ -116,7 +128,11 @@ def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir
     model = load_model_folder(folder)[0]
     unchecked = make_backend(folder, model, device="cpu")
     assert unchecked.precision == "fp32"
-    record_agreement(folder, {"onnx-int8": {"passed": True}, "torch-bf16": {"passed": False}})
+    weights = weights_sha256(folder)
+    record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": "of other weights"}})
+    assert make_backend(folder, model, device="cpu").precision == "fp32"  # a verdict on weights copied over
+    record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": weights},
+                              "torch-bf16": {"passed": False, "weights_sha256": weights}})
     checked = make_backend(folder, model, device="cpu")
     assert (checked.name, checked.precision) == ("onnx", "int8")
     assert "agreement" in (folder / "README.md").read_text(encoding="utf-8")  # the card shows it
@@ -127,7 +143,7 @@ def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir
 
 def test_a_backend_named_after_it_failed_the_check_runs_with_a_warning(exported_dir, tmp_path, caplog):
     folder = shutil.copytree(exported_dir, tmp_path / "model")
-    record_agreement(folder, {"onnx-int8": {"passed": False}})
+    record_agreement(folder, {"onnx-int8": {"passed": False, "weights_sha256": weights_sha256(folder)}})
     backend = make_backend(folder, load_model_folder(folder)[0], backend="onnx", precision="int8", device="cpu")
     assert backend.precision == "int8" and "onnx-int8 failed `newstagger check`" in caplog.text
 
@@ -136,7 +152,7 @@ def test_a_failed_export_leaves_the_folder_as_it_was(exported_dir, tmp_path, mon
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     before = {path.name: path.read_bytes() for path in (folder / "onnx").iterdir()}
     monkeypatch.setattr("newstagger.export.EXPORT_TOLERANCE", -1.0)  # as if the trace had gone wrong
-    record_agreement(folder, {"onnx-int8": {"passed": True}})
+    record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": weights_sha256(folder)}})
     metrics_before = (folder / "metrics.json").read_bytes()
     assert main(["export", "--model", str(folder), "--quantize", "int8"]) == 1
     assert "disagrees with PyTorch" in capsys.readouterr().err
@@ -163,7 +179,7 @@ def test_check_that_could_measure_nothing_does_not_pass(model_copy, monkeypatch,
 def test_bf16_is_auto_only_with_amx_and_runs_when_named_where_the_cpu_has_it(model_copy, monkeypatch, units, auto,
                                                                               named):
     monkeypatch.setattr("newstagger.backends.cpu_bf16_units", lambda: units)
-    record_agreement(model_copy, {"torch-bf16": {"passed": True}})
+    record_agreement(model_copy, {"torch-bf16": {"passed": True, "weights_sha256": weights_sha256(model_copy)}})
     model = load_model_folder(model_copy)[0]
     assert make_backend(model_copy, model, device="cpu").precision == auto
     if units:
@@ -209,7 +225,7 @@ def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path, caplog, 
     """Weights copied over the folder by hand leave its graphs behind: they answer for another model.
     An export from before the hash was recorded cannot tell, so it is not used either."""
     folder = shutil.copytree(exported_dir, tmp_path / "model")
-    record_agreement(folder, {"onnx-int8": {"passed": True}})
+    record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": weights_sha256(folder)}})
     model = load_model_folder(folder)[0]
     assert make_backend(folder, model, device="cpu").name == "onnx"
     if change == "weights":

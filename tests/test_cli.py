@@ -299,6 +299,7 @@ def test_evaluate_scores_coarse_gold_beside_the_fine_types(tiny_model_dir, tmp_p
 
 @pytest.mark.parametrize("argv", [["tag", "-i", "-", "-o", "-", "--chunk", "0"],
                                   ["tag", "-i", "-", "-o", "-", "--threads", "two"],
+                                  ["tag", "-i", "-", "-o", "-", "--threads", "99999999999"],  # was a traceback
                                   ["bench", "--repeats", "0"], ["check", "--documents", "-1"]])
 def test_counts_below_one_exit_2_naming_the_option(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:

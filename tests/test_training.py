@@ -352,7 +352,8 @@ def test_attention_dropout_reaches_every_attention_layer():
                                           (["--keep-start", "1"], "keep_start must be from 0 to under 1"),
                                           (["--adversarial-epsilon=-1"], "adversarial_epsilon must be 0 or more"),
                                           (["--topic-negatives=-0.5"], "topic_negatives must be 0 or more"),
-                                          (["--validation-seed=-1"], "validation_seed must be from 0 to")])
+                                          (["--validation-seed=-1"], "validation_seed must be from 0 to"),
+                                          (["--threads", "100000"], "threads must be 0 to 1024")])
 def test_train_command_rejects_settings_that_cannot_work(flags, named, capsys):
     assert main(["train", "--train", "x.jsonl", *flags]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()

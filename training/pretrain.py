@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from tqdm import tqdm
 from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguageModeling
 
-from newstagger.checks import MIN_WINDOW, check_rules
+from newstagger.checks import MAX_THREADS, MIN_WINDOW, check_rules
 from newstagger.errors import UsageError
 from newstagger.documents import DataError, Document
 from newstagger.model import META_FILE, check_encoder_loaded
@@ -95,7 +95,7 @@ class PretrainConfig:
             ("max_validation_blocks", self.max_validation_blocks >= 1, "at least 1"),
             device_rule(self.device),
             attention_dropout_rule(self.attention_dropout),
-            ("threads", self.threads >= 0, "0 or more"),
+            ("threads", 0 <= self.threads <= MAX_THREADS, f"0 to {MAX_THREADS}"),
             ("checkpoint_minutes", self.checkpoint_minutes >= 0, "0 or more"),
             seed_rule(self.seed),
         ))

@@ -37,7 +37,7 @@ from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
 from newstagger.backends import resolve_device
-from newstagger.checks import check_rules
+from newstagger.checks import MAX_THREADS, check_rules
 from newstagger.errors import UsageError
 from newstagger.documents import DataError, Document
 from newstagger.model import read_meta, read_metrics, write_description
@@ -100,7 +100,7 @@ class RetrainConfig:
             ("learning_rate", self.learning_rate is None or self.learning_rate > 0, "positive"),
             ("adversarial_epsilon", self.adversarial_epsilon is None or self.adversarial_epsilon >= 0, "0 or more"),
             ("keep_start", self.keep_start is None or 0 <= self.keep_start < 1, "from 0 to under 1"),
-            ("threads", self.threads is None or self.threads >= 0, "0 or more"),
+            ("threads", self.threads is None or 0 <= self.threads <= MAX_THREADS, f"0 to {MAX_THREADS}"),
             device_rule(self.device),
             seed_rule(self.seed),
         ))

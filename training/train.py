@@ -37,7 +37,7 @@ from transformers import AutoTokenizer
 
 from newstagger import lexical
 from newstagger.backends import DEVICES, cpu_bf16_units, resolve_device
-from newstagger.checks import check_rules, is_finite_number, is_integer, is_string_list, window_rules
+from newstagger.checks import MAX_THREADS, check_rules, is_finite_number, is_integer, is_string_list, window_rules
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span, utf8_only
 from newstagger.errors import UsageError
@@ -270,7 +270,7 @@ class TrainConfig:
             ("patience", self.patience >= 1, "at least 1"),
             ("min_tuning_documents", self.min_tuning_documents >= 1, "at least 1"),
             ("max_topic_blend", 0 <= self.max_topic_blend <= 1, "from 0 to 1"),
-            ("threads", self.threads >= 0, "0 or more"),
+            ("threads", 0 <= self.threads <= MAX_THREADS, f"0 to {MAX_THREADS}"),
             device_rule(self.device),
             attention_dropout_rule(self.attention_dropout),
             seed_rule(self.seed),
