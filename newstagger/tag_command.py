@@ -67,7 +67,7 @@ def run(args) -> int:
     from .tagger import Tagger
 
     refuse_overwriting(args.output, [args.input])
-    refuse_overwriting(f"{args.output}.partial", [args.input])  # where a file output is written first
+    refuse_overwriting(_partial_path(args.output), [args.input])  # where a file output is written first
     _check_paths(args.input, args.output)
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
@@ -233,7 +233,11 @@ def _output(path: str):
         with open(path, "w", encoding="utf-8") as handle:
             yield handle, path
         return
-    partial = f"{path}.partial"
+    partial = _partial_path(path)
     with open(partial, "w", encoding="utf-8") as handle:
         yield handle, partial
-    os.replace(partial, path)
+    os.replace(partial, os.path.realpath(path))  # through a link, not over it
+
+
+def _partial_path(path: str) -> str:
+    return f"{os.path.realpath(path)}.partial"

@@ -66,9 +66,18 @@ def test_bad_line_exits_2_with_its_line_number_earlier_lines_written_aside(
     assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(target)]) == 2
     error = capsys.readouterr().err.strip()
     assert f"--input {source}: {reason}" in error and len(error.splitlines()) == 1
-    assert error.endswith(f"(the lines before it are in {target}.partial)")
+    assert error.endswith(f"(the lines before it are in {os.path.realpath(target)}.partial)")
     assert [r["id"] for r in read_results(tmp_path / "out.jsonl.partial")] == ["ok"]
     assert target.read_text() == "an earlier run's results\n"  # a stopped run does not look complete
+
+
+def test_an_output_through_a_link_is_written_to_its_target(tiny_model_dir, tmp_path):
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}'])
+    (tmp_path / "results.jsonl").write_text("")
+    (tmp_path / "latest.jsonl").symlink_to(tmp_path / "results.jsonl")
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(tmp_path / "latest.jsonl")]) == 0
+    assert (tmp_path / "latest.jsonl").is_symlink()
+    assert [r["id"] for r in read_results(tmp_path / "results.jsonl")] == ["ok"]
 
 
 def test_record_mode_answers_bad_lines_in_place(tiny_model_dir, tmp_path, capsys):
