@@ -454,7 +454,7 @@ def _row_document(row: dict, where: str):
 
 def _misspelt_label_field(name: str, row: dict, label_fields: dict[str, tuple[type, ...]]) -> str | None:
     """The label field that `name` misspells ("topic", "entites"): close to it, holding what it would
-    (a non-empty list of `label_fields[field]` items), and in a row without it. Names built on it
+    (a list of `label_fields[field]` items), and in a row without it. Names built on it
     ("pred_topics") and values of other shapes (a CMS's "topic": "体育", "entity_ids": [3]) are
     metadata, ignored."""
     if name in label_fields:
