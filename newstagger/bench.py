@@ -168,11 +168,12 @@ def watch_tag(folder: Path, corpus: Path, seconds: float, threads: int | None) -
 
     command = [sys.executable, "-m", "newstagger.cli", "tag", "--model", str(folder), "-i", str(corpus),
                "-o", os.devnull, *(["--threads", str(threads)] if threads else [])]
+    size = corpus.stat().st_size  # a missing corpus fails here, before there is a child to leave running
     errors = tempfile.TemporaryFile()  # a file, not a pipe: a chatty child can never block on it
     child = subprocess.Popen(command, stderr=errors)
     process = psutil.Process(child.pid)
     started = time.monotonic()
-    print(f"`newstagger tag` on {corpus} ({corpus.stat().st_size / 1e6:,.0f} MB)")
+    print(f"`newstagger tag` on {corpus} ({size / 1e6:,.0f} MB)")
     print(f"{'seconds':>8}{'read MB':>10}{'RSS MiB':>9}{'peak RSS MiB':>13}")
     try:
         while child.poll() is None and time.monotonic() - started < seconds:

@@ -325,3 +325,12 @@ def test_a_misspelt_backend_pair_exits_2_naming_it_and_the_known_ones(argv, caps
     assert exit_info.value.code == 2
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert f"argument {argv[-2]}: unknown '{argv[-1].split(',')[-1]}'; choose from " in line and "onnx-fp32" in line
+
+
+def test_bench_watching_a_missing_corpus_starts_no_tag_process(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    def no_child(*args, **kwargs):
+        raise AssertionError("a `newstagger tag` process was started for a corpus that is not there")
+
+    monkeypatch.setattr("subprocess.Popen", no_child)
+    assert main(["bench", "--model", str(tiny_model_dir), "--watch-tag", str(tmp_path / "nope.jsonl")]) == 2
+    assert "nope.jsonl" in capsys.readouterr().err
