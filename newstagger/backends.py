@@ -225,7 +225,11 @@ def agreement_record(folder: Path, backend: str, precision: str) -> dict:
     """What `newstagger check` recorded for this backend on the weights the folder holds ({} where it
     never ran on them: a record of weights copied over by hand says nothing of these)."""
     record = read_metrics(folder).get("agreement", {}).get(f"{backend}-{precision}", {})
-    return record if record.get("weights_sha256") == weights_sha256(folder) else {}
+    if record and record.get("weights_sha256") != weights_sha256(folder):
+        logger.warning("%s: the `newstagger check` verdict on %s-%s was made on other weights and is not used; "
+                       "run `newstagger check --model %s` again", folder, backend, precision, folder)
+        return {}
+    return record
 
 
 def _unavailable_reason(folder: Path, backend: str, precision: str, device: torch.device) -> str:

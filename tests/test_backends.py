@@ -123,7 +123,7 @@ def test_a_check_on_texts_without_entities_does_not_pass(exported_dir, tmp_path,
     assert "FAIL  identical entities 100.00% of 0 (too few entities to judge: a pass needs 100)" in out
 
 
-def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir, tmp_path):
+def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir, tmp_path, caplog):
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     model = load_model_folder(folder)[0]
     unchecked = make_backend(folder, model, device="cpu")
@@ -131,6 +131,7 @@ def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir
     weights = weights_sha256(folder)
     record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": "of other weights"}})
     assert make_backend(folder, model, device="cpu").precision == "fp32"  # a verdict on weights copied over
+    assert "verdict on onnx-int8 was made on other weights and is not used" in caplog.text
     record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": weights},
                               "torch-bf16": {"passed": False, "weights_sha256": weights}})
     checked = make_backend(folder, model, device="cpu")
