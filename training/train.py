@@ -1043,8 +1043,9 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     topic_lexical, topic_blend = None, {}
     topic_train_docs = [doc for doc in train_docs if doc.topics is not None]
     can_fit_lexical = config.topic_lexical and len(topic_train_docs) >= MIN_LEXICAL_DOCUMENTS
-    valid_texts = [doc.text for doc in valid_docs if doc.topics is not None and schema.topics]  # topic_gold's rows
     gold, topic_probs = predictions.topic_gold, predictions.topic_probs
+    # topic_gold's rows; none where predict_documents scored no topics (a model without any)
+    valid_texts = [doc.text for doc in valid_docs if doc.topics is not None] if gold is not None else []
     tune_topics = len(valid_texts) >= config.min_tuning_documents
     if tune_topics and can_fit_lexical:
         tuned.append("topic blend")
