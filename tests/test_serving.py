@@ -11,6 +11,8 @@ import asyncio
 import json
 import logging
 import socket
+import subprocess
+import sys
 import os
 import threading
 from types import SimpleNamespace
@@ -913,6 +915,20 @@ def test_serve_refuses_a_port_in_use_in_one_line(tiny_model_dir, monkeypatch):
         args = serve_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--port", str(port)])
         with pytest.raises(UsageError, match=f"cannot listen on 127.0.0.1:{port}: Address already in use"):
             args.handler(args)
+
+
+def test_serve_refuses_a_host_name_it_cannot_look_up_in_one_line(tiny_model_dir, monkeypatch):
+    monkeypatch.setattr("uvicorn.run", lambda app, **kwargs: pytest.fail("uvicorn was started"))
+    args = serve_parser().parse_args(["serve", "--model", str(tiny_model_dir), "--host", "a" * 64])
+    with pytest.raises(UsageError, match="cannot listen on a{64}:8000"):  # IDNA's 63-character label limit
+        args.handler(args)
+
+
+def test_the_console_script_imports_without_torch():
+    """Each `serve --workers N` process re-imports the console script before it can answer uvicorn's
+    5-second health check; with torch in that import, workers were killed and restarted forever."""
+    probe = "import sys, newstagger.cli; print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    assert subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout == "[]\n"
 
 
 def test_serve_refuses_a_folder_that_is_not_a_model(tmp_path):
