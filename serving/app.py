@@ -314,7 +314,8 @@ def _install_error_handlers(app: FastAPI) -> None:
 
     @app.exception_handler(RequestValidationError)
     async def invalid_request(request: Request, err: RequestValidationError) -> JSONResponse:
-        documents = err.body.get("documents") if isinstance(getattr(err, "body", None), dict) else None
+        is_tag_request = getattr(request.scope.get("route"), "endpoint", None) is tag
+        documents = err.body.get("documents") if is_tag_request and isinstance(err.body, dict) else None
         if isinstance(documents, list):  # too many is a 413 whatever else is wrong (past the ceiling too)
             try:
                 _check_document_count(len(documents), request.app.state.service.settings)

@@ -119,12 +119,15 @@ def _route_label(scope: Scope) -> str:
     route = scope.get("route")
     if route is not None:
         return route.path
-    # Answered before routing (a body over the size limit). FastAPI's included routers do not say
+    # Answered before routing (a body over the size limit), or by FastAPI's own pages (/docs,
+    # /openapi.json), whose plain routes do not say either. FastAPI's included routers do not say
     # which route of theirs matches, so the path is looked up among the API's own (none has
     # parameters, so a path is its template).
     app = scope.get("app")
-    paths = app.openapi()["paths"] if hasattr(app, "openapi") else {}
-    return scope["path"] if scope["path"] in paths else "unmatched"
+    if not hasattr(app, "openapi"):
+        return "unmatched"
+    pages = {app.openapi_url, app.docs_url, app.redoc_url, app.swagger_ui_oauth2_redirect_url}
+    return scope["path"] if scope["path"] in pages | set(app.openapi()["paths"]) else "unmatched"
 
 
 def log_value(value: object) -> str:

@@ -269,6 +269,8 @@ def test_too_many_documents_is_413(make_client):
     assert "at most 2" in response.json()["detail"]
     with_bad_items = client.post("/v1/tag", json={"documents": [{"id": 1, "text": "a"}, {"id": 2}, 3]})
     assert with_bad_items.status_code == 413  # however many of them are also wrong
+    elsewhere = client.post("/v1/feedback", json={"id": "a", "text": "a", "documents": [0] * 3})
+    assert elsewhere.status_code == 422  # other routes take no documents: not a limit to name
 
 
 def test_an_oversized_list_fails_at_once_with_a_bounded_answer(client):
@@ -698,6 +700,14 @@ def test_every_response_carries_timing_and_request_id_and_is_logged(client, capl
     assert logged and logged[0] | {"duration_ms": 0} == {
         "request_id": "trace-42", "method": "POST", "path": "/v1/tag", "route": "/v1/tag", "status": 200,
         "duration_ms": 0, "client": "testclient", "documents": 1, "model_version": "0.0.1"}
+
+
+def test_fastapis_own_pages_have_their_own_metric_labels(client):
+    assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
+    text = client.get("/metrics").text
+    for route in ("/docs", "/openapi.json"):
+        assert f'newstagger_http_requests_total{{method="GET",route="{route}",status="200"}} 1.0' in text
+    assert 'route="unmatched"' not in text
 
 
 def test_invented_methods_share_one_metric_label(client):
