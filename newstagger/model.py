@@ -20,7 +20,7 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
+from transformers import CONFIG_NAME, AutoConfig, AutoTokenizer, BertModel, BertPreTrainedModel
 
 from . import lexical
 from .checks import check_rules, is_fraction, window_rules
@@ -288,11 +288,23 @@ def load_model_folder(folder: str | Path):
     if not any((folder / name).is_file() for name in TOKENIZER_FILES):
         # transformers would quietly make a tokenizer that knows five tokens
         raise DataError(f"{folder} is not a complete model folder: no tokenizer ({' or '.join(TOKENIZER_FILES)})")
+    if not (folder / CONFIG_NAME).is_file():  # transformers would quietly take BERT-base's defaults
+        raise DataError(f"{folder} is not a complete model folder: no {CONFIG_NAME}")
     try:
-        model = NewsTaggerModel.from_pretrained(folder, dtype=torch.float32, use_safetensors=True).eval()
+        config = AutoConfig.from_pretrained(folder)
+        if not hasattr(config, "newstagger_schema"):
+            raise ValueError(f"its {CONFIG_NAME} has no newstagger_schema: not a newstagger model's")
+        # Mismatched shapes are reported below with the other misfits rather than raised on their own
+        model, loading = NewsTaggerModel.from_pretrained(folder, config=config, dtype=torch.float32,
+                                                         use_safetensors=True, ignore_mismatched_sizes=True,
+                                                         output_loading_info=True)
         tokenizer = AutoTokenizer.from_pretrained(folder)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
+    if misfits := _weights_misfits(loading):  # transformers only logs them, and leaves those tensors random
+        raise DataError(f"{folder / 'model.safetensors'} does not fit its {CONFIG_NAME} ({misfits}); "
+                        "restore the folder as it was written")
+    model.eval()
     if model.schema != meta.schema:  # it would load, then fail (or mislabel) on every text
         raise DataError(f"{folder / META_FILE}: its labels do not match the ones the weights were saved with "
                         f"(config.json); restore the folder as it was written")
@@ -300,6 +312,13 @@ def load_model_folder(folder: str | Path):
         raise DataError(f"{folder / META_FILE}: {too_long[0]} is more than the encoder's "
                         f"{model.config.max_position_embeddings} positions")
     return model, tokenizer, meta
+
+
+def _weights_misfits(loading: dict) -> str:
+    """What a weights file lacks, has over, or has in another shape than its config asks, or ''."""
+    misfits = {"missing": sorted(loading["missing_keys"]), "not in the model": sorted(loading["unexpected_keys"]),
+               "of another shape": sorted(key for key, *_ in loading["mismatched_keys"])}
+    return "; ".join(f"{how}: {', '.join(keys)}" for how, keys in misfits.items() if keys)
 
 
 def windows_past_positions(encoder_config, **windows: int) -> list[str]:

@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import pytest
+from safetensors.torch import load_file, save_file
 
 from conftest import SAMPLE
 
@@ -234,8 +235,30 @@ def edit_meta(**changes):
     return edit
 
 
+def edit_weights(edit):
+    def damage(folder):
+        weights = load_file(folder / "model.safetensors")
+        edit(weights)
+        save_file(weights, folder / "model.safetensors", metadata={"format": "pt"})
+    return damage
+
+
+def edit_config(edit):
+    def damage(folder):
+        config = json.loads((folder / "config.json").read_text())
+        edit(config)
+        (folder / "config.json").write_text(json.dumps(config))
+    return damage
+
+
 @pytest.mark.parametrize(("damage", "reason"), [
     (lambda folder: (folder / "model.safetensors").unlink(), "is not a complete model folder"),
+    (edit_weights(lambda w: w.pop("entity_head.weight")), "does not fit its config.json (missing: entity_head.weight)"),
+    (edit_weights(lambda w: w.update({"entity_head.bias": w["entity_head.bias"][:-1]})),
+     "does not fit its config.json (of another shape: entity_head.bias)"),
+    (edit_weights(lambda w: w.update({"extra.weight": w["entity_head.bias"].clone()})), "(not in the model: extra.weight)"),
+    (lambda folder: (folder / "config.json").unlink(), "is not a complete model folder: no config.json"),
+    (edit_config(lambda c: c.pop("newstagger_schema")), "its config.json has no newstagger_schema"),
     (lambda folder: (folder / "model.safetensors").write_bytes(b"\xff" * 64), "is not a complete model folder"),
     (lambda folder: (folder / "tokenizer.json").unlink(), "no tokenizer"),
     (lambda folder: (folder / "metrics.json").write_text("{"), "metrics.json is not valid JSON"),
