@@ -29,8 +29,11 @@ from pathlib import Path
 
 import numpy as np
 import scipy.sparse as sp
+from safetensors import SafetensorError
 from safetensors.numpy import load_file, save_file
 from scipy.special import expit
+
+from .documents import DataError
 
 WEIGHTS_FILE = "topic_lexical.safetensors"
 SETTINGS_FILE = "topic_lexical.json"
@@ -130,15 +133,42 @@ class LexicalTopicModel:
         (folder / SETTINGS_FILE).write_text(json.dumps(settings, ensure_ascii=False) + "\n", encoding="utf-8")
 
     @classmethod
-    def load(cls, folder: str | Path) -> "LexicalTopicModel | None":
-        """The folder's component, or None when it has none."""
+    def load(cls, folder: str | Path, topics: Sequence[str]) -> "LexicalTopicModel | None":
+        """The folder's component for a model with these topics, None when it has none, or DataError
+        naming its files where they do not make one (the tagger would fail or score outside 0 to 1)."""
         folder = Path(folder)
         if not (folder / SETTINGS_FILE).is_file():
             return None
-        settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
-        arrays = load_file(folder / WEIGHTS_FILE)
-        return cls(settings["topics"], settings["vocabulary"], arrays["idf"], arrays["coef"], arrays["intercept"],
-                   settings["blend_weight"], settings["ngram_range"])
+        try:
+            settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+            arrays = load_file(folder / WEIGHTS_FILE)
+            model = cls(settings["topics"], settings["vocabulary"], arrays["idf"], arrays["coef"],
+                        arrays["intercept"], settings["blend_weight"], settings["ngram_range"])
+            problem = model._inconsistency(topics)
+        except (OSError, ValueError, KeyError, TypeError, OverflowError, SafetensorError) as err:
+            problem = repr(err)
+        if problem:
+            raise DataError(f"{folder / SETTINGS_FILE} with {WEIGHTS_FILE} is not a usable lexical topic model: "
+                            f"{problem}; restore the folder as it was written")
+        return model
+
+    def _inconsistency(self, topics: Sequence[str]) -> str:
+        """Why these settings and arrays cannot score a model with these topics, or ''."""
+        shapes = {"idf": (len(self.vocabulary),), "coef": (len(self.topics), len(self.vocabulary)),
+                  "intercept": (len(self.topics),)}
+        for name, shape in shapes.items():
+            if getattr(self, name).shape != shape:
+                return f"{name} has shape {getattr(self, name).shape}, where its settings ask for {shape}"
+            if not np.isfinite(getattr(self, name)).all():
+                return f"{name} is not all finite"
+        if self.topics != list(topics):
+            return f"its topics {self.topics} are not the model's {list(topics)}"
+        if not 0.0 <= self.weight <= 1.0:  # NaN fails too
+            return f"blend_weight must be from 0 to 1, not {self.weight}"
+        longest = 63 // _BITS_PER_CHAR  # an n-gram's key is one int64
+        if len(self.ngram_range) != 2 or not 1 <= self.ngram_range[0] <= self.ngram_range[1] <= longest:
+            return f"ngram_range must be two lengths from 1 to {longest}, not {list(self.ngram_range)}"
+        return ""
 
 
 def blend(bert_probs: np.ndarray, lexical_probs: np.ndarray, weight: float) -> np.ndarray:

@@ -58,7 +58,7 @@ class Tagger:
         model, tokenizer, meta = load_model_folder(folder)
         scorer = make_backend(folder, model, backend, precision, device, threads)
         return cls(model, tokenizer, meta, backend=scorer, max_batch_tokens=max_batch_tokens,
-                   topic_lexical=LexicalTopicModel.load(folder))
+                   topic_lexical=LexicalTopicModel.load(folder, meta.schema.topics))
 
     def tag(self, texts: Sequence[str], *, thresholds: dict[str, float] | None = None,
             entity_types: Iterable[str] | None = None, entity_threshold: float | None = None,

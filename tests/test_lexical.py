@@ -14,6 +14,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 import training.train
 from newstagger import Tagger
 from newstagger.cli import main
+from newstagger.documents import DataError
 from newstagger.lexical import SETTINGS_FILE, WEIGHTS_FILE, LexicalTopicModel
 from newstagger.model import load_model_folder
 from training.data import read_documents
@@ -51,11 +52,11 @@ def test_save_load_round_trip_without_pickle_gives_identical_probabilities(fitte
     settings = json.loads((tmp_path / SETTINGS_FILE).read_text(encoding="utf-8"))
     assert settings["topics"] == TOPICS and settings["blend_weight"] == 0.5 and settings["ngram_range"] == [1, 3]
 
-    loaded = LexicalTopicModel.load(tmp_path)
+    loaded = LexicalTopicModel.load(tmp_path, TOPICS)
     assert loaded.vocabulary == fitted.vocabulary and loaded.weight == 0.5
     texts = [doc.text for doc in sample] + ODD_TEXTS
     assert np.array_equal(loaded.predict(texts), fitted.predict(texts))
-    assert LexicalTopicModel.load(tmp_path / "elsewhere") is None
+    assert LexicalTopicModel.load(tmp_path / "elsewhere", TOPICS) is None
 
 
 def test_it_learns_the_sample_topics(fitted, sample):
@@ -93,6 +94,33 @@ def test_evaluate_scores_topics_at_another_blend_weight(tiny_model_dir, fitted, 
     assert main(["evaluate", "--model", str(blended_dir), "--data", str(SAMPLE), "--topic-blend", "2"]) == 2
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(SAMPLE), "--topic-blend", "0"]) == 2
     assert "no lexical topic model" in capsys.readouterr().err
+
+
+def edit_settings(**changes):
+    def damage(folder):
+        settings = json.loads((folder / SETTINGS_FILE).read_text(encoding="utf-8"))
+        (folder / SETTINGS_FILE).write_text(json.dumps({**settings, **changes}), encoding="utf-8")
+    return damage
+
+
+@pytest.mark.parametrize(("damage", "reason"), [
+    (lambda folder: (folder / SETTINGS_FILE).write_text("{"), "JSONDecodeError"),
+    (lambda folder: (folder / WEIGHTS_FILE).unlink(), "FileNotFoundError"),
+    (lambda folder: (folder / WEIGHTS_FILE).write_bytes(b"\xff" * 64), "SafetensorError"),
+    (edit_settings(vocabulary=None), "TypeError"),
+    (lambda folder: edit_settings(vocabulary=json.loads((folder / SETTINGS_FILE).read_text())["vocabulary"][:-5])(folder),
+     "idf has shape"),
+    (edit_settings(topics=TOPICS[::-1]), "are not the model's"),
+    (edit_settings(blend_weight=5.0), "blend_weight must be from 0 to 1, not 5.0"),
+    (edit_settings(blend_weight=float("nan")), "blend_weight must be from 0 to 1, not nan"),
+    (edit_settings(ngram_range=[1, 4]), "ngram_range must be two lengths from 1 to 3"),
+])
+def test_a_damaged_component_is_refused_naming_its_files(fitted, tmp_path, damage, reason):
+    fitted.save(tmp_path)
+    damage(tmp_path)
+    with pytest.raises(DataError, match=f"{SETTINGS_FILE} with {WEIGHTS_FILE} is not a usable") as refused:
+        LexicalTopicModel.load(tmp_path, TOPICS)
+    assert reason in str(refused.value)
 
 
 def test_a_folder_without_the_component_tags_as_before(tiny_model_dir, sample):

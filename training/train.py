@@ -1075,7 +1075,7 @@ def _kept_topic_lexical(parent_folder: str, parent_meta: ModelMeta, schema: Labe
                         topic_train_docs: list[Document]) -> lexical.LexicalTopicModel | None:
     """The parent's lexical topic model; where the data adds topics, which it cannot score, one fitted
     on the training documents at its weight. None where the parent has none (or nothing to fit on)."""
-    parent_lexical = lexical.LexicalTopicModel.load(parent_folder)
+    parent_lexical = lexical.LexicalTopicModel.load(parent_folder, parent_meta.schema.topics)
     if parent_lexical is None or parent_meta.schema.topics == schema.topics:
         return parent_lexical
     if len(topic_train_docs) < MIN_LEXICAL_DOCUMENTS:
