@@ -57,15 +57,16 @@ def encode_texts(tokenizer, texts: list[str]) -> list[EncodedText]:
 
 
 def _marks_joined(text: str, offsets: np.ndarray) -> np.ndarray:
-    """`offsets` with each token's end moved past the combining marks that follow it. The normalizer
-    strips accents, so a decomposed "é" (e + U+0301) ending a name would otherwise leave its accent
-    out of the entity, and its text would not be the name as written."""
+    """`offsets` with each token's end moved past the marks that follow it. The normalizer strips
+    nonspacing marks, so a decomposed "é" (e + U+0301) ending a name would otherwise leave its accent
+    out of the entity, and its text would not be the name as written. Marks are told by category,
+    not combining class: Thai vowels and variation selectors (☺ + U+FE0F) have class 0."""
     if not len(offsets):
         return offsets
     next_starts = np.append(offsets[1:, 0], len(text))
     for k in np.nonzero(next_starts > offsets[:, 1])[0]:  # only where a gap follows: spaces, marks, controls
         end = offsets[k, 1]
-        while end < next_starts[k] and unicodedata.combining(text[end]):
+        while end < next_starts[k] and unicodedata.category(text[end]).startswith("M"):
             end += 1
         offsets[k, 1] = end
     return offsets

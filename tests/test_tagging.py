@@ -149,9 +149,10 @@ def test_tokenizer_offsets_index_the_original_string():
 
 def test_a_token_ends_after_the_combining_marks_the_normalizer_stripped():
     """A decomposed accent ending a name stays in the name's span."""
-    text = "Jose\u0301 和 佛\u0301\u0302山 e\u0301"
+    text = "Jose\u0301 和 佛\u0301\u0302山 e\u0301 ☺\ufe0f市 ชี"  # the last two marks have combining class 0
     (encoded,) = encode_texts(tiny_tokenizer(), [text])
-    assert [text[start:end] for start, end in encoded.offsets] == ["Jose\u0301", "和", "佛\u0301\u0302", "山", "e\u0301"]
+    assert [text[start:end] for start, end in encoded.offsets] == ["Jose\u0301", "和", "佛\u0301\u0302", "山",
+                                                                   "e\u0301", "☺\ufe0f", "市", "ชี"]
 
 
 def test_special_token_names_in_a_story_are_text():
