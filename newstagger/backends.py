@@ -239,11 +239,12 @@ def _unavailable_reason(folder: Path, backend: str, precision: str, device: torc
         return "the onnx backend runs on the CPU only; use --device cpu or --backend torch"
     if precision == "bf16":
         return "this CPU has no bf16 matrix instructions (AMX or AVX512-BF16); use fp32, or int8 with onnx"
+    export = f"newstagger export --model {folder}" + (" --quantize int8" if precision == "int8" else "")
     if not onnx_path(folder, "fp32").is_file():
-        return f"{folder} has no ONNX export; run `newstagger export --model {folder}` first"
+        return f"{folder} has no ONNX export; run `{export}` first"
     if stale := onnx_export_stale(folder):
-        return f"{stale}; run `newstagger export --model {folder}` again"
-    return f"{folder} has no int8 graph; run `newstagger export --model {folder} --quantize int8`"
+        return f"{stale}; run `{export}` again"
+    return f"{folder} has no int8 graph; run `{export}`"
 
 
 def onnx_path(folder: Path, precision: str) -> Path:

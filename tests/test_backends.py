@@ -83,6 +83,7 @@ def test_check_runs_nothing_when_no_candidate_can_run(model_copy, monkeypatch):
     results = check_agreement(model_copy, ["onnx-fp32", "onnx-int8"], ["好"], "one text")
     assert list(results) == ["onnx-fp32", "onnx-int8"]
     assert all("has no ONNX export" in result["skipped"] for result in results.values())
+    assert results["onnx-int8"]["skipped"].endswith("--quantize int8` first")  # one export makes both
 
 
 def test_check_on_a_missing_gpu_is_a_usage_error(exported_dir, monkeypatch, capsys):

@@ -197,7 +197,7 @@ class TrainConfig:
     bf16: bool = config_option(False, "train under bfloat16 autocast (weights stay fp32); 1.4-1.6x faster on "
                                       "CPUs with AMX (Sapphire Rapids and later), and on CUDA GPUs that support it. "
                                       "On a CPU without AMX, training stays fp32 with a warning: bf16 steps are "
-                                      "slower there (1.6-1.8x with AVX512-BF16 alone, ~10x emulated on AVX2)")
+                                      "slower there (1.6-1.8x with AVX512-BF16 alone, 11x emulated on AVX2)")
     lexicon: bool = config_option(False, "give the encoder jieba dictionary-word features (newstagger.lexicon); a model "
                                          "that has them keeps them")
     crf: bool = config_option(False, "learn tag transitions with a linear-chain CRF (newstagger.crf) and train the entity "
