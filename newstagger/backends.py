@@ -113,7 +113,9 @@ class OnnxBackend:
         import onnxruntime as ort
 
         self.precision = precision
-        self.lexicon = lexicon
+        # Its own copy on the CPU, where ONNX Runtime runs: `check --device cuda` moves the model that
+        # lent it to the GPU, and look-ups on the GPU's keys fail for ids on the CPU.
+        self.lexicon = copy.deepcopy(lexicon).cpu() if lexicon is not None else None
         self.path = Path(path)
         options = ort.SessionOptions()
         options.intra_op_num_threads = threads
