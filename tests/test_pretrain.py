@@ -239,10 +239,12 @@ def test_text_with_no_token_the_tokenizer_knows_exits_2(tiny_mlm_base, tmp_path,
                                            ("weights under other names", "of the BERT encoder's tensors unset"),
                                            ("another architecture", "it is a 'roberta' checkpoint, not BERT"),
                                            ("tokenizer past the embeddings", "more than the encoder's"),
-                                           ("newstagger model", "continue it with train --init-model")])
+                                           ("newstagger model", "continue it with train --init-model"),
+                                           ("its config file", "is a file; give the checkpoint's folder")])
 def test_a_base_that_cannot_be_pretrained_exits_2_naming_it(tiny_mlm_base, tiny_model_dir, tmp_path, capsys, damage,
                                                              named):
-    base = {"missing": tmp_path / "missing", "newstagger model": tiny_model_dir}.get(damage)
+    base = {"missing": tmp_path / "missing", "newstagger model": tiny_model_dir,
+            "its config file": tiny_mlm_base / "config.json"}.get(damage)
     base = base or damaged_copy(tiny_mlm_base, tmp_path / "base", damage)
     assert main(["pretrain", "--text", f"{SAMPLE}:internal", "--base-model", str(base),
                  "--output", str(tmp_path / "out")]) == 2

@@ -883,6 +883,8 @@ def loading_base(name_or_path: str):
     """Around loading a base checkpoint (train, pretrain): what cannot be a base, or cannot be loaded,
     is a UsageError naming it."""
     folder = Path(name_or_path)
+    if folder.is_file():  # transformers would read it as a config, then unpickle it as weights
+        raise UsageError(f"base_model {name_or_path!r} is a file; give the checkpoint's folder or a hub name")
     if (folder / META_FILE).is_file():
         raise UsageError(f"base_model {name_or_path!r} is not a plain BERT checkpoint (a newstagger model folder: "
                          "continue it with train --init-model)")
