@@ -31,7 +31,7 @@ import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
-from .cli import add_model_argument, names_from, positive_int
+from .cli import add_model_argument, names_from, positive_int, positive_seconds
 from .errors import UsageError
 from .tag_command import add_runtime_arguments
 
@@ -51,7 +51,7 @@ def register(subparsers) -> None:
     parser.add_argument("--json", help="also write the results to this file")
     parser.add_argument("--write-corpus", metavar="FILE", help="write a generated JSONL corpus of --documents stories and exit")
     parser.add_argument("--watch-tag", metavar="FILE", help="run `newstagger tag` on FILE and print its RSS as it goes")
-    parser.add_argument("--seconds", type=float, default=120, help="how long --watch-tag watches")
+    parser.add_argument("--seconds", type=positive_seconds, default=120, help="how long --watch-tag watches")
     parser.set_defaults(handler=run)
 
 

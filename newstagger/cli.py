@@ -11,6 +11,7 @@ import argparse
 import contextlib
 import importlib
 import logging
+import math
 import os
 import signal
 import sys
@@ -40,14 +41,30 @@ def add_model_argument(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--model", help="model folder (default: $NEWSTAGGER_MODEL, else the shipped model)")
 
 
-def positive_int(text: str) -> int:
-    """argparse type of counts (stories, threads, repeats): a whole number of at least 1."""
+def at_least(minimum: int):
+    """argparse type of a count: a whole number of at least `minimum`."""
+    def parse(text: str) -> int:
+        try:
+            value = int(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
+        if value < minimum:
+            raise argparse.ArgumentTypeError(f"must be at least {minimum}, not {value}")
+        return value
+    return parse
+
+
+positive_int = at_least(1)  # stories, threads, repeats
+
+
+def positive_seconds(text: str) -> float:
+    """argparse type of durations (--seconds, --max-seconds): a finite number over 0."""
     try:
-        value = int(text)
+        value = float(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a whole number, not {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, not {value}")
+        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
+    if not 0 < value < math.inf:
+        raise argparse.ArgumentTypeError(f"must be over 0 and finite, not {text}")
     return value
 
 

@@ -35,7 +35,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-from newstagger.cli import positive_int
+from newstagger.cli import positive_int, positive_seconds
 from newstagger.model import read_meta
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
@@ -214,17 +214,6 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float) -> None:
             pass
         time.sleep(0.2)
     sys.exit(f"the server was not ready within {seconds:.0f} s")
-
-
-def positive_seconds(text: str) -> float:
-    """argparse type of --max-seconds: a finite number over 0."""
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number of seconds, not {text!r}") from None
-    if not 0 < value < math.inf:
-        raise argparse.ArgumentTypeError(f"must be over 0 and finite, not {text}")
-    return value
 
 
 def setting(text: str) -> tuple[str, str]:

@@ -19,8 +19,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+from transformers import AutoConfig
+
 from newstagger.backends import cpu_bf16_units
-from newstagger.model import new_model
+from newstagger.cli import at_least, positive_int, thread_count
+from newstagger.model import new_model, windows_past_positions
 from newstagger.schema import LabelSchema
 from training.train import set_attention_dropout
 
@@ -59,13 +62,15 @@ def time_steps(base: str, attention_dropout: float, bf16: bool, batch: int, leng
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--base", default="bert-base-chinese", help="BERT checkpoint: hub name or local folder")
-    parser.add_argument("--batch", type=int, default=8, help="rows per step")
-    parser.add_argument("--length", type=int, default=256, help="tokens per row")
-    parser.add_argument("--steps", type=int, default=5, help="timed steps per setting")
-    parser.add_argument("--warmup", type=int, default=2, help="untimed steps first")
-    parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")
+    parser.add_argument("--batch", type=positive_int, default=8, help="rows per step")
+    parser.add_argument("--length", type=positive_int, default=256, help="tokens per row")
+    parser.add_argument("--steps", type=positive_int, default=5, help="timed steps per setting")
+    parser.add_argument("--warmup", type=at_least(0), default=2, help="untimed steps first")
+    parser.add_argument("--threads", type=thread_count, help="torch threads (default: torch's own)")
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast (on any CPU)")
     args = parser.parse_args()
+    if too_long := windows_past_positions(AutoConfig.from_pretrained(args.base), length=args.length):
+        parser.error(f"--{too_long[0]} is more than the base's positions")
     if args.threads:
         torch.set_num_threads(args.threads)
     precisions = [False, True] if args.bf16 else [False]

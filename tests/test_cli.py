@@ -357,3 +357,10 @@ def test_bench_watching_a_missing_corpus_starts_no_tag_process(tiny_model_dir, t
     monkeypatch.setattr("subprocess.Popen", no_child)
     assert main(["bench", "--model", str(tiny_model_dir), "--watch-tag", str(tmp_path / "nope.jsonl")]) == 2
     assert "nope.jsonl" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("seconds", ["0", "-1", "nan", "inf"])
+def test_bench_watches_only_for_a_positive_time(tiny_model_dir, tmp_path, capsys, seconds):
+    with pytest.raises(SystemExit) as stopped:
+        main(["bench", "--model", str(tiny_model_dir), "--watch-tag", str(SAMPLE), "--seconds", seconds])
+    assert stopped.value.code == 2 and "argument --seconds: must be over 0 and finite" in capsys.readouterr().err
