@@ -48,6 +48,9 @@ def out_of_fold_probs(texts, words, targets, groups, folds, ngram_range, C, min_
             x_train = sp.hstack([x_train, vocabulary.fit_transform([words[i] for i in train])]).tocsr()
             x_test = sp.hstack([x_test, vocabulary.transform([words[i] for i in test])]).tocsr()
         for k in range(targets.shape[1]):
+            if targets[train, k].min() == targets[train, k].max():  # one class only: as LexicalTopicModel.fit does
+                probs[test, k] = targets[train[0], k]
+                continue
             classifier = LogisticRegression(C=C, class_weight=FIT_SETTINGS["class_weight"],
                                             max_iter=FIT_SETTINGS["max_iter"]).fit(x_train, targets[train, k])
             probs[test, k] = classifier.predict_proba(x_test)[:, 1]
