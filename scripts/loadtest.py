@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from newstagger.cli import positive_int, positive_seconds
-from newstagger.model import read_meta
+from newstagger.model import load_model_folder
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SENTENCES = [
@@ -208,10 +208,13 @@ def wait_ready(url: str, server: subprocess.Popen, seconds: float) -> None:
         if server.poll() is not None:
             sys.exit(f"the server exited with code {server.returncode}")
         try:
-            if httpx.get(f"{url}/readyz", timeout=1).status_code == 200:
-                return
+            readiness = httpx.get(f"{url}/readyz", timeout=1)
         except httpx.HTTPError:
-            pass
+            readiness = None
+        if readiness is not None and readiness.status_code == 200:
+            return
+        if readiness is not None and "retry-after" not in readiness.headers:  # failed, not still loading
+            sys.exit(f"the server is not ready and will not be: {readiness.json().get('detail')}")
         time.sleep(0.2)
     sys.exit(f"the server was not ready within {seconds:.0f} s")
 
@@ -249,9 +252,9 @@ def main() -> None:
         parser.error(f"--stories-file: no stories in {args.stories_file}")
     server = None
     if args.model:
-        try:  # the server would answer 503 with the reason until --max-seconds ran out
-            read_meta(args.model)
-        except (OSError, ValueError) as err:
+        try:  # the server would say only "failed to load" in /readyz, and why in a log this script drops
+            load_model_folder(args.model)
+        except (OSError, ValueError) as err:  # DataError is a ValueError
             parser.error(f"--model: {err}")
         port = free_loopback_port()
         url = f"http://127.0.0.1:{port}"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import shutil
 import sys
 
 import pytest
@@ -48,3 +49,13 @@ def test_arguments_that_cannot_work_exit_2_at_once(monkeypatch, capsys, argv, re
     with pytest.raises(SystemExit) as exit_:
         loadtest.main()
     assert exit_.value.code == 2 and reason in capsys.readouterr().err
+
+
+def test_a_model_folder_that_cannot_load_exits_2_before_a_server_starts(tiny_model_dir, tmp_path, monkeypatch, capsys):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    (folder / "model.safetensors").unlink()
+    monkeypatch.setattr(loadtest, "start_server", lambda *args: pytest.fail("a server was started"))
+    monkeypatch.setattr(sys, "argv", ["loadtest", "--model", str(folder)])
+    with pytest.raises(SystemExit) as exit_:
+        loadtest.main()
+    assert exit_.value.code == 2 and "is not a complete model folder" in capsys.readouterr().err
