@@ -16,7 +16,7 @@ from newstagger.bench import synthetic_stories
 from newstagger.cli import main
 from newstagger.errors import UsageError
 from newstagger.export import export_onnx
-from newstagger.model import load_model_folder, save_model_folder, weights_sha256
+from newstagger.model import load_model_folder, read_metrics, save_model_folder, weights_sha256
 from newstagger.tagger import Tagger
 
 
@@ -109,19 +109,24 @@ def test_compare_counts_missing_and_extra_entities_against_agreement():
     assert result["span_agreement"] == 0.25
     assert result["max_topic_difference"] == pytest.approx(0.03)
     assert not result["passed"]
-    assert not compare(expected, expected)["passed"]  # 2 entities: too few for 99% to mean anything
+    assert compare(expected, expected)["passed"] is None  # 2 entities: too few for 99% to mean anything
     many = [{"topics": {"a": 0.5}, "entities": [entity(3 * i) for i in range(100)]}]
     assert compare(many, many)["passed"]
 
 
-def test_a_check_on_texts_without_entities_does_not_pass(exported_dir, tmp_path, capsys):
-    """It would compare nothing, and `auto` would then trust the backend."""
+def test_a_check_on_texts_without_entities_gives_no_verdict_and_keeps_the_last_one(exported_dir, tmp_path, capsys):
+    """A pass would let `auto` trust the backend on nothing; a fail would replace a real pass and make
+    every run warn that the backend's answers differ."""
+    folder = shutil.copytree(exported_dir, tmp_path / "model")
+    earlier = {"passed": True, "weights_sha256": weights_sha256(folder)}
+    record_agreement(folder, {"onnx-fp32": earlier})
     texts = tmp_path / "blanks.jsonl"
     texts.write_text('{"text": ""}\n{"text": "   "}\n', encoding="utf-8")
-    assert main(["check", "--model", str(exported_dir), "--texts", str(texts), "--candidates", "onnx-fp32",
-                 "--no-record"]) == 1
+    assert main(["check", "--model", str(folder), "--texts", str(texts), "--candidates", "onnx-fp32"]) == 1
     out = capsys.readouterr().out
-    assert "FAIL  identical entities 100.00% of 0 (too few entities to judge: a pass needs 100)" in out
+    assert ("NO VERDICT  identical entities 100.00% of 0 (too few entities to judge: a verdict needs 100; "
+            "not recorded)") in out
+    assert read_metrics(folder)["agreement"]["onnx-fp32"] == earlier
 
 
 def test_auto_takes_an_approximation_only_after_it_passed_the_check(exported_dir, tmp_path, caplog):
