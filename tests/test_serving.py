@@ -702,7 +702,8 @@ def test_every_response_carries_timing_and_request_id_and_is_logged(client, capl
         "duration_ms": 0, "client": "testclient", "documents": 1, "model_version": "0.0.1"}
 
 
-def test_fastapis_own_pages_have_their_own_metric_labels(client):
+def test_fastapis_own_pages_have_their_own_metric_labels(make_client):
+    client = make_client()  # its own metrics: other tests read /openapi.json too
     assert client.get("/docs").status_code == 200 and client.get("/openapi.json").status_code == 200
     text = client.get("/metrics").text
     for route in ("/docs", "/openapi.json"):
