@@ -96,6 +96,45 @@ def test_a_label_studio_export_of_two_projects_reads_what_each_project_labels(tm
     assert no_topic.topics == [] and no_topic.entities is None
 
 
+def write_tasks(path, results, **task):
+    path.write_text(json.dumps([{"id": 1, "data": {"text": "刘洋出席。", "title": "刘洋"}, **task,
+                                 "annotations": [{"id": 1, "result": results}]}]), encoding="utf-8")
+    return path
+
+
+def test_a_label_studio_export_with_a_second_control_of_a_kind_is_refused_naming_both(tmp_path):
+    topics = {"from_name": "topics", "to_name": "text", "type": "choices", "value": {"choices": ["livelihood"]}}
+    quality = {"from_name": "quality", "to_name": "text", "type": "choices", "value": {"choices": ["needs_review"]}}
+    with pytest.raises(DataError, match=r"choices results come from 2 controls \(quality on text, topics on text\)"):
+        read_documents(write_tasks(tmp_path / "two-choices.json", [topics, quality]), "labelstudio")
+    title_span = {"from_name": "title_ner", "to_name": "title", "type": "labels",
+                  "value": {"start": 0, "end": 2, "labels": ["name"]}}
+    text_span = {**title_span, "from_name": "ner", "to_name": "text"}
+    with pytest.raises(DataError, match=r"labels results come from 2 controls \(ner on text, title_ner on title\)"):
+        read_documents(write_tasks(tmp_path / "two-labels.json", [text_span, title_span]), "labelstudio")
+
+
+def test_a_per_region_choice_is_not_read_as_a_topic(tmp_path):
+    per_region = {"from_name": "ner", "to_name": "text", "type": "choices",
+                  "value": {"start": 0, "end": 2, "choices": ["economy"]}}
+    with pytest.raises(DataError, match=r"\[0\]: a choices result with a span \(from_name 'ner'\) is a per-region"):
+        read_documents(write_tasks(tmp_path / "per-region.json", [per_region]), "labelstudio")
+
+
+def test_a_label_studio_export_from_before_1_0_reads_its_completions(tmp_path):
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps([{"id": 1, "data": {"text": "刘洋出席。"}, "completions": [{"id": 1, "result": [
+        {"type": "labels", "value": {"start": 0, "end": 2, "labels": ["name"]}}]}]}]), encoding="utf-8")
+    (doc,) = read_documents(path, "labelstudio")
+    assert doc.entities == [Span(0, 2, "name")]
+
+
+def test_doccano_entities_as_lists_are_guessed_as_doccano(tmp_path):
+    path = tmp_path / "lists.jsonl"
+    path.write_text('{"id": 1, "text": "刘洋出席。", "entities": [[0, 2, "name"]]}\n', encoding="utf-8")
+    assert guess_format(path) == "doccano"
+
+
 def test_doccano_span_labels():
     docs = read_documents(FIXTURES / "doccano_spans.jsonl", "doccano")
     assert [doc.id for doc in docs] == ["1", "2", "doccano_spans-3"]

@@ -104,7 +104,7 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
     if not isinstance(tasks, list):
         raise DataError(f"{path}: a Label Studio export is a JSON array of tasks")
     for index, task in enumerate(tasks):
-        if not isinstance(task, dict) or "annotations" not in task:
+        if not isinstance(task, dict) or not ("annotations" in task or "completions" in task):
             raise DataError(f"{path}[{index}]: not a Label Studio task with 'annotations'; export as \"JSON\", "
                             f"not \"JSON-MIN\" (which leaves out the annotations). Documents in the internal "
                             f"format go one JSON object per line (JSONL), not in an array")
@@ -116,11 +116,24 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
     # What a project labels is decided per project: an export of several (a spans project beside a
     # topics project) would otherwise read the spans project's stories as labelled "no topic".
     labelled_for: dict[str, dict[str, bool]] = {}
+    controls: dict[str, dict[str, set]] = {}
     for _, task, annotation in annotated:
         if annotation is not None:
             kinds = labelled_for.setdefault(_project(task), {"labels": False, "choices": False})
+            found_in_project = controls.setdefault(_project(task), {"labels": set(), "choices": set()})
             for kind in kinds:
-                kinds[kind] = kinds[kind] or _has_result(annotation, kind)
+                found = _result_controls(annotation, kind)
+                kinds[kind] = kinds[kind] or bool(found)
+                found_in_project[kind] |= found
+    for found_in_project in controls.values():
+        for kind, found in found_in_project.items():
+            # A second Choices control (a quality flag) or a Labels control on another field would
+            # otherwise be read as topics or as spans of the text
+            if len(found) > 1:
+                names = ", ".join(sorted(f"{from_name} on {to_name}" for from_name, to_name in found))
+                raise DataError(f"{path}: {kind} results come from {len(found)} controls ({names}); newstagger reads "
+                                f"one Labels control for entities and one Choices control for topics, on the "
+                                f"text: leave the others out of the export")
     stem = Path(path).stem
 
     def records() -> Iterator[Record]:
@@ -572,7 +585,7 @@ def _columns_document(lines: list[tuple[int, str]], doc_id: str, path):
 
 
 def _latest_annotation(task) -> dict | None:
-    annotations = task.get("annotations")
+    annotations = task.get("annotations", task.get("completions"))  # completions: before Label Studio 1.0
     usable = [a for a in annotations or () if isinstance(a, dict) and not a.get("was_cancelled")]
     if not usable:
         return None
@@ -587,9 +600,13 @@ def _project(task: dict) -> str:
     return json.dumps(task.get("project"), sort_keys=True)
 
 
-def _has_result(annotation: dict, kind: str) -> bool:
+def _result_controls(annotation: dict, kind: str) -> set[tuple]:
+    """(from_name, to_name) of each of the annotation's results of this kind."""
     result = annotation.get("result")
-    return isinstance(result, list) and any(isinstance(item, dict) and item.get("type") == kind for item in result)
+    if not isinstance(result, list):
+        return set()
+    return {(item.get("from_name"), item.get("to_name")) for item in result
+            if isinstance(item, dict) and item.get("type") == kind}
 
 
 def _label_studio_document(task, annotation: dict, fallback_id: str, labelled_for: dict[str, bool], where: str):
@@ -609,6 +626,9 @@ def _label_studio_document(task, annotation: dict, fallback_id: str, labelled_fo
         if kind in ("labels", "choices") and not isinstance(value, dict):
             raise DataError(f"{where}: a {kind} result has no 'value' object")
         if kind == "choices":
+            if "start" in value:
+                raise DataError(f"{where}: a choices result with a span (from_name {item.get('from_name')!r}) is a "
+                                "per-region choice, not a topic of the story")
             topics = (topics or []) + _string_list(value.get("choices"), "'choices'", where)
         elif kind == "labels":
             labels = value.get("labels")
@@ -727,4 +747,6 @@ def _format_of_record(obj) -> str | None:
     entities = obj.get("entities")
     if isinstance(entities, list) and entities and isinstance(entities[0], dict):
         return "doccano" if "start_offset" in entities[0] else "internal"
+    if isinstance(entities, list) and entities and isinstance(entities[0], list):  # [start, end, label]
+        return "doccano"
     return None
