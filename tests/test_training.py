@@ -428,6 +428,21 @@ def test_a_long_validation_file_is_sampled_not_cut_to_its_head(tiny_base, tmp_pa
     assert "scoring a random 10 of its 50 documents" in caplog.text
 
 
+def test_each_validation_file_is_scored_as_its_own_source_as_evaluate_scores_it(tiny_base, tmp_path, monkeypatch):
+    """MSRA's sentences without a name are scored in the coarse view alone only where MSRA is its own
+    source: mixed with fine files, any fine entity found in them would count as wrong."""
+    fine, coarse = tmp_path / "fine.jsonl", tmp_path / "coarse.bio"
+    fine.write_text('{"id": "f", "text": "刘洋在滨江市。", "entities": [{"start": 0, "end": 2, "type": "name"}]}\n',
+                    encoding="utf-8")
+    coarse.write_text("刘\tB-PER\n洋\tI-PER\n\n好\tO\n的\tO\n\n", encoding="utf-8")
+    scored = []
+    real_predict = training.train.predict_documents
+    monkeypatch.setattr(training.train, "predict_documents",
+                        lambda tagger, docs, *args: scored.append([doc.id for doc in docs]) or real_predict(tagger, docs))
+    train(tiny_train_config(tiny_base, tmp_path / "m", validation=[f"{fine}:internal", f"{coarse}:columns"]))
+    assert scored == [["f"], ["coarse-1", "coarse-4"]]
+
+
 def test_a_label_only_the_validation_data_has_exits_2(tiny_base, tmp_path, capsys):
     """It would become a class no example taught, with an untuned threshold in the card."""
     train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"

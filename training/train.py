@@ -577,12 +577,13 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     model, tokenizer, schema, parent_meta = _starting_model(config, data_schema)
     for spec, docs in validation_sets:
         schema.check_known(docs, f"--validation {spec}")
-    validation_files = [doc for _, docs in validation_sets for doc in docs]
+    validation_files = [docs for _, docs in validation_sets]
     model.to(device)
     start_weights = {k: v.detach().clone() for k, v in model.state_dict().items()} if config.keep_start else None
     bf16 = use_bf16(config.bf16, device)
-    train_docs, examples, valid_docs = _training_examples(config, train_sets, weights, validation_files, tokenizer,
-                                                          schema)
+    train_docs, examples, valid_sources = _training_examples(config, train_sets, weights, validation_files,
+                                                             tokenizer, schema)
+    valid_docs = [doc for docs in valid_sources for doc in docs]
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
@@ -625,7 +626,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
                             config.adversarial_epsilon)
         state["epoch"] += 1
 
-        metrics = _validate(model, tokenizer, meta, valid_docs)
+        metrics = _validate(model, tokenizer, meta, valid_sources)
         score = selection_score(metrics)
         state["history"].append({"epoch": state["epoch"], "step": state["step"],
                                  "score": None if score is None else round(score, 4),
@@ -645,7 +646,7 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
                  1 - config.keep_start, state["best_epoch"])
         model.load_state_dict(interpolated(start_weights, best_state, config.keep_start))
     model.eval()
-    metrics, topic_lexical, tuning = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_docs,
+    metrics, topic_lexical, tuning = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_sources,
                                                          config, parent_meta)
     meta.training = {
         "config": asdict(replace(config, base_model=meta.base_model)),  # continued models: their base, not a default
@@ -921,10 +922,11 @@ def check_windows_fit(encoder_config, **windows: int) -> None:
 
 
 def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
-                       validation_files: list[Document], tokenizer, schema: LabelSchema):
+                       validation_files: list[list[Document]], tokenizer, schema: LabelSchema):
     """(training documents with the no-topic ones `topic_negatives` asks for, their windows as examples
-    with topic rows oversampled, validation documents with each set's held-out share added)."""
-    valid_docs = list(validation_files)
+    with topic rows oversampled, validation sources: each validation file's documents and each set's
+    held-out share, kept apart because each source is scored in its own entity view)."""
+    valid_sources = list(validation_files)
     kept_sets = []
     for docs in train_sets:
         coarse = _labelled_coarse_only(docs, schema)
@@ -932,13 +934,13 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
             # a smaller share where the usual one would pass the cap, so nothing held out goes unused
             fraction = min(config.validation_fraction, config.max_validation_documents / len(docs))
             docs, held = split_validation(docs, fraction, seed=_validation_seed(config))
-            valid_docs += held
+            valid_sources.append(held)
         kept_sets.append((docs, coarse))
     # A story in two sets (topics in one file, entities in another), or in --validation too, is
     # validated on, so it is trained on in neither: its text would leak into the scores and the cuts.
     # So is the rest of a group held out from another set.
-    validated = {doc.text for doc in valid_docs}
-    validated_groups = {doc.group for doc in valid_docs if doc.group is not None}
+    validated = {doc.text for docs in valid_sources for doc in docs}
+    validated_groups = {doc.group for docs in valid_sources for doc in docs if doc.group is not None}
     train_docs: list[Document] = []
     examples: list[Example] = []
     for (docs, coarse), weight in zip(kept_sets, weights):
@@ -959,7 +961,7 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
     topic_examples = [e for e in examples if e.topics is not None]
     extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
     examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
-    return train_docs, examples, valid_docs
+    return train_docs, examples, valid_sources
 
 
 def _optimizer_and_schedule(model: NewsTaggerModel, config: TrainConfig, total_steps: int):
@@ -1018,8 +1020,8 @@ def _restore(checkpoint: Path, run: dict, model, optimizer, scheduler, rng: rand
     return state, best_state
 
 
-def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: list[Document], config: TrainConfig,
-                        parent_meta: ModelMeta | None) -> tuple[dict, lexical.LexicalTopicModel | None, dict]:
+def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_sources: list[list[Document]],
+                        config: TrainConfig, parent_meta: ModelMeta | None) -> tuple[dict, lexical.LexicalTopicModel | None, dict]:
     """The trained model's final validation metrics, with its cuts (entity threshold, topic blend, topic
     thresholds) chosen on them and set in `tagger.meta`; where validation has fewer than
     `min_tuning_documents` of a task, the parent model's cuts are kept (the defaults without one).
@@ -1030,8 +1032,8 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     if parent_meta is not None:
         meta.entity_threshold = parent_meta.entity_threshold
         meta.thresholds = {t: parent_meta.thresholds[t] for t in schema.topics if t in parent_meta.thresholds}
-    predictions = predict_documents(tagger, valid_docs) if valid_docs else Predictions()
-    metrics = prediction_metrics(predictions, tagger) if valid_docs else {}
+    predictions = Predictions.joined([predict_documents(tagger, docs) for docs in valid_sources])
+    metrics = prediction_metrics(predictions, tagger) if any(valid_sources) else {}
     tuned = []
     if len(predictions.gold_spans) >= config.min_tuning_documents:
         tuned.append("entity threshold")
@@ -1047,7 +1049,8 @@ def _tune_on_validation(tagger: Tagger, train_docs: list[Document], valid_docs: 
     can_fit_lexical = config.topic_lexical and len(topic_train_docs) >= MIN_LEXICAL_DOCUMENTS
     gold, topic_probs = predictions.topic_gold, predictions.topic_probs
     # topic_gold's rows; none where predict_documents scored no topics (a model without any)
-    valid_texts = [doc.text for doc in valid_docs if doc.topics is not None] if gold is not None else []
+    valid_texts = ([doc.text for docs in valid_sources for doc in docs if doc.topics is not None]
+                   if gold is not None else [])
     tune_topics = len(valid_texts) >= config.min_tuning_documents
     if tune_topics and can_fit_lexical:
         tuned.append("topic blend")
@@ -1092,11 +1095,11 @@ def _labelled_coarse_only(documents: list[Document], schema: LabelSchema) -> boo
     return bool(types) and types <= schema.coarse_only_types
 
 
-def _validate(model: NewsTaggerModel, tokenizer, meta: ModelMeta, documents: list[Document]) -> dict:
-    if not documents:
+def _validate(model: NewsTaggerModel, tokenizer, meta: ModelMeta, sources: list[list[Document]]) -> dict:
+    if not any(sources):
         return {}
     model.eval()
-    return evaluate_tagger(Tagger(model, tokenizer, meta), documents)
+    return evaluate_tagger(Tagger(model, tokenizer, meta), *sources)
 
 
 def _summary(metrics: dict) -> dict:
