@@ -160,6 +160,18 @@ def test_resuming_under_settings_that_change_the_split_or_schedule_is_refused(ti
     # named before the weights load, which would fail on the CRF's missing transitions without saying why
     with pytest.raises(DataError, match="from a run with other crf; resume with the same settings"):
         train(tiny_train_config(tiny_base, output, epochs=2, resume=True, crf=True))
+    with pytest.raises(DataError, match="from a run with other adversarial_epsilon; resume with the same settings"):
+        train(tiny_train_config(tiny_base, output, epochs=2, resume=True, adversarial_epsilon=1.0))
+
+
+def test_a_larger_max_steps_on_resume_says_the_cut_epoch_counts_as_done(tiny_base, tmp_path, caplog):
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=2, max_steps=1))
+    with caplog.at_level(logging.WARNING):
+        train(tiny_train_config(tiny_base, output, epochs=2, resume=True))
+    assert "epoch 1 stopped at max_steps 1 before its end and counts as done: training goes on with epoch 2" in caplog.text
+    history = json.loads((output / "newstagger.json").read_text())["training"]["history"]
+    assert [entry["epoch"] for entry in history] == [1, 2] and history[0]["step"] == 1
 
 
 def test_resuming_over_an_edited_data_file_is_refused(tiny_base, tmp_path):

@@ -610,6 +610,10 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     run = run_identity(config, RUN_SETTINGS, [*config.train, *config.validation])
     if saved:
         state, best_state = resume_checkpoint(saved, run, model, optimizer, scheduler, rng)
+        if state.get("cut_short") and state["step"] < total_steps:
+            # Only epoch ends are checkpointed: the rest of that epoch's batches cannot be drawn again
+            log.warning("epoch %d stopped at max_steps %d before its end and counts as done: training goes on "
+                        "with epoch %d, if --epochs allows it", state["epoch"], state["step"], state["epoch"] + 1)
     state["run"] = run
 
     meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
@@ -622,9 +626,11 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         bar = tqdm((collate([examples[i] for i in ids], tokenizer, len(schema.topics)) for ids in batch_ids),
                    total=len(batch_ids), desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
                    file=sys.stderr)
+        steps_before = state["step"]
         loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16, device,
                             config.adversarial_epsilon)
         state["epoch"] += 1
+        state["cut_short"] = state["step"] - steps_before < len(batch_ids)  # by max_steps
 
         metrics = _validate(model, tokenizer, meta, valid_sources)
         score = selection_score(metrics)
@@ -673,8 +679,8 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
 RUN_SETTINGS = ("train", "train_weights", "validation", "validation_fraction", "max_validation_documents",
                 "max_length", "stride", "batch_tokens", "learning_rate", "head_learning_rate", "weight_decay",
                 "warmup_ratio", "topic_loss_weight", "entity_loss_weight", "topic_oversample", "topic_negatives",
-                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout", "seed",
-                "validation_seed")
+                "pack_entity_documents", "base_model", "init_model", "lexicon", "crf", "attention_dropout",
+                "adversarial_epsilon", "seed", "validation_seed")
 
 
 def run_identity(config, settings: Sequence[str], data_specs: Sequence[str]) -> dict:
