@@ -109,6 +109,17 @@ def _same_file(output: str, source: str) -> bool:
         return False
 
 
+def check_output_path(option: str, path: str) -> None:
+    """UsageError for an output that is a folder or has no folder to go in (`-`: stdout), said before
+    the work whose result it would hold."""
+    if path == "-":
+        return
+    if Path(path).is_dir():
+        raise UsageError(f"{option} {path}: a folder; name a file to write")
+    if not Path(path).absolute().parent.is_dir():
+        raise UsageError(f"{option} {path}: no folder {Path(path).absolute().parent} to write it in")
+
+
 def check_fraction(option: str, value: float | None) -> float | None:
     """`value` when it is None or between 0 and 1; otherwise a UsageError naming the option."""
     if value is not None and not 0.0 <= value <= 1.0:  # NaN fails too

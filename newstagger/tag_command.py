@@ -23,7 +23,8 @@ from typing import IO
 
 from tqdm import tqdm
 
-from .cli import add_model_argument, check_fraction, positive_int, refuse_overwriting, thread_count
+from .cli import (add_model_argument, check_fraction, check_output_path, positive_int, refuse_overwriting,
+                  thread_count)
 from .documents import DataError, check_encodable, id_and_text, json_object, utf8_only
 from .errors import UsageError
 
@@ -209,8 +210,7 @@ def _check_paths(source: str, sink: str) -> None:
     before the model takes its seconds to load (a pipe, /dev/stdin, is an input too)."""
     if source != "-" and (Path(source).is_dir() or not Path(source).exists()):
         raise UsageError(f"--input {source}: {'a folder' if Path(source).is_dir() else 'no such file'}")
-    if sink != "-" and not Path(sink).absolute().parent.is_dir():
-        raise UsageError(f"--output {sink}: no folder {Path(sink).absolute().parent} to write it in")
+    check_output_path("--output", sink)
 
 
 @contextlib.contextmanager

@@ -309,8 +309,28 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tiny_model_dir):
 
 def test_evaluate_refuses_data_without_labels(tiny_model_dir, tmp_path, capsys):
     source = write_lines(tmp_path / "plain.jsonl", ['{"id": "a", "text": "招商引资"}'])
+    labelled = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "招商引资", "topics": ["economy"]}'])
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", f"{source}:internal"]) == 2
-    assert "--data: no labelled documents in" in capsys.readouterr().err
+    assert f"--data: no labelled documents in {source}:internal" in capsys.readouterr().err
+    # beside a labelled file too: it would be left out of the scores without a word
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(labelled), "--data",
+                 f"{source}:internal"]) == 2
+    assert f"--data: no labelled documents in {source}:internal" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("output, reason", [("missing/metrics.json", "no folder"), (".", "a folder; name a file")])
+def test_evaluate_refuses_an_output_it_cannot_write_before_scoring(tiny_model_dir, tmp_path, capsys, monkeypatch,
+                                                                    output, reason):
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.setattr("training.evaluate.evaluate_tagger", lambda *args, **kwargs: pytest.fail("it scored"))
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(SAMPLE), "-o", output]) == 2
+    assert f"--output {output}: {reason}" in capsys.readouterr().err
+
+
+def test_evaluate_output_dash_is_stdout_not_a_file(tiny_model_dir, tmp_path, capsys, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(SAMPLE), "-o", "-"]) == 0
+    assert not (tmp_path / "-").exists() and "topics" in json.loads(capsys.readouterr().out)
 
 
 @pytest.mark.parametrize("gold, named", [('"topics": ["economics"]', "unknown topic 'economics'"),

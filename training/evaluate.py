@@ -18,7 +18,7 @@ from seqeval.scheme import IOB2
 from sklearn.metrics import precision_recall_fscore_support
 from tqdm import tqdm
 
-from newstagger.cli import add_model_argument, check_fraction, refuse_overwriting
+from newstagger.cli import add_model_argument, check_fraction, check_output_path, refuse_overwriting
 from newstagger.decoding import SCORE_DECIMALS, char_spans
 from newstagger.documents import DataError, Document
 from newstagger.errors import UsageError
@@ -269,7 +269,7 @@ def register(subparsers) -> None:
                              "folder's (0: the topic head alone); the folder's thresholds stay")
     parser.add_argument("--entity-threshold", type=float, metavar="SCORE",
                         help="score entities cut at this score instead of the folder's (0: every entity found)")
-    parser.add_argument("--output", "-o", help="write the metrics JSON here as well as to stdout")
+    parser.add_argument("--output", "-o", help="write the metrics JSON to this file as well as to stdout")
     parser.set_defaults(handler=run)
 
 
@@ -278,14 +278,17 @@ def run(args) -> int:
 
     sources = [parse_data_spec(spec) for spec in args.data]
     refuse_overwriting(args.output, [path for path, _ in sources])
+    if args.output:
+        check_output_path("--output", args.output)
     tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
     # A gold label the model does not know is more often a typo than a test of what it cannot find:
     # a topic would silently count as no topic, an entity type as misses that drag the averages.
     schema = tagger.schema
     files = [read_documents(*source, topic_labels=schema.topics,
                             entity_types=schema.scorable_entity_types) for source in sources]
-    if not any(doc.labelled for docs in files for doc in docs):
-        raise DataError(f"--data: no labelled documents in {', '.join(args.data)}")
+    for spec, docs in zip(args.data, files):  # a misnamed label field would leave its file out unsaid
+        if not any(doc.labelled for doc in docs):
+            raise DataError(f"--data: no labelled documents in {spec}")
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:
         if tagger.topic_lexical is None:
@@ -294,7 +297,7 @@ def run(args) -> int:
     result = json.dumps(evaluate_tagger(tagger, *files, decoding=args.decoding, entity_threshold=entity_threshold),
                         ensure_ascii=False, indent=2)
     print(result)
-    if args.output:
+    if args.output and args.output != "-":  # `-`: stdout, which has it already
         with open(args.output, "w", encoding="utf-8") as handle:
             handle.write(result + "\n")
     return 0
