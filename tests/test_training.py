@@ -20,6 +20,7 @@ from newstagger import Document, Span, Tagger
 from newstagger.crf import BioCrf
 from newstagger.model import ModelMeta, load_model_folder, render_model_card
 from newstagger.documents import DataError
+from newstagger.errors import UsageError
 from newstagger.schema import LabelSchema
 from newstagger.windowing import encode_texts
 from newstagger.cli import main
@@ -279,6 +280,17 @@ def test_an_output_that_cannot_be_written_exits_2_before_training(tiny_base, tmp
     assert main(argv) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert f"output {tmp_path / 'a-file' / 'model'}: cannot create or write in {tmp_path / 'a-file'}" in line
+
+
+def test_resume_after_a_kill_while_the_first_checkpoint_was_written_starts_over(tiny_base, tmp_path, caplog):
+    output = tmp_path / "model"
+    (output / "checkpoint.tmp").mkdir(parents=True)
+    (output / "checkpoint.tmp" / "model.safetensors").write_bytes(b"half")
+    with pytest.raises(UsageError, match="is not empty"):  # without --resume: what the folder holds, as ever
+        train(tiny_train_config(tiny_base, output, epochs=1))
+    with caplog.at_level(logging.WARNING):
+        train(tiny_train_config(tiny_base, output, epochs=1, resume=True))
+    assert "no checkpoint in" in caplog.text and (output / "model.safetensors").is_file()
 
 
 def test_resume_after_a_crash_between_the_checkpoint_renames(tiny_base, tmp_path):

@@ -730,7 +730,10 @@ def start_run(config, output_kind: str) -> tuple[Path, torch.device, Path | None
     checkpoint = output / CHECKPOINT
     found = saved_checkpoint(checkpoint)
     saved = found if config.resume else None
-    if not (saved or config.overwrite_output) and output.is_dir() and any(output.iterdir()):
+    # A first checkpoint half written when the run was killed is the run's own, not a folder's contents
+    held = [path for path in output.iterdir() if not (config.resume and path == _staging(checkpoint))] \
+        if output.is_dir() else []
+    if not (saved or config.overwrite_output) and held:
         raise UsageError(f"output {output} is not empty; " + ("--resume continues the run there, " if found else
                          f"name a new folder for the {output_kind}, ") + "or --overwrite-output replaces what is there")
     # checked now, not when the first checkpoint or the result is written, hours in
