@@ -35,6 +35,7 @@ CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")
 ONNX_DIR = "onnx"  # written by `newstagger export` (newstagger.export)
 EXPORT_RECORD = "export.json"  # in ONNX_DIR: what was exported, from which weights
+DEFAULT_TOPIC_THRESHOLD = 0.5  # of a topic no validation tuned
 
 
 class NewsTaggerModel(BertPreTrainedModel):
@@ -159,7 +160,7 @@ class ModelMeta:
         ))
 
     def threshold(self, topic: str) -> float:
-        return self.thresholds.get(topic, 0.5)
+        return self.thresholds.get(topic, DEFAULT_TOPIC_THRESHOLD)
 
     def to_dict(self) -> dict:
         out = asdict(self)

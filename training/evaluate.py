@@ -99,13 +99,15 @@ def tune_thresholds(gold: np.ndarray, probs: np.ndarray, topics: Sequence[str],
     """Per-topic threshold maximising that topic's F1 on the given (validation) documents.
 
     A topic without a positive there keeps its `current` threshold (a continued model's, tuned on
-    data that had some), else 0.5; ties go to the threshold nearest 0.5.
+    data that had some), else has none (the model's default applies, and its card says it was not
+    tuned); ties go to the threshold nearest 0.5.
     """
     grid = np.round(np.arange(0.05, 0.96, 0.01), 2)
     thresholds = {}
     for k, topic in enumerate(topics):
         if gold[:, k].sum() == 0:
-            thresholds[topic] = (current or {}).get(topic, 0.5)
+            if current and topic in current:
+                thresholds[topic] = current[topic]
             continue
         predicted = at_or_over(probs[:, k][None, :], grid[:, None])
         tp = (predicted & (gold[:, k] == 1)).sum(1)

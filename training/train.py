@@ -42,8 +42,8 @@ from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span, utf8_only
 from newstagger.errors import UsageError
 from newstagger.lexicon import build_lexicon, jieba_words
-from newstagger.model import (META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
-                              new_model, read_meta, save_model_folder, windows_past_positions)
+from newstagger.model import (DEFAULT_TOPIC_THRESHOLD, META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel,
+                              load_model_folder, new_model, read_meta, save_model_folder, windows_past_positions)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
@@ -524,7 +524,8 @@ def tuned_topic_metrics(gold: np.ndarray, probs: np.ndarray, topics: list[str],
     """Per-topic thresholds tuned on these probabilities (`current` kept where they cannot say), and the
     topic metrics under them."""
     thresholds = tune_thresholds(gold, probs, topics, current)
-    return thresholds, topic_metrics(gold, probs, [thresholds[t] for t in topics], topics)
+    cuts = [thresholds.get(t, DEFAULT_TOPIC_THRESHOLD) for t in topics]
+    return thresholds, topic_metrics(gold, probs, cuts, topics)
 
 
 def fit_topic_lexical(train_docs: list[Document], topics: list[str]) -> lexical.LexicalTopicModel:
