@@ -467,6 +467,13 @@ def test_each_validation_file_is_scored_as_its_own_source_as_evaluate_scores_it(
     assert scored == [["f"], ["coarse-1", "coarse-4"]]
 
 
+@pytest.mark.parametrize(("documents", "cap"), [(100, 7), (20_012, 2_000)])
+def test_the_held_out_share_never_passes_the_cap(tiny_base, tmp_path, documents, cap):
+    config = tiny_train_config(tiny_base, tmp_path / "m", max_validation_documents=cap)
+    docs = [Document(str(i), "滨江市") for i in range(documents)]
+    assert len(split_validation(docs, training.train.held_out_share(config, documents))[1]) == cap
+
+
 def test_a_label_only_the_validation_data_has_exits_2(tiny_base, tmp_path, capsys):
     """It would become a class no example taught, with an untuned threshold in the card."""
     train, validation = tmp_path / "train.jsonl", tmp_path / "validation.jsonl"

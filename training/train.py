@@ -941,9 +941,7 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
     for docs in train_sets:
         coarse = _labelled_coarse_only(docs, schema)
         if docs and not (config.validation or coarse):  # coarse-only sets are not split: selection scores fine types
-            # a smaller share where the usual one would pass the cap, so nothing held out goes unused
-            fraction = min(config.validation_fraction, config.max_validation_documents / len(docs))
-            docs, held = split_validation(docs, fraction, seed=_validation_seed(config))
+            docs, held = split_validation(docs, held_out_share(config, len(docs)), seed=_validation_seed(config))
             valid_sources.append(held)
         kept_sets.append((docs, coarse))
     # A story in two sets (topics in one file, entities in another), or in --validation too, is
@@ -972,6 +970,13 @@ def _training_examples(config: TrainConfig, train_sets: list[list[Document]], we
     extra = int(round((config.topic_oversample - 1.0) * len(topic_examples)))
     examples += [topic_examples[i % len(topic_examples)] for i in range(extra)] if topic_examples else []
     return train_docs, examples, valid_sources
+
+
+def held_out_share(config: TrainConfig, documents: int) -> float:
+    """The validation share of a training set of this many documents: a smaller one where the usual
+    share would pass the cap, so nothing held out goes unused."""
+    # scikit-learn rounds the count up, and cap / n * n can come out a hair over the cap
+    return min(config.validation_fraction, config.max_validation_documents / documents * (1 - 1e-9))
 
 
 def _optimizer_and_schedule(model: NewsTaggerModel, config: TrainConfig, total_steps: int):
