@@ -209,8 +209,9 @@ def test_a_story_validated_on_in_one_set_is_trained_on_in_no_other():
     by_topics = [Document(f"t{i}", text, topics=["economy"]) for i, text in enumerate(texts)]
     by_entities = [Document(f"e{i}", text, entities=[Span(0, 3, "address")]) for i, text in enumerate(texts)]
     config = TrainConfig(train=["a", "b"], validation_fraction=0.25, max_length=32, stride=8)
-    train_docs, _, valid_docs = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [],
-                                                   tiny_tokenizer(), tiny_schema())
+    train_docs, _, valid_sources = _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [],
+                                                      tiny_tokenizer(), tiny_schema())
+    valid_docs = [doc for docs in valid_sources for doc in docs]
     assert valid_docs and not {doc.text for doc in train_docs} & {doc.text for doc in valid_docs}
 
 
@@ -869,7 +870,8 @@ def test_topic_negatives_add_no_topic_documents_to_the_topic_training_data():
         config = TrainConfig(train=["a", "b"], max_length=32, stride=8, topic_negatives=share)
         return _training_examples(config, [by_topics, by_entities], [1.0, 1.0], [], tiny_tokenizer(), tiny_schema())
 
-    (plain_docs, plain_examples, _), (train_docs, examples, valid_docs) = examples_with(0.0), examples_with(0.5)
+    (plain_docs, plain_examples, _), (train_docs, examples, valid_sources) = examples_with(0.0), examples_with(0.5)
+    valid_docs = [doc for docs in valid_sources for doc in docs]
     topic_documents = sum(doc.topics is not None for doc in plain_docs)
     added = train_docs[len(plain_docs):]
     assert len(added) == round(0.5 * topic_documents) and train_docs[: len(plain_docs)] == plain_docs
@@ -888,8 +890,9 @@ def test_no_group_is_on_both_sides_of_the_split_across_sets_or_with_a_validation
                    for i in range(40)]
     validation_file = [Document("v", "滨江市另一号报告。", topics=["economy"], group="r0")]
     config = TrainConfig(train=["a", "b"], max_length=32, stride=8, validation_fraction=0.25)
-    train_docs, _, valid_docs = _training_examples(config, [topic_docs, entity_docs], [1.0, 1.0], validation_file,
-                                                   tiny_tokenizer(), tiny_schema())
+    train_docs, _, valid_sources = _training_examples(config, [topic_docs, entity_docs], [1.0, 1.0], [validation_file],
+                                                      tiny_tokenizer(), tiny_schema())
+    valid_docs = [doc for docs in valid_sources for doc in docs]
     assert not {doc.group for doc in train_docs} & {doc.group for doc in valid_docs}
     assert "r0" not in {doc.group for doc in train_docs}
 
@@ -899,7 +902,7 @@ def test_validation_seed_keeps_the_split_while_seed_changes_the_training_order()
 
     def split(**seeds):
         config = TrainConfig(train=["a"], max_length=32, stride=8, **seeds)
-        train_docs, _, valid_docs = _training_examples(config, [docs], [1.0], [], tiny_tokenizer(), tiny_schema())
+        train_docs, _, (valid_docs,) = _training_examples(config, [docs], [1.0], [], tiny_tokenizer(), tiny_schema())
         return {doc.id for doc in train_docs}, {doc.id for doc in valid_docs}
 
     assert split(seed=14, validation_seed=13) == split(seed=13) != split(seed=14)
