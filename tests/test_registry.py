@@ -20,10 +20,10 @@ from training.registry import (STAGING, DeployError, Entry, ProductionChanged, R
                                reload_server)
 
 
-def add_model(registry: Registry, version: str, parent: str | None = None) -> Entry:
+def add_model(registry: Registry, version: str, parent: str | None = None, **entry) -> Entry:
     with registry.staging() as staged:
         build_tiny_model_folder(staged, version=version)
-        return registry.register(staged, Entry(version=version, parent=parent))
+        return registry.register(staged, Entry(version=version, parent=parent, **entry))
 
 
 @pytest.fixture
@@ -240,16 +240,16 @@ def test_models_commands(registry, tmp_path, capsys):
 
 
 def test_a_rejected_candidate_is_promoted_only_with_force(registry, capsys):
-    registry.set_status("1.0.1", "rejected")
+    add_model(registry, "1.0.2", parent="1.0.0", status="rejected", rejected_by_gate=True)  # as retrain registers it
     root = str(registry.root)
-    assert main(["models", "promote", "1.0.1", "--registry", root]) == 2
+    assert main(["models", "promote", "1.0.2", "--registry", root]) == 2
     assert "rejected by the retraining gate; pass --force" in capsys.readouterr().err
     assert served_version(registry) == "1.0.0"
-    assert main(["models", "promote", "1.0.1", "--registry", root, "--force"]) == 0
-    assert served_version(registry) == "1.0.1"
+    assert main(["models", "promote", "1.0.2", "--registry", root, "--force"]) == 0
+    assert served_version(registry) == "1.0.2"
     assert main(["models", "rollback", "--registry", root]) == 0
-    assert statuses(registry)["1.0.1"] == "retired"
-    assert main(["models", "promote", "1.0.1", "--registry", root]) == 2  # still needs --force
+    assert statuses(registry)["1.0.2"] == "retired"
+    assert main(["models", "promote", "1.0.2", "--registry", root]) == 2  # still needs --force
 
 
 def test_a_promotion_gated_against_one_production_model_is_refused_once_another_replaced_it(registry):

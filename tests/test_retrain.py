@@ -221,7 +221,7 @@ def test_a_refused_candidate_stays_in_the_registry_as_rejected(registry, sample,
     assert verdict["reasons"][0].endswith("the gate allows no less than +1.0000")
     manifest = registry.manifest()
     assert manifest.current == "1.0.0"
-    assert manifest.entry("1.0.1").status == "rejected"
+    assert manifest.entry("1.0.1").status == "rejected" and manifest.entry("1.0.1").rejected_by_gate
     assert not (registry.root / "1.0.1" / "checkpoint").exists()
     # the folder describes itself: where it lives, what it was made from, the gate's verdict, its gold scores
     training = read_meta(registry.root / "1.0.1").training
@@ -355,6 +355,19 @@ def test_the_gold_set_is_never_trained_on_and_earlier_data_is_replayed(registry,
     assert second["documents"] == {"new": 9, "replayed": 18, "replay_pool": 20, "gold": 12}
     recorded = {Path(d["path"]).name for d in registry.manifest().entry("1.0.2").data}
     assert recorded == {"first.jsonl", "second.jsonl"}
+
+
+def test_a_story_in_several_replayed_files_is_replayed_from_the_last_one_only(registry, sample, gold, tmp_path):
+    """Feedback exported to a new file each time: a story corrected again must not train on its old labels."""
+    write_jsonl(sample[:10], tmp_path / "export-1.jsonl")
+    write_jsonl([replace(doc, topics=["ecology"]) for doc in sample[:5]], tmp_path / "export-2.jsonl")
+    write_jsonl(sample[10:20], tmp_path / "new.jsonl")
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0, replay_ratio=3.0,
+                                  replay=[str(tmp_path / "export-1.jsonl"), str(tmp_path / "export-2.jsonl")]))
+    assert verdict["documents"]["replay_pool"] == 10  # five from export-2, the other five from export-1
+    replayed = {Path(d["path"]).name: d["documents"]
+                for d in read_meta(registry.root / "1.0.1").training["retraining"]["replayed"]}
+    assert replayed == {"export-1.jsonl": 5, "export-2.jsonl": 5}
 
 
 def test_each_file_trains_as_its_own_set_so_coarse_only_replay_stays_partially_labelled(

@@ -212,14 +212,6 @@ class Registry:
             manifest.models.append(entry)
         return entry
 
-    def set_status(self, version: str, status: str) -> None:
-        with self._writing() as manifest:
-            entry = manifest.entry(version)
-            if version == manifest.current:
-                raise RegistryError(f"{version} is in production; promote another version or roll back first")
-            entry.status = status
-            entry.rejected_by_gate = entry.rejected_by_gate or status == "rejected"
-
     def promote(self, version: str, replacing: str | None | object = ANY_VERSION, force: bool = False) -> Entry:
         """Make `version` the production model; the one it replaces is retired.
 

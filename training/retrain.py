@@ -212,8 +212,12 @@ def _retrain(config: RetrainConfig) -> dict:
     gold_texts = {doc.text for doc in gold}
     new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
     new_docs = [doc for docs in new_sets for doc in docs]
-    seen_texts = gold_texts | {doc.text for doc in new_docs}
-    pool = [_without(seen_texts, docs) for _, docs in replay_sources]
+    # A story in several files (an editor's correction exported again after a later revision) is
+    # replayed from the last file only, as its latest labels: later files are later exports.
+    pool, later_texts = [], gold_texts | {doc.text for doc in new_docs}
+    for _, docs in reversed(replay_sources):
+        pool.insert(0, _without(later_texts, docs))
+        later_texts |= {doc.text for doc in docs}
     replay_sets = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
     replayed = [doc for docs in replay_sets for doc in docs]
     if not replay_sources and config.replay_ratio > 0:
@@ -262,8 +266,10 @@ def _retrain(config: RetrainConfig) -> dict:
             **({"anchored_to": config.anchor, "anchor_gate": anchor["gate"]} if anchor else {}),
         }, candidate_all_labels)
         data = once_per_path([*earlier, *(source for source, _ in replay_sources + new_sources)])
+        # Registered as the gate decided: a crash before _settle must not leave a promotable candidate
+        rejected = {} if gate["passed"] else {"status": "rejected", "rejected_by_gate": True}
         registry.register(staged, Entry(version=version, parent=start, data=data, metrics={
-            "gold": scores(candidate_all_labels), "validation": scores(validation)}))
+            "gold": scores(candidate_all_labels), "validation": scores(validation)}, **rejected))
 
     return {
         "decision": _settle(registry, version, production, gate["passed"], config.promote),
@@ -302,8 +308,7 @@ def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str | N
 def _settle(registry: Registry, version: str, production: str | None, passed: bool, promote: bool) -> str:
     """Promote a candidate that passed the gate (unless told not to, or unless production is no longer the
     version it was gated against) or mark it rejected; the decision."""
-    if not passed:
-        registry.set_status(version, "rejected")
+    if not passed:  # registered so
         return "rejected"
     if not promote:
         return "passed, not promoted (--no-promote)"
