@@ -222,6 +222,17 @@ def test_a_deploy_tells_the_server_what_production_is_when_it_tells_it(registry,
     assert main(["models", "list", "--registry", root]) == 0
 
 
+def test_a_deploy_after_a_crash_between_the_manifest_and_the_link_repairs_the_link(registry, monkeypatch):
+    monkeypatch.setattr(registry_module, "reload_server", lambda server, folder, token:
+                        {"model": {"name": "m", "version": folder.name}, "previous": None})
+    monkeypatch.setenv("NEWSTAGGER_ADMIN_TOKEN", "admin-secret")
+    registry.promote("1.0.1")
+    (registry.root / "current").unlink()  # the manifest written, the process gone before the link moved
+    (registry.root / "current").symlink_to("1.0.0")
+    assert main(["models", "deploy", "--registry", str(registry.root), "--server", "http://127.0.0.1:9"]) == 0
+    assert served_version(registry) == "1.0.1"  # what a server restarted on registry/current loads
+
+
 def test_models_commands(registry, tmp_path, capsys):
     root = str(registry.root)
     assert main(["models", "promote", "1.0.1", "--registry", root]) == 0

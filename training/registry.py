@@ -276,10 +276,19 @@ class Registry:
         self.check_exists()
         with open(self.root / DEPLOY_LOCK, "w") as lock:
             fcntl.flock(lock, fcntl.LOCK_EX)
-            current = self.manifest().current
+            current = self._linked_production()
             if current is None:
                 raise RegistryError(f"{self.root} has no production model to deploy")
             yield self.folder(current)
+
+    def _linked_production(self) -> str | None:
+        """The production version, with the `current` link pointed at it: a crash between the manifest's
+        write and the link's leaves them apart, and a server restarted on the link would serve another."""
+        with open(self.root / LOCK, "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            current = self.manifest().current
+            self._point_current_at(current)
+            return current
 
     def check_exists(self) -> None:
         if not self.root.is_dir():
