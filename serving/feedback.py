@@ -72,10 +72,13 @@ class FeedbackRequest(BaseModel):
 
     @field_validator("id")
     @classmethod
-    def _short_id(cls, value: str | int) -> str | int:
+    def _usable_id(cls, value: str | int) -> str | int:
         if len(str(value)) > MAX_NAME_CHARS:  # stored as a string, and indexed
             raise PydanticCustomError("too_long", "is {actual} characters long; at most {most}",
                                       {"actual": len(str(value)), "most": MAX_NAME_CHARS})
+        # The id keys a story's revisions: "a1 " would store a second story beside "a1"
+        if isinstance(value, str) and (not value.strip() or value != value.strip()):
+            raise PydanticCustomError("blank_edges", "must not be empty or begin or end with whitespace")
         return value
 
     @field_validator("entities")

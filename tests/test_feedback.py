@@ -251,6 +251,8 @@ def test_the_same_revision_with_other_labels_is_409(client):
     ({"model_version": "v" * 201}, ["body", "model_version"]),
     ({"id": "i" * 201}, ["body", "id"]),
     ({"id": 10**201}, ["body", "id"]),
+    ({"id": "a1 "}, ["body", "id"]),  # would be a second story beside "a1"
+    ({"id": "   "}, ["body", "id"]),
     # offsets counted in UTF-16 (two units for 𠀀), caught by the entity's text
     ({"text": "𠀀张三在上海工作", "entities": [{"start": 2, "end": 4, "type": "name", "text": "张三"}]},
      ["body", "entities"]),

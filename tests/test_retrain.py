@@ -7,6 +7,7 @@ import json
 import random
 import threading
 import time
+import unicodedata
 from contextlib import contextmanager
 from dataclasses import replace
 from pathlib import Path
@@ -355,6 +356,15 @@ def test_the_gold_set_is_never_trained_on_and_earlier_data_is_replayed(registry,
     assert second["documents"] == {"new": 9, "replayed": 18, "replay_pool": 20, "gold": 12}
     recorded = {Path(d["path"]).name for d in registry.manifest().entry("1.0.2").data}
     assert recorded == {"first.jsonl", "second.jsonl"}
+
+
+def test_a_gold_story_sent_back_with_other_whitespace_or_unicode_form_is_still_not_trained_on(
+        registry, sample, gold, tmp_path):
+    altered = [replace(doc, text=doc.text + "\n", entities=None) for doc in sample[-12:-6]]
+    altered += [replace(doc, text=unicodedata.normalize("NFD", "  " + doc.text), entities=None) for doc in sample[-6:]]
+    write_jsonl(sample[:5] + altered, tmp_path / "new.jsonl")
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, tolerance=1.0))
+    assert verdict["documents"]["new"] == 5
 
 
 def test_a_story_in_several_replayed_files_is_replayed_from_the_last_one_only(registry, sample, gold, tmp_path):

@@ -33,6 +33,7 @@ import random
 import re
 import shutil
 import time
+import unicodedata
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -209,15 +210,15 @@ def _retrain(config: RetrainConfig) -> dict:
     else:
         earlier = []
         replay_sources = _read_sources(config.replay) if config.replay else _recorded_sources(start_entry)
-    gold_texts = {doc.text for doc in gold}
+    gold_texts = {story_key(doc.text) for doc in gold}
     new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
     new_docs = [doc for docs in new_sets for doc in docs]
     # A story in several files (an editor's correction exported again after a later revision) is
     # replayed from the last file only, as its latest labels: later files are later exports.
-    pool, later_texts = [], gold_texts | {doc.text for doc in new_docs}
+    pool, later_texts = [], gold_texts | {story_key(doc.text) for doc in new_docs}
     for _, docs in reversed(replay_sources):
         pool.insert(0, _without(later_texts, docs))
-        later_texts |= {doc.text for doc in docs}
+        later_texts |= {story_key(doc.text) for doc in docs}
     replay_sets = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
     replayed = [doc for docs in replay_sets for doc in docs]
     if not replay_sources and config.replay_ratio > 0:
@@ -368,8 +369,14 @@ def _check_gold_labels(gold_sources: list[tuple[dict, list[Document]]], schema: 
         grown.check_known(docs, f"--gold {source['path']}")
 
 
-def _without(texts: set[str], docs: list[Document]) -> list[Document]:
-    return [doc for doc in docs if doc.text not in texts]
+def story_key(text: str) -> str:
+    """A story's text as matched across files: NFC, whitespace runs as one space, no edges. A gold
+    story sent back with a newline added, or in another Unicode form, is still the gold story."""
+    return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def _without(keys: set[str], docs: list[Document]) -> list[Document]:
+    return [doc for doc in docs if story_key(doc.text) not in keys]
 
 
 def exact_tagger(folder: Path) -> Tagger:
