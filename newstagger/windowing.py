@@ -51,25 +51,69 @@ def encode_texts(tokenizer, texts: list[str]) -> list[EncodedText]:
         verbose=False,
     )
     return [
-        EncodedText(ids=ids, offsets=_marks_joined(text, np.asarray(offsets, dtype=np.int64).reshape(-1, 2)))
+        EncodedText(ids=ids, offsets=_clusters_joined(text, np.asarray(offsets, dtype=np.int64).reshape(-1, 2)))
         for text, ids, offsets in zip(texts, batch["input_ids"], batch["offset_mapping"])
     ]
 
 
-def _marks_joined(text: str, offsets: np.ndarray) -> np.ndarray:
-    """`offsets` with each token's end moved past the marks that follow it. The normalizer strips
-    nonspacing marks, so a decomposed "é" (e + U+0301) ending a name would otherwise leave its accent
-    out of the entity, and its text would not be the name as written. Marks are told by category,
-    not combining class: Thai vowels and variation selectors (☺ + U+FE0F) have class 0."""
+ZERO_WIDTH_JOINER = "\u200d"
+
+
+def _continues_previous(char: str) -> bool:
+    """A character that is part of the one before it: a mark (an accent, a variation selector, a
+    keycap), an emoji skin tone, or a zero-width (non-)joiner."""
+    return unicodedata.category(char)[0] == "M" or char in "\u200c\u200d" or "\U0001f3fb" <= char <= "\U0001f3ff"
+
+
+# Looked up for every token, so the Basic Multilingual Plane is tabled once (20 ms)
+_CONTINUES_IN_BMP = np.fromiter((_continues_previous(chr(code)) for code in range(0x10000)), dtype=bool,
+                                count=0x10000)
+
+
+def _clusters_joined(text: str, offsets: np.ndarray) -> np.ndarray:
+    """`offsets` moved so that no token boundary falls inside a character as a reader sees it, and no
+    character the tokenizer dropped is lost at an entity's edge.
+
+    - The normalizer drops nonspacing marks and joiners, so a decomposed "é" (e + U+0301) ending a
+      name would leave its accent out: a token's end moves past those that follow it. Marks are told
+      by category, not combining class: Thai vowels and variation selectors have class 0.
+    - It drops private-use characters too, which Chinese text uses for rare characters of names: the
+      token before one, else the token after it, takes it in.
+    - A token that continues the character before it (a keycap, a skin tone, what follows a
+      zero-width joiner) shares that character's offsets with the tokens before it, as a Hangul
+      syllable's letters share theirs, so that spans begin and end on whole characters.
+    """
     if not len(offsets):
         return offsets
     next_starts = np.append(offsets[1:, 0], len(text))
     for k in np.nonzero(next_starts > offsets[:, 1])[0]:  # only where a gap follows: spaces, marks, controls
         end = offsets[k, 1]
-        while end < next_starts[k] and unicodedata.category(text[end]).startswith("M"):
+        while end < next_starts[k] and (_continues_previous(text[end]) or _private_use(text[end])):
             end += 1
         offsets[k, 1] = end
+    previous_ends = np.insert(offsets[:-1, 1], 0, 0)
+    for k in np.nonzero(offsets[:, 0] > previous_ends)[0]:
+        start = offsets[k, 0]
+        while start > previous_ends[k] and _private_use(text[start - 1]):
+            start -= 1
+        offsets[k, 0] = start
+    codes = np.frombuffer(text.encode("utf-32-le", "surrogatepass"), dtype=np.uint32)
+    starts = offsets[1:, 0]
+    first_codes = codes[starts]
+    continues = _CONTINUES_IN_BMP[np.minimum(first_codes, 0xFFFF)] & (first_codes <= 0xFFFF)
+    for i in np.flatnonzero(first_codes > 0xFFFF):  # emoji and rare characters: few
+        continues[i] = _continues_previous(chr(first_codes[i]))
+    after_joiner = (starts > 0) & (codes[np.maximum(starts - 1, 0)] == ord(ZERO_WIDTH_JOINER))
+    continuing = (np.flatnonzero(continues | after_joiner) + 1).tolist()
+    for k in continuing:  # in order: a run's first start reaches its last token
+        offsets[k, 0] = offsets[k - 1, 0]
+    for k in reversed(continuing):  # backwards: its last end reaches its first token
+        offsets[k - 1, 1] = max(offsets[k - 1, 1], offsets[k, 1])
     return offsets
+
+
+def _private_use(char: str) -> bool:
+    return unicodedata.category(char) == "Co"
 
 
 def plan_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> list[Window]:

@@ -9,7 +9,8 @@ import pytest
 from scipy.special import expit
 
 from newstagger import Tagger
-from newstagger.decoding import bio_transitions, constrained_viterbi, lenient_spans, span_score, tags_to_spans
+from newstagger.decoding import (bio_transitions, char_spans, constrained_viterbi, lenient_spans, span_score,
+                                 tags_to_spans)
 from newstagger.schema import LabelSchema
 from newstagger.windowing import Window, encode_texts, pad_batch, plan_windows, token_budget_batches
 
@@ -153,6 +154,27 @@ def test_a_token_ends_after_the_combining_marks_the_normalizer_stripped():
     (encoded,) = encode_texts(tiny_tokenizer(), [text])
     assert [text[start:end] for start, end in encoded.offsets] == ["Jose\u0301", "和", "佛\u0301\u0302", "山",
                                                                    "e\u0301", "☺\ufe0f", "市", "ชี"]
+
+
+@pytest.mark.parametrize(("text", "pieces"), [
+    ("王\u20dd市", ["王\u20dd", "王\u20dd", "市"]),  # an enclosing mark the tokenizer keeps as a token
+    ("#\ufe0f\u20e3", ["#\ufe0f\u20e3"] * 2),  # a keycap
+    ("王🏻", ["王🏻"] * 2),  # a skin tone
+    ("王\u200d市", ["王\u200d市"] * 2),  # what follows a zero-width joiner
+    ("王\u0301\u200d\u0302 张\u200c", ["王\u0301\u200d\u0302", "张\u200c"]),  # marks and joiners it drops
+    ("王\ue000 \ue001明", ["王\ue000", "\ue001明"]),  # private-use characters (rare characters of names)
+])
+def test_tokens_begin_and_end_on_whole_characters(text, pieces):
+    """So that no entity begins or ends inside a character as a reader sees it, or loses one the
+    tokenizer dropped; tokens of one character share its offsets, as a Hangul syllable's letters do."""
+    (encoded,) = encode_texts(tiny_tokenizer(), [text])
+    assert [text[start:end] for start, end in encoded.offsets] == pieces
+
+
+def test_an_entity_tagged_on_part_of_a_character_covers_all_of_it():
+    (encoded,) = encode_texts(tiny_tokenizer(), ["王\u20dd"])
+    spans = char_spans(np.array([1, 1]), np.ones(2), encoded.offsets)  # B- on both tokens: two entities
+    assert [(start, end) for start, end, _, _ in spans] == [(0, 2)]
 
 
 def test_special_token_names_in_a_story_are_text():
