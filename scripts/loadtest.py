@@ -36,7 +36,7 @@ from urllib.parse import urlsplit
 import httpx
 
 from newstagger.cli import positive_int, positive_seconds
-from newstagger.model import load_model_folder
+from newstagger.tagger import Tagger
 
 LOOPBACK = {"127.0.0.1", "localhost", "::1"}
 SENTENCES = [
@@ -253,7 +253,7 @@ def main() -> None:
     server = None
     if args.model:
         try:  # the server would say only "failed to load" in /readyz, and why in a log this script drops
-            load_model_folder(args.model)
+            Tagger.load(args.model, backend="torch", precision="fp32")
         except (OSError, ValueError) as err:  # DataError is a ValueError
             parser.error(f"--model: {err}")
         port = free_loopback_port()

@@ -114,6 +114,12 @@ def test_a_label_studio_export_with_a_second_control_of_a_kind_is_refused_naming
         read_documents(write_tasks(tmp_path / "two-labels.json", [text_span, title_span]), "labelstudio")
 
 
+def test_a_control_name_that_is_not_a_string_is_read_not_a_traceback(tmp_path):
+    span = {"from_name": ["ner"], "to_name": "text", "type": "labels", "value": {"start": 0, "end": 2, "labels": ["name"]}}
+    (doc,) = read_documents(write_tasks(tmp_path / "odd-names.json", [span]), "labelstudio")
+    assert doc.entities == [Span(0, 2, "name")]
+
+
 def test_a_per_region_choice_is_not_read_as_a_topic(tmp_path):
     per_region = {"from_name": "ner", "to_name": "text", "type": "choices",
                   "value": {"start": 0, "end": 2, "choices": ["economy"]}}

@@ -9,13 +9,15 @@ import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
-from conftest import REPO, build_tiny_model_folder
+from conftest import REPO, SAMPLE, build_tiny_model_folder
 
 from newstagger.cli import main
 from newstagger.documents import Document
+from newstagger.lexical import LexicalTopicModel
+from newstagger.model import read_meta
 from newstagger.tagger import Tagger
 from training import registry as registry_module
-from training.data import to_hf_dataset
+from training.data import read_documents, to_hf_dataset
 from training.registry import (STAGING, DeployError, Entry, ProductionChanged, Registry, RegistryError, fingerprint,
                                reload_server)
 
@@ -279,6 +281,18 @@ def test_a_folder_that_cannot_be_loaded_is_not_added(registry, tmp_path, capsys)
     assert main(["models", "add", str(folder), "--registry", str(registry.root), "--promote"]) == 2
     assert "not a complete model folder" in capsys.readouterr().err
     assert "9.9.9" not in statuses(registry) and served_version(registry) == "1.0.0"
+
+
+def test_a_folder_whose_lexical_topic_model_cannot_serve_is_not_added(registry, tmp_path, capsys):
+    folder = build_tiny_model_folder(tmp_path / "broken", version="9.9.9")
+    docs = [doc for doc in read_documents(SAMPLE) if doc.topics is not None]
+    lexical = LexicalTopicModel.fit([doc.text for doc in docs], [doc.topics for doc in docs],
+                                    read_meta(folder).schema.topics)
+    lexical.weight = 5.0  # topic scores below 0
+    lexical.save(folder)
+    assert main(["models", "add", str(folder), "--registry", str(registry.root)]) == 2
+    assert "blend_weight must be from 0 to 1" in capsys.readouterr().err
+    assert "9.9.9" not in statuses(registry)
 
 
 def test_models_add_records_the_training_data_it_finds_and_says_so_once_added(registry, tmp_path, capsys):

@@ -27,10 +27,10 @@ from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_documents
 from training.evaluate import evaluate_tagger
-from training.registry import Entry, Registry, RegistryError
+from training.registry import Entry, Registry, RegistryError, once_per_path
 from training.train import _labelled_coarse_only, train
-from training.retrain import (RetrainConfig, _only_labels_of, _training_config, decide, gate_tolerances,
-                              replay_sample, retrain, score_on_gold)
+from training.retrain import (RetrainConfig, _latest_labels, _only_labels_of, _training_config, decide,
+                              gate_tolerances, replay_sample, retrain, score_on_gold)
 
 WAIT_S = 60  # generous upper bound for a tiny model to load
 TINY_TRAINING = ["--max-steps", "2", "--threads", "1"]
@@ -378,6 +378,18 @@ def test_a_story_in_several_replayed_files_is_replayed_from_the_last_one_only(re
     replayed = {Path(d["path"]).name: d["documents"]
                 for d in read_meta(registry.root / "1.0.1").training["retraining"]["replayed"]}
     assert replayed == {"export-1.jsonl": 5, "export-2.jsonl": 5}
+
+
+def test_a_task_only_an_earlier_replayed_file_labels_is_still_replayed():
+    first = [Document("a", "滨江市招商。", topics=["economy"], entities=[]), Document("b", "青澜港复工。", topics=[])]
+    later = [Document("a", "滨江市招商。 ", topics=["ecology"])]  # the same story, topics revised
+    earlier, latest = _latest_labels([first, later])
+    assert latest == later
+    assert earlier == [Document("a", "滨江市招商。", entities=[]), Document("b", "青澜港复工。", topics=[])]
+
+
+def test_a_file_recorded_twice_keeps_its_last_place():
+    assert [s["path"] for s in once_per_path([{"path": "a"}, {"path": "b"}, {"path": "a"}])] == ["b", "a"]
 
 
 def test_each_file_trains_as_its_own_set_so_coarse_only_replay_stays_partially_labelled(

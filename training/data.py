@@ -605,7 +605,7 @@ def _result_controls(annotation: dict, kind: str) -> set[tuple]:
     result = annotation.get("result")
     if not isinstance(result, list):
         return set()
-    return {(item.get("from_name"), item.get("to_name")) for item in result
+    return {(str(item.get("from_name")), str(item.get("to_name"))) for item in result  # str: a list is no key
             if isinstance(item, dict) and item.get("type") == kind}
 
 

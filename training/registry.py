@@ -344,8 +344,9 @@ class Registry:
 
 
 def once_per_path(sources: list[dict]) -> list[dict]:
-    """Data fingerprints with a file both new and replayed (a re-exported feedback file) kept once."""
-    return list({source["path"]: source for source in sources}.values())
+    """Data fingerprints with a file both new and replayed (a re-exported feedback file) kept once, at
+    its last place: the list runs oldest first, and retraining takes a story's labels from the last."""
+    return list(reversed({source["path"]: source for source in reversed(sources)}.values()))
 
 
 class _RefuseRedirects(urllib.request.HTTPRedirectHandler):
@@ -497,7 +498,8 @@ def metrics_summary(metrics: dict) -> str:
 
 
 def run_add(args) -> int:
-    from newstagger.model import load_model_folder, read_meta, read_metrics
+    from newstagger.model import read_meta, read_metrics
+    from newstagger.tagger import Tagger
     from training.data import guess_format, parse_data_spec
 
     if args.promote:
@@ -508,7 +510,7 @@ def run_add(args) -> int:
     if links:  # copying would follow it: a link to a secret or a folder elsewhere would enter the registry
         raise RegistryError(f"{links[0]} is a symbolic link; a registry takes only a model's own files "
                             "(copy in what it points to)")
-    retrained_from = [f"{source['path']}:{source['format']}" for kind in ("new", "replayed")
+    retrained_from = [f"{source['path']}:{source['format']}" for kind in ("replayed", "new")  # oldest first
                       for source in meta.training.get("retraining", {}).get(kind, [])]
     specs = args.data or meta.training.get("config", {}).get("train", []) + retrained_from
     data = []
@@ -522,7 +524,7 @@ def run_add(args) -> int:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
     data = once_per_path(data)
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
-    load_model_folder(source)  # a folder that cannot serve never enters the registry
+    Tagger.load(source, backend="torch", precision="fp32")  # a folder that cannot serve never enters the registry
     if Path(args.registry).absolute().resolve().is_relative_to(source.absolute().resolve()):
         raise RegistryError(f"--registry {args.registry} is inside the model folder {source}, which would be "
                             f"copied into itself")

@@ -213,12 +213,8 @@ def _retrain(config: RetrainConfig) -> dict:
     gold_texts = {story_key(doc.text) for doc in gold}
     new_sets = [_without(gold_texts, docs) for _, docs in new_sources]
     new_docs = [doc for docs in new_sets for doc in docs]
-    # A story in several files (an editor's correction exported again after a later revision) is
-    # replayed from the last file only, as its latest labels: later files are later exports.
-    pool, later_texts = [], gold_texts | {story_key(doc.text) for doc in new_docs}
-    for _, docs in reversed(replay_sources):
-        pool.insert(0, _without(later_texts, docs))
-        later_texts |= {story_key(doc.text) for doc in docs}
+    pool = _latest_labels([_without(gold_texts | {story_key(doc.text) for doc in new_docs}, docs)
+                           for _, docs in replay_sources])
     replay_sets = replay_sample(pool, round(config.replay_ratio * len(new_docs)), random.Random(config.seed))
     replayed = [doc for docs in replay_sets for doc in docs]
     if not replay_sources and config.replay_ratio > 0:
@@ -308,7 +304,7 @@ def _versions(config: RetrainConfig, registry: Registry) -> tuple[Entry, str | N
 
 def _settle(registry: Registry, version: str, production: str | None, passed: bool, promote: bool) -> str:
     """Promote a candidate that passed the gate (unless told not to, or unless production is no longer the
-    version it was gated against) or mark it rejected; the decision."""
+    version it was gated against); the decision. A refused one was registered as rejected."""
     if not passed:  # registered so
         return "rejected"
     if not promote:
@@ -367,6 +363,28 @@ def _check_gold_labels(gold_sources: list[tuple[dict, list[Document]]], schema: 
     grown = schema.merged_with(LabelSchema(topics=new_labels["topics"], entity_types=new_labels["entity_types"]))
     for source, docs in gold_sources:
         grown.check_known(docs, f"--gold {source['path']}")
+
+
+def _latest_labels(sets: list[list[Document]]) -> list[list[Document]]:
+    """The sets with each story's task labels kept from the last set that labels that task only.
+
+    The registry records files oldest first, so where a story is in several (feedback exported to a
+    new file each time, after an editor revised a correction), its latest labels win; a task only an
+    earlier file labels (topics in one file, entities in another) is kept from there.
+    """
+    labelled_later: dict[str, set[str]] = {}
+    kept_sets = []
+    for docs in reversed(sets):
+        kept = []
+        for doc in docs:
+            later = labelled_later.setdefault(story_key(doc.text), set())
+            latest = replace(doc, topics=None if "topics" in later else doc.topics,
+                             entities=None if "entities" in later else doc.entities)
+            later |= {task for task in ("topics", "entities") if getattr(doc, task) is not None}
+            if latest.labelled:
+                kept.append(latest)
+        kept_sets.insert(0, kept)
+    return kept_sets
 
 
 def story_key(text: str) -> str:

@@ -863,6 +863,7 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
     parent_meta = None
     if config.init_model:
         model, tokenizer, parent_meta = load_model_folder(config.init_model)
+        lexical.LexicalTopicModel.load(config.init_model, parent_meta.schema.topics)  # damaged: said now, not after
         if config.base_model not in (DEFAULT_BASE_MODEL, parent_meta.base_model):
             log.warning("base_model %s is not used: init_model %s continues its own encoder (from %s)",
                         config.base_model, config.init_model, parent_meta.base_model)
