@@ -115,16 +115,14 @@ def read_label_studio(path: str | Path, *, topic_labels: Labels = None, entity_t
                        path, unannotated, len(tasks))
     # What a project labels is decided per project: an export of several (a spans project beside a
     # topics project) would otherwise read the spans project's stories as labelled "no topic".
-    labelled_for: dict[str, dict[str, bool]] = {}
-    controls: dict[str, dict[str, set]] = {}
+    controls: dict[str, dict[str, set]] = {}  # project -> kind -> (from_name, to_name) of its results
     for _, task, annotation in annotated:
         if annotation is not None:
-            kinds = labelled_for.setdefault(_project(task), {"labels": False, "choices": False})
             found_in_project = controls.setdefault(_project(task), {"labels": set(), "choices": set()})
-            for kind in kinds:
-                found = _result_controls(annotation, kind)
-                kinds[kind] = kinds[kind] or bool(found)
-                found_in_project[kind] |= found
+            for kind, found in found_in_project.items():
+                found |= _result_controls(annotation, kind)
+    labelled_for = {project: {kind: bool(found) for kind, found in kinds.items()}
+                    for project, kinds in controls.items()}
     for found_in_project in controls.values():
         for kind, found in found_in_project.items():
             # A second Choices control (a quality flag) or a Labels control on another field would
