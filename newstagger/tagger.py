@@ -118,7 +118,9 @@ class Tagger:
         min_score = self.meta.entity_threshold if entity_threshold is None else entity_threshold
         entities = [e for e in result["entities"]
                     if (wanted is None or e["type"] in wanted) and e["score"] >= min_score]
-        labels = [t for t, p in result["topics"].items() if p >= self._threshold(t, thresholds)]
+        # highest score first: the first label is the headline topic (`evaluate`'s main_topic)
+        labels = sorted((t for t, p in result["topics"].items() if p >= self._threshold(t, thresholds)),
+                        key=lambda t: -result["topics"][t])
         return {"topics": result["topics"], "labels": labels, "entities": entities}
 
     def _threshold(self, topic: str, overrides: dict[str, float] | None) -> float:

@@ -114,7 +114,7 @@ class TagResult(BaseModel):
 
     id: StrictStr | StrictInt
     topics: dict[str, float] = Field(description="Probability of every topic the model knows.")
-    labels: list[str] = Field(description="Topics whose probability reaches their threshold.")
+    labels: list[str] = Field(description="Topics whose probability reaches their threshold, highest first.")
     entities: list[Entity]
 
 
