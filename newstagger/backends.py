@@ -211,8 +211,6 @@ def onnx_export_stale(folder: Path) -> str | None:
         recorded = json.loads(record_path.read_text(encoding="utf-8")).get("weights_sha256")
     except (OSError, ValueError, AttributeError):  # no record, or one that is not a JSON object
         return f"{record_path} cannot be read"
-    if recorded is None:
-        return f"{folder}'s ONNX export records no weights hash (it predates them)"
     if recorded != weights_sha256(folder):
         return f"{folder}'s ONNX export was not made from the model.safetensors it holds now"
     return None

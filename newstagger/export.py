@@ -4,9 +4,9 @@ Files, under `<model folder>/onnx/`: `model.onnx` (fp32, attention fused by ONNX
 optimizer), `model.int8.onnx` with `--quantize int8` (dynamic quantization: int8 weights, int8
 activations quantized per call), and `export.json` saying what was exported from what. `tag` and
 `bench` run them with `--backend onnx`; `newstagger check` measures how far they agree with
-PyTorch fp32, and `--backend auto` (always used by `serve`) picks the int8 graph only once it has
-passed, on a CPU without bf16 units (the fp32 graph is no faster than PyTorch fp32, so auto
-ranks it last).
+PyTorch fp32, and `--backend auto` (always used by `serve`) takes the int8 graph only once it has
+passed, ahead of PyTorch fp32 wherever PyTorch bf16 (AMX CPUs) is not taken first (the fp32 graph is
+no faster than PyTorch fp32, so auto ranks it last).
 """
 
 from __future__ import annotations

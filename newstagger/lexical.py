@@ -1,8 +1,9 @@
 """A lexical topic model blended into the BERT topic head: character n-gram TF-IDF + logistic regression.
 
-On the report-paragraph topic data, character 1-3-gram TF-IDF with one logistic regression per topic
-scores better than the fine-tuned topic head, and the two make different mistakes, so a weighted mean
-of their probabilities beats both:
+On validation report paragraphs, character 1-3-gram TF-IDF with one logistic regression per topic
+scores better than the fine-tuned topic head, but news stories are not report paragraphs, and on them
+it scores far worse (training/EXPERIMENTS.md). So it is blended in, with a weight chosen on validation
+and capped by `max_topic_blend` (0.25 for the default model), for what it adds on paragraphs:
 
     topic probability = (1 - w) * p_bert + w * p_lexical
 

@@ -355,7 +355,7 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| coarse view | {_cell(', '.join(f'{k}->{v}' for k, v in schema.coarse.items())) or '-'} |",
         f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
         f"| span decoding | Viterbi over valid BIO sequences{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
-        f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their tags, is lower are dropped) |",
+        f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their tags (marginal, with a CRF), is lower are dropped) |",
         "",
         "## Topics and thresholds",
         "",

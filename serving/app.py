@@ -85,7 +85,7 @@ class TaggingService:
 
     def _load_tagger(self, folder: str | Path | None) -> Tagger:
         # One core is left to the event loop: on 2 shared cores, 16 clients reached 0.64-0.83 of one
-        # big request's throughput with 2 torch threads, 1.0 with one (loadtest.py).
+        # big request's throughput with 2 torch threads, 0.91-1.0 with one (scripts/loadtest.py; README).
         # Each worker process loads its own model: they share the cores rather than each taking all of them.
         shared = max(1, (available_cores() - 1) // self.settings.workers)
         tagger = Tagger.load(folder, threads=self.settings.torch_threads or shared)

@@ -226,11 +226,11 @@ def test_saving_a_model_over_a_folder_drops_its_export_of_the_old_weights(export
 
 
 @pytest.mark.parametrize("change, reason", [("weights", "export was not made from the model.safetensors it holds now"),
-                                            ("record", "export records no weights hash"),
+                                            ("record", "export was not made from the model.safetensors it holds now"),
                                             ("no record", "export.json cannot be read")])
 def test_graphs_of_other_weights_are_never_used(exported_dir, tmp_path, caplog, change, reason):
     """Weights copied over the folder by hand leave its graphs behind: they answer for another model.
-    An export from before the hash was recorded cannot tell, so it is not used either."""
+    An export record without the hash cannot tell, so it is not used either."""
     folder = shutil.copytree(exported_dir, tmp_path / "model")
     record_agreement(folder, {"onnx-int8": {"passed": True, "weights_sha256": weights_sha256(folder)}})
     model = load_model_folder(folder)[0]

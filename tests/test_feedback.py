@@ -6,7 +6,6 @@ import importlib.util
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
 
 import pytest
 import sqlalchemy.exc
@@ -17,7 +16,7 @@ from newstagger.documents import Document, Span
 from serving.app import create_app
 from serving.settings import ServeSettings
 from training.data import read_internal
-from training.feedback import Correction, CorrectionConflict, FeedbackStore, corrections
+from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
 CLIENTS = 8
 WAIT_S = 60  # generous upper bound for the tiny model to load
@@ -81,15 +80,6 @@ def test_a_resent_correction_is_stored_once_and_a_changed_one_is_a_conflict(url)
     with pytest.raises(CorrectionConflict, match="higher revision"):
         store.add(Correction(document("a", topics=["economy"]), sender="li"))
     assert store.count() == 2
-
-
-def test_a_correction_stored_before_topics_were_kept_sorted_still_matches_its_resend(url):
-    store = FeedbackStore(url)
-    with store.engine.begin() as connection:  # as the store wrote rows before: topics in the order sent
-        connection.execute(corrections.insert().values(
-            doc_id="a", revision=1, text=TEXT, topics=["livelihood", "economy"], entities=None, sender="li",
-            model_version=None, created=datetime.now(timezone.utc)))
-    assert store.add(Correction(document("a", topics=["livelihood", "economy"]), sender="li")) is False
 
 
 def test_concurrent_writers_store_every_correction_exactly_once(url):

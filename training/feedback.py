@@ -128,8 +128,6 @@ class FeedbackStore:
                 select(corrections.c.text, corrections.c.topics, corrections.c.entities).where(
                     corrections.c.doc_id == row["doc_id"], corrections.c.revision == correction.revision)
             ).one()._mapping)
-        if stored["topics"] is not None:  # rows stored before topics were kept sorted
-            stored["topics"] = sorted(stored["topics"])
         if stored != {k: row[k] for k in ("text", "topics", "entities")}:
             raise CorrectionConflict(
                 f"document {row['doc_id']!r} revision {correction.revision} is already stored with other "

@@ -1158,9 +1158,9 @@ def _save_optimizer(folder: Path, optimizer, scheduler) -> None:
 
 
 def _load_optimizer(folder: Path, optimizer, scheduler) -> None:
-    if (folder / "optimizer.pt").is_file() and not (folder / "optimizer.json").is_file():
-        raise DataError(f"{folder} was written by an older newstagger, which pickled the optimizer state; "
-                        "delete it to train afresh")
+    missing = [name for name in ("optimizer.json", "optimizer.safetensors") if not (folder / name).is_file()]
+    if missing:
+        raise DataError(f"{folder} is not a whole checkpoint (no {' or '.join(missing)}); delete it to train afresh")
     settings = json.loads((folder / "optimizer.json").read_text())
     moments: dict[int, dict] = {}
     # on the CPU: a checkpoint written on a GPU resumes on a CPU (the optimizer moves state to its parameters)
