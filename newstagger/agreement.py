@@ -124,7 +124,7 @@ def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str
             results[name] = {"skipped": str(err)}
     if not runnable:
         return results
-    reference = Tagger.load(folder, backend="torch", precision="fp32", device=torch_device.type)
+    reference = Tagger.load_exact(folder, device=torch_device.type)
     expected = reference.tag(texts)
     weights = weights_sha256(Path(folder))  # a verdict holds for these weights only
     for name, (backend, precision, where) in runnable.items():

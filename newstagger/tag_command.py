@@ -74,9 +74,10 @@ def run(args) -> int:
     tagger = Tagger.load(args.model, backend=args.backend, precision=args.precision, device=args.device,
                          threads=args.threads)
     entity_types = args.types.split(",") if args.types is not None else None
-    unknown = [t for t in entity_types or () if t not in tagger.schema.entity_types]
-    if unknown:  # as the API does: a misspelt type would otherwise just return nothing
-        raise UsageError(f"--types: unknown entity type(s) {unknown}; the model knows {tagger.schema.entity_types}")
+    try:  # as the API does: a misspelt type would otherwise just return nothing
+        tagger.check_options(entity_types=entity_types)
+    except ValueError as err:
+        raise UsageError(f"--types: {err}") from None
     with _input(args.input) as source, _output(args.output) as (sink, written_to):
         try:
             errors = tag_stream(tagger, source, sink, chunk_size=args.chunk, on_error=args.on_error,

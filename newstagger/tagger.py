@@ -60,6 +60,12 @@ class Tagger:
         return cls(model, tokenizer, meta, backend=scorer, max_batch_tokens=max_batch_tokens,
                    topic_lexical=LexicalTopicModel.load(folder, meta.schema.topics))
 
+    @classmethod
+    def load_exact(cls, folder: str | Path | None = None, *, device: str = "auto") -> "Tagger":
+        """A tagger on the model itself, PyTorch fp32, whatever faster approximate backend its folder
+        offers: what evaluation, the retraining gate and agreement checks measure."""
+        return cls.load(folder, backend="torch", precision="fp32", device=device)
+
     def tag(self, texts: Sequence[str], *, thresholds: dict[str, float] | None = None,
             entity_types: Iterable[str] | None = None, entity_threshold: float | None = None,
             encoded: list[EncodedText] | None = None) -> list[dict]:

@@ -253,7 +253,7 @@ def main() -> None:
     server = None
     if args.model:
         try:  # the server would say only "failed to load" in /readyz, and why in a log this script drops
-            Tagger.load(args.model, backend="torch", precision="fp32")
+            Tagger.load_exact(args.model)
         except (OSError, ValueError) as err:  # DataError is a ValueError
             parser.error(f"--model: {err}")
         port = free_loopback_port()

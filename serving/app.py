@@ -36,7 +36,8 @@ from .batching import MicroBatcher, Overloaded, ShuttingDown
 from .observability import CLIENT_CLOSED_REQUEST, ObservedRequests, ServingMetrics, configure_logging
 from .schemas import (
     MAX_ERRORS, RETRY_AFTER_S, ApiError, ErrorBody, Info, Labels, Limits, ModelInfo, ModelRef, Readiness, ReloadRequest,
-    ReloadResponse, Runtime, Status, TagRequest, TagResponse, check_bearer, unknown_label,
+    ReloadResponse, Runtime, Status, TagRequest, TagResponse, check_bearer, check_text_length, error_responses,
+    unknown_label,
 )
 from .settings import ServeSettings
 
@@ -130,10 +131,6 @@ def get_service(request: Request) -> TaggingService:
     return request.app.state.service
 
 
-def _errors(*statuses: int) -> dict:
-    return {status: {"model": ErrorBody} for status in statuses}
-
-
 def _model_ref(meta: ModelMeta) -> ModelRef:
     return ModelRef(name=meta.name, version=meta.version)
 
@@ -148,7 +145,7 @@ async def healthz() -> Status:
     return Status(status="ok")
 
 
-@operations.get("/readyz", response_model=Readiness, responses=_errors(503), summary="The model is loaded")
+@operations.get("/readyz", response_model=Readiness, responses=error_responses(503), summary="The model is loaded")
 async def readyz(service: TaggingService = Depends(get_service)) -> Readiness:
     return Readiness(status="ready", model=_model_ref(service.ready_batcher().tagger.meta))
 
@@ -164,7 +161,7 @@ async def metrics(service: TaggingService = Depends(get_service)) -> Response:
     return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
 
 
-@tagging.post("/tag", response_model=TagResponse, responses=_errors(413, 415, 422, 429, 500, 503),
+@tagging.post("/tag", response_model=TagResponse, responses=error_responses(413, 415, 422, 429, 500, 503),
               summary="Tag stories with topics and entities")
 async def tag(body: TagRequest, request: Request, response: Response,
               service: TaggingService = Depends(get_service)) -> dict:
@@ -228,9 +225,7 @@ async def _disconnect(request: Request) -> None:
 def _check_sizes(body: TagRequest, settings: ServeSettings) -> None:
     _check_document_count(len(body.documents), settings)
     for i, doc in enumerate(body.documents):
-        if len(doc.text) > settings.max_text_chars:
-            raise ApiError(413, f"text is {len(doc.text)} characters; at most {settings.max_text_chars}",
-                           ("body", "documents", i, "text"), "text_too_long")
+        check_text_length(doc.text, settings.max_text_chars, ("body", "documents", i, "text"))
 
 
 def _check_document_count(count: int, settings: ServeSettings) -> None:
@@ -249,7 +244,7 @@ def _check_options(body: TagRequest, meta: ModelMeta) -> None:
         raise RequestValidationError(errors)
 
 
-@tagging.get("/info", response_model=Info, responses=_errors(503), summary="The model and the limits")
+@tagging.get("/info", response_model=Info, responses=error_responses(503), summary="The model and the limits")
 async def info(service: TaggingService = Depends(get_service)) -> Info:
     tagger = service.ready_batcher().tagger
     meta, settings = tagger.meta, service.settings
@@ -280,7 +275,7 @@ def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bea
     check_bearer(credentials, token, "admin token")
 
 
-@admin.post("/reload", response_model=ReloadResponse, responses=_errors(401, 403, 422, 503),
+@admin.post("/reload", response_model=ReloadResponse, responses=error_responses(401, 403, 422, 503),
             dependencies=[Depends(require_admin)], summary="Swap in a model folder without downtime")
 async def reload(body: ReloadRequest | None = None, service: TaggingService = Depends(get_service)) -> ReloadResponse:
     previous, current = await service.reload(body.model if body else None)

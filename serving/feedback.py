@@ -24,8 +24,8 @@ from newstagger.documents import DataError, Document, Span, validate
 from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
-from .schemas import (MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, ErrorBody, Name, Text,
-                      check_bearer, few_labels, unknown_label)
+from .schemas import (MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, Name, Text, check_bearer,
+                      check_text_length, error_responses, few_labels, unknown_label)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -108,13 +108,11 @@ def require_feedback_token(request: Request,
 
 @router.post("/feedback", response_model=FeedbackResponse, status_code=201,
              responses={200: {"model": FeedbackResponse, "description": "Stored before; nothing changed"},
-                        **{status: {"model": ErrorBody} for status in (401, 409, 413, 415, 422, 503)}},
+                        **error_responses(401, 409, 413, 415, 422, 503)},
              dependencies=[Depends(require_feedback_token)], summary="Store a corrected story for retraining")
 async def feedback(body: FeedbackRequest, request: Request, response: Response) -> FeedbackResponse:
     service = request.app.state.service
-    if len(body.text) > service.settings.max_text_chars:
-        raise ApiError(413, f"text is {len(body.text)} characters; at most {service.settings.max_text_chars}",
-                       ("body", "text"), "text_too_long")
+    check_text_length(body.text, service.settings.max_text_chars, ("body", "text"))
     document = _checked_document(body)
     if not body.new_labels:  # checked against the serving model: 503 while there is none
         _check_known_labels(body, document, service.ready_batcher().tagger.schema)

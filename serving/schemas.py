@@ -33,6 +33,17 @@ class ApiError(Exception):
         self.status, self.msg, self.loc, self.kind, self.headers = status, msg, loc, kind, headers
 
 
+def error_responses(*statuses: int) -> dict:
+    """OpenAPI `responses` for these error statuses, all answered with an ErrorBody."""
+    return {status: {"model": ErrorBody} for status in statuses}
+
+
+def check_text_length(text: str, most: int, loc: tuple) -> None:
+    """ApiError 413 for a text over the server's limit, named by where it is in the request."""
+    if len(text) > most:
+        raise ApiError(413, f"text is {len(text)} characters; at most {most}", loc, "text_too_long")
+
+
 def check_bearer(credentials: HTTPAuthorizationCredentials | None, token: SecretStr, what: str) -> None:
     """ApiError 401 unless the request carries `Authorization: Bearer <token>` (compared in constant time)."""
     expected = token.get_secret_value().encode()

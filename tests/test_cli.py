@@ -225,7 +225,7 @@ def test_an_entity_threshold_outside_0_to_1_exits_2(tiny_model_dir, value, capsy
 def test_unknown_entity_types_exit_2_naming_them(tiny_model_dir, types, capsys):
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-", "--types", types]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
-    assert "--types: unknown entity type(s)" in line and "the model knows" in line
+    assert "--types: entity_types: unknown" in line and "the model knows" in line
 
 
 def edit_meta(**changes):
@@ -311,11 +311,11 @@ def test_evaluate_refuses_data_without_labels(tiny_model_dir, tmp_path, capsys):
     source = write_lines(tmp_path / "plain.jsonl", ['{"id": "a", "text": "招商引资"}'])
     labelled = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "招商引资", "topics": ["economy"]}'])
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", f"{source}:internal"]) == 2
-    assert f"--data: no labelled documents in {source}:internal" in capsys.readouterr().err
+    assert f"--data {source}:internal: none of its 1 documents has topics or entities" in capsys.readouterr().err
     # beside a labelled file too: it would be left out of the scores without a word
     assert main(["evaluate", "--model", str(tiny_model_dir), "--data", str(labelled), "--data",
                  f"{source}:internal"]) == 2
-    assert f"--data: no labelled documents in {source}:internal" in capsys.readouterr().err
+    assert f"--data {source}:internal: none of its 1 documents has topics or entities" in capsys.readouterr().err
 
 
 @pytest.mark.parametrize("output, reason", [("missing/metrics.json", "no folder"), (".", "a folder; name a file")])

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from newstagger.cli import add_model_argument, check_fraction, check_output_path, refuse_overwriting
 from newstagger.decoding import SCORE_DECIMALS, char_spans
-from newstagger.documents import DataError, Document
+from newstagger.documents import Document
 from newstagger.errors import UsageError
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -276,21 +276,19 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from training.data import parse_data_spec, read_documents
+    from training.data import labelled_file, parse_data_spec, read_documents
 
     sources = [parse_data_spec(spec) for spec in args.data]
     refuse_overwriting(args.output, [path for path, _ in sources])
     if args.output:
         check_output_path("--output", args.output)
-    tagger = Tagger.load(args.model, backend="torch", precision="fp32")  # scores are of the exact model
+    tagger = Tagger.load_exact(args.model)
     # A gold label the model does not know is more often a typo than a test of what it cannot find:
     # a topic would silently count as no topic, an entity type as misses that drag the averages.
     schema = tagger.schema
-    files = [read_documents(*source, topic_labels=schema.topics,
-                            entity_types=schema.scorable_entity_types) for source in sources]
-    for spec, docs in zip(args.data, files):  # a misnamed label field would leave its file out unsaid
-        if not any(doc.labelled for doc in docs):
-            raise DataError(f"--data: no labelled documents in {spec}")
+    files = [labelled_file(read_documents(*source, topic_labels=schema.topics,
+                                          entity_types=schema.scorable_entity_types), f"--data {spec}")
+             for spec, source in zip(args.data, sources)]
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:
         if tagger.topic_lexical is None:

@@ -524,7 +524,7 @@ def run_add(args) -> int:
             log.warning("%s was trained on %s, which is not here: it will not be replayed", source, path)
     data = once_per_path(data)
     metrics = {where: scores(result) for where, result in read_metrics(source).items()}
-    Tagger.load(source, backend="torch", precision="fp32")  # a folder that cannot serve never enters the registry
+    Tagger.load_exact(source)  # a folder that cannot serve never enters the registry
     if Path(args.registry).absolute().resolve().is_relative_to(source.absolute().resolve()):
         raise RegistryError(f"--registry {args.registry} is inside the model folder {source}, which would be "
                             f"copied into itself")

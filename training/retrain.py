@@ -226,7 +226,7 @@ def _retrain(config: RetrainConfig) -> dict:
         raise DataError(f"--data: no labelled documents in {', '.join(config.data)} that are not also in the gold set")
 
     start_folder = registry.folder(start)
-    start_tagger = exact_tagger(start_folder)
+    start_tagger = Tagger.load_exact(start_folder)
     new_labels = start_tagger.schema.new_labels(LabelSchema.from_documents(new_docs + replayed))
     if any(new_labels.values()) and not config.allow_new_labels:
         raise DataError(f"the new data has labels {start} does not know: {new_labels}; check them for typos, "
@@ -241,15 +241,16 @@ def _retrain(config: RetrainConfig) -> dict:
         # labelled only with coarse types (MSRA) trains as partial labels, which it would not be in a pool.
         _, validation = train(train_config, sources=[docs for docs in new_sets + replay_sets if docs])
         shutil.rmtree(staged / CHECKPOINT, ignore_errors=True)  # optimizer state: not part of a model
-        baseline_tagger = start_tagger if baseline == start else exact_tagger(registry.folder(baseline))
-        candidate, gold_files = exact_tagger(staged), [docs for _, docs in gold_sources]
+        baseline_tagger = start_tagger if baseline == start else Tagger.load_exact(registry.folder(baseline))
+        candidate, gold_files = Tagger.load_exact(staged), [docs for _, docs in gold_sources]
         candidate_all_labels = evaluate_tagger(candidate, *gold_files)
         candidate_gold, baseline_gold = score_on_gold(candidate, baseline_tagger, gold_files, candidate_all_labels)
         gate = decide(candidate_gold, baseline_gold, tolerances,
                       dropped=read_meta(staged).schema.new_labels(baseline_tagger.schema))
         anchor = None
         if config.anchor is not None:
-            anchor_tagger = baseline_tagger if config.anchor == baseline else exact_tagger(registry.folder(config.anchor))
+            anchor_tagger = (baseline_tagger if config.anchor == baseline
+                             else Tagger.load_exact(registry.folder(config.anchor)))
             anchor = _anchor_verdict(config.anchor, candidate, anchor_tagger, gold_files, candidate_all_labels,
                                      tolerances)
             gate = {"passed": gate["passed"] and anchor["gate"]["passed"],
@@ -395,11 +396,6 @@ def story_key(text: str) -> str:
 
 def _without(keys: set[str], docs: list[Document]) -> list[Document]:
     return [doc for doc in docs if story_key(doc.text) not in keys]
-
-
-def exact_tagger(folder: Path) -> Tagger:
-    """The gate scores the model itself, whatever faster approximate backend its folder offers."""
-    return Tagger.load(folder, backend="torch", precision="fp32")
 
 
 def score_on_gold(candidate: Tagger, baseline: Tagger, gold: list[list[Document]],
