@@ -128,8 +128,9 @@ async def feedback(body: FeedbackRequest, request: Request, response: Response) 
                        "unstorable_value") from None
     # The URL was checked at start-up; the database may still be down or broken, or its folder not creatable.
     except (SQLAlchemyError, OSError) as err:
-        # in full in the log; the client, who may hold no token, learns no path, host or SQL
-        logger.warning("feedback store error: %s", err)
+        # the driver's message in the log, not the statement's parameters (the story, the sender); the
+        # client, who may hold no token, learns no path, host or SQL
+        logger.warning("feedback store error: %s: %s", type(err).__name__, _first_line(err))
         raise ApiError(503, "the feedback store is unavailable; the server's log says why",
                        kind="feedback_store_unavailable", headers={"Retry-After": str(RETRY_AFTER_S)}) from None
     if not stored:

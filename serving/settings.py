@@ -12,7 +12,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from newstagger.checks import MAX_THREADS
 from training.feedback import DEFAULT_URL as DEFAULT_FEEDBACK_URL
-from training.feedback import check_store_url
+from training.feedback import check_sqlite_writable, check_store_url
 
 from .schemas import MAX_DOCUMENTS_CEILING
 
@@ -83,5 +83,5 @@ class ServeSettings(BaseSettings):
     @field_validator("feedback_url")
     @classmethod
     def _usable_store_url(cls, url: str) -> str:
-        check_store_url(url)
+        check_sqlite_writable(check_store_url(url))
         return url

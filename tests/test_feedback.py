@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sqlite3
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -275,11 +276,9 @@ def test_a_text_over_the_limit_is_413(client):
     assert response.json()["errors"][0]["loc"] == ["body", "text"]
 
 
-@pytest.mark.parametrize("database", ["broken.db", "a-file/feedback.db"])  # not a database; a folder it cannot make
-def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, tmp_path, database):
+def test_an_unusable_store_is_503_and_the_server_keeps_serving_and_logs_no_story(tiny_model_dir, tmp_path, caplog):
     (tmp_path / "broken.db").write_text("not a database")
-    (tmp_path / "a-file").write_text("")
-    settings = ServeSettings(model=tiny_model_dir, feedback_url=f"sqlite:///{tmp_path / database}")
+    settings = ServeSettings(model=tiny_model_dir, feedback_url=f"sqlite:///{tmp_path / 'broken.db'}")
     with TestClient(create_app(settings)) as client:
         wait_ready(client)
         response = client.post("/v1/feedback", json=CORRECTION)
@@ -287,6 +286,19 @@ def test_an_unusable_store_is_503_and_the_server_keeps_serving(tiny_model_dir, t
         detail = response.json()["detail"]
         assert "feedback store is unavailable" in detail and "\n" not in detail and "[SQL" not in detail
         assert client.get("/healthz").status_code == 200
+    assert "feedback store error: DatabaseError: file is not a database" in caplog.text
+    assert CORRECTION["text"] not in caplog.text and "[SQL" not in caplog.text
+
+
+def test_the_server_refuses_a_sqlite_store_it_could_never_write(tmp_path):
+    (tmp_path / "a-file").write_text("")
+    with pytest.raises(ValueError, match=r"(?s)feedback_url.*a-file/feedback.db cannot be made in .*a-file"):
+        ServeSettings(feedback_url=f"sqlite:///{tmp_path / 'a-file' / 'feedback.db'}")
+    (tmp_path / "read-only.db").write_text("")
+    (tmp_path / "read-only.db").chmod(0o444)
+    if not os.access(tmp_path / "read-only.db", os.W_OK):  # root may write it anyway
+        with pytest.raises(ValueError, match="read-only.db is not a file this server can write"):
+            ServeSettings(feedback_url=f"sqlite:///{tmp_path / 'read-only.db'}")
 
 
 def test_a_value_the_database_cannot_hold_is_422_not_a_503_to_retry(client, monkeypatch):

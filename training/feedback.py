@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import os
 import sys
+import tempfile
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
@@ -81,6 +82,24 @@ def check_store_url(url: str) -> URL:
         raise ValueError(f"the database driver for {parsed.drivername} is not installed "
                          f"(no module {err.name!r})") from None
     return parsed
+
+
+def check_sqlite_writable(url: URL) -> None:
+    """ValueError where a SQLite store could never be written (a read-only mount, a folder of another
+    user, a path under /proc): found at start-up rather than at every correction for as long as the
+    server runs. Other databases are checked when first used: one may be down for a while."""
+    if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
+        return
+    path = Path(url.database).absolute()
+    if path.exists():
+        if not (path.is_file() and os.access(path, os.W_OK)):
+            raise ValueError(f"{path} is not a file this server can write")
+        return
+    made_in = next(folder for folder in path.parents if folder.exists())  # the first folder to make is made here
+    try:
+        tempfile.TemporaryFile(dir=made_in).close()
+    except OSError as err:
+        raise ValueError(f"{path} cannot be made in {made_in}: {err.strerror}") from None
 
 
 class FeedbackStore:
