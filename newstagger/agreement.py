@@ -60,7 +60,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .tagger import default_model_dir
+    from .folders import default_model_dir
 
     folder = Path(args.model or default_model_dir())
     if args.texts:

@@ -56,7 +56,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .tagger import default_model_dir
+    from .folders import default_model_dir
 
     if args.write_corpus:
         return write_corpus(Path(args.write_corpus), args.documents)
@@ -87,11 +87,9 @@ def run(args) -> int:
 
 def measure(folder: Path, name: str, documents: int, repeats: int, threads: int | None, device: str) -> dict:
     """One backend-precision pair, end to end and forward only (runs in its own process)."""
-    from .cli import _quiet_library_chatter
     from .tag_command import tag_stream
     from .tagger import Tagger
 
-    _quiet_library_chatter()
     backend, _, precision = name.partition("-")
     try:
         tagger = Tagger.load(folder, backend=backend, precision=precision, device=device, threads=threads)

@@ -22,19 +22,20 @@ from .checks import MAX_THREADS
 from .documents import DataError
 from .errors import UsageError
 
-COMMAND_MODULES = (
-    "newstagger.tag_command",
-    "newstagger.export",
-    "newstagger.agreement",
-    "newstagger.bench",
-    "training.pretrain",
-    "training.train",
-    "training.evaluate",
-    "serving.command",
-    "training.feedback",
-    "training.registry",
-    "training.retrain",
-)
+# Each command by the module that registers it, in the order `--help` lists them.
+COMMAND_MODULES = {
+    "tag": "newstagger.tag_command",
+    "export": "newstagger.export",
+    "check": "newstagger.agreement",
+    "bench": "newstagger.bench",
+    "pretrain": "training.pretrain",
+    "train": "training.train",
+    "evaluate": "training.evaluate",
+    "serve": "serving.command",
+    "feedback": "training.feedback",
+    "models": "training.registry",
+    "retrain": "training.retrain",
+}
 
 
 def add_model_argument(parser: argparse.ArgumentParser) -> None:
@@ -127,26 +128,33 @@ def check_fraction(option: str, value: float | None) -> float | None:
     return value
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """The parser of the command `argv` names, or of every command where it names none it knows.
+
+    Only that command's module is imported: the others pull in torch and transformers (seconds),
+    which `serve --workers N` would otherwise hold in its supervisor process for nothing.
+    """
     parser = argparse.ArgumentParser(
         prog="newstagger",
         description="Topics and named entities for Chinese local-news stories.",
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name in COMMAND_MODULES:
-        importlib.import_module(name).register(subparsers)
+    asked = next((arg for arg in argv if not arg.startswith("-")), None)
+    for command, module in COMMAND_MODULES.items():
+        if asked not in COMMAND_MODULES or command == asked:
+            importlib.import_module(module).register(subparsers)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    quiet_library_chatter()  # before a command's module imports transformers
+    argv = sys.argv[1:] if argv is None else argv
+    args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if args.verbose else logging.INFO,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    _quiet_library_chatter()
     # JSONL and JSON out are UTF-8 whatever the locale says (a Chinese-locale Windows pipe is GBK,
     # which cannot encode every character a story may hold).
     if hasattr(sys.stdout, "reconfigure"):
@@ -173,12 +181,17 @@ def _drop_stdout() -> None:
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
 
 
-def _quiet_library_chatter() -> None:
-    """transformers draws a progress bar for every weight load; ours are the ones that matter."""
-    from transformers.utils import logging as hf_logging
+def quiet_library_chatter() -> None:
+    """transformers draws a progress bar for every weight load; ours are the ones that matter. Said
+    through the environment, which transformers reads when imported: the processes a command starts
+    (`serve`'s workers, `bench`'s measurements) inherit it, and `serve` need not import transformers."""
+    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    if "transformers" in sys.modules:  # imported before, as where main() is called in-process
+        from transformers.utils import logging as hf_logging
 
-    hf_logging.disable_progress_bar()
-    hf_logging.set_verbosity_error()
+        hf_logging.disable_progress_bar()
+        hf_logging.set_verbosity_error()
 
 
 if __name__ == "__main__":

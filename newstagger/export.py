@@ -45,7 +45,7 @@ def register(subparsers) -> None:
 
 
 def run(args) -> int:
-    from .tagger import default_model_dir
+    from .folders import default_model_dir
 
     try:
         record = export_onnx(Path(args.model or default_model_dir()), quantize=args.quantize)

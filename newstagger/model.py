@@ -26,10 +26,10 @@ from . import lexical
 from .checks import check_rules, is_fraction, window_rules
 from .crf import BioCrf
 from .documents import DataError
+from .folders import META_FILE
 from .lexicon import TokenLexicon
 from .schema import LabelSchema
 
-META_FILE = "newstagger.json"
 METRICS_FILE = "metrics.json"
 CARD_FILE = "README.md"
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt")

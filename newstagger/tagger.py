@@ -7,7 +7,6 @@ them, decode spans with the constrained Viterbi, and average topic probabilities
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -15,24 +14,12 @@ import numpy as np
 from scipy.special import expit
 
 from .backends import TorchBackend, make_backend
-from .errors import UsageError
 from .decoding import SCORE_DECIMALS, constrained_viterbi, tag_marginals, tags_to_spans
 from .documents import unpaired_surrogate
+from .folders import default_model_dir
 from .lexical import LexicalTopicModel, blend
 from .model import ModelMeta, NewsTaggerModel, load_model_folder
 from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token_budget_batches
-
-DEFAULT_MODEL_DIR = Path(__file__).resolve().parents[1] / "models" / "default"
-
-
-def default_model_dir() -> Path:
-    """The folder NEWSTAGGER_MODEL names, else the shipped model; UsageError where neither is."""
-    if os.environ.get("NEWSTAGGER_MODEL"):
-        return Path(os.environ["NEWSTAGGER_MODEL"])
-    if not DEFAULT_MODEL_DIR.is_dir():  # installed from a wheel: the code came, models/ did not
-        raise UsageError(f"no --model given, and the shipped model is not at {DEFAULT_MODEL_DIR} (an install that "
-                         "is not editable leaves it in the checkout): give --model DIR or set NEWSTAGGER_MODEL")
-    return DEFAULT_MODEL_DIR
 
 
 class Tagger:
@@ -54,7 +41,8 @@ class Tagger:
              device: str = "auto", threads: int | None = None, max_batch_tokens: int | None = None) -> "Tagger":
         """A tagger on the folder's model; `auto` takes the fastest backend that is exact or has
         passed `newstagger check` (see backends.make_backend)."""
-        folder = Path(folder or default_model_dir())
+        # resolved once: every file comes from one folder, even while a link to it (registry/current) moves
+        folder = Path(folder or default_model_dir()).resolve()
         model, tokenizer, meta = load_model_folder(folder)
         scorer = make_backend(folder, model, backend, precision, device, threads)
         return cls(model, tokenizer, meta, backend=scorer, max_batch_tokens=max_batch_tokens,

@@ -29,7 +29,8 @@ from starlette.types import ASGIApp, Message, Receive, Scope, Send
 from newstagger import __version__
 from newstagger.backends import available_cores
 from newstagger.model import ModelMeta
-from newstagger.tagger import Tagger, default_model_dir
+from newstagger.folders import default_model_dir
+from newstagger.tagger import Tagger
 
 from . import feedback
 from .batching import MicroBatcher, Overloaded, ShuttingDown
@@ -105,6 +106,10 @@ class TaggingService:
     async def reload(self, folder: str | Path | None) -> tuple[ModelMeta | None, ModelMeta]:
         """Load `folder` beside the serving model, then swap; on failure the old one keeps serving.
         Where the first model failed to load, the loaded one starts serving (no previous model)."""
+        if self.settings.workers > 1:
+            raise ApiError(409, f"this server runs {self.settings.workers} worker processes, each with its own model, "
+                           "and a reload would reach only the one that answers: restart the server to serve "
+                           "another model", kind="reload_needs_restart")
         if self.load_error is None:
             self.ready_batcher()  # 503 while the first model is still loading
         folder = folder or self.settings.model or default_model_dir()
@@ -275,7 +280,7 @@ def require_admin(credentials: HTTPAuthorizationCredentials | None = Depends(bea
     check_bearer(credentials, token, "admin token")
 
 
-@admin.post("/reload", response_model=ReloadResponse, responses=error_responses(401, 403, 422, 503),
+@admin.post("/reload", response_model=ReloadResponse, responses=error_responses(401, 403, 409, 422, 503),
             dependencies=[Depends(require_admin)], summary="Swap in a model folder without downtime")
 async def reload(body: ReloadRequest | None = None, service: TaggingService = Depends(get_service)) -> ReloadResponse:
     previous, current = await service.reload(body.model if body else None)

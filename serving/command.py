@@ -30,14 +30,13 @@ def run(args) -> int:
     import uvicorn
     from pydantic import ValidationError
 
-    from newstagger.model import META_FILE
-    from newstagger.tagger import default_model_dir
+    from newstagger.folders import META_FILE, default_model_dir
 
     from .settings import ServeSettings
 
     if args.model:
-        # Absolute: workers may not share our idea of "."; not resolved, so a link such as
-        # registry/current stays a link, which a reload without a folder follows.
+        # Absolute: workers may not share our idea of "."; not resolved (with one worker), so a link
+        # such as registry/current stays a link, which a reload without a folder follows.
         args.model = str(Path(args.model).absolute())
     for name in FLAGS:
         if getattr(args, name) is not None:
@@ -50,6 +49,10 @@ def run(args) -> int:
     model = settings.model or default_model_dir()
     if not (model / META_FILE).is_file():
         raise UsageError(f"{model} is not a model folder (no {META_FILE}); pass --model or set NEWSTAGGER_MODEL")
+    if settings.workers > 1:
+        # Workers load on their own, and uvicorn restarts one that dies: through a link such as
+        # registry/current, a restart after a promotion would serve another model beside the rest.
+        os.environ["NEWSTAGGER_MODEL"] = str(model.resolve())
     check_can_listen(settings.host, settings.port)
     uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, limit_concurrency=settings.max_connections, log_config=None,

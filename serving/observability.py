@@ -1,8 +1,8 @@
 """Metrics, access logs and timing headers.
 
 Each app owns its own Prometheus registry, so several apps (tests, reloads of the module) never
-collide over metric names. Counters are per process: with several uvicorn workers, scrape
-each or run one worker per container.
+collide over metric names. Counters are per process: with several uvicorn workers a scrape
+reaches whichever worker answers, so run one worker per container where metrics matter.
 """
 
 from __future__ import annotations

@@ -208,7 +208,7 @@ def test_a_pipe_is_an_input_tag_takes(tmp_path):
 
 def test_without_a_model_where_the_install_has_none_says_how_to_give_one(tmp_path, monkeypatch, capsys):
     monkeypatch.delenv("NEWSTAGGER_MODEL", raising=False)
-    monkeypatch.setattr("newstagger.tagger.DEFAULT_MODEL_DIR", tmp_path / "site-packages" / "models" / "default")
+    monkeypatch.setattr("newstagger.folders.DEFAULT_MODEL_DIR", tmp_path / "site-packages" / "models" / "default")
     assert main(["tag", "-i", "-", "-o", "-"]) == 2
     (line,) = capsys.readouterr().err.strip().splitlines()
     assert "no --model given, and the shipped model is not at" in line and "set NEWSTAGGER_MODEL" in line

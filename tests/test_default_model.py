@@ -7,7 +7,7 @@ import json
 import pytest
 
 from newstagger import Tagger
-from newstagger.tagger import DEFAULT_MODEL_DIR
+from newstagger.folders import DEFAULT_MODEL_DIR
 from training.data import read_internal
 from training.evaluate import evaluate_tagger
 

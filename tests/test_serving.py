@@ -12,20 +12,23 @@ import json
 import logging
 import socket
 import subprocess
-import sys
 import os
+import sys
 import threading
-from types import SimpleNamespace
 import time
+from types import SimpleNamespace
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
+import torch
 from conftest import build_tiny_model_folder
 from fastapi.testclient import TestClient
+from safetensors.torch import load_file
 
 import newstagger
 from newstagger import cli
+from newstagger import model as model_module
 from newstagger.errors import UsageError
 from newstagger.model import load_model_folder, save_model_folder
 from newstagger.tagger import Tagger
@@ -770,6 +773,34 @@ def test_reload_swaps_the_model(make_client, second_model_dir):
     assert 'newstagger_model_info{name="tiny",version="0.0.2"} 1.0' in client.get("/metrics").text
 
 
+def test_a_server_of_several_workers_refuses_a_reload_that_would_reach_one(make_client, second_model_dir):
+    client = make_client(admin_token="secret", workers=2)
+    response = client.post("/v1/admin/reload", json={"model": str(second_model_dir)},
+                           headers={"Authorization": "Bearer secret"})
+    assert response.status_code == 409 and "restart the server" in response.json()["detail"]
+    assert version_served(client) == "0.0.1"
+
+
+def test_a_model_loaded_through_a_link_comes_from_one_folder_while_the_link_moves(tiny_model_dir, second_model_dir,
+                                                                                 tmp_path, monkeypatch):
+    current = tmp_path / "current"
+    current.symlink_to(tiny_model_dir)
+    read_meta = model_module.read_meta
+
+    def promoted_meanwhile(folder):  # as `models promote` may, between the label file and the weights
+        meta = read_meta(folder)
+        current.unlink()
+        current.symlink_to(second_model_dir)
+        return meta
+
+    monkeypatch.setattr(model_module, "read_meta", promoted_meanwhile)
+    tagger = Tagger.load(current)
+    expected = load_file(tiny_model_dir / "model.safetensors")
+    assert tagger.meta.version == "0.0.1"
+    assert all(torch.equal(tensor, expected[name]) for name, tensor in tagger.model.state_dict().items()
+               if name in expected)
+
+
 def test_an_empty_folder_name_is_422_not_a_reload_of_the_default(make_client):
     client = make_client(admin_token="secret")
     response = client.post("/v1/admin/reload", json={"model": ""}, headers={"Authorization": "Bearer secret"})
@@ -915,6 +946,20 @@ def test_serve_passes_flags_to_uvicorn_and_its_workers(tiny_model_dir, monkeypat
     assert ran["app"] == "serving.app:app_from_environment" and ran["factory"] is True
     assert (ran["host"], ran["port"], ran["workers"]) == ("127.0.0.1", 9123, 2)
     assert ServeSettings().model == tiny_model_dir.resolve()  # what each worker process will read
+
+
+def test_serve_with_several_workers_pins_a_linked_model_and_loads_no_torch_itself(tiny_model_dir, tmp_path):
+    """Workers load the model themselves, and uvicorn restarts one that dies: through a link the
+    registry moves, a restarted worker would serve another model than the rest."""
+    link = tmp_path / "current"
+    link.symlink_to(tiny_model_dir)
+    probe = ("import sys, uvicorn; from newstagger.cli import main; "
+             "uvicorn.run = lambda app, **kwargs: None; "
+             "from serving import command; command.check_can_listen = lambda host, port: None; "
+             f"main(['serve', '--model', {str(link)!r}, '--workers', '2']); "
+             "import os; print(os.environ['NEWSTAGGER_MODEL'], sorted({'torch', 'transformers'} & set(sys.modules)))")
+    printed = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True).stdout
+    assert printed == f"{tiny_model_dir.resolve()} []\n"
 
 
 def test_serve_refuses_a_port_in_use_in_one_line(tiny_model_dir, monkeypatch):

@@ -33,7 +33,8 @@ from transformers import AutoTokenizer, BertForMaskedLM, DataCollatorForLanguage
 from newstagger.checks import MAX_THREADS, MIN_WINDOW, check_rules
 from newstagger.errors import UsageError
 from newstagger.documents import DataError, Document
-from newstagger.model import META_FILE, check_encoder_loaded
+from newstagger.folders import META_FILE
+from newstagger.model import check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
 from .train import (CHECKPOINT, DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option,

@@ -41,9 +41,10 @@ from newstagger.checks import MAX_THREADS, check_rules, is_finite_number, is_int
 from newstagger.crf import BioCrf
 from newstagger.documents import DataError, Document, Span, utf8_only
 from newstagger.errors import UsageError
+from newstagger.folders import META_FILE
 from newstagger.lexicon import build_lexicon, jieba_words
-from newstagger.model import (DEFAULT_TOPIC_THRESHOLD, META_FILE, TOKENIZER_FILES, ModelMeta, NewsTaggerModel,
-                              load_model_folder, new_model, read_meta, save_model_folder, windows_past_positions)
+from newstagger.model import (DEFAULT_TOPIC_THRESHOLD, TOKENIZER_FILES, ModelMeta, NewsTaggerModel, load_model_folder,
+                              new_model, read_meta, save_model_folder, windows_past_positions)
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from newstagger.windowing import EncodedText, encode_texts, plan_windows, token_budget_batches
