@@ -45,11 +45,13 @@ def tiny_schema() -> LabelSchema:
                        coarse={t: DEFAULT_COARSE[t] for t in CLUENER_TYPES if t in DEFAULT_COARSE})
 
 
-def build_tiny_model_folder(folder: Path, *, max_length: int = 32, stride: int = 8, version: str = "0.0.1") -> Path:
+def build_tiny_model_folder(folder: Path, *, max_length: int = 32, stride: int = 8, version: str = "0.0.1",
+                            schema: LabelSchema | None = None) -> Path:
     """A randomly initialised tagger saved as a complete model folder (windows of 32 force long-text paths)."""
     tokenizer = tiny_tokenizer()
-    model = model_from_config(tiny_config(len(tokenizer)), tiny_schema())
-    meta = ModelMeta(schema=tiny_schema(), max_length=max_length, stride=stride, name="tiny", version=version,
+    schema = schema or tiny_schema()
+    model = model_from_config(tiny_config(len(tokenizer)), schema)
+    meta = ModelMeta(schema=schema, max_length=max_length, stride=stride, name="tiny", version=version,
                      base_model="tiny-in-test")
     return save_model_folder(folder, model, tokenizer, meta, metrics={})
 

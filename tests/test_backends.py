@@ -8,6 +8,7 @@ import shutil
 import onnx
 import pytest
 import torch
+from conftest import build_tiny_model_folder
 from safetensors.torch import load_file, save_file
 
 from newstagger.agreement import check_agreement, compare, record_agreement
@@ -17,6 +18,7 @@ from newstagger.cli import main
 from newstagger.errors import UsageError
 from newstagger.export import export_onnx
 from newstagger.model import load_model_folder, read_metrics, save_model_folder, weights_sha256
+from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 
 
@@ -60,6 +62,20 @@ def test_backends_agree_with_torch_fp32_on_the_tiny_model(exported_dir):
         assert results[name]["max_topic_difference"] <= 0.1
     if not cpu_bf16_units():
         assert "skipped" in results["torch-bf16"]
+
+
+def test_a_model_of_entities_only_exports(tmp_path):
+    folder = build_tiny_model_folder(tmp_path / "model", schema=LabelSchema(topics=[], entity_types=["team"]))
+    assert main(["export", "--model", str(folder)]) == 0  # its empty topic output compared as agreeing
+    assert (folder / "onnx" / "model.onnx").is_file()
+
+
+def test_a_model_of_topics_only_is_judged_by_its_topic_scores(tmp_path, capsys):
+    folder = build_tiny_model_folder(tmp_path / "model", schema=LabelSchema(topics=["sports"], entity_types=[]))
+    assert main(["export", "--model", str(folder)]) == 0
+    capsys.readouterr()
+    assert main(["check", "--model", str(folder), "--candidates", "onnx-fp32", "--documents", "20"]) == 0
+    assert "onnx-fp32: PASS  identical entities 100.00% of 0," in capsys.readouterr().out
 
 
 def test_check_command_on_a_file_of_texts_records_its_corpus(exported_dir, tmp_path, capsys):

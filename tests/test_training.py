@@ -782,6 +782,12 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     assert 0.2 < thresholds["ecology"] <= 0.7
 
 
+def test_a_model_of_one_topic_is_scored_on_that_topic_not_on_having_none():
+    metrics = topic_metrics(np.array([[1], [1], [0]]), np.array([[0.9], [0.9], [0.9]]), [0.5], ["sports"])
+    assert metrics["per_label"]["sports"] == {"precision": 0.6667, "recall": 1.0, "f1": 0.8, "support": 2}
+    assert metrics["micro"]["f1"] == metrics["macro"]["f1"] == 0.8
+
+
 def test_threshold_tuning_ties_stay_near_one_half_and_a_topic_without_positives_keeps_it():
     assert tune_thresholds(np.array([[1], [0]]), np.array([[0.8], [0.2]]), ["t"]) == {"t": 0.5}
     assert tune_thresholds(np.array([[0], [0]]), np.array([[0.8], [0.2]]), ["t"]) == {}  # untuned: the default

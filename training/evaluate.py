@@ -60,6 +60,10 @@ def topic_metrics(gold: np.ndarray, probs: np.ndarray, thresholds: Sequence[floa
     is one of its gold topics (documents with at least one), the headline topic an editor sees first.
     """
     predicted = at_or_over(probs, np.asarray(thresholds)).astype(np.int64)
+    # sklearn reads a single column as a binary target, whose label 0 is "no topic": with a column no
+    # document has beside it, every label set is read as multi-label, topic k as column k
+    gold, predicted = (np.pad(np.asarray(m, dtype=np.int64).reshape(len(m), len(topics)), ((0, 0), (0, 1)))
+                       for m in (gold, predicted))
     p, r, f, s = precision_recall_fscore_support(gold, predicted, average=None, zero_division=0,
                                                  labels=list(range(len(topics))))
     per_label = {t: _row({"precision": p[i], "recall": r[i], "f1-score": f[i], "support": s[i]})
