@@ -316,12 +316,26 @@ def test_new_data_labelled_only_where_it_is_also_gold_is_refused(registry, sampl
 def test_a_gold_set_without_labels_for_the_gated_metrics_is_refused(registry, sample, tmp_path):
     write_jsonl(sample[:20], tmp_path / "new.jsonl")
     write_jsonl([Document(doc.id, doc.text, entities=doc.entities) for doc in sample[-12:]], tmp_path / "gold.jsonl")
-    with pytest.raises(DataError, match="--gold: no labels for any gated metric \\(topics.micro.f1\\)"):
+    with pytest.raises(DataError, match="--gold: no gated metric can be measured \\(topics.micro.f1\\)"):
         retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl", gate=["topics.micro.f1"]))
     # labelled, but with nothing to find: "no topic" and "no entity" everywhere
     write_jsonl([Document(doc.id, doc.text, topics=[], entities=[]) for doc in sample[-12:]], tmp_path / "gold.jsonl")
-    with pytest.raises(DataError, match="--gold: no labels for any gated metric"):
+    with pytest.raises(DataError, match="--gold: no gated metric can be measured"):
         retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl"))
+
+
+def test_a_gate_on_a_view_the_production_model_has_not_is_refused_before_training(sample, tmp_path):
+    registry = Registry(tmp_path / "registry")
+    with registry.staging() as staged:  # its own entity types, without a coarse PER/LOC/ORG view
+        build_tiny_model_folder(staged, version="1.0.0", schema=LabelSchema(topics=[], entity_types=["team"]))
+        registry.register(staged, Entry(version="1.0.0"))
+    registry.promote("1.0.0")
+    write_jsonl([Document(f"d{i}", "红星队赢了。", entities=[Span(0, 3, "team")]) for i in range(4)],
+                tmp_path / "new.jsonl")
+    for gate in ("entities_coarse.micro.f1", "topics.micro.f1"):
+        with pytest.raises(DataError, match=f"no gated metric can be measured \\({gate}\\).* the production model "
+                                            "1.0.0 must have them"):
+            retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "new.jsonl", gate=[gate]))
 
 
 def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(

@@ -34,6 +34,7 @@ import re
 import shutil
 import time
 import unicodedata
+from collections.abc import Iterable
 from dataclasses import dataclass, fields, replace
 from pathlib import Path
 
@@ -199,12 +200,10 @@ def _retrain(config: RetrainConfig) -> dict:
         raise DataError(f"--data: no documents in {', '.join(config.data)}")
     if not gold:
         raise DataError(f"--gold: no documents in {', '.join(config.gold)}")
-    # labelled and not all empty: a gold set of stories without topics gives every model the same 0
-    measured = {task for task, labelled in (("topics", any(doc.topics for doc in gold)),
-                                            ("entities", any(doc.entities for doc in gold))) if labelled}
-    if not any(name.split(".")[0].split("_")[0] in measured for name in tolerances):
-        raise DataError(f"--gold: no labels for any gated metric ({', '.join(tolerances)}): "
-                        f"{', '.join(config.gold)} must label the gated tasks")
+    if not measurable(tolerances, gold, read_meta(registry.folder(baseline)).schema):
+        raise DataError(f"--gold: no gated metric can be measured ({', '.join(tolerances)}): "
+                        f"{', '.join(config.gold)} must label the gated tasks, and the production model "
+                        f"{baseline} must have them (entities_coarse: a coarse PER/LOC/ORG view)")
     if config.replay_ratio == 0:  # nothing replayed, so nothing read; the earlier data stays on record for later runs
         replay_sources, earlier = [], start_entry.data
     else:
@@ -392,6 +391,15 @@ def story_key(text: str) -> str:
     """A story's text as matched across files: NFC, whitespace runs as one space, no edges. A gold
     story sent back with a newline added, or in another Unicode form, is still the gold story."""
     return " ".join(unicodedata.normalize("NFC", text).split())
+
+
+def measurable(metrics: Iterable[str], gold: list[Document], schema: LabelSchema) -> list[str]:
+    """The metrics both the gold set and a model of this schema can measure: the gold set labels the
+    task, and not all empty (stories without topics give every model the same 0), and the model has it."""
+    tasks = {"topics": bool(schema.topics) and any(doc.topics for doc in gold),
+             "entities": bool(schema.entity_types) and any(doc.entities for doc in gold)}
+    tasks["entities_coarse"] = tasks["entities"] and bool(schema.coarse)
+    return [name for name in metrics if tasks[name.split(".")[0]]]
 
 
 def _without(keys: set[str], docs: list[Document]) -> list[Document]:
