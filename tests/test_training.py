@@ -28,7 +28,8 @@ import training.train
 from training.data import read_documents, split_validation
 from training.evaluate import (at_or_over, entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
-from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, add_adversarial_gradients,
+from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, _untaught_labels,
+                            add_adversarial_gradients,
                             build_examples, collate, config_from_file, pack_documents, set_attention_dropout,
                             token_tags, train)
 
@@ -780,6 +781,15 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])
     assert 0.3 < thresholds["economy"] <= 0.35
     assert 0.2 < thresholds["ecology"] <= 0.7
+
+
+def test_a_label_only_validation_holds_is_named_unless_a_coarse_span_or_the_parent_teaches_it():
+    schema = LabelSchema(topics=["economy", "finance"], entity_types=["address", "coach", "name"],
+                         coarse={"address": "LOC", "name": "PER"})
+    train_docs = [Document("a", "青澜市", topics=["economy"], entities=[Span(0, 3, "LOC")]),
+                  Document("b", "李明", entities=[Span(0, 2, "name")])]
+    assert _untaught_labels(schema, train_docs, None) == ["topic 'finance'", "entity type 'coach'"]
+    assert _untaught_labels(schema, train_docs, LabelSchema(topics=["finance"], entity_types=["coach"])) == []
 
 
 def test_a_model_of_one_topic_is_scored_on_that_topic_not_on_having_none():

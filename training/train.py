@@ -587,6 +587,15 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
                                                              tokenizer, schema)
     valid_docs = [doc for docs in valid_sources for doc in docs]
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
+    folded = sorted(schema.coarse_only_types & {span.type for doc in train_docs for span in doc.entities or ()})
+    if folded:
+        # as MSRA beside CLUENER should; a dataset meaning ORG beside company has to rename one
+        log.info("%s spans train as partial labels of the finer types that roll up to them (%s), not as types "
+                 "of their own", folded, {t: c for t, c in schema.coarse.items() if c in folded})
+    untaught = _untaught_labels(schema, train_docs, parent_meta.schema if parent_meta else None)
+    if untaught:
+        log.warning("%s: only the validation share has examples of them, so the model will have them and "
+                    "nothing teaches them; add examples, or give --validation", untaught)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
     if not examples:
@@ -931,6 +940,17 @@ def check_windows_fit(encoder_config, **windows: int) -> None:
     if too_long:
         raise UsageError(f"{' and '.join(too_long)}: more than the encoder's "
                          f"{encoder_config.max_position_embeddings} positions")
+
+
+def _untaught_labels(schema: LabelSchema, train_docs: list[Document], parent: LabelSchema | None) -> list[str]:
+    """The schema's labels that no training document has (a coarse span teaching its finer types)
+    and the parent model did not know: a rare label the validation split took every example of."""
+    topics = {topic for doc in train_docs for topic in doc.topics or ()}
+    types = {span.type for doc in train_docs for span in doc.entities or ()}
+    types |= {t for t, c in schema.coarse.items() if c in types}
+    known = (set(parent.topics) | set(parent.entity_types)) if parent else set()
+    return [f"topic {t!r}" for t in schema.topics if t not in topics | known] + \
+        [f"entity type {t!r}" for t in schema.entity_types if t not in types | known]
 
 
 def _training_examples(config: TrainConfig, train_sets: list[list[Document]], weights: list[float],
