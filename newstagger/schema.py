@@ -26,6 +26,12 @@ DEFAULT_COARSE = {
 }
 
 
+def the_model_knows(labels: list[str], kind: str) -> str:
+    """How a message about an unknown label ends: the labels of this `kind` (plural: "topics") the
+    model knows, or that it has none, where a list would read "[]"."""
+    return f"the model knows {labels}" if labels else f"the model has no {kind}"
+
+
 @dataclass
 class LabelSchema:
     topics: list[str] = field(default_factory=list)

@@ -19,6 +19,7 @@ from .documents import unpaired_surrogate
 from .folders import default_model_dir
 from .lexical import LexicalTopicModel, blend
 from .model import ModelMeta, NewsTaggerModel, load_model_folder
+from .schema import the_model_knows
 from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token_budget_batches
 
 
@@ -89,10 +90,11 @@ class Tagger:
         elif entity_types is not None:
             unknown = sorted(set(entity_types) - set(self.schema.entity_types))
             if unknown:
-                problems.append(f"entity_types: unknown {unknown}; the model knows {self.schema.entity_types}")
+                problems.append(f"entity_types: unknown {unknown}; "
+                                f"{the_model_knows(self.schema.entity_types, 'entity types')}")
         for topic, cut in (thresholds or {}).items():
             if topic not in self.schema.topics:
-                problems.append(f"thresholds: unknown topic {topic!r}; the model knows {self.schema.topics}")
+                problems.append(f"thresholds: unknown topic {topic!r}; {the_model_knows(self.schema.topics, 'topics')}")
             elif not 0.0 <= cut <= 1.0:  # NaN fails too
                 problems.append(f"thresholds[{topic!r}] must be between 0 and 1, not {cut}")
         if entity_threshold is not None and not 0.0 <= entity_threshold <= 1.0:

@@ -15,6 +15,7 @@ from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Fi
 from pydantic_core import PydanticCustomError
 
 from newstagger.documents import unpaired_surrogate
+from newstagger.schema import the_model_knows
 
 RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying again
 # Bounds that make an oversized list fail at once instead of being validated item by item (each bad
@@ -54,7 +55,8 @@ def check_bearer(credentials: HTTPAuthorizationCredentials | None, token: Secret
 
 def unknown_label(loc: tuple, kind: str, known: list[str], hint: str = "") -> dict:
     """The validation error of a label (kind: topic or entity_type) the serving model does not know."""
-    return {"loc": loc, "msg": f"unknown {kind.replace('_', ' ')}; the model knows {known}{hint}",
+    label = kind.replace("_", " ")
+    return {"loc": loc, "msg": f"unknown {label}; {the_model_knows(known, label + 's')}{hint}",
             "type": f"unknown_{kind}"}
 
 

@@ -12,9 +12,10 @@ import sys
 import pytest
 from safetensors.torch import load_file, save_file
 
-from conftest import SAMPLE
+from conftest import SAMPLE, TOPICS, build_tiny_model_folder
 
 from newstagger.cli import main
+from newstagger.schema import LabelSchema
 from newstagger.tag_command import _check_paths
 
 
@@ -305,6 +306,17 @@ def test_a_reader_that_goes_away_ends_the_run_quietly(tiny_model_dir):
     tagging.stdout.close()
     assert tagging.wait(timeout=120) == 141
     assert b"Traceback" not in tagging.stderr.read()
+
+
+def test_evaluate_scores_a_single_task_model_on_its_task_and_says_the_other_is_left_out(tmp_path, capsys):
+    folder = build_tiny_model_folder(tmp_path / "model", schema=LabelSchema(topics=list(TOPICS), entity_types=[]))
+    assert main(["evaluate", "--model", str(folder), "--data", str(SAMPLE)]) == 0
+    captured = capsys.readouterr()
+    assert set(json.loads(captured.out)) == {"decoding", "topics"}
+    assert "this model has no entities; the data's entities are not scored" in captured.err
+    assert main(["tag", "--model", str(folder), "-i", str(SAMPLE), "-o", str(tmp_path / "out.jsonl"),
+                 "--types", "name"]) == 2
+    assert "unknown ['name']; the model has no entity types" in capsys.readouterr().err
 
 
 def test_evaluate_refuses_data_without_labels(tiny_model_dir, tmp_path, capsys):

@@ -10,7 +10,7 @@ from __future__ import annotations
 import json
 import sys
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 from seqeval.metrics import classification_report
@@ -290,8 +290,14 @@ def run(args) -> int:
     # A gold label the model does not know is more often a typo than a test of what it cannot find:
     # a topic would silently count as no topic, an entity type as misses that drag the averages.
     schema = tagger.schema
-    files = [labelled_file(read_documents(*source, topic_labels=schema.topics,
-                                          entity_types=schema.scorable_entity_types), f"--data {spec}")
+    # A task the model does not have is left out of the scores, not refused label by label as unknown.
+    lacking = [task for task, labels in (("topics", schema.topics), ("entities", schema.entity_types)) if not labels]
+    for task in lacking:
+        print(f"newstagger evaluate: this model has no {task}; the data's {task} are not scored", file=sys.stderr)
+    files = [labelled_file([replace(doc, **{task: None for task in lacking})
+                            for doc in read_documents(*source, topic_labels=schema.topics or None,
+                                                      entity_types=schema.scorable_entity_types or None)],
+                           f"--data {spec}")
              for spec, source in zip(args.data, sources)]
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:
