@@ -338,12 +338,14 @@ def read_metrics(folder: str | Path) -> dict:
 
 def render_model_card(meta: ModelMeta, metrics: dict) -> str:
     schema = meta.schema
+    tasks = " and ".join(task for task, labels in (("multi-label topics", schema.topics),
+                                                   ("named-entity spans", schema.entity_types)) if labels)
     lines = [
         f"# {meta.name} {meta.version}",
         "",
-        "Joint tagger for Chinese local-news stories: multi-label topics and named-entity spans from",
-        "one fine-tuned BERT encoder (newstagger). Load it with `newstagger tag --model <this folder>`",
-        "or `newstagger.Tagger.load(<this folder>)`.",
+        f"A newstagger model for Chinese text: {tasks},",
+        "from one fine-tuned BERT encoder. Load it with `newstagger tag --model <this folder>` or",
+        "`newstagger.Tagger.load(<this folder>)`.",
         "",
         "| | |",
         "|---|---|",
@@ -351,19 +353,28 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| created | {meta.created} |",
         f"| parent version | {meta.parent_version or '-'} |",
         f"| window | {meta.max_length} positions, {meta.stride} tokens overlap |",
+        f"| topics | {_cell(', '.join(schema.topics)) or '-'} |",
         f"| entity types | {_cell(', '.join(schema.entity_types)) or '-'} |",
-        f"| coarse view | {_cell(', '.join(f'{k}->{v}' for k, v in schema.coarse.items())) or '-'} |",
-        f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
-        f"| span decoding | Viterbi over valid BIO sequences{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
-        f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their tags (marginal, with a CRF), is lower are dropped) |",
-        "",
-        "## Topics and thresholds",
-        "",
-        "| topic | threshold |",
-        "|---|---|",
-        *[f"| {_cell(t)} | {meta.threshold(t):.3f}{'' if t in meta.thresholds else ' (default: not tuned)'} |"
-          for t in schema.topics],
     ]
+    if schema.entity_types:
+        lines += [
+            f"| coarse view | {_cell(', '.join(f'{k}->{v}' for k, v in schema.coarse.items())) or '-'} |",
+            f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
+            f"| span decoding | Viterbi over valid BIO sequences"
+            f"{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
+            f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their "
+            "tags (marginal, with a CRF), is lower are dropped) |",
+        ]
+    if schema.topics:
+        lines += [
+            "",
+            "## Topics and thresholds",
+            "",
+            "| topic | threshold |",
+            "|---|---|",
+            *[f"| {_cell(t)} | {meta.threshold(t):.3f}{'' if t in meta.thresholds else ' (default: not tuned)'} |"
+              for t in schema.topics],
+        ]
     blend = meta.training.get("topic_blend")
     if blend and blend.get("weight"):
         lines += ["", f"Topic scores are (1 - w) x the topic head's + w x a character n-gram TF-IDF logistic "

@@ -94,6 +94,15 @@ def test_a_card_escapes_labels_for_its_tables_and_says_what_was_not_measured():
     assert "- validation: not measured" in card
 
 
+def test_a_card_describes_only_the_task_its_model_has():
+    topics_only = render_model_card(ModelMeta(schema=LabelSchema(topics=["sports"]), max_length=32, stride=8), {})
+    assert "model for Chinese text: multi-label topics," in topics_only and "## Topics and thresholds" in topics_only
+    assert "entity threshold" not in topics_only and "span decoding" not in topics_only
+    entities_only = render_model_card(ModelMeta(schema=LabelSchema(entity_types=["team"]), max_length=32, stride=8), {})
+    assert "model for Chinese text: named-entity spans," in entities_only and "| entity threshold |" in entities_only
+    assert "## Topics and thresholds" not in entities_only
+
+
 def test_the_best_epoch_is_kept_and_training_stops_after_patience_epochs_without_gain(tiny_base, tmp_path,
                                                                                       monkeypatch):
     scores, snapshots = iter([0.50, 0.52, 0.49, 0.9, 0.9]), []
