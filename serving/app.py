@@ -212,6 +212,9 @@ async def outcome_unless_client_leaves(request: Request, future: Future, batcher
     left = asyncio.ensure_future(_disconnect(request))
     try:
         done, _ = await asyncio.wait({outcome, left}, return_when=asyncio.FIRST_COMPLETED)
+    except asyncio.CancelledError:  # the shutdown deadline passed: nobody will receive what the batch would give
+        batcher.abandon(future)
+        raise
     finally:
         left.cancel()
     if outcome not in done:

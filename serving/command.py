@@ -56,7 +56,7 @@ def run(args) -> int:
     check_can_listen(settings.host, settings.port)
     uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
                 workers=settings.workers, limit_concurrency=settings.max_connections, log_config=None,
-                access_log=False)
+                access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s)
     return 0
 
 

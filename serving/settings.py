@@ -68,6 +68,11 @@ class ServeSettings(BaseSettings):
         30.0, gt=0, le=3600, allow_inf_nan=False,
         description="Longest time a request body may take to arrive, from its first byte to its last (longer: 408), "
                     "so clients that open a request and send its body slowly cannot hold connections and memory.")
+    shutdown_timeout_s: float = Field(
+        25.0, gt=0, le=3600, allow_inf_nan=False,
+        description="On SIGTERM, how long requests in flight and waiting may take to be answered before the server "
+                    "exits anyway; keep it under the orchestrator's grace period (Kubernetes: 30 s, docker stop: "
+                    "10 s unless -t), which kills the process without a word.")
     max_connections: int | None = Field(
         None, ge=1, description="Most connections a worker serves at once (more: 503 from uvicorn); unset, no limit.")
     feedback_token: SecretStr | None = Field(

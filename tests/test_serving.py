@@ -17,7 +17,7 @@ import sys
 import threading
 import time
 from types import SimpleNamespace
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import replace
 
 import pytest
@@ -890,6 +890,27 @@ def test_a_request_whose_client_left_frees_its_place_in_the_queue_at_once(make_c
     assert "newstagger_queue_depth 0.0" in client.get("/metrics").text
 
 
+def test_a_request_cut_off_by_the_shutdown_deadline_abandons_its_job():
+    """uvicorn cancels the requests still running when `timeout_graceful_shutdown` passes; their
+    batch must then stop between parts, or the shutdown waits for work nobody will receive."""
+    abandoned, future = [], Future()
+    batcher = SimpleNamespace(abandon=abandoned.append)
+
+    async def never_disconnects():
+        await asyncio.Event().wait()
+
+    async def cut_off():
+        waiting = asyncio.ensure_future(app_module.outcome_unless_client_leaves(
+            SimpleNamespace(receive=never_disconnects), future, batcher))
+        await asyncio.sleep(0.05)
+        waiting.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await waiting
+
+    asyncio.run(cut_off())
+    assert abandoned == [future]
+
+
 def test_reload_during_traffic_loses_no_request(make_client, second_model_dir):
     client = make_client(admin_token="secret")
     answered = []
@@ -945,6 +966,7 @@ def test_serve_passes_flags_to_uvicorn_and_its_workers(tiny_model_dir, monkeypat
     assert args.handler(args) == 0
     assert ran["app"] == "serving.app:app_from_environment" and ran["factory"] is True
     assert (ran["host"], ran["port"], ran["workers"]) == ("127.0.0.1", 9123, 2)
+    assert ran["timeout_graceful_shutdown"] == 25.0
     assert ServeSettings().model == tiny_model_dir.resolve()  # what each worker process will read
 
 
