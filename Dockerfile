@@ -37,7 +37,8 @@ COPY models/default /app/models/default
 WORKDIR /app
 USER newstagger
 EXPOSE 8000
-# /readyz is 503 until the model has loaded, so "healthy" means "can tag".
+# /readyz is 503 until the model has loaded, so "healthy" means "can tag". Asked on the interface the
+# server listens on (loopback where that is every interface).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
-    CMD ["python", "-c", "import os, urllib.request; urllib.request.urlopen('http://127.0.0.1:%s/readyz' % os.environ.get('NEWSTAGGER_PORT', '8000'), timeout=4)"]
+    CMD ["python", "-c", "import os, urllib.request; host = os.environ.get('NEWSTAGGER_HOST') or '0.0.0.0'; host = {'0.0.0.0': '127.0.0.1', '::': '[::1]'}.get(host, f'[{host}]' if ':' in host else host); urllib.request.urlopen(f'http://{host}:%s/readyz' % os.environ.get('NEWSTAGGER_PORT', '8000'), timeout=4)"]
 CMD ["newstagger", "serve"]
