@@ -270,6 +270,7 @@ def test_too_many_documents_is_413(make_client):
     assert response.status_code == 413
     assert response.json()["errors"][0]["loc"] == ["body", "documents"]
     assert "at most 2" in response.json()["detail"]
+    assert client.post("/v1/tag", json=documents("a", "b")).status_code == 200  # the limit itself is allowed
     with_bad_items = client.post("/v1/tag", json={"documents": [{"id": 1, "text": "a"}, {"id": 2}, 3]})
     assert with_bad_items.status_code == 413  # however many of them are also wrong
     elsewhere = client.post("/v1/feedback", json={"id": "a", "text": "a", "documents": [0] * 3})
@@ -378,6 +379,11 @@ def test_a_body_over_the_limit_is_413_before_parsing(make_client):
         assert response.json()["errors"][0] == {"loc": ["body"], "msg": "the request body is larger than 100 bytes",
                                                 "type": "body_too_large"}
     assert client.post("/v1/tag", json=documents("ok")).status_code == 200
+    exactly = json.dumps(documents("x" * 10)).encode()
+    exactly = exactly.replace(b'"x', b'"' + b"x" * (100 - len(exactly)) + b"x")  # a body of exactly 100 bytes
+    assert len(exactly) == 100
+    for body in (exactly, iter([exactly[:60], exactly[60:]])):
+        assert client.post("/v1/tag", content=body, headers={"content-type": "application/json"}).status_code == 200
     # counted under the route, though answered before routing
     assert 'newstagger_http_requests_total{method="POST",route="/v1/tag",status="413"} 3.0' in client.get("/metrics").text
 

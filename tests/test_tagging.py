@@ -103,6 +103,14 @@ def test_an_entity_score_is_the_mean_of_its_tag_probabilities():
     assert span_score(np.array([0.9, 0.5]), 0, 2) == 0.7
 
 
+def test_documents_decoded_together_get_the_paths_they_get_alone():
+    """The server decodes a batch's documents at once, padded to the longest: a shorter one ending
+    in an entity must keep its last token."""
+    one_hot = lambda tags: np.log(np.full((len(tags), 3), 0.05) + 0.85 * np.eye(3)[tags])
+    short, long = one_hot([0, 0, 1, 2]), one_hot([0] * 8)
+    assert [path.tolist() for path in constrained_viterbi([short, long])] == [[0, 0, 1, 2], [0] * 8]
+
+
 def test_viterbi_repairs_an_orphan_inside_tag():
     # argmax would read O I-x I-x: two fragments of nothing; the valid best is O B-x I-x
     probs = np.array([[0.9, 0.05, 0.05], [0.1, 0.4, 0.5], [0.1, 0.1, 0.8]])
@@ -206,15 +214,19 @@ def test_a_text_without_tokens_scores_no_topic(tagger):
         assert result == {"topics": {topic: 0.0 for topic in tagger.schema.topics}, "labels": [], "entities": []}
 
 
-def test_batch_neighbours_do_not_change_a_document_result(tagger):
-    """Bucketing and padding with other documents leave a long text's spans and scores as they were."""
-    long_text = MIXED_TEXTS[-1]
-    alone = tagger.tag([long_text])[0]
-    batched = tagger.tag(["短句。", long_text, "另一个短句"])[1]
-    spans = lambda result: [(e["start"], e["end"], e["type"]) for e in result["entities"]]
-    assert spans(alone) == spans(batched)
+def spans_of(result: dict) -> list[tuple[int, int, str]]:
+    return [(e["start"], e["end"], e["type"]) for e in result["entities"]]
+
+
+@pytest.mark.parametrize("text, neighbours", [(MIXED_TEXTS[-1], ["短句。", "另一个短句"]),
+                                              ("短句。", ["一个长一些的句子，有十几个字。"])])  # padded beside it
+def test_batch_neighbours_do_not_change_a_document_result(tagger, text, neighbours):
+    """Bucketing and padding with other documents leave a text's spans and scores as they were."""
+    alone = tagger.tag([text])[0]
+    batched = tagger.tag([neighbours[0], text, *neighbours[1:]])[1]
+    assert spans_of(alone) == spans_of(batched)
     for topic, score in alone["topics"].items():
-        assert batched["topics"][topic] == pytest.approx(score, abs=1e-3)
+        assert batched["topics"][topic] == pytest.approx(score, abs=1e-4)
 
 
 class FirstTokenTopics:
@@ -228,6 +240,36 @@ class FirstTokenTopics:
     def __call__(self, input_ids, attention_mask):
         topic_logits = np.repeat((input_ids[:, 1:2] % 7 - 3).astype(np.float32), len(TOPICS), axis=1)
         return topic_logits, np.full((*input_ids.shape, self.num_tags), -np.log(self.num_tags), dtype=np.float32)
+
+
+class TagsByCharacter:
+    """A backend tagging the tokens of given characters with given tags, O elsewhere, every window alike."""
+
+    batch_tokens = 4096
+
+    def __init__(self, tagger: Tagger, tags: dict[str, str]):
+        vocab, names = tagger.tokenizer.get_vocab(), tagger.schema.tags
+        self.num_tags, self.tag_of = len(names), {vocab[char]: names.index(tag) for char, tag in tags.items()}
+
+    def __call__(self, input_ids, attention_mask):
+        wanted = np.vectorize(lambda token: self.tag_of.get(int(token), 0))(input_ids)
+        probs = np.full((*input_ids.shape, self.num_tags), 0.02 / self.num_tags, dtype=np.float32)
+        np.put_along_axis(probs, wanted[..., None], 0.98, axis=-1)
+        return np.zeros((len(input_ids), len(TOPICS)), np.float32), np.log(probs)
+
+
+def test_an_entity_sits_on_the_tokens_the_model_tagged_in_every_window(tagger):
+    text = "昨天王五来了。" + "今天天气很好，大家都出门散步。" * 4 + "王五"  # 69 tokens: three windows of 32
+    stubbed = Tagger(tagger.model, tagger.tokenizer, tagger.meta,
+                     backend=TagsByCharacter(tagger, {"王": "B-name", "五": "I-name"}))
+    assert spans_of(stubbed.tag([text])[0]) == [(2, 4, "name"), (len(text) - 2, len(text), "name")]
+
+
+def test_the_tagger_repairs_an_inside_tag_of_another_type_than_its_begin(tagger):
+    stubbed = Tagger(tagger.model, tagger.tokenizer, tagger.meta,
+                     backend=TagsByCharacter(tagger, {"王": "B-name", "五": "I-company"}))
+    spans = spans_of(stubbed.tag(["昨天王五来了。"])[0])
+    assert (3, 4, "company") not in spans and len(spans) == 1  # one entity, never a fragment at 五
 
 
 def test_topic_scores_weigh_each_window_by_the_tokens_it_owns(tagger):
