@@ -10,9 +10,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
-import tempfile
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -26,7 +24,7 @@ from . import lexical
 from .checks import check_rules, is_fraction, window_rules
 from .crf import BioCrf
 from .documents import DataError
-from .folders import META_FILE
+from .folders import META_FILE, replace_text
 from .lexicon import TokenLexicon
 from .schema import LabelSchema
 
@@ -248,21 +246,6 @@ def write_description(folder: Path, meta: ModelMeta, metrics: dict) -> None:
     replace_text(folder / META_FILE, json.dumps(meta.to_dict(), ensure_ascii=False, indent=2) + "\n")
     replace_text(folder / METRICS_FILE, json.dumps(metrics, ensure_ascii=False, indent=2) + "\n")
     replace_text(folder / CARD_FILE, render_model_card(meta, metrics))
-
-
-def replace_text(path: Path, text: str) -> None:
-    """Write a file so that readers see the old content or the new, never a mix."""
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as out:
-            os.fchmod(out.fileno(), 0o644)  # mkstemp's 0600 would hide it from a server run as another user
-            out.write(text)
-            out.flush()
-            os.fsync(out.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
 
 
 def weights_sha256(folder: Path) -> str:

@@ -38,7 +38,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from newstagger.errors import UsageError
-from newstagger.model import replace_text
+from newstagger.folders import replace_text
 
 log = logging.getLogger("newstagger.registry")
 
