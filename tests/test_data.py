@@ -239,6 +239,10 @@ def test_internal_jsonl():
          r"single.bmes:2: tag 'I-PER' continues no open PER span"),
         ("twotypes.json", "cluener", '{"text": "王五来了", "label": {"name": {"王五": [[0, 1]]}, "company": {"王五": [[0, 1]]}}}\n',
          {}, r"twotypes.json:1: .*overlap"),
+        ("bothspans.jsonl", "doccano", '{"text": "张三在青澜", "entities": [[0, 2, "name"]], "label": [[3, 5, "address"]]}\n',
+         {}, r"bothspans.jsonl:1: spans given both in 'label' and in 'entities'"),
+        ("duptopic.jsonl", "internal", '{"id": "x", "text": "新闻", "topics": ["economy", "economy"]}\n', {},
+         r"duptopic.jsonl:1: duplicate topic in \['economy', 'economy'\]"),
     ],
 )
 def test_errors_name_file_line_and_problem(tmp_path, name, format, content, labels, message):

@@ -25,6 +25,7 @@ from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 from serving.app import create_app
 from serving.settings import ServeSettings
+import training.retrain
 from training.data import read_documents
 from training.evaluate import evaluate_tagger
 from training.registry import Entry, Registry, RegistryError, once_per_path
@@ -56,6 +57,12 @@ def test_the_gate_accepts_a_better_candidate():
 
 def test_the_gate_accepts_a_drop_within_the_tolerance():
     assert decide(scores(0.695, 0.80, 0.60), CURRENT, GATE)["passed"]
+
+
+def test_a_drop_of_exactly_the_tolerance_passes_and_its_check_says_so():
+    verdict = decide(scores(0.70, 0.80, 0.59), CURRENT, GATE)
+    assert verdict["passed"] and verdict["checks"]["topics.macro.f1"] == {
+        "candidate": 0.59, "current": 0.60, "delta": -0.01, "tolerance": 0.01, "passed": True}
 
 
 def test_the_gate_refuses_a_worse_candidate_and_names_each_metric_that_fell():
@@ -250,6 +257,22 @@ def test_an_anchor_gates_the_candidate_against_an_earlier_version_too(registry, 
     assert set(verdict["anchor"]["deltas"]) == set(verdict["deltas"])
     retraining = read_meta(registry.root / "1.0.2").training["retraining"]
     assert retraining["anchored_to"] == "1.0.0" and retraining["anchor_gate"] == verdict["anchor"]["gate"]
+
+
+def test_a_candidate_the_anchor_refuses_is_rejected_though_production_passes_it(registry, sample, gold, tmp_path,
+                                                                              monkeypatch):
+    real_anchor_verdict = training.retrain._anchor_verdict
+
+    def anchor_verdict(*args):  # against the anchor, an improvement of 1.0 demanded: no candidate has it
+        return real_anchor_verdict(*args[:-1], {"topics.micro.f1": -1.0})
+
+    monkeypatch.setattr(training.retrain, "_anchor_verdict", anchor_verdict)
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    verdict = retrain(tiny_config(registry, tmp_path / "new.jsonl", gold, anchor="1.0.0", tolerance=1.0))
+    assert verdict["gate"]["topics.micro.f1"]["passed"] and not verdict["anchor"]["gate"]["passed"]
+    assert verdict["decision"] == "rejected" and not verdict["passed"]
+    assert [reason.split(":")[0] for reason in verdict["reasons"]] == ["against 1.0.0"]
+    assert registry.manifest().current == "1.0.0" and registry.manifest().entry("1.0.1").status == "rejected"
 
 
 def test_an_unknown_anchor_is_refused_before_training(registry, sample, gold, tmp_path):

@@ -29,9 +29,8 @@ from training.data import read_documents, split_validation
 from training.evaluate import (at_or_over, entity_metrics, evaluate_tagger, scored_entity_metrics, topic_metrics,
                                 tune_entity_threshold, tune_thresholds)
 from training.train import (JointLoss, TagTargets, TrainConfig, _training_examples, _untaught_labels,
-                            add_adversarial_gradients,
-                            build_examples, collate, config_from_file, pack_documents, set_attention_dropout,
-                            token_tags, train)
+                            add_adversarial_gradients, build_examples, collate, config_from_file, pack_documents,
+                            set_attention_dropout, token_tags, topic_pos_weight, train)
 
 from conftest import SAMPLE, damaged_copy, tiny_config, tiny_schema, tiny_tokenizer
 
@@ -123,6 +122,24 @@ def test_the_best_epoch_is_kept_and_training_stops_after_patience_epochs_without
     name = "bert.encoder.layer.0.attention.self.query.weight"
     assert torch.equal(saved[name], snapshots[1][name].half().float())  # stored in fp16
     assert not torch.equal(saved[name], snapshots[2][name].half().float())
+
+
+def test_an_epoch_that_only_ties_the_best_score_does_not_replace_it(tiny_base, tmp_path, monkeypatch):
+    scores = iter([0.5, 0.5])
+    monkeypatch.setattr(training.train, "selection_score", lambda metrics: next(scores))
+    output, _ = train(tiny_train_config(tiny_base, tmp_path / "model", epochs=2, patience=5))
+    assert load_model_folder(output)[2].training["best_epoch"] == 1
+
+
+def test_a_resumed_run_counts_the_epochs_without_gain_it_had_before(tiny_base, tmp_path, monkeypatch):
+    scores = iter([0.6, 0.5, 0.4])
+    monkeypatch.setattr(training.train, "selection_score", lambda metrics: next(scores))
+    output = tmp_path / "model"
+    train(tiny_train_config(tiny_base, output, epochs=2, patience=5))
+    # epoch 2 gained nothing on epoch 1: with patience 1 the resumed run has no epoch left to run
+    train(tiny_train_config(tiny_base, output, epochs=5, patience=1, resume=True))
+    record = load_model_folder(output)[2].training
+    assert [h["epoch"] for h in record["history"]] == [1, 2] and record["best_epoch"] == 1
 
 
 def test_a_new_model_tags_in_the_windows_it_was_trained_in(tiny_base, tmp_path):
@@ -245,6 +262,28 @@ def test_a_continued_model_keeps_its_parents_window_and_name_and_raises_its_vers
         48, 12, "desk-model", "2.3.5", "2.3.4")
     # Neither tuned its topic thresholds: the child's card says so, as its parent's does.
     assert meta.thresholds == {} and "0.500 (default: not tuned)" in (child / "README.md").read_text()
+
+
+def test_a_continued_model_keeps_its_parents_cuts_where_validation_is_too_small_to_tune_them(trained, tiny_base,
+                                                                                              tmp_path):
+    parent = tmp_path / "parent"
+    shutil.copytree(trained[0], parent, ignore=shutil.ignore_patterns("checkpoint"))
+    described = json.loads((parent / "newstagger.json").read_text())
+    cuts = {"entity_threshold": 0.37, "thresholds": {"economy": 0.41, "ecology": 0.62}}
+    (parent / "newstagger.json").write_text(json.dumps({**described, **cuts}))
+    child, _ = train(tiny_train_config(tiny_base, tmp_path / "child", init_model=str(parent), max_steps=1,
+                                       min_tuning_documents=10_000))
+    meta = Tagger.load(child).meta
+    assert (meta.entity_threshold, meta.thresholds) == (0.37, {"economy": 0.41, "ecology": 0.62})
+    assert meta.training["tuned_on_validation"] == []
+
+
+def test_exactly_min_tuning_documents_of_validation_is_enough_to_tune_the_cuts(tiny_base, tmp_path):
+    folder, _ = train(tiny_train_config(tiny_base, tmp_path / "model", max_validation_documents=4,
+                                        min_tuning_documents=4, max_steps=1))
+    training = json.loads((folder / "newstagger.json").read_text())["training"]
+    assert training["data"]["validation"]["documents"] == 4  # each labelled with topics and entities
+    assert {"entity threshold", "topic thresholds"} <= set(training["tuned_on_validation"])
 
 
 def test_a_damaged_checkpoint_is_named_rather_than_a_traceback(tiny_base, tmp_path):
@@ -575,6 +614,12 @@ def test_the_topic_loss_counts_only_documents_labelled_with_topics():
     assert torch.allclose(loss_fn(topic_logits, torch.randn(2, 3, len(schema.tags)), batch), expected)
 
 
+def test_topic_pos_weight_is_the_root_of_negatives_over_positives_among_topic_labelled_documents():
+    docs = [Document("a", "一", topics=["economy"]), *(Document(c, c, topics=[]) for c in "二三四五"),
+            Document("f", "六", entities=[])]  # no topic labels: neither a positive nor a negative
+    assert topic_pos_weight(docs, ["economy", "ecology"]).tolist() == [2.0, 1.0]  # no positive: unweighted
+
+
 def test_data_whose_every_topic_label_is_none_trains_and_scores_an_entity_model(tiny_base, tmp_path, capsys):
     """Labelled for topics, none of which apply: no topic to learn, and a BCE over no topics is NaN."""
     stories = [{**doc.to_dict(), "topics": []} for doc in read_documents(SAMPLE, "internal")]
@@ -823,6 +868,14 @@ def test_topic_averages_leave_out_topics_neither_in_the_gold_set_nor_predicted()
     metrics = topic_metrics(gold, gold.astype(float), [0.5, 0.5], ["economy", "city_management"])
     assert metrics["macro"]["f1"] == metrics["micro"]["f1"] == 1.0
     assert metrics["per_label"]["city_management"]["support"] == 0
+
+
+def test_a_topic_predicted_but_never_gold_counts_in_the_averages():
+    gold = np.array([[1, 0], [1, 0]])
+    metrics = topic_metrics(gold, np.array([[0.9, 0.9], [0.9, 0.1]]), [0.5, 0.5], ["economy", "ecology"])
+    # economy: 2 right; ecology: 1 wrong, nothing to find (F1 0)
+    assert metrics["micro"] == {"precision": 0.6667, "recall": 1.0, "f1": 0.8}
+    assert metrics["macro"]["f1"] == 0.5
 
 
 def test_mixed_fine_and_coarse_gold_is_scored_per_document():
