@@ -44,6 +44,8 @@ from .settings import ServeSettings
 
 logger = logging.getLogger(__name__)
 PROBE_STORY = "青澜市人民政府今天发布通知，地铁5号线年底开通。"  # tagged by every model before it serves
+LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+
 
 class TaggingService:
     """The model being served (through its batcher), the settings, and the metrics."""
@@ -57,6 +59,9 @@ class TaggingService:
 
     @asynccontextmanager
     async def lifespan(self, app: FastAPI):
+        if self.settings.feedback_token is None and self.settings.host not in LOOPBACK_HOSTS:
+            logger.warning("POST /v1/feedback stores corrections, which become training data, from any client "
+                           "that reaches %s: set NEWSTAGGER_FEEDBACK_TOKEN", self.settings.host)
         loading = asyncio.create_task(self._load_first_model())
         yield
         loading.cancel()

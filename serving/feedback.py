@@ -25,7 +25,7 @@ from newstagger.schema import LabelSchema
 from training.feedback import Correction, CorrectionConflict, FeedbackStore
 
 from .schemas import (MAX_NAME_CHARS, RETRY_AFTER_S, ApiError, DocumentId, Name, Text, check_bearer,
-                      check_text_length, error_responses, few_labels, unknown_label)
+                      check_text_length, error_responses, few_entities, few_labels, unknown_label)
 
 logger = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1", tags=["feedback"])
@@ -59,7 +59,7 @@ class FeedbackRequest(BaseModel):
     text: Text = Field(min_length=1, description="The story, exactly as tagged.")
     topics: Annotated[list[Name], BeforeValidator(few_labels)] | None = Field(
         None, description="All topics that apply ([] for none); absent or null: topics not corrected.")
-    entities: list[EntityIn] | None = Field(
+    entities: Annotated[list[EntityIn], BeforeValidator(few_entities)] | None = Field(
         None, description="All entity spans, non-overlapping ([] for none); absent or null: entities not corrected.")
     sender: Name = Field(description="Who made the correction.")
     revision: StrictInt = Field(1, ge=1, le=MAX_REVISION, description="Raise it to correct the same story again.")

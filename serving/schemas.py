@@ -22,6 +22,7 @@ RETRY_AFTER_S = 1  # what a 429 or 503 tells a client to wait before trying agai
 # item is an error of its own: a 2 MB body of them took a minute to answer, on the event loop).
 MAX_DOCUMENTS_CEILING = 10_000  # the highest max_documents setting; a longer list is the same 413
 MAX_LABELS = 1_000  # more topics or entity types than any model has
+MAX_ENTITIES = 5_000  # spans in one corrected story: one every 4 characters of the longest default text
 MAX_ERRORS = 20  # an error body lists at most this many; its detail counts the rest
 MAX_NAME_CHARS = 200  # a label, sender, model version or stored id: a name, never a text (and indexable)
 
@@ -73,6 +74,13 @@ def _string_or_integer(value):
     if isinstance(value, bool) or not isinstance(value, (str, int)):
         raise PydanticCustomError("id_type", "must be a string or an integer")
     return _utf8_encodable(value) if isinstance(value, str) else value
+
+
+def few_entities(value):
+    if isinstance(value, list) and len(value) > MAX_ENTITIES:
+        raise PydanticCustomError("too_long", "holds {actual} spans; at most {most}",
+                                  {"actual": len(value), "most": MAX_ENTITIES})
+    return value
 
 
 def few_labels(value):

@@ -172,6 +172,16 @@ def test_a_correction_is_201_then_200_when_resent(client, url):
     assert stored.to_dict() == {k: v for k, v in CORRECTION.items() if k != "sender"}
 
 
+@pytest.mark.parametrize("host, token, warned", [("0.0.0.0", None, True), ("127.0.0.1", None, False),
+                                                 ("0.0.0.0", "editors", False)])
+def test_a_server_open_beyond_this_machine_without_a_feedback_token_says_so(tiny_model_dir, url, caplog, host,
+                                                                           token, warned):
+    with TestClient(create_app(ServeSettings(model=tiny_model_dir, feedback_url=url, host=host,
+                                             feedback_token=token))):
+        pass
+    assert ("set NEWSTAGGER_FEEDBACK_TOKEN" in caplog.text) == warned
+
+
 def test_with_a_feedback_token_only_its_holders_can_send_corrections(tiny_model_dir, url):
     settings = ServeSettings(model=tiny_model_dir, feedback_url=url, feedback_token="editors")
     with TestClient(create_app(settings)) as client:
@@ -238,6 +248,7 @@ def test_the_same_revision_with_other_labels_is_409(client):
     ({"topics": ["t" * 201], "new_labels": True}, ["body", "topics", 0]),
     ({"entities": [{"start": i, "end": i + 1, "type": f"t{i}"} for i in range(1001)], "new_labels": True},
      ["body", "entities"]),
+    ({"entities": ["not even a span"] * 5001}, ["body", "entities"]),  # counted before its items are read
     ({"sender": "s" * 201}, ["body", "sender"]),
     ({"model_version": "v" * 201}, ["body", "model_version"]),
     ({"id": "i" * 201}, ["body", "id"]),
