@@ -174,7 +174,7 @@ class ModelMeta:
 
 def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     """A tagger on a pretrained BERT (hub name or local folder); the heads start untrained."""
-    config = AutoConfig.from_pretrained(base)
+    config = AutoConfig.from_pretrained(base, trust_remote_code=False)
     _attach_schema(config, schema)
     model, loading = NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True,
                                                      output_loading_info=True)
@@ -275,14 +275,16 @@ def load_model_folder(folder: str | Path):
     if not (folder / CONFIG_NAME).is_file():  # transformers would quietly take BERT-base's defaults
         raise DataError(f"{folder} is not a complete model folder: no {CONFIG_NAME}")
     try:
-        config = AutoConfig.from_pretrained(folder)
+        # trust_remote_code=False: a folder naming code of its own (auto_map) is refused, never asked
+        # about on stdin, which `tag` reads stories from
+        config = AutoConfig.from_pretrained(folder, trust_remote_code=False)
         if not hasattr(config, "newstagger_schema"):
             raise ValueError(f"its {CONFIG_NAME} has no newstagger_schema: not a newstagger model's")
         # Mismatched shapes are reported below with the other misfits rather than raised on their own
         model, loading = NewsTaggerModel.from_pretrained(folder, config=config, dtype=torch.float32,
                                                          use_safetensors=True, ignore_mismatched_sizes=True,
                                                          output_loading_info=True)
-        tokenizer = AutoTokenizer.from_pretrained(folder)
+        tokenizer = AutoTokenizer.from_pretrained(folder, trust_remote_code=False)
     except (OSError, ValueError, SafetensorError) as err:  # transformers' ways of saying a file is missing or broken
         raise DataError(f"{folder} is not a complete model folder: {err}") from None
     if misfits := _weights_misfits(loading):  # transformers only logs them, and leaves those tensors random

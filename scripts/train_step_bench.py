@@ -69,7 +69,8 @@ def main() -> None:
     parser.add_argument("--threads", type=thread_count, help="torch threads (default: torch's own)")
     parser.add_argument("--bf16", action="store_true", help="also time bf16 autocast (on any CPU)")
     args = parser.parse_args()
-    if too_long := windows_past_positions(AutoConfig.from_pretrained(args.base), length=args.length):
+    base_config = AutoConfig.from_pretrained(args.base, trust_remote_code=False)
+    if too_long := windows_past_positions(base_config, length=args.length):
         parser.error(f"--{too_long[0]} is more than the base's positions")
     if args.threads:
         torch.set_num_threads(args.threads)

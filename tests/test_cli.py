@@ -282,6 +282,18 @@ def test_a_broken_model_folder_exits_2_saying_what_is_wrong(tiny_model_dir, tmp_
     assert reason in error and len(error.splitlines()) == 1
 
 
+def test_a_model_folder_naming_code_of_its_own_is_refused_without_running_it_or_reading_stdin(
+        tiny_model_dir, tmp_path, capsys, monkeypatch):
+    folder = shutil.copytree(tiny_model_dir, tmp_path / "model")
+    edit_config(lambda c: (c.pop("model_type"), c.update(auto_map={"AutoConfig": "planted.PlantedConfig"})))(folder)
+    ran = tmp_path / "ran"
+    (folder / "planted.py").write_text(f"open({str(ran)!r}, 'w').close()\n")
+    monkeypatch.setattr("sys.stdin", io.StringIO("y\n"))  # what transformers' prompt would read as consent
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "a", "text": "好的"}'])
+    assert main(["tag", "--model", str(folder), "-i", str(source), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "is not a complete model folder" in capsys.readouterr().err and not ran.exists()
+
+
 def test_check_refuses_an_empty_texts_file_rather_than_pass_on_nothing(tiny_model_dir, tmp_path, capsys):
     (tmp_path / "empty.jsonl").write_text("\n\n")
     assert main(["check", "--model", str(tiny_model_dir), "--texts", str(tmp_path / "empty.jsonl"),

@@ -314,7 +314,7 @@ def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict |
         model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True,
                                                         use_safetensors=True)
         check_encoder_loaded(model.config, loading)
-        tokenizer = AutoTokenizer.from_pretrained(name_or_path)
+        tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     check_tokenizer_fits(name_or_path, tokenizer, model.config)
     if any(key.startswith("cls.") for key in loading["missing_keys"]):
         log.warning("%s has no masked-LM head; it starts from random weights, so early steps mostly train it",

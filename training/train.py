@@ -887,7 +887,7 @@ def _starting_model(config: TrainConfig, data_schema: LabelSchema):
         schema = data_schema
         with loading_base(config.base_model):
             model = new_model(config.base_model, schema)
-            tokenizer = AutoTokenizer.from_pretrained(config.base_model)
+            tokenizer = AutoTokenizer.from_pretrained(config.base_model, trust_remote_code=False)
         check_tokenizer_fits(config.base_model, tokenizer, model.config)
     if config.lexicon and model.lexicon is None:
         words, source = jieba_words()
