@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import errno
 import json
 import os
 import sys
@@ -235,7 +236,14 @@ def _output(path: str):
             yield handle, path
         return
     partial = _partial_path(path)
-    with open(partial, "w", encoding="utf-8") as handle:
+    try:  # not through a link planted at the partial name (in a folder others can write to, such as /tmp)
+        descriptor = os.open(partial, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o666)
+    except OSError as err:
+        if err.errno == errno.ELOOP:
+            raise UsageError(f"--output: {partial}, where the output is written first, is a symbolic link; "
+                             "remove it") from None
+        raise
+    with open(descriptor, "w", encoding="utf-8") as handle:
         yield handle, partial
     os.replace(partial, os.path.realpath(path))  # through a link, not over it
 

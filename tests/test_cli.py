@@ -119,6 +119,16 @@ def test_a_line_that_is_not_utf8_is_that_lines_error_and_a_bom_is_ignored(tiny_m
     assert [r.get("error", "")[:17] for r in read_results(target)] == ["", "line 2: not UTF-8", ""]
 
 
+def test_tag_does_not_write_through_a_link_planted_at_its_partial_output(tiny_model_dir, tmp_path, capsys):
+    victim = tmp_path / "victim.txt"
+    victim.write_text("kept")
+    (tmp_path / "out.jsonl.partial").symlink_to(victim)
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "a", "text": "好的"}'])
+    assert main(["tag", "--model", str(tiny_model_dir), "-i", str(source), "-o", str(tmp_path / "out.jsonl")]) == 2
+    assert "out.jsonl.partial, where the output is written first, is a symbolic link" in capsys.readouterr().err
+    assert victim.read_text() == "kept" and not (tmp_path / "out.jsonl").exists()
+
+
 def test_a_line_blank_once_decoded_is_skipped(tiny_model_dir, tmp_path):
     """A line of a byte-order mark alone, or of full-width spaces, is a blank line; a mark at the start
     of any line (concatenated files) is dropped."""
