@@ -131,10 +131,12 @@ def _route_label(scope: Scope) -> str:
 
 
 def log_value(value: object) -> str:
-    """`value` for a text log line: quoted with escapes where it holds a space or a character that is
-    not printable, so a client's path cannot start a line or a key=value of its own."""
+    """`value` for a text log line: quoted with escapes where it holds a space, a quote, `=`, a
+    backslash or a character that is not printable, so a client's path or request id cannot start a
+    line, a key=value or a quoted value of its own."""
     text = str(value)
-    return text if text.isprintable() and " " not in text else json.dumps(text, ensure_ascii=False)
+    plain = text.isprintable() and not any(char in text for char in ' "=\\')
+    return text if plain else json.dumps(text, ensure_ascii=False)
 
 
 class JsonLogFormatter(logging.Formatter):

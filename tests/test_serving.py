@@ -741,6 +741,8 @@ def test_text_logs_quote_what_a_client_chose():
     line = TextLogFormatter().format(record)
     assert "\n" not in line and 'path="/x\\n2026 INFO forged" route=unmatched status=404' in line
     assert log_value("/v1/tag") == "/v1/tag" and log_value("/新闻") == "/新闻"
+    # a quote would open a value swallowing the keys after it, = would read as a key, a backslash as an escape
+    assert [log_value(value) for value in ('"', "a=b", "a\\b")] == ['"\\""', '"a=b"', '"a\\\\b"']
 
 
 # --- reload -----------------------------------------------------------------------------------------------
