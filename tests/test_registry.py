@@ -308,6 +308,17 @@ def test_models_add_records_the_training_data_it_finds_and_says_so_once_added(re
     assert [source["path"] for source in registry.manifest().entry("3.0.0").data] == [str(data)]
 
 
+def test_models_add_reads_a_recorded_folder_only_as_a_saved_dataset(registry, tmp_path, capsys):
+    """A model folder from elsewhere may record any path: hashing a folder reads every file under it."""
+    folder = build_tiny_model_folder(tmp_path / "trained", version="3.0.0")
+    meta = json.loads((folder / "newstagger.json").read_text())
+    meta["training"] = {"config": {"train": [f"{tmp_path / 'trained'}:hf"]}}
+    (folder / "newstagger.json").write_text(json.dumps(meta))
+    assert main(["models", "add", str(folder), "--registry", str(registry.root)]) == 2
+    assert "is a folder, not a data file or a saved Hugging Face dataset" in capsys.readouterr().err
+    assert "3.0.0" not in statuses(registry)
+
+
 def test_a_folder_with_a_link_is_not_added(registry, tmp_path, capsys):
     """Copying follows links: what one points at (a secret, a folder elsewhere) would enter the registry."""
     folder = build_tiny_model_folder(tmp_path / "linked", version="9.9.9")

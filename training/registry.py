@@ -516,6 +516,8 @@ def run_add(args) -> int:
     data = []
     for spec in specs:
         path, format = parse_data_spec(spec)
+        if path.is_dir():  # only a saved dataset's folder (else a DataError): a folder's every file is read
+            guess_format(path)
         if path.exists():
             data.append(fingerprint(path, format or guess_format(path)))
         elif args.data:
