@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import itertools
 import logging
 import math
 import os
@@ -140,9 +141,12 @@ def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     )
     parser.add_argument("-v", "--verbose", action="store_true", help="log debug messages")
     subparsers = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    asked = next((arg for arg in argv if not arg.startswith("-")), None)
+    leading = list(itertools.takewhile(lambda arg: arg.startswith("-"), argv))
+    asked = argv[len(leading)] if len(leading) < len(argv) else None
+    # `newstagger -h serve` is the help of all commands, which lists every one
+    every = asked not in COMMAND_MODULES or any(arg == "--help" or (arg[1:2] != "-" and "h" in arg) for arg in leading)
     for command, module in COMMAND_MODULES.items():
-        if asked not in COMMAND_MODULES or command == asked:
+        if every or command == asked:
             importlib.import_module(module).register(subparsers)
     return parser
 
@@ -187,7 +191,8 @@ def quiet_library_chatter() -> None:
     (`serve`'s workers, `bench`'s measurements) inherit it, and `serve` need not import transformers."""
     os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
-    if "transformers" in sys.modules:  # imported before, as where main() is called in-process
+    # imported before (main() called in-process): told directly, unless the user chose otherwise
+    if "transformers" in sys.modules and os.environ["TRANSFORMERS_VERBOSITY"] == "error":
         from transformers.utils import logging as hf_logging
 
         hf_logging.disable_progress_bar()

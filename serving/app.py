@@ -217,9 +217,11 @@ async def outcome_unless_client_leaves(request: Request, future: Future, batcher
     left = asyncio.ensure_future(_disconnect(request))
     try:
         done, _ = await asyncio.wait({outcome, left}, return_when=asyncio.FIRST_COMPLETED)
-    except asyncio.CancelledError:  # the shutdown deadline passed: nobody will receive what the batch would give
+    except asyncio.CancelledError:
+        # uvicorn's shutdown deadline passed (nothing else cancels a request): the batch stops between
+        # parts, and the client is told so by a 503, not a bare 500 from the server
         batcher.abandon(future)
-        raise
+        raise ShuttingDown("the server shut down before the answer") from None
     finally:
         left.cancel()
     if outcome not in done:

@@ -4,6 +4,7 @@ uvicorn worker process reads the same settings)."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import Literal
 
@@ -15,6 +16,8 @@ from training.feedback import DEFAULT_URL as DEFAULT_FEEDBACK_URL
 from training.feedback import check_sqlite_writable, check_store_url
 
 from .schemas import MAX_DOCUMENTS_CEILING
+
+logger = logging.getLogger(__name__)
 
 
 class ServeSettings(BaseSettings):
@@ -88,5 +91,11 @@ class ServeSettings(BaseSettings):
     @field_validator("feedback_url")
     @classmethod
     def _usable_store_url(cls, url: str) -> str:
-        check_sqlite_writable(check_store_url(url))
+        parsed = check_store_url(url)
+        try:
+            check_sqlite_writable(parsed)
+        except ValueError as err:
+            if url != DEFAULT_FEEDBACK_URL:  # chosen: refused; the default, beside a server that may never use it: said
+                raise
+            logger.warning("%s: POST /v1/feedback will answer 503; set NEWSTAGGER_FEEDBACK_URL", err)
         return url

@@ -341,6 +341,14 @@ def test_evaluate_scores_a_single_task_model_on_its_task_and_says_the_other_is_l
     assert "unknown ['name']; the model has no entity types" in capsys.readouterr().err
 
 
+@pytest.mark.parametrize("argv", [["--help"], ["-h", "serve"], ["-vh", "serve"], ["nonsense"]])
+def test_the_help_before_a_command_or_without_one_lists_every_command(argv, capsys):
+    with pytest.raises(SystemExit):
+        main(argv)
+    listed = capsys.readouterr()
+    assert all(command in listed.out + listed.err for command in ("export", "bench", "evaluate", "retrain", "models"))
+
+
 def test_evaluate_refuses_data_without_labels(tiny_model_dir, tmp_path, capsys):
     source = write_lines(tmp_path / "plain.jsonl", ['{"id": "a", "text": "招商引资"}'])
     labelled = write_lines(tmp_path / "gold.jsonl", ['{"id": "a", "text": "招商引资", "topics": ["economy"]}'])

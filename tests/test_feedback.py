@@ -303,13 +303,23 @@ def test_an_unusable_store_is_503_and_the_server_keeps_serving_and_logs_no_story
 
 def test_the_server_refuses_a_sqlite_store_it_could_never_write(tmp_path):
     (tmp_path / "a-file").write_text("")
-    with pytest.raises(ValueError, match=r"(?s)feedback_url.*a-file/feedback.db cannot be made in .*a-file"):
+    with pytest.raises(ValueError, match=r"(?s)feedback_url.*a-file/feedback.db cannot be written in .*a-file"):
         ServeSettings(feedback_url=f"sqlite:///{tmp_path / 'a-file' / 'feedback.db'}")
     (tmp_path / "read-only.db").write_text("")
     (tmp_path / "read-only.db").chmod(0o444)
     if not os.access(tmp_path / "read-only.db", os.W_OK):  # root may write it anyway
         with pytest.raises(ValueError, match="read-only.db is not a file this server can write"):
             ServeSettings(feedback_url=f"sqlite:///{tmp_path / 'read-only.db'}")
+
+
+def test_the_default_store_where_it_cannot_be_written_is_a_warning_not_a_refusal(tmp_path, monkeypatch, caplog):
+    """The default is relative to where the server starts, which may be a folder it cannot write;
+    a server only tagging must still start."""
+    (tmp_path / "a-file").write_text("")
+    unwritable = f"sqlite:///{tmp_path / 'a-file' / 'feedback.db'}"
+    monkeypatch.setattr("serving.settings.DEFAULT_FEEDBACK_URL", unwritable)
+    ServeSettings(feedback_url=unwritable)
+    assert "cannot be written in" in caplog.text and "set NEWSTAGGER_FEEDBACK_URL" in caplog.text
 
 
 def test_a_value_the_database_cannot_hold_is_422_not_a_503_to_retry(client, monkeypatch):

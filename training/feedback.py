@@ -91,15 +91,14 @@ def check_sqlite_writable(url: URL) -> None:
     if url.get_backend_name() != "sqlite" or url.database in (None, "", ":memory:"):
         return
     path = Path(url.database).absolute()
-    if path.exists():
-        if not (path.is_file() and os.access(path, os.W_OK)):
-            raise ValueError(f"{path} is not a file this server can write")
-        return
-    made_in = next(folder for folder in path.parents if folder.exists())  # the first folder to make is made here
+    if path.exists() and not (path.is_file() and os.access(path, os.W_OK)):
+        raise ValueError(f"{path} is not a file this server can write")
+    # where SQLite makes its -wal and -shm files beside the database, or the first folder to make
+    made_in = next(folder for folder in path.parents if folder.exists())
     try:
         tempfile.TemporaryFile(dir=made_in).close()
     except OSError as err:
-        raise ValueError(f"{path} cannot be made in {made_in}: {err.strerror}") from None
+        raise ValueError(f"{path} cannot be written in {made_in}: {err.strerror}") from None
 
 
 class FeedbackStore:
