@@ -8,9 +8,9 @@ test. A candidate passes when
 - at least 99% of entities are identical (same start, end and type), counted over the union of
   both outputs, so both a missed and an extra entity count against it, and
 - every topic score is within 0.02 of the reference, and
-- at least 100 entities were compared (for a model that tags entities): texts that hold (almost)
-  none test nothing, so such a check gives no verdict (`passed` is null) and is not recorded over
-  an earlier one.
+- at least 100 entities were compared (for a model that tags no entities, 100 texts): texts that
+  hold (almost) none test nothing, so such a check gives no verdict (`passed` is null) and is not
+  recorded over an earlier one.
 
 Results go into the model folder's metrics.json under "agreement" (and so into its model card),
 each with the sha256 of the weights it was measured on; `--backend auto` picks bf16 or int8 only
@@ -78,8 +78,7 @@ def run(args) -> int:
             print(f"{name}: skipped ({result['skipped']})")
         else:
             verdict = {True: "PASS", False: "FAIL", None: "NO VERDICT"}[result["passed"]]
-            too_few = (f" (too few entities to judge: a verdict needs {MIN_ENTITIES_COMPARED}; not recorded)"
-                       if result["passed"] is None else "")
+            too_few = f" ({result['no_verdict']}; not recorded)" if result["passed"] is None else ""
             print(f"{name}: {verdict}  identical entities {result['span_agreement']:.2%} of {result['entities']}"
                   f"{too_few}, max topic score difference {result['max_topic_difference']:.4f}")
     checked = {name: result for name, result in results.items() if "skipped" not in result}
@@ -132,15 +131,17 @@ def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str
         fast = make_backend(folder, reference.model, backend, precision, device=where)
         candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
                            topic_lexical=reference.topic_lexical)
-        min_entities = MIN_ENTITIES_COMPARED if reference.schema.entity_types else 0  # a topics-only model
-        results[name] = {**compare(expected, candidate.tag(texts), min_entities), "corpus": corpus, "device": where,
+        enough = {"min_entities": MIN_ENTITIES_COMPARED} if reference.schema.entity_types else \
+            {"min_entities": 0, "min_documents": MIN_ENTITIES_COMPARED}  # a topics-only model: its texts count
+        results[name] = {**compare(expected, candidate.tag(texts), **enough), "corpus": corpus, "device": where,
                          "weights_sha256": weights}
     return {name: results[name] for name in candidates}
 
 
-def compare(expected: Sequence[dict], got: Sequence[dict], min_entities: int = MIN_ENTITIES_COMPARED) -> dict:
+def compare(expected: Sequence[dict], got: Sequence[dict], min_entities: int = MIN_ENTITIES_COMPARED,
+            min_documents: int = 0) -> dict:
     """Agreement of two `Tagger.tag` outputs for the same texts (see the module docstring); with
-    fewer than `min_entities` entities compared, no verdict."""
+    fewer than `min_entities` entities or `min_documents` texts compared, no verdict."""
     identical = union = 0
     for reference, candidate in zip(expected, got, strict=True):
         spans_reference = {(e["start"], e["end"], e["type"]) for e in reference["entities"]}
@@ -151,13 +152,15 @@ def compare(expected: Sequence[dict], got: Sequence[dict], min_entities: int = M
                             for reference, candidate in zip(expected, got)
                             for topic, score in reference["topics"].items()), default=0.0)
     span_agreement = identical / union if union else 1.0
+    too_few = ([f"too few entities to judge: a verdict needs {min_entities}"] if union < min_entities else []) + \
+        ([f"too few texts to judge: a verdict needs {min_documents}"] if len(expected) < min_documents else [])
     return {
         "documents": len(expected),
         "entities": union,
         "span_agreement": round(span_agreement, 4),
         "max_topic_difference": round(topic_difference, 4),
-        "passed": (span_agreement >= SPAN_AGREEMENT_MIN and topic_difference <= TOPIC_TOLERANCE
-                   if union >= min_entities else None),
+        "passed": None if too_few else span_agreement >= SPAN_AGREEMENT_MIN and topic_difference <= TOPIC_TOLERANCE,
+        **({"no_verdict": "; ".join(too_few)} if too_few else {}),
         "checked": datetime.now(timezone.utc).isoformat(timespec="seconds"),
     }
 

@@ -340,11 +340,11 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         f"| window | {meta.max_length} positions, {meta.stride} tokens overlap |",
         f"| topics | {_cell(', '.join(schema.topics)) or '-'} |",
         f"| entity types | {_cell(', '.join(schema.entity_types)) or '-'} |",
+        f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",  # encoder input: both tasks
     ]
     if schema.entity_types:
         lines += [
             f"| coarse view | {_cell(', '.join(f'{k}->{v}' for k, v in schema.coarse.items())) or '-'} |",
-            f"| word features | {_lexicon_summary(meta.training.get('lexicon'))} |",
             f"| span decoding | Viterbi over valid BIO sequences"
             f"{', with learned tag transitions (CRF)' if meta.training.get('crf') else ''} |",
             f"| entity threshold | {meta.entity_threshold:.2f} (entities whose score, the mean probability of their "
@@ -379,7 +379,8 @@ def render_model_card(meta: ModelMeta, metrics: dict) -> str:
         "",
         "- Trained on the data listed under Training: text unlike it (for a news model: social",
         "  media, classical Chinese) is out of its domain.",
-        "- Entity offsets are Python `str` indices, end exclusive; text longer than the window is",
+        ("- Entity offsets are Python `str` indices, end exclusive; text longer than the window is"
+         if schema.entity_types else "- Text longer than the window is"),
         "  windowed and merged, so length is not limited.",
         "",
     ]

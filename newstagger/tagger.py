@@ -114,7 +114,7 @@ class Tagger:
         min_score = self.meta.entity_threshold if entity_threshold is None else entity_threshold
         entities = [e for e in result["entities"]
                     if (wanted is None or e["type"] in wanted) and e["score"] >= min_score]
-        # highest score first: the first label is the headline topic (`evaluate`'s main_topic)
+        # highest score first: an editor reads the strongest topic first (evaluate's main_topic where it passes)
         labels = sorted((t for t, p in result["topics"].items() if p >= self._threshold(t, thresholds)),
                         key=lambda t: -result["topics"][t])
         return {"topics": result["topics"], "labels": labels, "entities": entities}

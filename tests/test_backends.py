@@ -74,7 +74,9 @@ def test_a_model_of_topics_only_is_judged_by_its_topic_scores(tmp_path, capsys):
     folder = build_tiny_model_folder(tmp_path / "model", schema=LabelSchema(topics=["sports"], entity_types=[]))
     assert main(["export", "--model", str(folder)]) == 0
     capsys.readouterr()
-    assert main(["check", "--model", str(folder), "--candidates", "onnx-fp32", "--documents", "20"]) == 0
+    assert main(["check", "--model", str(folder), "--candidates", "onnx-fp32", "--documents", "20"]) == 1
+    assert "onnx-fp32: NO VERDICT" in capsys.readouterr().out  # 20 texts: too few
+    assert main(["check", "--model", str(folder), "--candidates", "onnx-fp32", "--documents", "100"]) == 0
     assert "onnx-fp32: PASS  identical entities 100.00% of 0," in capsys.readouterr().out
 
 

@@ -97,6 +97,7 @@ def test_a_card_describes_only_the_task_its_model_has():
     topics_only = render_model_card(ModelMeta(schema=LabelSchema(topics=["sports"]), max_length=32, stride=8), {})
     assert "model for Chinese text: multi-label topics," in topics_only and "## Topics and thresholds" in topics_only
     assert "entity threshold" not in topics_only and "span decoding" not in topics_only
+    assert "| word features |" in topics_only and "Entity offsets" not in topics_only
     entities_only = render_model_card(ModelMeta(schema=LabelSchema(entity_types=["team"]), max_length=32, stride=8), {})
     assert "model for Chinese text: named-entity spans," in entities_only and "| entity threshold |" in entities_only
     assert "## Topics and thresholds" not in entities_only
