@@ -75,8 +75,8 @@ class TaggingService:
             tagger = await asyncio.to_thread(self._load_tagger, self.settings.model)
         except Exception:
             # Why goes to the log only: it names the server's files, and any client may read /readyz.
-            self.load_error = ("the model failed to load (the server log says why); fix it and restart, or load "
-                               "one with POST /v1/admin/reload")
+            self.load_error = "the model failed to load (the server log says why); fix it and restart" + (
+                "" if self.settings.workers > 1 else ", or load one with POST /v1/admin/reload")
             logger.exception("could not load the model from %s", self.settings.model or "the default folder")
             return
         self._start_serving(tagger)

@@ -336,6 +336,9 @@ def test_evaluate_scores_a_single_task_model_on_its_task_and_says_the_other_is_l
     captured = capsys.readouterr()
     assert set(json.loads(captured.out)) == {"decoding", "topics"}
     assert "this model has no entities; the data's entities are not scored" in captured.err
+    entities_only = write_lines(tmp_path / "entities.jsonl", ['{"id": "a", "text": "王五", "entities": []}'])
+    assert main(["evaluate", "--model", str(folder), "--data", str(entities_only)]) == 2
+    assert "entities.jsonl: it labels only entities, which this model has not" in capsys.readouterr().err
     assert main(["tag", "--model", str(folder), "-i", str(SAMPLE), "-o", str(tmp_path / "out.jsonl"),
                  "--types", "name"]) == 2
     assert "unknown ['name']; the model has no entity types" in capsys.readouterr().err

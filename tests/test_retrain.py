@@ -361,6 +361,14 @@ def test_a_gate_on_a_view_the_production_model_has_not_is_refused_before_trainin
             retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "new.jsonl", gate=[gate]))
 
 
+def test_a_coarse_gate_on_gold_spans_without_a_coarse_view_is_refused_before_training(registry, sample, tmp_path):
+    write_jsonl(sample[:20], tmp_path / "new.jsonl")
+    write_jsonl([Document(f"g{i}", "《三体》很好看。", entities=[Span(0, 4, "book")]) for i in range(3)],
+                tmp_path / "gold.jsonl")  # book has no coarse view
+    with pytest.raises(DataError, match="no gated metric can be measured \\(entities_coarse.micro.f1\\)"):
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl", gate=["entities_coarse.micro.f1"]))
+
+
 def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(
         registry, sample, gold, tmp_path, monkeypatch, capsys):
     write_jsonl(sample[:20], tmp_path / "new.jsonl")
@@ -512,6 +520,19 @@ def test_feedback_export_retrain_promote_serve_and_roll_back(registry, sample, g
         assert main(["models", "deploy", "--registry", str(registry.root), *server_flags]) == 0
         assert version() == "1.0.0"
         assert Tagger.load(registry.root / "current").meta.version == "1.0.0"
+
+
+def test_a_server_of_several_workers_is_said_to_need_a_restart(registry, tmp_path, capsys):
+    with registry.staging() as staged:
+        build_tiny_model_folder(staged, version="1.0.1")
+        registry.register(staged, Entry(version="1.0.1"))
+    settings = ServeSettings(model=registry.root / "current", workers=2, admin_token="secret",
+                             feedback_url=f"sqlite:///{tmp_path / 'feedback.db'}")
+    with live_server(settings) as url:
+        code = main(["models", "promote", "1.0.1", "--registry", str(registry.root), "--server", url,
+                     "--token", "secret"])
+    assert code == 3 and registry.manifest().current == "1.0.1"
+    assert "restart it to serve production (it runs several workers" in capsys.readouterr().err
 
 
 def test_a_server_that_cannot_be_reached_leaves_the_registry_promoted_and_exits_3(registry, tmp_path, capsys):

@@ -20,7 +20,7 @@ from tqdm import tqdm
 
 from newstagger.cli import add_model_argument, check_fraction, check_output_path, refuse_overwriting
 from newstagger.decoding import SCORE_DECIMALS, char_spans
-from newstagger.documents import Document
+from newstagger.documents import DataError, Document
 from newstagger.errors import UsageError
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
@@ -294,11 +294,14 @@ def run(args) -> int:
     lacking = [task for task, labels in (("topics", schema.topics), ("entities", schema.entity_types)) if not labels]
     for task in lacking:
         print(f"newstagger evaluate: this model has no {task}; the data's {task} are not scored", file=sys.stderr)
-    files = [labelled_file([replace(doc, **{task: None for task in lacking})
-                            for doc in read_documents(*source, topic_labels=schema.topics or None,
-                                                      entity_types=schema.scorable_entity_types or None)],
-                           f"--data {spec}")
-             for spec, source in zip(args.data, sources)]
+    files = []
+    for spec, source in zip(args.data, sources):
+        docs = read_documents(*source, topic_labels=schema.topics or None,
+                              entity_types=schema.scorable_entity_types or None)
+        scored = [replace(doc, **{task: None for task in lacking}) for doc in docs]
+        if any(doc.labelled for doc in docs) and not any(doc.labelled for doc in scored):
+            raise DataError(f"--data {spec}: it labels only {' and '.join(lacking)}, which this model has not")
+        files.append(labelled_file(scored, f"--data {spec}"))
     entity_threshold = check_fraction("--entity-threshold", args.entity_threshold)
     if check_fraction("--topic-blend", args.topic_blend) is not None:
         if tagger.topic_lexical is None:

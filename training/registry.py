@@ -418,8 +418,11 @@ def deploy(args, registry: Registry) -> int:
         with registry.deploying() as folder:
             answer = reload_server(args.server, folder, args.token)
     except DeployError as err:
-        print(f"newstagger {args.command}: the registry is updated but the server is not: {err}; once it can be "
-              f"reached, `newstagger models deploy --server {args.server}` makes it serve production", file=sys.stderr)
+        then = ("restart it to serve production (it runs several workers, which reloads cannot reach)"
+                if "reload_needs_restart" in str(err) else
+                f"once it can be reached, `newstagger models deploy --server {args.server}` makes it serve production")
+        print(f"newstagger {args.command}: the registry is updated but the server is not: {err}; {then}",
+              file=sys.stderr)
         return DEPLOY_FAILED
     previous = answer["previous"]["version"] if answer["previous"] else "no model"
     # stderr: retrain's stdout is its JSON verdict alone

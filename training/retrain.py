@@ -398,7 +398,9 @@ def measurable(metrics: Iterable[str], gold: list[Document], schema: LabelSchema
     task, and not all empty (stories without topics give every model the same 0), and the model has it."""
     tasks = {"topics": bool(schema.topics) and any(doc.topics for doc in gold),
              "entities": bool(schema.entity_types) and any(doc.entities for doc in gold)}
-    tasks["entities_coarse"] = tasks["entities"] and bool(schema.coarse)
+    coarse_types = set(schema.coarse) | set(schema.coarse.values())  # a gold span the coarse view counts
+    tasks["entities_coarse"] = tasks["entities"] and any(span.type in coarse_types
+                                                         for doc in gold for span in doc.entities or ())
     return [name for name in metrics if tasks[name.split(".")[0]]]
 
 
