@@ -366,7 +366,8 @@ def test_a_coarse_gate_on_gold_spans_without_a_coarse_view_is_refused_before_tra
     write_jsonl([Document(f"g{i}", "《三体》很好看。", entities=[Span(0, 4, "book")]) for i in range(3)],
                 tmp_path / "gold.jsonl")  # book has no coarse view
     with pytest.raises(DataError, match="no gated metric can be measured \\(entities_coarse.micro.f1\\)"):
-        retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl", gate=["entities_coarse.micro.f1"]))
+        retrain(tiny_config(registry, tmp_path / "new.jsonl", tmp_path / "gold.jsonl",
+                            gate=["entities_coarse.micro.f1"]))
 
 
 def test_a_candidate_is_not_promoted_over_a_model_that_went_into_production_during_its_run(
