@@ -7,7 +7,7 @@ them, decode spans with the constrained Viterbi, and average topic probabilities
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -24,6 +24,10 @@ from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token
 
 
 class Tagger:
+    """A model folder loaded for tagging: `Tagger.load(folder)`, then `tag(texts)`. One tagger may be
+    shared by threads; the backend's thread count (`threads`) is torch's, so it holds for the whole
+    process."""
+
     def __init__(self, model: NewsTaggerModel, tokenizer, meta: ModelMeta, backend=None,
                  max_batch_tokens: int | None = None, topic_lexical: LexicalTopicModel | None = None):
         if topic_lexical is not None and topic_lexical.topics != meta.schema.topics:
@@ -41,7 +45,8 @@ class Tagger:
     def load(cls, folder: str | Path | None = None, *, backend: str = "auto", precision: str = "auto",
              device: str = "auto", threads: int | None = None, max_batch_tokens: int | None = None) -> "Tagger":
         """A tagger on the folder's model; `auto` takes the fastest backend that is exact or has
-        passed `newstagger check` (see backends.make_backend)."""
+        passed `newstagger check` (see backends.make_backend). `threads` sets torch's thread count,
+        process-wide (default: the cores this process may use)."""
         # resolved once: every file comes from one folder, even while a link to it (registry/current) moves
         folder = Path(folder or default_model_dir()).resolve()
         model, tokenizer, meta = load_model_folder(folder)
@@ -62,8 +67,16 @@ class Tagger:
 
         `thresholds` overrides the model's per-topic thresholds; `entity_types` keeps only those
         types (None keeps all); `entity_threshold` overrides the model's minimum entity score;
-        `encoded` is `encode(texts)` when the caller made it already.
+        `encoded` is `encode(texts)` when the caller made it already. The texts are scored together:
+        memory grows with their total length (about 0.5 GB a million characters), so give an archive
+        in parts, as `newstagger tag` does.
         """
+        if texts is None or isinstance(texts, (str, bytes, Mapping)):  # iterable, but not of stories
+            hint = ": wrap a single text in a list" if isinstance(texts, str) else ""
+            raise TypeError(f"texts must be a list of str, not a {type(texts).__name__}{hint}")
+        texts = list(texts)  # a generator, a tuple, a numpy array or a pandas column
+        if encoded is not None and len(encoded) != len(texts):
+            raise ValueError(f"encoded holds {len(encoded)} encodings for {len(texts)} texts")
         if entity_types is not None and not isinstance(entity_types, str):
             entity_types = set(entity_types)  # read once: it may be a one-shot iterator
         self.check_options(thresholds, entity_types, entity_threshold)
@@ -104,20 +117,21 @@ class Tagger:
 
     def with_options(self, result: dict, thresholds: dict[str, float] | None = None,
                      entity_types: Iterable[str] | None = None, entity_threshold: float | None = None) -> dict:
-        """A `tag` result relabelled under these thresholds and cut to these entity types and scores.
+        """A `tag` result relabelled under these thresholds and cut to these entity types and scores,
+        as a new object (the result given stays as it was).
 
         Lets one forward pass serve callers that asked for different options (the server's
         micro-batcher); applied to an unfiltered result (`entity_threshold=0`) it gives exactly what
-        `tag` would have.
+        `tag` would have. The options are not checked here: `check_options` them first.
         """
         wanted = set(entity_types) if entity_types is not None else None
         min_score = self.meta.entity_threshold if entity_threshold is None else entity_threshold
-        entities = [e for e in result["entities"]
+        entities = [dict(e) for e in result["entities"]
                     if (wanted is None or e["type"] in wanted) and e["score"] >= min_score]
         # highest score first: an editor reads the strongest topic first (evaluate's main_topic where it passes)
         labels = sorted((t for t, p in result["topics"].items() if p >= self._threshold(t, thresholds)),
                         key=lambda t: -result["topics"][t])
-        return {"topics": result["topics"], "labels": labels, "entities": entities}
+        return {"topics": dict(result["topics"]), "labels": labels, "entities": entities}
 
     def _threshold(self, topic: str, overrides: dict[str, float] | None) -> float:
         if overrides and topic in overrides:

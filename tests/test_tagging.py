@@ -317,6 +317,26 @@ def test_the_python_api_names_a_text_the_tokenizer_cannot_take(tagger, texts, me
         tagger.tag(texts)
 
 
+@pytest.mark.parametrize("texts, message", [("市长李明", "not a str: wrap a single text in a list"),
+                                            (None, "not a NoneType"), (b"abc", "not a bytes"),
+                                            ({"市长李明": 1}, "not a dict")])
+def test_the_python_api_refuses_what_is_not_a_list_of_texts(tagger, texts, message):
+    """A string is iterable: each character would be tagged as a story of its own."""
+    with pytest.raises(TypeError, match=f"texts must be a list of str, {message}"):
+        tagger.tag(texts)
+
+
+def test_the_python_api_takes_any_iterable_of_texts_and_results_are_new_objects(tagger):
+    texts = ["李明到青澜市。", "王芳说。"]
+    expected = tagger.tag(texts, entity_threshold=0.0)
+    assert tagger.tag(iter(texts), entity_threshold=0.0) == tagger.tag(np.array(texts), entity_threshold=0.0) == expected
+    relabelled = tagger.with_options(expected[0])
+    relabelled["topics"][TOPICS[0]] = -1.0
+    assert expected[0]["topics"][TOPICS[0]] != -1.0
+    with pytest.raises(ValueError, match="encoded holds 1 encodings for 2 texts"):
+        tagger.tag(texts, encoded=tagger.encode(texts[:1]))
+
+
 @pytest.mark.parametrize("options, message", [
     ({"entity_types": "address"}, "entity_types must be a collection of types, not the string 'address'"),
     ({"entity_types": ["adress"]}, r"entity_types: unknown \['adress'\]"),
