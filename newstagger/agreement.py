@@ -36,6 +36,7 @@ from .tag_command import story_line
 
 SPAN_AGREEMENT_MIN = 0.99
 MIN_ENTITIES_COMPARED = 100
+MIN_TEXTS_COMPARED = 100  # for a model without entity types, whose verdict rests on topic scores alone
 CHECK_SEED = 20261
 TOPIC_TOLERANCE = 0.02
 CANDIDATES = ("torch-bf16", "onnx-fp32", "onnx-int8")
@@ -127,12 +128,12 @@ def check_agreement(folder: Path, candidates: Iterable[str], texts: Sequence[str
     reference = Tagger.load_exact(folder, device=torch_device.type)
     expected = reference.tag(texts)
     weights = weights_sha256(Path(folder))  # a verdict holds for these weights only
+    enough = ({"min_entities": MIN_ENTITIES_COMPARED} if reference.schema.entity_types
+              else {"min_entities": 0, "min_documents": MIN_TEXTS_COMPARED})
     for name, (backend, precision, where) in runnable.items():
         fast = make_backend(folder, reference.model, backend, precision, device=where)
         candidate = Tagger(reference.model, reference.tokenizer, reference.meta, backend=fast,
                            topic_lexical=reference.topic_lexical)
-        enough = {"min_entities": MIN_ENTITIES_COMPARED} if reference.schema.entity_types else \
-            {"min_entities": 0, "min_documents": MIN_ENTITIES_COMPARED}  # a topics-only model: its texts count
         results[name] = {**compare(expected, candidate.tag(texts), **enough), "corpus": corpus, "device": where,
                          "weights_sha256": weights}
     return {name: results[name] for name in candidates}

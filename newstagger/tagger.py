@@ -60,7 +60,7 @@ class Tagger:
         offers: what evaluation, the retraining gate and agreement checks measure."""
         return cls.load(folder, backend="torch", precision="fp32", device=device)
 
-    def tag(self, texts: Sequence[str], *, thresholds: dict[str, float] | None = None,
+    def tag(self, texts: Iterable[str], *, thresholds: dict[str, float] | None = None,
             entity_types: Iterable[str] | None = None, entity_threshold: float | None = None,
             encoded: list[EncodedText] | None = None) -> list[dict]:
         """One result per text, in order: {"topics": {label: score}, "labels": [...], "entities": [...]}.

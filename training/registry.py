@@ -373,13 +373,19 @@ def reload_server(server: str, folder: Path, token: str | None) -> dict:
         if 300 <= err.code < 400:
             raise DeployError(f"{server} redirects to {err.headers.get('Location')} ({err.code}); give --server the "
                               "server's own address (a redirect would carry the admin token elsewhere)") from None
-        raise DeployError(f"{server} refused the reload ({err.code}): {err.read().decode(errors='replace')}") from None
+        raise DeployError(f"{server} refused the reload ({err.code}): {err.read().decode(errors='replace')}",
+                          needs_restart=err.code == 409) from None  # 409: its workers hold a model each
     except (urllib.error.URLError, OSError, ValueError) as err:  # ValueError: not a URL
         raise DeployError(f"could not reach {server}: {err}") from None
 
 
 class DeployError(RuntimeError):
-    """The registry changed but the server did not take the new model."""
+    """The registry changed but the server did not take the new model (`needs_restart`: it cannot take
+    one without a restart)."""
+
+    def __init__(self, message: str, needs_restart: bool = False):
+        super().__init__(message)
+        self.needs_restart = needs_restart
 
 
 # --------------------------------------------------------------------------- command line
@@ -419,7 +425,7 @@ def deploy(args, registry: Registry) -> int:
             answer = reload_server(args.server, folder, args.token)
     except DeployError as err:
         then = ("restart it to serve production (it runs several workers, which reloads cannot reach)"
-                if "reload_needs_restart" in str(err) else
+                if err.needs_restart else
                 f"once it can be reached, `newstagger models deploy --server {args.server}` makes it serve production")
         print(f"newstagger {args.command}: the registry is updated but the server is not: {err}; {then}",
               file=sys.stderr)
