@@ -68,8 +68,7 @@ class Tagger:
         `thresholds` overrides the model's per-topic thresholds; `entity_types` keeps only those
         types (None keeps all); `entity_threshold` overrides the model's minimum entity score;
         `encoded` is `encode(texts)` when the caller made it already. The texts are scored together:
-        memory grows with their total length (about 0.5 GB a million characters), so give an archive
-        in parts, as `newstagger tag` does.
+        memory grows with their total length, so give an archive in parts, as `newstagger tag` does.
         """
         if texts is None or isinstance(texts, (str, bytes, Mapping)):  # iterable, but not of stories
             hint = ": wrap a single text in a list" if isinstance(texts, str) else ""
