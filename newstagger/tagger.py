@@ -20,7 +20,13 @@ from .folders import default_model_dir
 from .lexical import LexicalTopicModel, blend
 from .model import ModelMeta, NewsTaggerModel, load_model_folder
 from .schema import the_model_knows
-from .windowing import EncodedText, encode_texts, pad_batch, plan_windows, token_budget_batches
+from .windowing import (EncodedText, character_parts, encode_texts, pad_batch, plan_windows,
+                        token_budget_batches)
+
+
+# About 0.2 GB of working memory (0.8 KB a character, outside the encoder), and long enough runs of
+# stories for the token-budget batches to pair windows of like length.
+PART_CHARS = 250_000
 
 
 class Tagger:
@@ -67,29 +73,32 @@ class Tagger:
 
         `thresholds` overrides the model's per-topic thresholds; `entity_types` keeps only those
         types (None keeps all); `entity_threshold` overrides the model's minimum entity score;
-        `encoded` is `encode(texts)` when the caller made it already. The texts are scored together:
-        memory grows with their total length, so give an archive in parts, as `newstagger tag` does.
+        `encoded` is `encode(texts)` when the caller made it already. The texts are scored in parts of
+        at most `PART_CHARS` characters, so working memory stays bounded however many are given; the
+        results themselves are all kept.
         """
         if texts is None or isinstance(texts, (str, bytes, Mapping)):  # iterable, but not of stories
             hint = ": wrap a single text in a list" if isinstance(texts, str) else ""
             raise TypeError(f"texts must be a list of str, not a {type(texts).__name__}{hint}")
         texts = list(texts)  # a generator, a tuple, a numpy array or a pandas column
+        if (problem := _untaggable(texts)) is not None:  # before any part is scored (13 ms a million characters)
+            raise ValueError(problem)
         if encoded is not None and len(encoded) != len(texts):
             raise ValueError(f"encoded holds {len(encoded)} encodings for {len(texts)} texts")
         if entity_types is not None and not isinstance(entity_types, str):
             entity_types = set(entity_types)  # read once: it may be a one-shot iterator
         self.check_options(thresholds, entity_types, entity_threshold)
-        if not texts:
-            return []
-        topic_probs, tag_log_probs, encoded = self.score(texts, encoded)
-        paths = self.best_paths(tag_log_probs)
-        confidences = self.tag_confidences(tag_log_probs, paths)
         results = []
-        for d, text in enumerate(texts):
-            entities = tags_to_spans(paths[d], confidences[d], encoded[d].offsets, text, self.schema)
-            scores = {topic: round(float(p), SCORE_DECIMALS) for topic, p in zip(self.schema.topics, topic_probs[d])}
-            results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types,
-                                             entity_threshold))
+        for part in character_parts(texts, PART_CHARS):
+            part_texts = texts[part]
+            topic_probs, tag_log_probs, part_encoded = self.score(part_texts, None if encoded is None else encoded[part])
+            paths = self.best_paths(tag_log_probs)
+            confidences = self.tag_confidences(tag_log_probs, paths)
+            for d, text in enumerate(part_texts):
+                entities = tags_to_spans(paths[d], confidences[d], part_encoded[d].offsets, text, self.schema)
+                scores = {topic: round(float(p), SCORE_DECIMALS) for topic, p in zip(self.schema.topics, topic_probs[d])}
+                results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types,
+                                                 entity_threshold))
         return results
 
     def check_options(self, thresholds: dict[str, float] | None = None, entity_types: Iterable[str] | None = None,
@@ -169,16 +178,12 @@ class Tagger:
 
     def encode(self, texts: Sequence[str]) -> list[EncodedText]:
         """Token ids and offsets of whole texts; separate so a caller can tokenize the next texts
-        while the encoder runs on these. ValueError naming the first text the tokenizer cannot take
-        (its own TypeError fails the whole batch without saying which)."""
+        while the encoder runs on these. ValueError naming the first text the tokenizer cannot take."""
         try:
             return encode_texts(self.tokenizer, list(texts))
         except TypeError:
-            for i, text in enumerate(texts):  # looked for only on failure: callers have mostly checked already
-                if not isinstance(text, str):
-                    raise ValueError(f"texts[{i}] is a {type(text).__name__}, not a str") from None
-                if (at := unpaired_surrogate(text)) is not None:
-                    raise ValueError(f"texts[{i}] has a lone surrogate at character {at}") from None
+            if (problem := _untaggable(texts)) is not None:  # looked for only on failure: tag has checked
+                raise ValueError(problem) from None
             raise
 
     def score(self, texts: Sequence[str], encoded: list[EncodedText] | None = None):
@@ -218,6 +223,17 @@ class Tagger:
         # a bare [CLS] [SEP] with their learned priors, labelling an empty story.
         doc_topic_probs[[len(enc.ids) == 0 for enc in encoded]] = 0.0
         return doc_topic_probs, doc_log_probs, encoded
+
+
+def _untaggable(texts: Sequence[str]) -> str | None:
+    """What makes the first text the tokenizer cannot take untaggable, naming it; None if all can be
+    tagged (its own TypeError fails the whole batch without saying which)."""
+    for i, text in enumerate(texts):
+        if not isinstance(text, str):
+            return f"texts[{i}] is a {type(text).__name__}, not a str"
+        if (at := unpaired_surrogate(text)) is not None:
+            return f"texts[{i}] has a lone surrogate at character {at}"
+    return None
 
 
 def _best_valid_paths(log_probs: list[np.ndarray]) -> list[np.ndarray]:

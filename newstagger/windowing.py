@@ -139,6 +139,22 @@ def plan_windows(doc: int, n_tokens: int, max_length: int, stride: int) -> list[
     return windows
 
 
+def character_parts(texts: list[str], max_chars: int) -> list[slice]:
+    """Consecutive runs of texts holding at most `max_chars` characters between them (a longer text
+    alone). The tagger's working memory grows with the text it scores at once (about 0.8 KB a
+    character, outside the encoder), so a large input runs in parts rather than all together."""
+    parts: list[slice] = []
+    start, chars = 0, 0
+    for i, text in enumerate(texts):
+        if i > start and chars + len(text) > max_chars:
+            parts.append(slice(start, i))
+            start, chars = i, 0
+        chars += len(text)
+    if start < len(texts):
+        parts.append(slice(start, len(texts)))
+    return parts
+
+
 def token_budget_batches(lengths: list[int], max_tokens: int, max_rows: int = 256) -> list[list[int]]:
     """Group row indices into batches of similar length (positions, specials included) whose rows
     times the longest length fit the budget (padding to a multiple of 8 may add a few percent).

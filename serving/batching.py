@@ -28,12 +28,12 @@ import queue
 import threading
 import time
 from collections import deque
-from collections.abc import Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 from newstagger.model import ModelMeta
 from newstagger.tagger import Tagger
+from newstagger.windowing import character_parts
 
 from .observability import ServingMetrics
 
@@ -225,7 +225,7 @@ class MicroBatcher:
         results: list[dict] = []
         others_s = 0.0  # spent serving other requests between parts
         try:
-            for part in _parts(texts, self.max_chars):
+            for part in (texts[span] for span in character_parts(texts, self.max_chars)):
                 if results:  # only a single request over the budget has a second part
                     others_s += self._serve_small_waiting()
                 if all(job.abandoned for job in batch):  # every client left: the rest would run for nobody
@@ -274,18 +274,3 @@ class MicroBatcher:
             if job is not _STOP and job.future.set_running_or_notify_cancel():
                 job.future.set_exception(ShuttingDown("the server shut down before running this request"))
 
-
-def _parts(texts: list[str], max_chars: int) -> Iterator[list[str]]:
-    """Consecutive runs of at most `max_chars` characters (a longer text alone). The tagger's
-    memory grows with the text it is given at once (about 1 KB a character, outside the encoder),
-    so a large request runs in parts rather than all together."""
-    part: list[str] = []
-    chars = 0
-    for text in texts:
-        if part and chars + len(text) > max_chars:
-            yield part
-            part, chars = [], 0
-        part.append(text)
-        chars += len(text)
-    if part:
-        yield part

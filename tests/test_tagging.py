@@ -12,7 +12,8 @@ from newstagger import Tagger
 from newstagger.decoding import (bio_transitions, char_spans, constrained_viterbi, lenient_spans, span_score,
                                  tags_to_spans)
 from newstagger.schema import LabelSchema
-from newstagger.windowing import Window, encode_texts, pad_batch, plan_windows, token_budget_batches
+from newstagger.windowing import (Window, character_parts, encode_texts, pad_batch, plan_windows,
+                                  token_budget_batches)
 
 from conftest import TOPICS, tiny_tokenizer
 
@@ -71,6 +72,13 @@ def test_budget_batches_bucket_by_length_and_keep_every_window():
     assert sorted(i for batch in batches for i in batch) == list(range(6))
     for batch in batches:
         assert max(lengths[i] for i in batch) * len(batch) <= 512
+
+
+def test_character_parts_keep_order_and_budget_and_put_a_longer_text_alone():
+    texts = ["ab", "cde", "f", "ghijklm", "", "n"]
+    parts = character_parts(texts, max_chars=4)
+    assert [texts[part] for part in parts] == [["ab"], ["cde", "f"], ["ghijklm"], ["", "n"]]
+    assert character_parts([], max_chars=4) == []
 
 
 def test_viterbi_never_emits_invalid_bio():
@@ -335,6 +343,21 @@ def test_the_python_api_takes_any_iterable_of_texts_and_results_are_new_objects(
     assert expected[0]["topics"][TOPICS[0]] != -1.0
     with pytest.raises(ValueError, match="encoded holds 1 encodings for 2 texts"):
         tagger.tag(texts, encoded=tagger.encode(texts[:1]))
+
+
+def test_the_python_api_scores_many_texts_in_parts_with_the_results_of_one_call(tagger, monkeypatch):
+    """A large call is cut so its working memory stays bounded; where it is cut changes no result."""
+    texts = [*MIXED_TEXTS, "短句。", "李明到青澜市。"]
+    whole = tagger.tag(texts, entity_threshold=0.0)
+    encoded = tagger.encode(texts)
+    monkeypatch.setattr("newstagger.tagger.PART_CHARS", 20)
+    scored = []
+    monkeypatch.setattr(tagger, "score", lambda part, enc: scored.append(len(part)) or Tagger.score(tagger, part, enc))
+    for parted in tagger.tag(texts, entity_threshold=0.0), tagger.tag(texts, entity_threshold=0.0, encoded=encoded):
+        assert [spans_of(r) for r in parted] == [spans_of(r) for r in whole]
+        for got, expected in zip(parted, whole):
+            assert got["topics"] == pytest.approx(expected["topics"], abs=1e-4)
+    assert len(scored) > 2 and sum(scored) == 2 * len(texts)
 
 
 @pytest.mark.parametrize("options, message", [
