@@ -312,7 +312,7 @@ def error_response(status: int, errors: list[dict], headers: dict | None = None,
         first = errors[0]
         where = ".".join(str(part) for part in first["loc"])
         detail = f"{where}: {first['msg']}" if where else first["msg"]
-        detail += f" (and {len(errors) - 1} more)" if len(errors) > 1 else ""
+        detail += f" ({len(errors)} errors in all)" if len(errors) > 1 else ""
     body = ErrorBody(detail=detail, errors=errors[:MAX_ERRORS])
     return AsciiJSONResponse(body.model_dump(), status_code=status, headers=headers)
 

@@ -291,7 +291,7 @@ def test_an_error_body_lists_the_first_errors_and_counts_the_rest(client):
     response = client.post("/v1/tag", json={"documents": [{"id": i} for i in range(60)]})
     assert response.status_code == 422
     assert len(response.json()["errors"]) == MAX_ERRORS
-    assert response.json()["detail"].endswith("(and 59 more)")
+    assert response.json()["detail"].endswith("(60 errors in all)")
 
 
 def test_a_streamed_body_is_refused_as_soon_as_it_passes_the_limit():

@@ -396,8 +396,8 @@ def add_registry_argument(parser: argparse.ArgumentParser) -> None:
 
 
 def add_server_arguments(parser: argparse.ArgumentParser, required: bool = False) -> None:
-    parser.add_argument("--server", required=required,
-                        help="also make this running server load the model, e.g. http://127.0.0.1:8000")
+    what = "the running server that loads the model" if required else "also make this running server load the model"
+    parser.add_argument("--server", required=required, help=f"{what}, e.g. http://127.0.0.1:8000")
     parser.add_argument("--token", default=os.environ.get(TOKEN_VARIABLE),
                         help=f"the server's admin token (default: ${TOKEN_VARIABLE})")
 

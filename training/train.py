@@ -1235,7 +1235,7 @@ def add_config_arguments(parser: argparse.ArgumentParser, config_class=TrainConf
     for f in fields(config_class):
         flag = "--" + f.name.replace("_", "-")
         help_text = f.metadata["help"]
-        if f.default not in (MISSING, None) and "default" not in help_text:
+        if f.default not in (MISSING, None) and "(default" not in help_text:
             shown = ("on" if f.default else "off") if isinstance(f.default, bool) else f.default
             help_text += f" (default: {shown})"
         kind = f.type.removesuffix(" | None")
