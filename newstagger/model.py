@@ -175,6 +175,7 @@ class ModelMeta:
 def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     """A tagger on a pretrained BERT (hub name or local folder); the heads start untrained."""
     config = AutoConfig.from_pretrained(base, trust_remote_code=False)
+    check_bert_encoder(config)  # before the model is built: another architecture's config breaks BertModel
     _attach_schema(config, schema)
     model, loading = NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True,
                                                      output_loading_info=True)
@@ -182,16 +183,36 @@ def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     return model
 
 
-def check_encoder_loaded(config, loading: dict) -> None:
-    """ValueError where a base checkpoint left BERT encoder weights at their random start (another
-    architecture, or BERT saved under other names): transformers only logs that, and the run
-    would train a random encoder without a word."""
+def check_bert_encoder(config) -> None:
+    """ValueError where a base checkpoint's config is not a bidirectional BERT encoder as this
+    transformers runs it. A decoder's causal mask would let each token see only its left context, and
+    relative positions are no longer implemented (absolute ones would run instead): either trains,
+    quietly worse."""
     if config.model_type != "bert":
         raise ValueError(f"it is a {config.model_type!r} checkpoint, not BERT")
+    if getattr(config, "is_decoder", False) or getattr(config, "add_cross_attention", False):
+        raise ValueError("it is a BERT decoder (is_decoder or add_cross_attention in its config), which sees only "
+                         "the text to the left of each token; a tagger needs the encoder")
+    positions = getattr(config, "position_embedding_type", "absolute")
+    if positions != "absolute":
+        raise ValueError(f"its position_embedding_type is {positions!r}; this transformers runs BERT with absolute "
+                         "positions only")
+
+
+def check_encoder_loaded(config, loading: dict) -> None:
+    """ValueError where a base checkpoint left BERT encoder weights at their random start (another
+    architecture, or BERT saved under other names) or holds encoder tensors BERT does not use (another
+    variant's): transformers only logs that, and the run would train without a word."""
+    check_bert_encoder(config)
     unset = [key for key in loading["missing_keys"] if key.startswith("bert.")]
     if unset:
         raise ValueError(f"its weights leave {len(unset)} of the BERT encoder's tensors unset ({unset[0]}, ...): "
                          "BERT saved under other names?")
+    unused = sorted(key for key in loading["unexpected_keys"]
+                    if key.removeprefix("bert.").startswith(("embeddings.", "encoder.")))
+    if unused:
+        raise ValueError(f"it holds {len(unused)} encoder tensors BERT does not use ({unused[0]}, ...): "
+                         "a variant of BERT this transformers does not run")
 
 
 def model_from_config(config, schema: LabelSchema) -> NewsTaggerModel:

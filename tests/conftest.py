@@ -8,7 +8,8 @@ from pathlib import Path
 
 import pytest
 from safetensors.torch import load_file, save_file
-from transformers import AutoTokenizer, BertConfig, BertTokenizer, RobertaConfig, RobertaForMaskedLM
+from transformers import (AlbertConfig, AlbertForMaskedLM, AutoTokenizer, BertConfig, BertTokenizer, RobertaConfig,
+                          RobertaForMaskedLM)
 
 from newstagger.model import ModelMeta, model_from_config, save_model_folder
 from newstagger.schema import DEFAULT_COARSE, LabelSchema
@@ -80,8 +81,30 @@ def damaged_copy(base: Path, folder: Path, damage: str) -> Path:
     elif damage == "another architecture":
         config = tiny_config(len(tiny_vocab())).to_dict()
         RobertaForMaskedLM(RobertaConfig(**{**config, "max_position_embeddings": 130})).save_pretrained(folder)
+    elif damage == "an ALBERT":  # its config lacks what BertModel reads: a crash, not a refusal, before
+        AlbertForMaskedLM(AlbertConfig(vocab_size=len(tiny_vocab()), embedding_size=16, hidden_size=32,
+                                       num_hidden_layers=1, num_attention_heads=2,
+                                       intermediate_size=64)).save_pretrained(folder)
+    elif damage in ("a decoder", "relative positions"):  # both used to train, quietly worse
+        config = json.loads((folder / "config.json").read_text())
+        config |= {"is_decoder": True} if damage == "a decoder" else {"position_embedding_type": "relative_key_query"}
+        (folder / "config.json").write_text(json.dumps(config))
+    elif damage == "encoder tensors BERT does not use":  # a relative-position BERT's, under an absolute config
+        tensors = load_file(weights)
+        prefix = "bert." if "bert.embeddings.position_embeddings.weight" in tensors else ""  # BertModel's: none
+        tensors[f"{prefix}encoder.layer.0.attention.self.distance_embedding.weight"] = tensors[
+            f"{prefix}embeddings.position_embeddings.weight"].clone()
+        save_file(tensors, weights, metadata={"format": "pt"})
     elif damage == "tokenizer past the embeddings":
         tokenizer = AutoTokenizer.from_pretrained(folder)
         tokenizer.add_tokens(["[NEWSROOM]"])
         tokenizer.save_pretrained(folder)
+    elif damage == "no pad token":
+        config = json.loads((folder / "tokenizer_config.json").read_text())
+        (folder / "tokenizer_config.json").write_text(json.dumps({**config, "pad_token": None}))
+    elif damage == "unknown token not in the vocabulary":  # transformers adds "[UNK]" as a new, untrained token
+        vocab = sorted(AutoTokenizer.from_pretrained(folder).get_vocab().items(), key=lambda item: item[1])
+        (folder / "tokenizer.json").unlink(missing_ok=True)  # rebuilt from vocab.txt
+        (folder / "vocab.txt").write_text("".join(("<unk>" if t == "[UNK]" else t) + "\n" for t, _ in vocab),
+                                          encoding="utf-8")
     return folder

@@ -232,13 +232,16 @@ def test_text_with_no_token_the_tokenizer_knows_exits_2(tiny_mlm_base, tmp_path,
     assert "no token the base's tokenizer knows" in capsys.readouterr().err
 
 
-@pytest.mark.parametrize("damage, named", [("missing", "cannot be loaded"), ("no tokenizer", "has no tokenizer"),
+@pytest.mark.parametrize("damage, named", [("missing", "no such folder"), ("no tokenizer", "has no tokenizer"),
                                            ("truncated weights", "cannot be loaded"),
                                            ("config of another size", "weights do not fit its config"),
                                            ("pickled weights", "has no safetensors weights"),
                                            ("weights under other names", "of the BERT encoder's tensors unset"),
                                            ("another architecture", "it is a 'roberta' checkpoint, not BERT"),
+                                           ("a decoder", "it is a BERT decoder"),
+                                           ("encoder tensors BERT does not use", "encoder tensors BERT does not use"),
                                            ("tokenizer past the embeddings", "more than the encoder's"),
+                                           ("no pad token", "its tokenizer has no pad token"),
                                            ("newstagger model", "continue it with train --init-model"),
                                            ("its config file", "is a file; give the checkpoint's folder")])
 def test_a_base_that_cannot_be_pretrained_exits_2_naming_it(tiny_mlm_base, tiny_model_dir, tmp_path, capsys, damage,

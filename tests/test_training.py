@@ -309,7 +309,15 @@ def test_a_checkpoint_holds_no_pickle_and_one_without_its_optimizer_is_refused(t
                                                                "unpickle a pytorch_model.bin: convert it once"),
                                            ("weights under other names", "of the BERT encoder's tensors unset"),
                                            ("another architecture", "it is a 'roberta' checkpoint, not BERT"),
-                                           ("tokenizer past the embeddings", "more than the encoder's")])
+                                           ("an ALBERT", "it is a 'albert' checkpoint, not BERT"),
+                                           ("a decoder", "it is a BERT decoder"),
+                                           ("relative positions", "position_embedding_type is 'relative_key_query'"),
+                                           ("encoder tensors BERT does not use", "it holds 1 encoder tensors BERT "
+                                                                                "does not use"),
+                                           ("tokenizer past the embeddings", "more than the encoder's"),
+                                           ("no pad token", "its tokenizer has no pad token in its vocabulary"),
+                                           ("unknown token not in the vocabulary",
+                                            "its tokenizer has no unk token in its vocabulary ([UNK])")])
 def test_a_base_model_that_would_train_badly_exits_2_before_training(tiny_base, tmp_path, capsys, damage, named):
     base = damaged_copy(tiny_base, tmp_path / "base", damage)
     capsys.readouterr()  # transformers' own progress bars while the copy was saved
@@ -458,7 +466,8 @@ def test_windows_longer_than_the_encoder_exit_2_before_training(tiny_model_dir, 
     assert not (tmp_path / "m").exists()
 
 
-@pytest.mark.parametrize("base, named", [("{tmp}/missing", "base_model '{tmp}/missing' cannot be loaded"),
+@pytest.mark.parametrize("base, named", [("{tmp}/missing", "base_model '{tmp}/missing': no such folder"),
+                                         ("./missing", "base_model './missing': no such folder"),
                                          ("{tmp}", "base_model '{tmp}' cannot be loaded")])
 def test_a_base_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, base, named):
     data = tmp_path / "news.jsonl"

@@ -37,7 +37,7 @@ from newstagger.folders import META_FILE
 from newstagger.model import check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
-from .train import (CHECKPOINT, DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option,
+from .train import (BERT_SPECIALS, CHECKPOINT, DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option,
                     attention_dropout_rule, check_field_types, check_tokenizer_fits, check_windows_fit,
                     config_from_args, config_option, device_option, device_rule, loading_base, optimizer_step,
                     resume_checkpoint, resume_option, rng_state_to_json, run_identity, save_checkpoint, seed_rule,
@@ -315,7 +315,7 @@ def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict |
                                                         use_safetensors=True)
         check_encoder_loaded(model.config, loading)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
-    check_tokenizer_fits(name_or_path, tokenizer, model.config)
+    check_tokenizer_fits(name_or_path, tokenizer, model.config, special=(*BERT_SPECIALS, "mask"))
     if any(key.startswith("cls.") for key in loading["missing_keys"]):
         log.warning("%s has no masked-LM head; it starts from random weights, so early steps mostly train it",
                     name_or_path)

@@ -905,6 +905,8 @@ def loading_base(name_or_path: str):
     """Around loading a base checkpoint (train, pretrain): what cannot be a base, or cannot be loaded,
     is a UsageError naming it."""
     folder = Path(name_or_path)
+    if not folder.exists() and (folder.is_absolute() or name_or_path.startswith((".", "~"))):  # not a hub name
+        raise UsageError(f"base_model {name_or_path!r}: no such folder")
     if folder.is_file():  # transformers would read it as a config, then unpickle it as weights
         raise UsageError(f"base_model {name_or_path!r} is a file; give the checkpoint's folder or a hub name")
     if (folder / META_FILE).is_file():
@@ -920,15 +922,30 @@ def loading_base(name_or_path: str):
         yield
     # transformers' ways of saying "no such folder or hub model", "not a model folder", "damaged weights"
     except (OSError, ValueError, SafetensorError) as err:
-        raise UsageError(f"base_model {name_or_path!r} cannot be loaded: {err}") from None
+        reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        if not folder.exists():  # a hub name, or a relative folder written like one ("runs/zh-news-base")
+            raise UsageError(f"base_model {name_or_path!r}: no such folder here, and as a hub model: {reason}") from None
+        raise UsageError(f"base_model {name_or_path!r} cannot be loaded: {reason}") from None
     except RuntimeError:
         raise UsageError(f"base_model {name_or_path!r} is not a plain BERT checkpoint: its weights do not fit "
                          "its config") from None
 
 
-def check_tokenizer_fits(name_or_path: str, tokenizer, encoder_config) -> None:
-    """UsageError where the tokenizer has ids past the encoder's embeddings: an IndexError hours into a
-    run otherwise, when such a token first turns up (or masked-LM training draws it as a random token)."""
+BERT_SPECIALS = ("cls", "sep", "pad", "unk")  # what tagging and training feed the encoder; pretraining adds "mask"
+
+
+def check_tokenizer_fits(name_or_path: str, tokenizer, encoder_config,
+                         special: tuple[str, ...] = BERT_SPECIALS) -> None:
+    """UsageError where the tokenizer lacks a special token BERT needs in its own vocabulary (transformers
+    adds a missing one as a new, untrained token: a crash at the first batch, or tokens the encoder never
+    saw) or has ids past the encoder's embeddings (an IndexError hours into a run otherwise, when such a
+    token first turns up, or masked-LM training draws it as a random token)."""
+    for role in special:
+        token, token_id = getattr(tokenizer, f"{role}_token"), getattr(tokenizer, f"{role}_token_id")
+        if token is None or token_id is None or token_id >= tokenizer.vocab_size:
+            raise UsageError(f"base_model {name_or_path!r}: its tokenizer has no {role} token in its vocabulary "
+                             f"({token or 'none set'}): give the vocabulary's own as {role}_token in its "
+                             "tokenizer_config.json")
     if len(tokenizer) > encoder_config.vocab_size:
         raise UsageError(f"base_model {name_or_path!r}: its tokenizer has {len(tokenizer)} tokens, more than the "
                          f"encoder's {encoder_config.vocab_size} embeddings")
