@@ -840,6 +840,12 @@ def test_topic_metrics_and_threshold_tuning_on_a_hand_checked_example():
     assert topic_metrics(gold, probs[:, ::-1], [0.5, 0.5], ["economy", "ecology"])["main_topic"]["correct"] == 1
     no_topics = topic_metrics(gold[3:], probs[3:], [0.5, 0.5], ["economy", "ecology"])["main_topic"]
     assert no_topics == {"accuracy": 0.0, "correct": 0, "documents": 0}
+    # an empty text scores 0 for every topic: it has no main topic, not the first topic's
+    empty = topic_metrics(np.array([[1, 0]]), np.zeros((1, 2)), [0.5, 0.5], ["economy", "ecology"])["main_topic"]
+    assert empty == {"accuracy": 0.0, "correct": 0, "documents": 1}
+    # scores equal as `tag` reports them (4 decimals) tie, and go to the topic its labels list first
+    tied = topic_metrics(np.array([[1, 0]]), np.array([[0.70001, 0.70004]]), [0.5, 0.5], ["economy", "ecology"])
+    assert tied["main_topic"]["correct"] == 1
 
     probs = np.array([[0.9, 0.1], [0.35, 0.8], [0.2, 0.7], [0.3, 0.2]])
     thresholds = tune_thresholds(gold, probs, ["economy", "ecology"])
@@ -898,6 +904,17 @@ def test_mixed_fine_and_coarse_gold_is_scored_per_document():
     assert metrics["entities"]["micro"]["f1"] == 1.0 and metrics["entities"]["documents"] == 2
     assert set(metrics["entities"]["per_label"]) == {"name"}
     assert metrics["entities_coarse"]["micro"] == {"precision": 1.0, "recall": 1.0, "f1": 1.0, "support": 2}
+
+
+def test_the_coarse_view_is_scored_only_where_the_gold_has_a_span_of_it(recwarn):
+    """Over positions alone, a coarse view would read 0 as if every person, place and organisation
+    were missed; its averages over no type must not print numpy's warnings either."""
+    schema = LabelSchema(entity_types=["name", "position"], coarse={"name": "PER"})
+    metrics = scored_entity_metrics([[(0, 2, "position")]], [[(0, 2, "position", 0.9)]], [5], schema, 0.0)
+    assert metrics["entities"]["micro"]["f1"] == 1.0 and "entities_coarse" not in metrics
+    missed = scored_entity_metrics([[(0, 2, "name")]], [[]], [5], schema, 0.0)
+    assert missed["entities_coarse"]["micro"] == {"precision": 0.0, "recall": 0.0, "f1": 0.0, "support": 1}
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
 
 
 def test_entity_threshold_tuning_on_a_hand_checked_example():
