@@ -60,7 +60,8 @@ class ScoringModule(nn.Module):
 class TorchBackend:
     name = "torch"
 
-    def __init__(self, model: NewsTaggerModel, precision: str = "fp32", device: str | torch.device = "cpu"):
+    def __init__(self, model: NewsTaggerModel, precision: str = "fp32", device: str | torch.device = "cpu",
+                 threads: int | None = None):
         if precision not in ("fp32", "bf16"):
             raise UsageError(f"the torch backend runs fp32 or bf16, not {precision}")
         self.precision = precision
@@ -75,9 +76,13 @@ class TorchBackend:
         # length-bucketed batches come in hundreds of shapes, so RSS crept up all through a long
         # `tag` run; rounding the row count keeps the shapes few.
         self.round_rows = self.device.type == "cpu" and precision == "bf16"
+        self.threads = threads
 
     @torch.inference_mode()
     def __call__(self, input_ids: np.ndarray, attention_mask: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        # set in the calling thread: torch's count reaches only the threads that had not run torch yet
+        if self.threads and torch.get_num_threads() != self.threads:
+            torch.set_num_threads(self.threads)
         rows = len(input_ids)
         padded_rows = _few_row_counts(rows) if self.round_rows else rows
         if padded_rows > rows:  # filler rows repeat the last one: no all-padding rows, results dropped
@@ -142,7 +147,7 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
     """The backend asked for, or under `auto` the fastest correct one this machine and folder offer.
 
     `threads` (default: every core this process may use) sets the intra-op threads of both
-    runtimes.
+    runtimes: torch's default for the process, and its count in every thread the backend scores in.
     """
     folder = Path(folder)
     chosen_backend, chosen_precision, device = choose_backend(folder, backend, precision, device)
@@ -154,7 +159,7 @@ def make_backend(folder: str | Path, model: NewsTaggerModel, backend: str = "aut
     if chosen_backend == "onnx":
         made = OnnxBackend(onnx_path(folder, chosen_precision), chosen_precision, threads, model.lexicon)
     else:
-        made = TorchBackend(model, chosen_precision, device)
+        made = TorchBackend(model, chosen_precision, device, threads)
     logger.info("scoring with %s, %d threads", made, threads)
     return made
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import threading
 
 import onnx
 import pytest
@@ -319,3 +320,29 @@ def test_a_containers_cpu_quota_caps_the_cores_torch_threads_count_on(tmp_path, 
         (tmp_path / name).parent.mkdir(parents=True, exist_ok=True)
         (tmp_path / name).write_text(text)
     assert available_cores(tmp_path) == (cores or 32)
+
+
+def test_the_thread_count_holds_in_a_thread_that_ran_torch_before_the_tagger_was_loaded(tmp_path):
+    """torch keeps its count per thread once a thread has used it: set at load alone, it missed such threads."""
+    folder = build_tiny_model_folder(tmp_path / "model")
+    counts = {}
+    ready, loaded = threading.Event(), threading.Event()
+
+    def worker():
+        torch.ones(1_000_000).sum()  # torch work before the load: a warm-up, another library
+        ready.set()
+        loaded.wait(60)
+        tagger.tag(["李明到青澜市。"])
+        counts["tagging"] = torch.get_num_threads()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    ready.wait(60)
+    before = torch.get_num_threads()
+    try:
+        tagger = Tagger.load(folder, backend="torch", precision="fp32", threads=1)
+        loaded.set()
+        thread.join(60)
+    finally:
+        torch.set_num_threads(before)  # the rest of the suite keeps its threads
+    assert counts == {"tagging": 1}
