@@ -12,7 +12,7 @@ ENV PATH=/opt/venv/bin:$PATH
 # below then finds it satisfied instead of pulling the CUDA build from PyPI.
 RUN pip install torch==2.13.0 --index-url https://download.pytorch.org/whl/cpu
 WORKDIR /src
-# The dependencies next, read from pyproject.toml alone: a layer that changes to the code or the README
+# The dependencies next, read from pyproject.toml alone: a layer which changes to the code or the README
 # leave cached, where one `pip install .` reinstalled about 1 GB of them after each.
 COPY pyproject.toml ./
 RUN python -c "import tomllib; print(*tomllib.load(open('pyproject.toml', 'rb'))['project']['dependencies'], sep='\n')" \

@@ -179,7 +179,7 @@ def new_model(base: str, schema: LabelSchema) -> NewsTaggerModel:
     _attach_schema(config, schema)
     model, loading = NewsTaggerModel.from_pretrained(base, config=config, dtype=torch.float32, use_safetensors=True,
                                                      output_loading_info=True)
-    check_encoder_loaded(model.config, loading)
+    check_encoder_loaded(model, loading)
     return model
 
 
@@ -199,17 +199,19 @@ def check_bert_encoder(config) -> None:
                          "positions only")
 
 
-def check_encoder_loaded(config, loading: dict) -> None:
+def check_encoder_loaded(model: nn.Module, loading: dict) -> None:
     """ValueError where a base checkpoint left BERT encoder weights at their random start (another
     architecture, or BERT saved under other names) or holds encoder tensors BERT does not use (another
     variant's): transformers only logs that, and the run would train without a word."""
-    check_bert_encoder(config)
+    check_bert_encoder(model.config)
     unset = [key for key in loading["missing_keys"] if key.startswith("bert.")]
     if unset:
         raise ValueError(f"its weights leave {len(unset)} of the BERT encoder's tensors unset ({unset[0]}, ...): "
                          "BERT saved under other names?")
+    buffers = {name.removeprefix("bert.") for name, _ in model.named_buffers()}  # saved by older versions
     unused = sorted(key for key in loading["unexpected_keys"]
-                    if key.removeprefix("bert.").startswith(("embeddings.", "encoder.")))
+                    if key.removeprefix("bert.").startswith(("embeddings.", "encoder."))
+                    and key.removeprefix("bert.") not in buffers)
     if unused:
         raise ValueError(f"it holds {len(unused)} encoder tensors BERT does not use ({unused[0]}, ...): "
                          "a variant of BERT this transformers does not run")

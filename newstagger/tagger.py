@@ -32,7 +32,7 @@ PART_CHARS = 250_000
 class Tagger:
     """A model folder loaded for tagging: `Tagger.load(folder)`, then `tag(texts)`. One tagger may be
     shared by threads; the backend's thread count (`threads`) is torch's, which it sets for the whole
-    process and again in each thread it tags in."""
+    process and, on the torch backend, again in each thread it tags in."""
 
     def __init__(self, model: NewsTaggerModel, tokenizer, meta: ModelMeta, backend=None,
                  max_batch_tokens: int | None = None, topic_lexical: LexicalTopicModel | None = None):
@@ -52,7 +52,8 @@ class Tagger:
              device: str = "auto", threads: int | None = None, max_batch_tokens: int | None = None) -> "Tagger":
         """A tagger on the folder's model; `auto` takes the fastest backend that is exact or has
         passed `newstagger check` (see backends.make_backend). `threads` sets torch's thread count,
-        process-wide and in each thread this tagger tags in (default: the cores this process may use)."""
+        process-wide and, on the torch backend, in each thread this tagger tags in (default: the cores this
+        process may use)."""
         # resolved once: every file comes from one folder, even while a link to it (registry/current) moves
         folder = Path(folder or default_model_dir()).resolve()
         model, tokenizer, meta = load_model_folder(folder)

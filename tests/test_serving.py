@@ -38,7 +38,7 @@ from serving.app import create_app
 from serving.batching import Abandoned, Overloaded, ShuttingDown
 from serving.observability import TextLogFormatter, log_value
 from serving.settings import ServeSettings
-from serving.schemas import MAX_ERRORS
+from serving.schemas import MAX_ERRORS, TagResponse
 
 STORIES = ["杭州市西湖区今天开展垃圾分类宣传活动。", "市政府召开新闻发布会，介绍今年的民生工程。", "张三在上海工作。"]
 WAIT_S = 60  # generous upper bound for conditions that hold within milliseconds
@@ -918,6 +918,28 @@ def test_a_request_cut_off_by_the_shutdown_deadline_abandons_its_job():
 
     asyncio.run(cut_off())
     assert abandoned == [future]
+
+
+def test_the_answer_written_result_by_result_is_the_whole_responses_json():
+    """Written one result at a time, so that the event loop is not held for the whole of a large
+    answer; byte for byte what validating the whole TagResponse writes."""
+    meta = SimpleNamespace(name="newstagger-zh", version="1.0.0")
+    documents = [SimpleNamespace(id=2**70), SimpleNamespace(id="稿-7")]
+    results = [{"topics": {"economy": 0.25, "ecology": 1}, "labels": ["economy"],
+                "entities": [{"start": 0, "end": 3, "type": "address", "text": "青澜市", "score": 0.9123}]},
+               {"topics": {"economy": 0.0, "ecology": 0.0}, "labels": [], "entities": []}]
+    whole = TagResponse.model_validate({"model": {"name": meta.name, "version": meta.version},
+                                        "results": [{"id": d.id, **r} for d, r in zip(documents, results)]})
+    assert app_module._tag_response_json(meta, documents, results) == whole.model_dump_json().encode()
+
+
+def test_a_request_cut_off_while_its_answer_is_written_gets_a_503(client, monkeypatch):
+    async def cut_off(*args):
+        raise asyncio.CancelledError  # what uvicorn's shutdown deadline does to the awaiting request
+
+    monkeypatch.setattr(app_module.asyncio, "to_thread", cut_off)
+    response = client.post("/v1/tag", json=documents(STORIES[0]))
+    assert response.status_code == 503 and response.json()["detail"] == "the server shut down before the answer"
 
 
 def test_reload_during_traffic_loses_no_request(make_client, second_model_dir):

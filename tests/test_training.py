@@ -13,12 +13,12 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from transformers import BertModel
 
 from newstagger import Document, Span, Tagger
 from newstagger.crf import BioCrf
-from newstagger.model import ModelMeta, load_model_folder, render_model_card
+from newstagger.model import ModelMeta, load_model_folder, new_model, render_model_card
 from newstagger.documents import DataError
 from newstagger.errors import UsageError
 from newstagger.schema import LabelSchema
@@ -466,8 +466,21 @@ def test_windows_longer_than_the_encoder_exit_2_before_training(tiny_model_dir, 
     assert not (tmp_path / "m").exists()
 
 
+def test_a_base_saved_with_the_buffers_of_older_transformers_loads(tiny_base, tmp_path):
+    """Position and token type ids were once saved beside the weights: buffers, not encoder tensors
+    of another BERT variant."""
+    base = shutil.copytree(tiny_base, tmp_path / "base")
+    tensors = load_file(base / "model.safetensors")
+    length = tensors["embeddings.position_embeddings.weight"].shape[0]
+    tensors |= {"embeddings.position_ids": torch.arange(length)[None],
+                "embeddings.token_type_ids": torch.zeros(1, length, dtype=torch.long)}
+    save_file(tensors, base / "model.safetensors", metadata={"format": "pt"})
+    assert new_model(str(base), tiny_schema()).bert is not None
+
+
 @pytest.mark.parametrize("base, named", [("{tmp}/missing", "base_model '{tmp}/missing': no such folder"),
                                          ("./missing", "base_model './missing': no such folder"),
+                                         ("~/missing", "no such folder ('~' is not expanded: write the whole path)"),
                                          ("{tmp}", "base_model '{tmp}' cannot be loaded")])
 def test_a_base_model_that_cannot_be_loaded_exits_2_naming_it(tmp_path, capsys, base, named):
     data = tmp_path / "news.jsonl"

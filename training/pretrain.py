@@ -313,7 +313,7 @@ def _base_checkpoint(name_or_path: str) -> tuple[BertForMaskedLM, object, dict |
     with loading_base(name_or_path):
         model, loading = BertForMaskedLM.from_pretrained(name_or_path, dtype=torch.float32, output_loading_info=True,
                                                         use_safetensors=True)
-        check_encoder_loaded(model.config, loading)
+        check_encoder_loaded(model, loading)
         tokenizer = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=False)
     check_tokenizer_fits(name_or_path, tokenizer, model.config, special=(*BERT_SPECIALS, "mask"))
     if any(key.startswith("cls.") for key in loading["missing_keys"]):

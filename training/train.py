@@ -905,7 +905,9 @@ def loading_base(name_or_path: str):
     """Around loading a base checkpoint (train, pretrain): what cannot be a base, or cannot be loaded,
     is a UsageError naming it."""
     folder = Path(name_or_path)
-    if not folder.exists() and (folder.is_absolute() or name_or_path.startswith((".", "~"))):  # not a hub name
+    if not folder.exists() and name_or_path.startswith("~"):
+        raise UsageError(f"base_model {name_or_path!r}: no such folder ('~' is not expanded: write the whole path)")
+    if not folder.exists() and (folder.is_absolute() or name_or_path.startswith(".")):  # not a hub name
         raise UsageError(f"base_model {name_or_path!r}: no such folder")
     if folder.is_file():  # transformers would read it as a config, then unpickle it as weights
         raise UsageError(f"base_model {name_or_path!r} is a file; give the checkpoint's folder or a hub name")
