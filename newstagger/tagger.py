@@ -91,13 +91,14 @@ class Tagger:
         self.check_options(thresholds, entity_types, entity_threshold)
         results = []
         for part in character_parts(texts, PART_CHARS):
-            part_texts = texts[part]
-            topic_probs, tag_log_probs, part_encoded = self.score(part_texts, None if encoded is None else encoded[part])
+            part_texts, part_encoded = texts[part], None if encoded is None else encoded[part]
+            topic_probs, tag_log_probs, part_encoded = self.score(part_texts, part_encoded)
             paths = self.best_paths(tag_log_probs)
             confidences = self.tag_confidences(tag_log_probs, paths)
             for d, text in enumerate(part_texts):
                 entities = tags_to_spans(paths[d], confidences[d], part_encoded[d].offsets, text, self.schema)
-                scores = {topic: round(float(p), SCORE_DECIMALS) for topic, p in zip(self.schema.topics, topic_probs[d])}
+                scores = {topic: round(float(p), SCORE_DECIMALS)
+                          for topic, p in zip(self.schema.topics, topic_probs[d])}
                 results.append(self.with_options({"topics": scores, "entities": entities}, thresholds, entity_types,
                                                  entity_threshold))
         return results

@@ -37,11 +37,11 @@ from newstagger.folders import META_FILE
 from newstagger.model import check_encoder_loaded
 
 from .data import not_held_out, parse_data_spec, read_documents, split_validation
-from .train import (BERT_SPECIALS, CHECKPOINT, DEFAULT_BASE_MODEL, IGNORE, add_config_arguments, attention_dropout_option,
-                    attention_dropout_rule, check_field_types, check_tokenizer_fits, check_windows_fit,
-                    config_from_args, config_option, device_option, device_rule, loading_base, optimizer_step,
-                    resume_checkpoint, resume_option, rng_state_to_json, run_identity, save_checkpoint, seed_rule,
-                    set_attention_dropout, start_run, use_bf16, warmup_then_decay)
+from .train import (BERT_SPECIALS, CHECKPOINT, DEFAULT_BASE_MODEL, IGNORE, add_config_arguments,
+                    attention_dropout_option, attention_dropout_rule, check_field_types, check_tokenizer_fits,
+                    check_windows_fit, config_from_args, config_option, device_option, device_rule, loading_base,
+                    optimizer_step, resume_checkpoint, resume_option, rng_state_to_json, run_identity,
+                    save_checkpoint, seed_rule, set_attention_dropout, start_run, use_bf16, warmup_then_decay)
 
 log = logging.getLogger("newstagger.pretrain")
 RECORD_FILE = "pretraining.json"

@@ -926,7 +926,8 @@ def loading_base(name_or_path: str):
     except (OSError, ValueError, SafetensorError) as err:
         reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         if not folder.exists():  # a hub name, or a relative folder written like one ("runs/zh-news-base")
-            raise UsageError(f"base_model {name_or_path!r}: no such folder here, and as a hub model: {reason}") from None
+            raise UsageError(f"base_model {name_or_path!r}: no such folder here, and as a hub model: "
+                             f"{reason}") from None
         raise UsageError(f"base_model {name_or_path!r} cannot be loaded: {reason}") from None
     except RuntimeError:
         raise UsageError(f"base_model {name_or_path!r} is not a plain BERT checkpoint: its weights do not fit "
