@@ -61,8 +61,12 @@ ZERO_WIDTH_JOINER = "\u200d"
 
 def _continues_previous(char: str) -> bool:
     """A character that is part of the one before it: a mark (an accent, a variation selector, a
-    keycap), an emoji skin tone, or a zero-width (non-)joiner."""
-    return unicodedata.category(char)[0] == "M" or char in "\u200c\u200d" or "\U0001f3fb" <= char <= "\U0001f3ff"
+    keycap), an emoji skin tone or tag character (a subdivision flag's), a zero-width (non-)joiner, a
+    half-width kana sound mark, or a Hangul vowel or final consonant written as a letter of its own
+    (decomposed Korean, whose syllables the tokenizer would otherwise split between entities)."""
+    return (unicodedata.category(char)[0] == "M" or char in "\u200c\u200d\uff9e\uff9f"
+            or "\U0001f3fb" <= char <= "\U0001f3ff" or "\U000e0020" <= char <= "\U000e007f"
+            or "\u1160" <= char <= "\u11ff" or "\ud7b0" <= char <= "\ud7ff")
 
 
 # Looked up for every token, so the Basic Multilingual Plane is tabled once (20 ms)
@@ -80,8 +84,9 @@ def _clusters_joined(text: str, offsets: np.ndarray) -> np.ndarray:
     - It drops private-use characters too, which Chinese text uses for rare characters of names: the
       token before one, else the token after it, takes it in.
     - A token that continues the character before it (a keycap, a skin tone, what follows a
-      zero-width joiner) shares that character's offsets with the tokens before it, as a Hangul
-      syllable's letters share theirs, so that spans begin and end on whole characters.
+      zero-width joiner, a decomposed Hangul syllable's vowel) shares that character's offsets with
+      the tokens before it, as a precomposed Hangul syllable's letters share theirs, so that spans
+      begin and end on whole characters.
     """
     if not len(offsets):
         return offsets
@@ -109,6 +114,10 @@ def _clusters_joined(text: str, offsets: np.ndarray) -> np.ndarray:
         offsets[k, 0] = offsets[k - 1, 0]
     for k in reversed(continuing):  # backwards: its last end reaches its first token
         offsets[k - 1, 1] = max(offsets[k - 1, 1], offsets[k, 1])
+    # Tokens of one character (a Hangul syllable's letters) end where its last one does: a mark after
+    # the syllable was taken in by that last token alone.
+    firsts = np.flatnonzero(np.diff(offsets[:, 0], prepend=-1))
+    offsets[:, 1] = np.repeat(np.maximum.reduceat(offsets[:, 1], firsts), np.diff(np.append(firsts, len(offsets))))
     return offsets
 
 

@@ -7,6 +7,7 @@ from dataclasses import replace
 import numpy as np
 import pytest
 from scipy.special import expit
+from transformers import AutoTokenizer
 
 from newstagger import Tagger
 from newstagger.decoding import (bio_transitions, char_spans, constrained_viterbi, lenient_spans, span_score,
@@ -15,7 +16,7 @@ from newstagger.schema import LabelSchema
 from newstagger.windowing import (Window, character_parts, encode_texts, pad_batch, plan_windows,
                                   token_budget_batches)
 
-from conftest import TOPICS, tiny_tokenizer
+from conftest import REPO, TOPICS, tiny_tokenizer
 
 MIXED_TEXTS = [
     "",
@@ -184,6 +185,23 @@ def test_tokens_begin_and_end_on_whole_characters(text, pieces):
     """So that no entity begins or ends inside a character as a reader sees it, or loses one the
     tokenizer dropped; tokens of one character share its offsets, as a Hangul syllable's letters do."""
     (encoded,) = encode_texts(tiny_tokenizer(), [text])
+    assert [text[start:end] for start, end in encoded.offsets] == pieces
+
+
+FLAG_OF_ENGLAND = "\U0001f3f4\U000e0067\U000e0062\U000e0065\U000e006e\U000e0067\U000e007f"
+
+
+@pytest.mark.parametrize(("text", "pieces"), [
+    # decomposed Korean: each letter is a character of the string, and a vowel or final continues its syllable
+    ("与\u1112\u1161\u11ab\u1103\u1169\u11bc说",
+     ["与", *["\u1112\u1161\u11ab"] * 3, *["\u1103\u1169\u11bc"] * 3, "说"]),
+    ("长한\u0301说", ["长", *["한\u0301"] * 3, "说"]),  # the accent reaches every letter of the syllable
+    (f"英{FLAG_OF_ENGLAND}队", ["英", FLAG_OF_ENGLAND, "队"]),  # the tag characters the normalizer drops
+    ("王\uff9e市", ["王\uff9e", "王\uff9e", "市"]),  # a half-width kana sound mark
+])
+def test_tokens_of_the_shipped_vocabulary_begin_and_end_on_whole_characters(text, pieces):
+    """The shipped tokenizer spells a Hangul syllable as letters, which the tiny vocabulary cannot."""
+    (encoded,) = encode_texts(AutoTokenizer.from_pretrained(REPO / "models" / "default"), [text])
     assert [text[start:end] for start, end in encoded.offsets] == pieces
 
 
