@@ -112,10 +112,8 @@ def _clusters_joined(text: str, offsets: np.ndarray) -> np.ndarray:
     continuing = (np.flatnonzero(continues | after_joiner) + 1).tolist()
     for k in continuing:  # in order: a run's first start reaches its last token
         offsets[k, 0] = offsets[k - 1, 0]
-    for k in reversed(continuing):  # backwards: its last end reaches its first token
-        offsets[k - 1, 1] = max(offsets[k - 1, 1], offsets[k, 1])
-    # Tokens of one character (a Hangul syllable's letters) end where its last one does: a mark after
-    # the syllable was taken in by that last token alone.
+    # Tokens of one character (a run just joined, a Hangul syllable's letters) end where its last one
+    # does: a mark after the syllable was taken in by that last token alone.
     firsts = np.flatnonzero(np.diff(offsets[:, 0], prepend=-1))
     offsets[:, 1] = np.repeat(np.maximum.reduceat(offsets[:, 1], firsts), np.diff(np.append(firsts, len(offsets))))
     return offsets

@@ -45,6 +45,7 @@ from .settings import ServeSettings
 logger = logging.getLogger(__name__)
 PROBE_STORY = "青澜市人民政府今天发布通知，地铁5号线年底开通。"  # tagged by every model before it serves
 LOOPBACK_HOSTS = {"127.0.0.1", "::1", "localhost"}
+SHUT_DOWN_BEFORE_THE_ANSWER = "the server shut down before the answer"  # uvicorn's deadline cut the request off
 
 
 class TaggingService:
@@ -199,7 +200,7 @@ async def tag(body: TagRequest, request: Request, service: TaggingService = Depe
     try:
         content = await asyncio.to_thread(_tag_response_json, outcome.model, body.documents, outcome.results)
     except asyncio.CancelledError:  # uvicorn's shutdown deadline, as in outcome_unless_client_leaves
-        raise ApiError(503, "the server shut down before the answer", kind="shutting_down") from None
+        raise ApiError(503, SHUT_DOWN_BEFORE_THE_ANSWER, kind="shutting_down") from None
     timing = f"queue;dur={outcome.queued_s * 1000:.1f}, model;dur={outcome.batch_s * 1000:.1f}"
     return Response(content, media_type="application/json", headers={"Server-Timing": timing})
 
@@ -232,7 +233,7 @@ async def outcome_unless_client_leaves(request: Request, future: Future, batcher
         # uvicorn's shutdown deadline passed (nothing else cancels a request): the batch stops between
         # parts, and the client is told so by a 503, not a bare 500 from the server
         batcher.abandon(future)
-        raise ShuttingDown("the server shut down before the answer") from None
+        raise ShuttingDown(SHUT_DOWN_BEFORE_THE_ANSWER) from None
     finally:
         left.cancel()
     if outcome not in done:

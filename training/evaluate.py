@@ -245,9 +245,9 @@ def scored_entity_metrics(gold: list[list[tuple[int, int, str]]], predicted: lis
                                              [lengths[i] for i in fine])
     # only where the gold has a span of the coarse view: over position, book and game alone it would read
     # 0, as if every person, place and organisation were missed
-    if schema.coarse and any(coarse_spans(spans, schema) for spans in gold):
-        metrics["entities_coarse"] = entity_metrics([coarse_spans(s, schema) for s in gold],
-                                                     [coarse_spans(s, schema) for s in kept], lengths)
+    coarse_gold = [coarse_spans(s, schema) for s in gold] if schema.coarse else []
+    if any(coarse_gold):
+        metrics["entities_coarse"] = entity_metrics(coarse_gold, [coarse_spans(s, schema) for s in kept], lengths)
     return metrics
 
 

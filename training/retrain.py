@@ -46,7 +46,7 @@ from newstagger.model import read_meta, read_metrics, write_description
 from newstagger.schema import LabelSchema
 from newstagger.tagger import Tagger
 
-from .evaluate import evaluate_tagger
+from .evaluate import coarse_spans, evaluate_tagger
 from .registry import (
     DEFAULT_REGISTRY, Entry, ProductionChanged, Registry, RegistryError, add_server_arguments, check_server_arguments,
     check_version, deploy, fingerprint, metric, once_per_path, scores,
@@ -398,9 +398,9 @@ def measurable(metrics: Iterable[str], gold: list[Document], schema: LabelSchema
     task, and not all empty (stories without topics give every model the same 0), and the model has it."""
     tasks = {"topics": bool(schema.topics) and any(doc.topics for doc in gold),
              "entities": bool(schema.entity_types) and any(doc.entities for doc in gold)}
-    coarse_types = set(schema.coarse) | set(schema.coarse.values())  # a gold span the coarse view counts
-    tasks["entities_coarse"] = tasks["entities"] and any(span.type in coarse_types
-                                                         for doc in gold for span in doc.entities or ())
+    # as evaluate scores the coarse view: where the gold has a span of it
+    tasks["entities_coarse"] = tasks["entities"] and any(
+        coarse_spans([(span.start, span.end, span.type) for span in doc.entities or ()], schema) for doc in gold)
     return [name for name in metrics if tasks[name.split(".")[0]]]
 
 
