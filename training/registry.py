@@ -525,10 +525,11 @@ def run_add(args) -> int:
     data = []
     for spec in specs:
         path, format = parse_data_spec(spec)
-        if path.is_dir():  # only a saved dataset's folder (else a DataError): a folder's every file is read
-            guess_format(path)
         if path.exists():
-            data.append(fingerprint(path, format or guess_format(path)))
+            # A folder is guessed even where a format is named: only a saved dataset's folder may be one (else a
+            # DataError), since a folder's every file is read
+            guessed = guess_format(path) if path.is_dir() or not format else None
+            data.append(fingerprint(path, format or guessed))
         elif args.data:
             raise UsageError(f"--data: no file {path}")
         else:
