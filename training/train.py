@@ -570,7 +570,47 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     started = time.time()
     config = _with_inherited_settings(config)
     output, device, saved = start_run(config, "model")
+    run = _prepare_run(config, sources, device)
+    state, best_state = _run_epochs(config, run, saved, output / CHECKPOINT)
 
+    _load_weights_to_save(config, run, best_state, state["best_epoch"])
+    run.model.eval()
+    metrics, topic_lexical, tuning = _tune_on_validation(Tagger(run.model, run.tokenizer, run.meta), run.train_docs,
+                                                         run.valid_sources, config, run.parent_meta)
+    run.meta.training = _training_record(config, run, state, tuning, started)
+    save_model_folder(output, run.model.cpu(), run.tokenizer, run.meta, metrics={"validation": metrics},
+                      topic_lexical=topic_lexical)
+    log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
+    return output, metrics
+
+
+@dataclass
+class _Run:
+    """A training run's starting model and data, as `_prepare_run` leaves them for the epochs and the end."""
+
+    model: NewsTaggerModel
+    tokenizer: object
+    meta: ModelMeta  # of the model to save; its cuts are tuned and its training record written at the end
+    parent_meta: ModelMeta | None
+    device: torch.device
+    bf16: bool
+    start_weights: dict[str, torch.Tensor] | None  # kept only where keep_start blends them into the saved weights
+    train_docs: list[Document]
+    examples: list[Example]
+    valid_sources: list[list[Document]]
+
+    @property
+    def schema(self) -> LabelSchema:
+        return self.meta.schema
+
+    @property
+    def valid_docs(self) -> list[Document]:
+        return [doc for docs in self.valid_sources for doc in docs]
+
+
+def _prepare_run(config: TrainConfig, sources: Sequence[list[Document]], device: torch.device) -> _Run:
+    """The run's data read and checked, its starting model on `device`, and its training examples; DataError
+    where the data gives a new model nothing to learn."""
     train_sets, weights, validation_sets = _read_data(config, sources)
     data_schema = LabelSchema.from_documents(doc for docs in train_sets for doc in docs)
     if not (data_schema.topics or data_schema.entity_types or config.init_model):
@@ -585,20 +625,32 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
     bf16 = use_bf16(config.bf16, device)
     train_docs, examples, valid_sources = _training_examples(config, train_sets, weights, validation_files,
                                                              tokenizer, schema)
-    valid_docs = [doc for docs in valid_sources for doc in docs]
+    meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
+                     name=config.name, version=config.version,
+                     base_model=parent_meta.base_model if parent_meta else config.base_model,
+                     parent_version=parent_meta.version if parent_meta else None)
+    run = _Run(model, tokenizer, meta, parent_meta, device, bf16, start_weights, train_docs, examples, valid_sources)
+    _report_data(config, run)
+    return run
+
+
+def _report_data(config: TrainConfig, run: _Run) -> None:
+    """Log what the run trains and validates on, warning of labels nothing teaches and of a run without
+    validation; DataError where no labelled training document is left once validation is held out."""
+    schema, train_docs, valid_docs = run.schema, run.train_docs, run.valid_docs
     log.info("schema: topics %s; entity types %s", schema.topics, schema.entity_types)
     folded = sorted(schema.coarse_only_types & {span.type for doc in train_docs for span in doc.entities or ()})
     if folded:
         # as MSRA beside CLUENER should; a dataset meaning ORG beside company has to rename one
         log.info("%s spans train as partial labels of the finer types that roll up to them (%s), not as types "
                  "of their own", folded, {t: c for t, c in schema.coarse.items() if c in folded})
-    untaught = _untaught_labels(schema, train_docs, parent_meta.schema if parent_meta else None)
+    untaught = _untaught_labels(schema, train_docs, run.parent_meta.schema if run.parent_meta else None)
     if untaught:
         log.warning("%s: only the validation share has examples of them, so the model will have them and "
                     "nothing teaches them; add examples, or give --validation", untaught)
     log.info("training: %s", corpus_stats(train_docs))
     log.info("validation: %s", corpus_stats(valid_docs))
-    if not examples:
+    if not run.examples:
         raise DataError("no labelled training documents are left once validation is held out; add data, or "
                         + ("give --validation files that do not hold the training stories" if config.validation
                            else "give --validation"))
@@ -606,82 +658,97 @@ def train(config: TrainConfig, sources: Sequence[list[Document]] = ()) -> tuple[
         log.warning("no validation documents (coarse-only or too-small training sets are not split): every "
                     "epoch runs and the last is kept; no cut is tuned")
 
+
+def _run_epochs(config: TrainConfig, run: _Run, saved: Path | None, checkpoint: Path) -> tuple[dict, dict]:
+    """Train epoch after epoch, continuing the `saved` checkpoint where there is one, until `epochs` or `max_steps`
+    are done or `patience` epochs in a row gained nothing; each epoch is validated and ends in a checkpoint.
+    Returns the trainer state and the best state (the weights of the best epoch)."""
     rng = random.Random(config.seed)
-    steps_per_epoch = len(epoch_batches(examples, config.batch_tokens, random.Random(0)))
+    steps_per_epoch = len(epoch_batches(run.examples, config.batch_tokens, random.Random(0)))
     total_steps = steps_per_epoch * config.epochs
     if config.max_steps:
         total_steps = min(total_steps, config.max_steps)
-    optimizer, scheduler = _optimizer_and_schedule(model, config, total_steps)
-    loss_fn = JointLoss(topic_pos_weight(train_docs, schema.topics), config.topic_loss_weight,
-                        config.entity_loss_weight, TagTargets.for_schema(schema), model.crf).to(device)
+    optimizer, scheduler = _optimizer_and_schedule(run.model, config, total_steps)
+    loss_fn = JointLoss(topic_pos_weight(run.train_docs, run.schema.topics), config.topic_loss_weight,
+                        config.entity_loss_weight, TagTargets.for_schema(run.schema), run.model.crf).to(run.device)
+    state, best_state = _starting_state(config, saved, run.model, optimizer, scheduler, rng, total_steps)
 
+    stale_epochs = len(state["history"]) - state["best_epoch"] if state["history"] else 0
+    while state["epoch"] < config.epochs and state["step"] < total_steps and stale_epochs < config.patience:
+        batch_ids = epoch_batches(run.examples, config.batch_tokens, rng)
+        batches = (collate([run.examples[i] for i in ids], run.tokenizer, len(run.schema.topics)) for ids in batch_ids)
+        bar = tqdm(batches, total=len(batch_ids), desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
+                   file=sys.stderr)
+        steps_before = state["step"]
+        loss = _train_epoch(run.model, bar, loss_fn, optimizer, scheduler, state, total_steps, run.bf16, run.device,
+                            config.adversarial_epsilon)
+        state["epoch"] += 1
+        state["cut_short"] = state["step"] - steps_before < len(batch_ids)  # by max_steps
+        best_state = _validate_epoch(run, state, best_state, loss)
+        stale_epochs = state["epoch"] - state["best_epoch"]
+        state["rng"] = rng_state_to_json(rng.getstate())
+        save_checkpoint(checkpoint, run.model, optimizer, scheduler, state, best_state)
+    return state, best_state
+
+
+def _starting_state(config: TrainConfig, saved: Path | None, model: NewsTaggerModel, optimizer, scheduler,
+                    rng: random.Random, total_steps: int) -> tuple[dict, dict | None]:
+    """The trainer state and best state the epochs start from: a new run's, or those of the `saved` checkpoint,
+    restored with the model, optimizer, scheduler and rng."""
     state = {"epoch": 0, "step": 0, "best_score": -1.0, "best_epoch": 0, "history": []}
-    checkpoint = output / CHECKPOINT
     best_state = None
-    run = run_identity(config, RUN_SETTINGS, [*config.train, *config.validation])
+    identity = run_identity(config, RUN_SETTINGS, [*config.train, *config.validation])
     if saved:
-        state, best_state = resume_checkpoint(saved, run, model, optimizer, scheduler, rng)
+        state, best_state = resume_checkpoint(saved, identity, model, optimizer, scheduler, rng)
         if state.get("cut_short") and state["step"] < total_steps:
             # Only epoch ends are checkpointed: the rest of that epoch's batches cannot be drawn again
             log.warning("epoch %d stopped at max_steps %d before its end and counts as done: training goes on "
                         "with epoch %d, if --epochs allows it", state["epoch"], state["step"], state["epoch"] + 1)
-    state["run"] = run
+    state["run"] = identity
+    return state, best_state
 
-    meta = ModelMeta(schema=schema, max_length=config.inference_max_length, stride=config.inference_stride,
-                     name=config.name, version=config.version,
-                     base_model=parent_meta.base_model if parent_meta else config.base_model,
-                     parent_version=parent_meta.version if parent_meta else None)
-    stale_epochs = len(state["history"]) - state["best_epoch"] if state["history"] else 0
-    while state["epoch"] < config.epochs and state["step"] < total_steps and stale_epochs < config.patience:
-        batch_ids = epoch_batches(examples, config.batch_tokens, rng)
-        bar = tqdm((collate([examples[i] for i in ids], tokenizer, len(schema.topics)) for ids in batch_ids),
-                   total=len(batch_ids), desc=f"epoch {state['epoch'] + 1}/{config.epochs}", unit="batch",
-                   file=sys.stderr)
-        steps_before = state["step"]
-        loss = _train_epoch(model, bar, loss_fn, optimizer, scheduler, state, total_steps, bf16, device,
-                            config.adversarial_epsilon)
-        state["epoch"] += 1
-        state["cut_short"] = state["step"] - steps_before < len(batch_ids)  # by max_steps
 
-        metrics = _validate(model, tokenizer, meta, valid_sources)
-        score = selection_score(metrics)
-        state["history"].append({"epoch": state["epoch"], "step": state["step"],
-                                 "score": None if score is None else round(score, 4),
-                                 "loss": round(loss, 4), **_summary(metrics)})
-        log.info("epoch %d: %s", state["epoch"], state["history"][-1])
-        if score is None or best_state is None or score > state["best_score"]:  # unmeasured: keep the latest
-            state["best_score"], state["best_epoch"] = -1.0 if score is None else score, state["epoch"]
-            best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
-        stale_epochs = state["epoch"] - state["best_epoch"]
-        state["rng"] = rng_state_to_json(rng.getstate())
-        save_checkpoint(checkpoint, model, optimizer, scheduler, state, best_state)
+def _validate_epoch(run: _Run, state: dict, best_state: dict | None, loss: float) -> dict:
+    """Score the epoch just trained on validation, add it to `state["history"]`, and return the best state:
+    this epoch's weights where they score above the best so far (or validation measures nothing)."""
+    metrics = _validate(run.model, run.tokenizer, run.meta, run.valid_sources)
+    score = selection_score(metrics)
+    state["history"].append({"epoch": state["epoch"], "step": state["step"],
+                             "score": None if score is None else round(score, 4),
+                             "loss": round(loss, 4), **_summary(metrics)})
+    log.info("epoch %d: %s", state["epoch"], state["history"][-1])
+    if score is None or best_state is None or score > state["best_score"]:  # unmeasured: keep the latest
+        state["best_score"], state["best_epoch"] = -1.0 if score is None else score, state["epoch"]
+        best_state = {k: v.detach().clone() for k, v in run.model.state_dict().items()}
+    return best_state
 
-    if start_weights is None:
-        model.load_state_dict(best_state)
+
+def _load_weights_to_save(config: TrainConfig, run: _Run, best_state: dict, best_epoch: int) -> None:
+    """The best epoch's weights into the model, or with `keep_start`, their blend with the starting weights."""
+    if run.start_weights is None:
+        run.model.load_state_dict(best_state)
     else:  # the epochs' validation scores in the history are those of the trained weights, not these
         log.info("saving %.2f x the starting weights + %.2f x epoch %d's (keep_start)", config.keep_start,
-                 1 - config.keep_start, state["best_epoch"])
-        model.load_state_dict(interpolated(start_weights, best_state, config.keep_start))
-    model.eval()
-    metrics, topic_lexical, tuning = _tune_on_validation(Tagger(model, tokenizer, meta), train_docs, valid_sources,
-                                                         config, parent_meta)
-    meta.training = {
-        "config": asdict(replace(config, base_model=meta.base_model)),  # continued models: their base, not a default
-        "data": {"train": corpus_stats(train_docs), "validation": corpus_stats(valid_docs)},
+                 1 - config.keep_start, best_epoch)
+        run.model.load_state_dict(interpolated(run.start_weights, best_state, config.keep_start))
+
+
+def _training_record(config: TrainConfig, run: _Run, state: dict, tuning: dict, started: float) -> dict:
+    """How the model was trained, for its newstagger.json: settings, data, epochs, time and what was tuned."""
+    return {
+        # continued models: their base, not a default
+        "config": asdict(replace(config, base_model=run.meta.base_model)),
+        "data": {"train": corpus_stats(run.train_docs), "validation": corpus_stats(run.valid_docs)},
         "history": state["history"],
         "best_epoch": state["best_epoch"],
         "seconds": round(time.time() - started, 1),
         "torch": torch.__version__,
-        "device": device.type,
-        "precision": "bf16 autocast" if bf16 else "fp32",
-        **({"lexicon": model.lexicon.config} if model.lexicon is not None else {}),
-        "crf": model.crf is not None,
+        "device": run.device.type,
+        "precision": "bf16 autocast" if run.bf16 else "fp32",
+        **({"lexicon": run.model.lexicon.config} if run.model.lexicon is not None else {}),
+        "crf": run.model.crf is not None,
         **tuning,
     }
-    save_model_folder(output, model.cpu(), tokenizer, meta, metrics={"validation": metrics},
-                      topic_lexical=topic_lexical)
-    log.info("saved %s (best epoch %d): %s", output, state["best_epoch"], _summary(metrics))
-    return output, metrics
 
 
 # What decides a run's data, split, examples and optimizer: resuming under other values would continue
