@@ -13,6 +13,7 @@ from training.data import (
     FORMATS,
     corpus_stats,
     guess_format,
+    holds_no_records,
     no_topic_documents,
     parse_data_spec,
     read_documents,
@@ -412,6 +413,30 @@ def test_a_saved_hf_dataset_round_trips_keeping_missing_tasks_apart_from_empty_o
     assert guess_format(tmp_path / "saved") == "hf"
     assert read_documents(tmp_path / "saved") == docs
     assert len(to_hf_dataset([])) == 0
+
+
+def test_a_parquet_file_is_read_through_datasets_like_a_saved_one(tmp_path):
+    docs = read_documents(FIXTURES / "internal.jsonl") + read_documents(FIXTURES / "doccano_cats.jsonl")
+    to_hf_dataset(docs).to_parquet(tmp_path / "export.parquet")
+    assert guess_format(tmp_path / "export.parquet") == "hf"
+    assert not holds_no_records(tmp_path / "export.parquet")
+    assert read_documents(tmp_path / "export.parquet") == docs
+    to_hf_dataset([Document("ok", "好"), Document("x", "青澜", entities=[Span(0, 9, "address")])]).to_parquet(
+        tmp_path / "bad-row.parquet")
+    with pytest.raises(DataError, match=r"bad-row\.parquet\[1\]: .*outside the text"):
+        read_documents(tmp_path / "bad-row.parquet")
+
+
+@pytest.mark.parametrize("damage", ["no Parquet", "empty", "pages overwritten"])
+def test_a_damaged_parquet_file_is_one_data_error(tmp_path, damage):
+    path = tmp_path / "export.parquet"
+    to_hf_dataset([Document(str(i), "青澜市" * 50) for i in range(200)]).to_parquet(path)
+    data = bytearray(path.read_bytes())
+    if damage == "pages overwritten":  # the footer stays readable, the data behind it does not
+        data[8 : len(data) // 2] = b"\xab" * (len(data) // 2 - 8)
+    path.write_bytes({"no Parquet": b"id,text\n1,x\n", "empty": b""}.get(damage, bytes(data)))
+    with pytest.raises(DataError, match=r"export\.parquet: not a readable Parquet file \(.+\)$"):
+        read_documents(path)
 
 
 def test_a_saved_hf_dataset_is_validated_row_by_row(tmp_path):

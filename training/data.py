@@ -12,8 +12,8 @@ Formats (names as used by `read_documents` and `PATH:FORMAT` data specs):
 - `labelstudio`: a Label Studio JSON export (an array of tasks with `labels` and `choices` results).
 - `doccano`: doccano JSONL, spans as `"label": [[start, end, type]]` or `"entities": [...]`,
   categories as `"cats"` or `"label": [str, ...]` (`"labels"` in some doccano versions).
-- `hf`: a Hugging Face `datasets` folder (`Dataset.save_to_disk`) with the internal format's
-  columns, read through `datasets` (memory-mapped Arrow); `to_hf_dataset` writes one.
+- `hf`: a Hugging Face `datasets` folder (`Dataset.save_to_disk`) or a Parquet file with the internal
+  format's columns, read through `datasets` (memory-mapped Arrow); `to_hf_dataset` builds either.
 
 The tagger gives each character one tag, so importers of span formats collapse exact duplicate
 spans and drop a span nested inside a longer one (logged); crossing spans, and one stretch of text
@@ -52,6 +52,7 @@ INTERNAL_LABEL_FIELDS = {"topics": (str,), "entities": (dict,)}
 # doccano's label fields and what their items are: "label" holds spans or categories by file.
 DOCCANO_LABEL_FIELDS = {"label": (list, str), "entities": (dict, list), "cats": (str,)}
 COLUMN_SUFFIXES = (".bio", ".bioes", ".bmes", ".iob", ".conll", ".txt", ".tsv")
+PARQUET_SUFFIX = ".parquet"  # read as the `hf` format
 # How many leading records format guessing may read before giving up.
 GUESS_LIMIT = 50
 
@@ -160,17 +161,33 @@ def read_doccano(path: str | Path, *, topic_labels: Labels = None, entity_types:
 
 
 def read_hf(path: str | Path, *, topic_labels: Labels = None, entity_types: Labels = None) -> list[Document]:
-    """A `datasets.Dataset` saved to disk, one row per document in the internal format's columns."""
+    """A `datasets.Dataset` saved to disk, or a Parquet file (as a warehouse exports a table), one row per
+    document in the internal format's columns."""
     import datasets  # takes seconds to import; only this format needs it
 
-    try:
-        dataset = datasets.load_from_disk(str(path))
-    except FileNotFoundError as err:
-        raise DataError(f"{path}: not a saved Hugging Face dataset ({err})") from None
+    if Path(path).is_file():
+        dataset = _parquet_dataset(path)
+    else:
+        try:
+            dataset = datasets.load_from_disk(str(path))
+        except FileNotFoundError as err:
+            raise DataError(f"{path}: not a saved Hugging Face dataset ({err})") from None
     if isinstance(dataset, datasets.DatasetDict):
         raise DataError(f"{path} holds the splits {', '.join(dataset)}; name one, e.g. {Path(path) / next(iter(dataset))}")
     records = ((f"{path}[{i}]", partial(_row_document, row, f"{path}[{i}]")) for i, row in enumerate(dataset))
     return _load(records, topic_labels, entity_types)
+
+
+def _parquet_dataset(path: str | Path) -> "datasets.Dataset":
+    import datasets
+    import pyarrow.parquet  # datasets' own dependency
+
+    try:
+        pyarrow.parquet.read_schema(str(path))  # a file that is no Parquet said in one line; datasets logs more
+        return datasets.Dataset.from_parquet(str(path))
+    # pyarrow's ways of saying a footer or a page is damaged, and datasets' wrapping of them
+    except (OSError, pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as err:
+        raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
 
 
 _READERS = {
@@ -206,6 +223,8 @@ def guess_format(path: str | Path) -> str:
     later record decides, and the internal format is the answer when none does."""
     if Path(path).suffix.lower() in COLUMN_SUFFIXES:
         return "columns"
+    if Path(path).suffix.lower() == PARQUET_SUFFIX:
+        return "hf"
     if Path(path).is_dir():  # what `save_to_disk` writes: a Dataset's state, or a DatasetDict's split list
         if (Path(path) / "state.json").is_file() or (Path(path) / "dataset_dict.json").is_file():
             return "hf"
@@ -234,7 +253,8 @@ def guess_format(path: str | Path) -> str:
 
 def holds_no_records(path: str | Path) -> bool:
     """A file of blank lines only, such as an export of a store with nothing in it: no format to guess."""
-    return Path(path).is_file() and next(_json_lines(path), None) is None
+    return (Path(path).is_file() and Path(path).suffix.lower() != PARQUET_SUFFIX
+            and next(_json_lines(path), None) is None)
 
 
 def parse_data_spec(spec: str) -> tuple[Path, str | None]:
