@@ -156,7 +156,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     args = build_parser(argv).parse_args(argv)
     logging.basicConfig(
-        level=logging.DEBUG if args.verbose else logging.INFO,
+        level=logging.DEBUG if args.verbose else getattr(args, "log_level", logging.INFO),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
     # JSONL and JSON out are UTF-8 whatever the locale says (a Chinese-locale Windows pipe is GBK,

@@ -6,7 +6,9 @@ written as OUTPUT.partial and takes its name when the run ends well, so a stoppe
 a file that looks complete (nor empties an earlier one). A bad line stops the run with its line
 number (exit 2), every earlier line written to OUTPUT.partial, or, with `--on-error record`, is
 answered in place by `{"id", "error"}` so output stays aligned with the non-blank input lines
-(blank lines hold no story and are skipped).
+(blank lines hold no story and are skipped). Like other filters it says nothing on stderr but
+warnings and errors, so a bad line's error is the one line there; a terminal gets a progress bar
+naming the backend, and -v logs the rest.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ import argparse
 import contextlib
 import errno
 import json
+import logging
 import os
 import sys
 from collections.abc import Iterator
@@ -43,7 +46,7 @@ def register(subparsers) -> None:
     parser.add_argument("--entity-threshold", type=float, metavar="SCORE",
                         help="lowest entity score to return (default: the model's, tuned on validation; 0: all)")
     add_backend_arguments(parser)
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, log_level=logging.WARNING)
 
 
 def add_backend_arguments(parser) -> None:
@@ -105,7 +108,8 @@ def tag_stream(tagger, source: IO[str], sink: IO[str], *, chunk_size: int = 512,
     overlap = tagger.backend.device.type == "cuda"
     characters = errors = 0
     # disable=None: a bar on a terminal only
-    with tqdm(unit="doc", desc="tagging", disable=None if progress_bar else True, file=sys.stderr) as progress:
+    with tqdm(unit="doc", desc=f"tagging ({tagger.backend})", disable=None if progress_bar else True,
+              file=sys.stderr) as progress:
         for chunk, encoded in _with_encodings(tagger, chunks, overlap):
             texts = [text for _, text, error in chunk if error is None]
             results = iter(tagger.tag(texts, entity_types=entity_types, entity_threshold=entity_threshold,

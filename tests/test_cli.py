@@ -158,6 +158,24 @@ def test_stdout_is_utf8_whatever_the_locale(tiny_model_dir, tmp_path):
     assert json.loads(done.stdout.decode("utf-8"))["id"] == "😀-1"
 
 
+def test_a_bad_line_is_the_one_line_on_stderr(tiny_model_dir, tmp_path):
+    """Commands that write their results to stdout say nothing on stderr but what went wrong: no log
+    line stands before the error."""
+    source = write_lines(tmp_path / "in.jsonl", ['{"id": "ok", "text": "好的"}', "oops"])
+    done = subprocess.run([sys.executable, "-m", "newstagger.cli", "tag", "--model", str(tiny_model_dir),
+                           "-i", str(source), "-o", "-"], capture_output=True)
+    assert done.returncode == 2
+    assert done.stderr.decode().splitlines() == ["newstagger tag: error: --input " + str(source)
+                                                 + ": line 2: not valid JSON (Expecting value at column 1)"]
+    assert json.loads(done.stdout)["id"] == "ok"  # the line before it, tagged
+    gold = write_lines(tmp_path / "gold.jsonl", ['{"id": "g", "text": "好的", "topics": ["sport"]}'])
+    done = subprocess.run([sys.executable, "-m", "newstagger.cli", "evaluate", "--model", str(tiny_model_dir),
+                           "--data", str(gold)], capture_output=True)
+    assert done.returncode == 2
+    assert [line.split(": ")[:3] for line in done.stderr.decode().splitlines()] == [
+        ["newstagger evaluate", "error", f"{gold}:1"]]
+
+
 def test_stdin_to_stdout(tiny_model_dir, monkeypatch, capsys):
     monkeypatch.setattr("sys.stdin", io.StringIO('{"id": 1, "text": "市民政局"}\n'))
     assert main(["tag", "--model", str(tiny_model_dir), "-i", "-", "-o", "-"]) == 0

@@ -8,6 +8,7 @@ tokenizer did. The coarse PER/LOC/ORG view is scored the same way after mapping 
 from __future__ import annotations
 
 import json
+import logging
 import sys
 import warnings
 from collections.abc import Sequence
@@ -285,7 +286,7 @@ def register(subparsers) -> None:
     parser.add_argument("--entity-threshold", type=float, metavar="SCORE",
                         help="score entities cut at this score instead of the folder's (0: every entity found)")
     parser.add_argument("--output", "-o", help="write the metrics JSON to this file as well as to stdout")
-    parser.set_defaults(handler=run)
+    parser.set_defaults(handler=run, log_level=logging.WARNING)  # as `tag`: stderr for what went wrong
 
 
 def run(args) -> int:
