@@ -22,7 +22,7 @@ from fastapi import APIRouter, Depends, FastAPI, Request, Response
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
-from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -70,6 +70,7 @@ class TaggingService:
             await asyncio.to_thread(self.batcher.stop)
         if getattr(app.state, "feedback_store", None) is not None:
             app.state.feedback_store.close()
+        self.metrics.close()
 
     async def _load_first_model(self) -> None:
         try:
@@ -169,7 +170,7 @@ operations.add_api_route("/readyz", readyz, methods=["HEAD"], include_in_schema=
 @operations.get("/metrics", summary="Prometheus metrics", response_class=Response,
                 responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
 async def metrics(service: TaggingService = Depends(get_service)) -> Response:
-    return Response(generate_latest(service.metrics.registry), media_type=CONTENT_TYPE_LATEST)
+    return Response(service.metrics.exposition(), media_type=CONTENT_TYPE_LATEST)
 
 
 @tagging.post("/tag", response_model=TagResponse, responses=error_responses(413, 415, 422, 429, 500, 503),

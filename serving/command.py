@@ -32,6 +32,7 @@ def run(args) -> int:
 
     from newstagger.folders import META_FILE, default_model_dir
 
+    from .observability import metrics_shared_by_workers
     from .settings import ServeSettings
 
     if args.model:
@@ -54,9 +55,10 @@ def run(args) -> int:
         # registry/current, a restart after a promotion would serve another model beside the rest.
         os.environ["NEWSTAGGER_MODEL"] = str(model.resolve())
     check_can_listen(settings.host, settings.port)
-    uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
-                workers=settings.workers, limit_concurrency=settings.max_connections, log_config=None,
-                access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s)
+    with metrics_shared_by_workers(settings.workers):
+        uvicorn.run("serving.app:app_from_environment", factory=True, host=settings.host, port=settings.port,
+                    workers=settings.workers, limit_concurrency=settings.max_connections, log_config=None,
+                    access_log=False, timeout_graceful_shutdown=settings.shutdown_timeout_s)
     return 0
 
 

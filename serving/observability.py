@@ -1,21 +1,30 @@
 """Metrics, access logs and timing headers.
 
 Each app owns its own Prometheus registry, so several apps (tests, reloads of the module) never
-collide over metric names. Counters are per process: with several uvicorn workers a scrape
-reaches whichever worker answers, so run one worker per container where metrics matter.
+collide over metric names. With several uvicorn workers, `serve` gives them one folder to write
+their metrics into (prometheus_client's multiprocess mode, see `metrics_shared_by_workers`), and
+a scrape that reaches any worker reads the sum over all of them.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import os
+import shutil
+import tempfile
 import time
 import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest, multiprocess
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from newstagger.model import ModelMeta
+if TYPE_CHECKING:  # `serve` imports this module before its workers start; torch is theirs to load
+    from newstagger.model import ModelMeta
 
 # nginx's status for a request whose client went away before the answer: logged and counted, never sent.
 CLIENT_CLOSED_REQUEST = 499
@@ -28,8 +37,46 @@ SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512)
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30)
 
 
+# prometheus_client reads it once, at import: a process started with it set writes every value to
+# files there, which any process can then add up.
+SHARED_METRICS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+
+
+@contextmanager
+def metrics_shared_by_workers(workers: int) -> Iterator[None]:
+    """Around starting `workers` server processes: with more than one, a fresh folder in
+    PROMETHEUS_MULTIPROC_DIR for their metrics (their environment is inherited), removed when they
+    have stopped. Fresh, since an earlier run's counts would add up with this one's; a folder the
+    operator set is theirs to empty between runs, and is used as it is."""
+    if workers <= 1 or os.environ.get(SHARED_METRICS_ENV):
+        yield
+        return
+    folder = tempfile.mkdtemp(prefix="newstagger-metrics-")
+    os.environ[SHARED_METRICS_ENV] = folder
+    try:
+        yield
+    finally:
+        del os.environ[SHARED_METRICS_ENV]
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+def _forget_crashed_workers(folder: str) -> None:
+    """Take the live gauges of workers that are gone out of the sums: one that crashed never said so
+    (`close`), and uvicorn restarts it under another pid."""
+    for path in Path(folder).glob("gauge_live*_*.db"):
+        pid = int(path.stem.rsplit("_", 1)[1])
+        try:
+            os.kill(pid, 0)  # signal 0: only asks whether the process exists
+        except ProcessLookupError:
+            multiprocess.mark_process_dead(pid, folder)
+        except PermissionError:  # it exists, as another user's
+            pass
+
+
 class ServingMetrics:
     def __init__(self) -> None:
+        # Decided as prometheus_client decided at import, so the values and the way they are read agree
+        self.shared = bool(os.environ.get(SHARED_METRICS_ENV))
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter("newstagger_http_requests", "HTTP requests answered, by route and status",
@@ -46,13 +93,33 @@ class ServingMetrics:
         self.documents = Counter("newstagger_documents_tagged", "Documents tagged", registry=r)
         self.characters = Counter("newstagger_characters_tagged", "Characters of text tagged", registry=r)
         self.model_failures = Counter("newstagger_model_failures", "Requests the model failed on", registry=r)
-        self.queue_depth = Gauge("newstagger_queue_depth", "Requests waiting for the model", registry=r)
+        # Shared by workers: the requests waiting in every live worker, and each model some live worker serves
+        self.queue_depth = Gauge("newstagger_queue_depth", "Requests waiting for the model", registry=r,
+                                 multiprocess_mode="livesum")
         self.model_info = Gauge("newstagger_model_info", "The model being served (value is always 1)",
-                                ["name", "version"], registry=r)
+                                ["name", "version"], registry=r, multiprocess_mode="livemax")
+        self.served: tuple[str, str] | None = None  # the model_info labels set now
 
     def serving_model(self, meta: ModelMeta) -> None:
+        if self.served is not None:  # shared, a removed series would stay in this process's file
+            self.model_info.labels(*self.served).set(0)
         self.model_info.clear()
-        self.model_info.labels(meta.name, meta.version).set(1)
+        self.served = (meta.name, meta.version)
+        self.model_info.labels(*self.served).set(1)
+
+    def exposition(self) -> bytes:
+        """The text a scrape gets: this process's metrics, or, shared, every worker's added up."""
+        if not self.shared:
+            return generate_latest(self.registry)
+        _forget_crashed_workers(os.environ[SHARED_METRICS_ENV])
+        every_worker = CollectorRegistry()
+        multiprocess.MultiProcessCollector(every_worker)
+        return generate_latest(every_worker)
+
+    def close(self) -> None:
+        """At a worker's shutdown: its gauges leave the shared sums (its counts stay, as counts should)."""
+        if self.shared:
+            multiprocess.mark_process_dead(os.getpid())
 
 
 class ObservedRequests:

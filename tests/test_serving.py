@@ -1097,3 +1097,69 @@ def test_a_client_that_leaves_while_queued_is_dropped_unrun(make_client):
     assert 'newstagger_http_requests_total{method="POST",route="/v1/tag",status="499"} 1.0' in metrics
     assert "newstagger_documents_tagged_total 0.0" in metrics
     assert client.post("/v1/tag", json=documents("好的")).status_code == 200
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
+
+
+def scraped_total(text: str, metric: str) -> float:
+    (line,) = [line for line in text.splitlines() if line.startswith(metric + " ")]
+    return float(line.split()[1])
+
+
+@pytest.mark.slow
+def test_every_worker_of_a_server_reports_the_metrics_of_all(tiny_model_dir, tmp_path):
+    """With --workers 2 a scrape reaches either worker, and each one must report what both tagged."""
+    import httpx
+
+    port = free_port()
+    url = f"http://127.0.0.1:{port}"
+    env = {**os.environ, "TMPDIR": str(tmp_path)}  # where serve makes the workers' metrics folder
+    env.pop("PROMETHEUS_MULTIPROC_DIR", None)
+    server = subprocess.Popen([sys.executable, "-m", "newstagger.cli", "serve", "--model", str(tiny_model_dir),
+                               "--port", str(port), "--workers", "2"], env=env,
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        def both_ready() -> bool:  # each fresh connection may reach either worker
+            assert server.poll() is None, server.stderr.read().decode(errors="replace")
+            try:
+                return all(httpx.get(f"{url}/readyz", timeout=5).status_code == 200 for _ in range(12))
+            except httpx.HTTPError:
+                return False
+
+        wait_for(both_ready, "both workers to load the model")
+        (folder,) = tmp_path.glob("newstagger-metrics-*")
+        for n in range(12):
+            assert httpx.post(f"{url}/v1/tag", json=documents(*["市民政局"] * (n + 1))).status_code == 200
+        writers = {path.stem.rsplit("_", 1)[-1] for path in folder.glob("*.db")}
+        assert len(writers) == 2, writers  # both workers tagged and wrote their counts there
+        for _ in range(12):
+            scrape = httpx.get(f"{url}/metrics").text
+            assert scraped_total(scrape, "newstagger_documents_tagged_total") == sum(range(1, 13))
+            assert scrape.count("newstagger_model_info{") == 1
+    finally:
+        server.terminate()
+        server.wait(timeout=WAIT_S)
+    assert not list(tmp_path.glob("newstagger-metrics-*"))  # removed once the workers stopped
+
+
+def test_shared_metrics_report_only_the_model_served_now(tmp_path):
+    """Shared by workers, a series removed in this process would stay in its file: a reload marks the
+    old model's 0, and a worker that stopped, or crashed, leaves the live sums."""
+    crashed = "from serving.observability import ServingMetrics; ServingMetrics().queue_depth.set(40)"
+    subprocess.run([sys.executable, "-c", crashed], env={**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)},
+                   check=True)
+    probe = ("from types import SimpleNamespace as S; from serving.observability import ServingMetrics; "
+             "m = ServingMetrics(); m.serving_model(S(name='tagger', version='1.0.0')); "
+             "m.serving_model(S(name='tagger', version='2.0.0')); m.queue_depth.set(3); "
+             "print(m.exposition().decode()); m.close(); print('-' * 8); print(ServingMetrics().exposition().decode())")
+    env = {**os.environ, "PROMETHEUS_MULTIPROC_DIR": str(tmp_path)}
+    running, stopped = subprocess.run([sys.executable, "-c", probe], env=env, capture_output=True, text=True,
+                                      check=True).stdout.split("-" * 8 + "\n")
+    assert 'newstagger_model_info{name="tagger",version="1.0.0"} 0.0' in running
+    assert 'newstagger_model_info{name="tagger",version="2.0.0"} 1.0' in running
+    assert "newstagger_queue_depth 3.0" in running
+    assert "newstagger_model_info{" not in stopped and "newstagger_queue_depth " not in stopped
