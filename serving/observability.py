@@ -8,6 +8,7 @@ a scrape that reaches any worker reads the sum over all of them.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -68,7 +69,8 @@ def _forget_crashed_workers(folder: str) -> None:
         try:
             os.kill(pid, 0)  # signal 0: only asks whether the process exists
         except ProcessLookupError:
-            multiprocess.mark_process_dead(pid, folder)
+            with contextlib.suppress(FileNotFoundError):  # another worker's scrape took it out first
+                multiprocess.mark_process_dead(pid, folder)
         except PermissionError:  # it exists, as another user's
             pass
 

@@ -425,6 +425,31 @@ def test_a_parquet_file_is_read_through_datasets_like_a_saved_one(tmp_path):
         tmp_path / "bad-row.parquet")
     with pytest.raises(DataError, match=r"bad-row\.parquet\[1\]: .*outside the text"):
         read_documents(tmp_path / "bad-row.parquet")
+    to_hf_dataset([]).to_parquet(tmp_path / "none.parquet")
+    assert read_documents(tmp_path / "none.parquet") == []
+
+
+def test_a_parquet_file_is_read_by_its_exact_name(tmp_path):
+    """Not as a glob pattern, which would add the rows of week2.parquet to those of week?.parquet."""
+    to_hf_dataset([Document("other", "别的")]).to_parquet(tmp_path / "week2.parquet")
+    for name in ("week?.parquet", "export[1].parquet"):
+        to_hf_dataset([Document("mine", "我的")]).to_parquet(tmp_path / name)
+        assert read_documents(tmp_path / name) == [Document("mine", "我的")]
+
+
+def test_a_mention_left_null_is_not_checked(tmp_path):
+    """A table's column of mentions holds null where an entity has none: as absent, not as a mention."""
+    import pyarrow
+    import pyarrow.parquet
+
+    entities = [{"start": 0, "end": 2, "type": "name", "text": "刘洋"}, {"start": 3, "end": 5, "type": "address"}]
+    pyarrow.parquet.write_table(pyarrow.Table.from_pylist([{"id": "a", "text": "刘洋在北京", "entities": entities}]),
+                                tmp_path / "mixed.parquet")
+    expected = [Document("a", "刘洋在北京", entities=[Span(0, 2, "name"), Span(3, 5, "address")])]
+    assert read_documents(tmp_path / "mixed.parquet") == expected
+    entities[1]["text"] = None
+    assert read_documents(write(tmp_path, "mixed.jsonl", json.dumps({"id": "a", "text": "刘洋在北京",
+                                                                     "entities": entities}) + "\n")) == expected
 
 
 @pytest.mark.parametrize("damage", ["no Parquet", "empty", "pages overwritten"])

@@ -1163,3 +1163,15 @@ def test_shared_metrics_report_only_the_model_served_now(tmp_path):
     assert 'newstagger_model_info{name="tagger",version="2.0.0"} 1.0' in running
     assert "newstagger_queue_depth 3.0" in running
     assert "newstagger_model_info{" not in stopped and "newstagger_queue_depth " not in stopped
+
+
+def test_a_crashed_workers_gauges_taken_out_by_another_scrape_first_are_no_error(tmp_path, monkeypatch):
+    from serving import observability
+
+    (tmp_path / "gauge_livesum_4000000.db").write_bytes(b"")  # a pid no process has here
+
+    def taken_out_first(pid, path):
+        raise FileNotFoundError(f"{path}/gauge_livesum_{pid}.db")
+
+    monkeypatch.setattr(observability.multiprocess, "mark_process_dead", taken_out_first)
+    observability._forget_crashed_workers(str(tmp_path))

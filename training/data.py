@@ -13,7 +13,8 @@ Formats (names as used by `read_documents` and `PATH:FORMAT` data specs):
 - `doccano`: doccano JSONL, spans as `"label": [[start, end, type]]` or `"entities": [...]`,
   categories as `"cats"` or `"label": [str, ...]` (`"labels"` in some doccano versions).
 - `hf`: a Hugging Face `datasets` folder (`Dataset.save_to_disk`) or a Parquet file with the internal
-  format's columns, read through `datasets` (memory-mapped Arrow); `to_hf_dataset` builds either.
+  format's columns, read through `datasets` (Arrow: a folder memory-mapped, a file read whole);
+  `to_hf_dataset` builds either.
 
 The tagger gives each character one tag, so importers of span formats collapse exact duplicate
 spans and drop a span nested inside a longer one (logged); crossing spans, and one stretch of text
@@ -179,14 +180,15 @@ def read_hf(path: str | Path, *, topic_labels: Labels = None, entity_types: Labe
 
 
 def _parquet_dataset(path: str | Path) -> "datasets.Dataset":
+    """The file's table as a Dataset. Read by pyarrow, not `Dataset.from_parquet`, which takes the name as
+    a glob pattern (`week?.parquet` would add other files' rows), refuses a file of no rows, and logs
+    and draws progress bars on stderr before its errors."""
     import datasets
     import pyarrow.parquet  # datasets' own dependency
 
     try:
-        pyarrow.parquet.read_schema(str(path))  # a file that is no Parquet said in one line; datasets logs more
-        return datasets.Dataset.from_parquet(str(path))
-    # pyarrow's ways of saying a footer or a page is damaged, and datasets' wrapping of them
-    except (OSError, pyarrow.ArrowException, datasets.exceptions.DatasetGenerationError) as err:
+        return datasets.Dataset(pyarrow.parquet.read_table(str(path)))
+    except (OSError, pyarrow.ArrowException) as err:  # pyarrow's ways of saying a footer or a page is damaged
         raise DataError(f"{path}: not a readable Parquet file ({str(err).splitlines()[0]})") from None
 
 
@@ -479,7 +481,9 @@ def _row_document(row: dict, where: str):
             raise DataError(f"{where}: field {name!r} is not read; did you mean {meant!r}?")
     doc = Document.from_dict(row, where)
     entities = row.get("entities") or ()
-    mentions = {span: entity["text"] for span, entity in zip(doc.entities or (), entities) if "text" in entity}
+    # None as well as absent: a table's column of mentions has a null where an entity has none
+    mentions = {span: entity["text"] for span, entity in zip(doc.entities or (), entities)
+                if entity.get("text") is not None}
     return doc, mentions
 
 
