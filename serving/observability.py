@@ -77,7 +77,9 @@ def _forget_crashed_workers(folder: str) -> None:
 
 class ServingMetrics:
     def __init__(self) -> None:
-        # Decided as prometheus_client decided at import, so the values and the way they are read agree
+        # Read the way `metrics_shared_by_workers` sets it: a folder named. (prometheus_client turns to files
+        # when the variable is there at all, but an empty one names no folder to add up, so a scrape then
+        # reports this process's values, as it did before workers shared them.)
         self.shared = bool(os.environ.get(SHARED_METRICS_ENV))
         self.registry = CollectorRegistry()
         r = self.registry
